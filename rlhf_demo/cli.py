@@ -1,0 +1,71 @@
+"""Command-line entry points; each one only parses flags and calls the module that owns the work."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rlhf_demo.config import QUANTIZATIONS, Settings, load_settings
+
+log = logging.getLogger("rlhf_demo")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf_demo", description="A live RLHF chat that learns from votes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", help="hub id, local folder, or 'tiny' (env RLHF_DEMO_MODEL)")
+    common.add_argument("--data-dir", type=Path, help="where the DB, adapters and exports live (env RLHF_DEMO_DATA_DIR)")
+    common.add_argument("--quantization", choices=QUANTIZATIONS, help="base precision (env RLHF_DEMO_QUANTIZATION)")
+    common.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"))
+    common.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    serve = sub.add_parser("serve", parents=[common], help="run the web app")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--no-worker", action="store_true", help="do not start the training worker")
+    export = sub.add_parser("export", parents=[common], help="write TRL-format JSONL exports")
+    export.add_argument("--kind", choices=("preferences", "unpaired"), default="preferences")
+    export.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {
+        key: getattr(args, key, None) for key in ("model", "data_dir", "quantization", "compute_dtype", "device", "host", "port")
+    }
+    if getattr(args, "no_worker", False):
+        overrides["worker"] = False
+    return load_settings(**overrides)
+
+
+def serve(settings: Settings) -> None:
+    from rlhf_demo.runtime import Runtime
+    from rlhf_demo.ui.app import build_app
+
+    runtime = Runtime(settings)
+    log.info("model: %s", runtime.loaded.describe())
+    log.info("data directory: %s (database %s)", settings.data_dir.resolve(), settings.db_path.resolve())
+    runtime.start_polling()
+    demo = build_app(runtime)
+    demo.queue(default_concurrency_limit=settings.limits.max_concurrent_generations)
+    demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
+
+
+def export(settings: Settings, kind: str, out: Path) -> None:
+    from rlhf_demo.store import FeedbackStore, export_preferences, export_unpaired
+
+    store = FeedbackStore(settings.db_path)
+    count = (export_preferences if kind == "preferences" else export_unpaired)(store, out)
+    print(f"wrote {count} rows to {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    settings = settings_from(args)
+    if args.command == "serve":
+        serve(settings)
+    elif args.command == "export":
+        export(settings, args.kind, args.out)

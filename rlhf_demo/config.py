@@ -1,0 +1,161 @@
+"""All settings in one dataclass tree, with environment overrides and per-device defaults.
+
+Every field can be set from the environment as ``RLHF_DEMO_<FIELD>`` (upper case); the CLI
+maps its flags onto the same fields. Defaults are chosen for a free 2-vCPU Space and are
+upgraded automatically on CUDA (see ``resolve_precision``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TINY_MODEL = "tiny"
+QUANTIZATIONS = ("auto", "nf4", "bf16", "fp32")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class SamplingBounds:
+    """Defaults and hard bounds for generation; requests outside are clamped, not refused."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 160
+    min_temperature: float = 0.0
+    max_temperature: float = 1.5
+    min_top_p: float = 0.05
+    max_max_new_tokens: int = 512
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Abuse limits for a public demo: each breach is a clear message, never a crash."""
+
+    max_message_chars: int = 4000
+    max_turns: int = 20
+    votes_per_minute: int = 30
+    max_concurrent_generations: int = 4
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA shape shared by the policy and reward adapters (small: they are retrained often)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the app, the worker and the CLI need to know."""
+
+    model: str = DEFAULT_MODEL
+    data_dir: Path = Path("data")
+    quantization: str = "auto"
+    compute_dtype: str = "auto"
+    device: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 7860
+    admin_token: str = ""
+    worker: bool = True
+    poll_seconds: float = 3.0
+    adapter_cache: int = 3
+    sampling: SamplingBounds = field(default_factory=SamplingBounds)
+    limits: Limits = field(default_factory=Limits)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "feedback.db"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.data_dir / "exports"
+
+    def validate(self) -> Settings:
+        """Fail early with a message that names the setting, instead of deep in torch."""
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1..65535, got {self.port}")
+        return self
+
+
+def _coerce(value: str, like: Any) -> Any:
+    if isinstance(like, bool):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(like, int):
+        return int(value)
+    if isinstance(like, float):
+        return float(value)
+    if isinstance(like, Path):
+        return Path(value)
+    return value
+
+
+def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Defaults, then ``RLHF_DEMO_*`` / platform variables, then explicit overrides (CLI)."""
+    env = dict(os.environ if env is None else env)
+    base = Settings()
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        key = f"RLHF_DEMO_{f.name.upper()}"
+        if key in env and not dataclasses.is_dataclass(getattr(base, f.name)):
+            values[f.name] = _coerce(env[key], getattr(base, f.name))
+    # Platform conventions: Spaces/Docker set these, and they win over our defaults.
+    for key in ("GRADIO_SERVER_PORT", "PORT"):
+        if key in env and "port" not in values:
+            values["port"] = int(env[key])
+    if "GRADIO_SERVER_NAME" in env and "host" not in values:
+        values["host"] = env["GRADIO_SERVER_NAME"]
+    if "admin_token" not in values and env.get("ADMIN_TOKEN"):
+        values["admin_token"] = env["ADMIN_TOKEN"]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "data_dir" in values:
+        values["data_dir"] = Path(values["data_dir"])
+    return dataclasses.replace(base, **values).validate()
+
+
+def resolve_device(requested: str = "auto") -> str:
+    """``cuda`` when present unless told otherwise; the code runs the same on CPU."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_precision(quantization: str, compute_dtype: str, device: str) -> tuple[str, str]:
+    """Pick storage and compute precision per device (see docs/precision.md for the figures).
+
+    On CUDA: NF4 storage with bfloat16 compute (the QLoRA recipe). On this class of CPU a
+    bfloat16 backward pass is ~30x slower than float32 and NF4 decoding is slower than
+    plain float32, so ``auto`` serves and trains in float32 there.
+    """
+    if quantization == "auto":
+        quantization = "nf4" if device.startswith("cuda") else "fp32"
+    if compute_dtype == "auto":
+        if quantization == "bf16":
+            compute_dtype = "bfloat16"
+        elif device.startswith("cuda"):
+            compute_dtype = "bfloat16"
+        else:
+            compute_dtype = "float32"
+    return quantization, compute_dtype

@@ -1,0 +1,93 @@
+"""LoRA adapters on the one base model: create, save atomically, check before loading.
+
+Every learned role is a named PEFT adapter on the same base (PEFT's multi-adapter API), so
+a process never holds a second copy of the base weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rlhf_demo.config import LoraSettings
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
+
+
+class AdapterError(ValueError):
+    """An adapter folder that must not be served: missing, corrupt or incompatible."""
+
+
+def lora_config(settings: LoraSettings) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+    )
+
+
+def attach_new_adapter(model: Any, name: str, settings: LoraSettings) -> Any:
+    """Add a fresh LoRA (B = 0, so identity) named ``name``; wraps the base on first use."""
+    from peft import PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, lora_config(settings))
+        return model
+    return get_peft_model(model, lora_config(settings), adapter_name=name)
+
+
+def save_adapter(model: Any, name: str, folder: Path) -> Path:
+    """Write adapter ``name`` to ``folder`` whole or not at all (temp folder, then rename)."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True)
+    written = tmp / name if (tmp / name / ADAPTER_CONFIG).exists() else tmp  # PEFT nests non-default names
+    check_adapter_folder(written)
+    if folder.exists():
+        raise AdapterError(f"adapter folder {folder} already exists; versions are immutable")
+    written.replace(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def check_adapter_folder(folder: Path, expected: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Refuse a folder before PEFT sees it: config parses, weights load, all finite, shapes fit."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        raise AdapterError(f"{folder}: missing {ADAPTER_CONFIG} or {ADAPTER_WEIGHTS}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{folder}: unreadable {ADAPTER_CONFIG}: {exc}") from exc
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{folder}: not a LoRA adapter (peft_type={config.get('peft_type')!r})")
+    try:
+        with safe_open(str(weights_path), framework="pt") as weights:
+            names = list(weights.keys())
+            if not names:
+                raise AdapterError(f"{folder}: adapter has no tensors")
+            for key in names:
+                tensor = weights.get_tensor(key)
+                if not bool(tensor.float().isfinite().all()):
+                    raise AdapterError(f"{folder}: tensor {key} holds NaN or inf")
+                if expected is not None and key in expected and tuple(tensor.shape) != expected[key]:
+                    raise AdapterError(f"{folder}: {key} has shape {tuple(tensor.shape)}, model expects {expected[key]}")
+    except AdapterError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise AdapterError(f"{folder}: corrupt weights: {exc}") from exc
+    if not math.isfinite(float(config.get("lora_alpha", 1))):
+        raise AdapterError(f"{folder}: invalid lora_alpha")

@@ -1,0 +1,101 @@
+"""The serving process's objects, built once: settings, store, model, PolicyServer, registry sync.
+
+The registry (the ``adapter_versions`` table) is the single source of truth for which
+version is served; the server polls it, so a worker in another process, or an admin
+action, changes what is served without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhf_demo.config import Settings
+from rlhf_demo.modeling import LoadedModel, load_model
+from rlhf_demo.modeling.adapters import AdapterError, attach_new_adapter, save_adapter
+from rlhf_demo.serving import BASE_VERSION, PolicyServer
+from rlhf_demo.store import FeedbackStore
+
+log = logging.getLogger(__name__)
+FIRST_VERSION = "v0"
+
+
+@dataclass
+class SyncStatus:
+    """What the last registry poll did; shown on the dashboard."""
+
+    last_error: str = ""
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+class Runtime:
+    """Owns the long-lived objects of the serving process."""
+
+    def __init__(self, settings: Settings, loaded: LoadedModel | None = None) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = FeedbackStore(settings.db_path)
+        self.loaded = loaded or load_model(settings)
+        self.server = PolicyServer(self.loaded, settings.sampling)
+        self.status = SyncStatus()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self.ensure_first_version()
+        self.sync_registry()
+
+    def ensure_first_version(self) -> None:
+        """At first start, publish a fresh identity LoRA as ``v0`` and make it active."""
+        if self.store.list_versions():
+            return
+        folder = self.settings.adapters_dir / FIRST_VERSION
+        if not folder.exists():
+            self.settings.adapters_dir.mkdir(parents=True, exist_ok=True)
+            model = attach_new_adapter(self.loaded.model, FIRST_VERSION, self.settings.lora)
+            save_adapter(model, FIRST_VERSION, folder)
+            model.delete_adapter(FIRST_VERSION)  # the server loads it like any other version
+            self.server.model = self.loaded.model = model
+        self.store.register_version(FIRST_VERSION, str(folder), None, "active", {"note": "identity LoRA"})
+
+    def sync_registry(self) -> str:
+        """Make the server serve the registry's active version; a bad adapter is refused."""
+        wanted = self.store.active_version() or BASE_VERSION
+        if wanted == self.server.active or wanted in self.status.refused:
+            return self.server.active
+        try:
+            if wanted != BASE_VERSION:
+                row = next(v for v in self.store.list_versions() if v["version"] == wanted)
+                self.server.load_version(wanted, row["path"])
+            self.server.activate(wanted)
+            self.server.unload_unused(self.settings.adapter_cache)
+            self.status.last_error = ""
+        except (AdapterError, StopIteration, OSError) as exc:
+            self.status.refused[wanted] = str(exc)
+            self.status.last_error = f"refused {wanted}: {exc}; still serving {self.server.active}"
+            log.error(self.status.last_error)
+        return self.server.active
+
+    def start_polling(self) -> None:
+        """Poll the registry every ``poll_seconds`` in a daemon thread (cheap: one query)."""
+
+        def loop() -> None:
+            while not self._stop.wait(self.settings.poll_seconds):
+                try:
+                    self.sync_registry()
+                except Exception:  # noqa: BLE001 - a poll must never kill the server
+                    log.exception("registry poll failed")
+
+        self._poller = threading.Thread(target=loop, name="registry-poll", daemon=True)
+        self._poller.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.store.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.loaded.describe(),
+            "active_adapter": self.server.active,
+            "data_dir": str(self.settings.data_dir.resolve()),
+        }

@@ -1,0 +1,126 @@
+"""Input checks run before any SQL: a bad value is refused with a clear message.
+
+Limits keep one abusive request from filling the disk; NUL bytes are refused because
+they truncate text in many tools downstream (and tokenizers treat them oddly).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+from datetime import UTC, datetime
+
+from .errors import InvalidInputError
+
+MAX_TEXT_BYTES = 64 * 1024  # one message or one response
+MAX_PROMPT_BYTES = 256 * 1024  # a whole chat history, JSON-encoded
+MAX_ID_BYTES = 200  # session ids, kinds, names
+ROLES = ("system", "user", "assistant")
+OUTCOMES = ("A", "B", "tie", "both_bad")
+SOURCES = ("two_samples", "two_versions")
+VERSION_STATUSES = ("active", "retired", "rejected", "candidate", "published")
+FINISHED_RUN_STATUSES = ("succeeded", "failed", "rejected")
+PHASES = ("reward", "ppo", "gate")
+_VERSION_RE = re.compile(r"^v(0|[1-9][0-9]*)$")
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC, microseconds: one fixed format, so text order is time order."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def normalize_ts(iso_ts: str) -> str:
+    """Parse any ISO timestamp (naive means UTC) into the store's own format."""
+    try:
+        parsed = datetime.fromisoformat(iso_ts)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"not an ISO-8601 timestamp: {iso_ts!r}") from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def check_str(
+    name: str, value: object, max_bytes: int, allow_empty: bool = False
+) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{name} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise InvalidInputError(f"{name} must not be empty")
+    if "\x00" in value:
+        raise InvalidInputError(f"{name} contains a NUL character")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(f"{name} is not valid Unicode text") from exc
+    if size > max_bytes:
+        raise InvalidInputError(
+            f"{name} is {size} bytes, over the limit of {max_bytes}"
+        )
+    return value
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidInputError(
+            f"{name} must be one of {', '.join(choices)}; got {value!r}"
+        )
+    return value
+
+
+def check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise InvalidInputError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def check_seconds(name: str, value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise InvalidInputError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_version(name: str, value: object) -> str:
+    if not isinstance(value, str) or not _VERSION_RE.match(value):
+        raise InvalidInputError(f"{name} must look like 'v0', 'v12'; got {value!r}")
+    return value
+
+
+def encode_json(name: str, value: object) -> str:
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{name} must be a dict, got {type(value).__name__}")
+    try:
+        text = json.dumps(value, sort_keys=True, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{name} is not JSON-serialisable: {exc}") from exc
+    return check_str(name, text, MAX_PROMPT_BYTES)
+
+
+def encode_prompt(prompt: object) -> str:
+    """Canonical JSON for a chat prompt, so equal prompts compare equal as text."""
+    if not isinstance(prompt, list) or not prompt:
+        raise InvalidInputError("prompt must be a non-empty list of chat messages")
+    messages = []
+    for i, message in enumerate(prompt):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise InvalidInputError(
+                f"prompt[{i}] must be a dict with exactly the keys 'role' and 'content'"
+            )
+        role = check_choice(f"prompt[{i}]['role']", message["role"], ROLES)
+        content = check_str(
+            f"prompt[{i}]['content']",
+            message["content"],
+            MAX_TEXT_BYTES,
+            allow_empty=True,
+        )
+        messages.append({"role": role, "content": content})
+    return check_str(
+        "prompt", json.dumps(messages, ensure_ascii=False), MAX_PROMPT_BYTES
+    )

@@ -1,0 +1,167 @@
+"""Gradio Blocks: Chat, Compare and Data tabs, wired to :mod:`rlhf_demo.ui.handlers`.
+
+This file only connects components to handlers; every rule lives in the handlers so that
+tests can call them directly. :class:`UserError` and store errors become ``gr.Error``
+messages for the visitor.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gradio as gr
+
+from rlhf_demo.runtime import Runtime
+from rlhf_demo.store import StoreError
+from rlhf_demo.ui.handlers import OUTCOMES, SOURCES, ChatState, Handlers, PairState, UserError
+
+PERSISTENCE_NOTE = (
+    "Votes are stored in SQLite at `{db}`. On a Hugging Face Space that disk is wiped on restart "
+    "unless the Space syncs to a Hub dataset (see README)."
+)
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or ""
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn our errors into a visible ``gr.Error`` (plain or generator handlers)."""
+
+    def translate(exc: Exception) -> gr.Error:
+        return gr.Error(str(exc))
+
+    if _is_generator(fn):
+
+        @functools.wraps(fn)
+        def gen(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from fn(*args, **kwargs)
+            except (UserError, StoreError) as exc:
+                raise translate(exc) from exc
+
+        return gen
+
+    @functools.wraps(fn)
+    def plain(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, StoreError) as exc:
+            raise translate(exc) from exc
+
+    return plain
+
+
+def _is_generator(fn: Callable[..., Any]) -> bool:
+    import inspect
+
+    return inspect.isgeneratorfunction(fn)
+
+
+def build_app(runtime: Runtime) -> gr.Blocks:
+    """The whole UI for one runtime."""
+    h = Handlers(runtime)
+    bounds = runtime.settings.sampling
+    with gr.Blocks(title="rlhf-demo: a chat that learns from your votes") as demo:
+        gr.Markdown("# rlhf-demo\nChat, rate answers with 👍/👎, compare two answers, and watch the model learn.")
+        model_info = gr.Markdown(h.model_markdown())
+
+        with gr.Tab("Chat"):
+            chat_state = gr.State(ChatState())
+            chatbot = gr.Chatbot(label="Chat", height=460, feedback_options=("Like", "Dislike"))
+            with gr.Row():
+                message = gr.Textbox(placeholder="Ask anything…", show_label=False, scale=5, max_lines=8)
+                send = gr.Button("Send", variant="primary", scale=1)
+            vote_status = gr.Markdown()
+            with gr.Accordion("Settings", open=False):
+                temperature = gr.Slider(bounds.min_temperature, bounds.max_temperature, bounds.temperature, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(bounds.min_top_p, 1.0, bounds.top_p, step=0.05, label="Top-p")
+                max_new = gr.Slider(1, bounds.max_max_new_tokens, bounds.max_new_tokens, step=1, label="Max new tokens")
+            clear = gr.Button("Clear")
+
+            @_friendly
+            def on_chat(msg: str, chat: list, state: ChatState, t: float, p: float, n: int, request: gr.Request) -> Iterator[Any]:
+                for value in h.chat(_session(request), msg, chat, state, t, p, n):
+                    yield value, "", state
+
+            @_friendly
+            def on_retry(chat: list, state: ChatState, t: float, p: float, n: int, data: gr.RetryData, request: gr.Request) -> Iterator[Any]:
+                for value in h.retry(_session(request), chat, state, data.index, temperature=t, top_p=p, max_new_tokens=n):
+                    yield value, state
+
+            def on_undo(chat: list, state: ChatState, data: gr.UndoData) -> tuple[Any, ...]:
+                new_chat, last = h.undo(chat, state, data.index)
+                return new_chat, last, state
+
+            @_friendly
+            def on_like(state: ChatState, data: gr.LikeData, request: gr.Request) -> str:
+                return h.like(_session(request), state, data.index, data.liked)
+
+            chat_inputs = [message, chatbot, chat_state, temperature, top_p, max_new]
+            for trigger in (message.submit, send.click):
+                trigger(on_chat, chat_inputs, [chatbot, message, chat_state], api_name="chat" if trigger == send.click else False)
+            chatbot.retry(on_retry, [chatbot, chat_state, temperature, top_p, max_new], [chatbot, chat_state])
+            chatbot.undo(on_undo, [chatbot, chat_state], [chatbot, message, chat_state])
+            chatbot.like(on_like, [chat_state], [vote_status])
+
+            # The same vote for API clients (gradio_client cannot send LikeData): index + liked.
+            api_index = gr.Number(visible=False, precision=0)
+            api_liked = gr.Checkbox(visible=False)
+            api_rate = gr.Button(visible=False)
+
+            @_friendly
+            def on_api_rate(state: ChatState, index: float, liked: bool, request: gr.Request) -> str:
+                return h.like(_session(request), state, int(index), bool(liked))
+
+            api_rate.click(on_api_rate, [chat_state, api_index, api_liked], [vote_status], api_name="rate")
+            clear.click(h.clear, [chat_state], [chatbot, chat_state])
+
+        with gr.Tab("Compare"):
+            pair_state = gr.State(PairState())
+            with gr.Row():
+                prompt = gr.Textbox(label="Prompt", scale=4)
+                source = gr.Radio(list(SOURCES), value=next(iter(SOURCES)), label="Compare", scale=2)
+            generate = gr.Button("Generate two answers", variant="primary")
+            with gr.Row():
+                answer_a = gr.Markdown(label="A", container=True)
+                answer_b = gr.Markdown(label="B", container=True)
+            with gr.Row():
+                vote_buttons = [gr.Button(label) for label in OUTCOMES]
+            reveal = gr.Markdown()
+
+            @_friendly
+            def on_compare(text: str, src: str, t: float, p: float, n: int, request: gr.Request) -> tuple[Any, ...]:
+                a, b, state = h.compare(_session(request), text, src, temperature=t, top_p=p, max_new_tokens=n)
+                return f"**A**\n\n{a}", f"**B**\n\n{b}", state, "Which answer is better?"
+
+            generate.click(on_compare, [prompt, source, temperature, top_p, max_new], [answer_a, answer_b, pair_state, reveal], api_name="compare")
+            for button in vote_buttons:
+
+                @_friendly
+                def on_vote(state: PairState, request: gr.Request, label: str = button.value) -> tuple[Any, ...]:
+                    return h.vote_pair(_session(request), state, label)
+
+                button.click(on_vote, [pair_state], [reveal, pair_state], api_name=f"vote_{OUTCOMES[button.value]}")
+
+        with gr.Tab("Data"):
+            counts = gr.Markdown(h.counts_markdown())
+            gr.Markdown(PERSISTENCE_NOTE.format(db=runtime.settings.db_path.resolve()))
+            refresh = gr.Button("Refresh counts")
+            with gr.Row():
+                export_pref = gr.Button("Export preferences (TRL prompt/chosen/rejected)")
+                export_kto = gr.Button("Export thumbs (TRL prompt/completion/label)")
+            export_file = gr.File(label="Download", interactive=False)
+            delete_mine = gr.Button("Delete my data", variant="stop")
+            delete_status = gr.Markdown()
+            refresh.click(lambda: (h.counts_markdown(), h.model_markdown()), None, [counts, model_info])
+            export_pref.click(_friendly(lambda: h.export("preferences")), None, export_file, api_name="export_preferences")
+            export_kto.click(_friendly(lambda: h.export("unpaired")), None, export_file, api_name="export_unpaired")
+
+            @_friendly
+            def on_delete(request: gr.Request) -> str:
+                return h.delete_my_data(_session(request))
+
+            delete_mine.click(on_delete, None, delete_status)
+    return demo

@@ -1,0 +1,60 @@
+"""Shared fixtures: the tiny offline model (built once per session) and a temp data dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from rlhf_demo.config import Settings, load_settings  # noqa: E402
+from rlhf_demo.modeling import LoadedModel, load_model  # noqa: E402
+from rlhf_demo.modeling.tiny import build_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_model_dir: Path) -> Settings:
+    """Settings for a fresh data dir serving the tiny model in float32 (fast, deterministic)."""
+    return load_settings(env={}, model=str(tiny_model_dir), data_dir=tmp_path / "data", quantization="fp32")
+
+
+@pytest.fixture
+def tiny_loaded(settings: Settings) -> LoadedModel:
+    """A fresh tiny base model per test (tests attach adapters to it)."""
+    return load_model(settings)
+
+
+def write_random_adapter(loaded: LoadedModel, settings: Settings, name: str, seed: int, scale: float = 0.5) -> Path:
+    """Save a non-identity LoRA ``name`` (random B) under the data dir, leaving the model as it was."""
+    import torch
+
+    from rlhf_demo.modeling.adapters import attach_new_adapter, save_adapter
+
+    model = attach_new_adapter(loaded.model, name, settings.lora)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if f"lora_B.{name}." in param_name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    folder = save_adapter(model, name, settings.adapters_dir / name)
+    model.delete_adapter(name)
+    loaded.model = model
+    return folder
+
+
+@pytest.fixture
+def runtime(settings: Settings, tiny_loaded: LoadedModel):
+    """A serving runtime (store + server with v0 active) on the tiny model."""
+    from rlhf_demo.runtime import Runtime
+
+    rt = Runtime(settings, tiny_loaded)
+    yield rt
+    rt.close()

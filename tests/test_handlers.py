@@ -1,0 +1,184 @@
+"""UI handlers without a browser: every vote lands in SQLite; bad input is refused, writes nothing."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from rlhf_demo.store import StoreError
+from rlhf_demo.ui.handlers import ChatState, Handlers, PairState, UserError, clean_history
+
+SESSION = "session-1"
+
+
+@pytest.fixture
+def handlers(runtime) -> Handlers:
+    return Handlers(runtime)
+
+
+def chat_once(handlers: Handlers, state: ChatState, text: str = "Hello", chat=None) -> list[dict]:
+    *_, final = handlers.chat(SESSION, text, chat or [], state, 0.7, 0.9, 8)
+    return final
+
+
+def table_count(runtime, table: str) -> int:
+    con = sqlite3.connect(runtime.settings.db_path)
+    try:
+        return con.execute(f"select count(*) from {table}").fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_chat_records_response_with_exact_prompt_and_version(handlers, runtime):
+    state = ChatState()
+    final = chat_once(handlers, state, "Hello there")
+    assert final[-1]["role"] == "assistant" and "adapter v0" in final[-1]["content"]
+    (index, response_id), = state.response_ids.items()
+    assert index == 1
+    stored = runtime.store.get_response(response_id)
+    assert stored["prompt"] == [{"role": "user", "content": "Hello there"}]
+    assert stored["adapter_version"] == "v0"
+    assert stored["completion_tokens"] > 0
+
+
+def test_second_turn_sends_history_without_display_tags(handlers, runtime):
+    state = ChatState()
+    first = chat_once(handlers, state, "Hi")
+    chat_once(handlers, state, "And then?", chat=first)
+    prompt = runtime.store.get_response(state.response_ids[3])["prompt"]
+    assert [m["role"] for m in prompt] == ["user", "assistant", "user"]
+    assert "adapter" not in prompt[1]["content"]
+    assert clean_history(first)[1]["content"] == prompt[1]["content"]
+
+
+def test_like_lands_in_db_changes_and_is_removed(handlers, runtime):
+    state = ChatState()
+    chat_once(handlers, state)
+    assert handlers.like(SESSION, state, 1, True) == "👍 recorded."
+    assert runtime.store.counts()["thumbs_up"] == 1
+    handlers.like(SESSION, state, 1, "Dislike")
+    counts = runtime.store.counts()
+    assert (counts["thumbs_up"], counts["thumbs_down"]) == (0, 1)
+    assert handlers.like(SESSION, state, 1, None) == "Vote removed."
+    assert table_count(runtime, "ratings") == 0
+
+
+def test_compare_vote_lands_in_db_and_reveals_versions(handlers, runtime):
+    a, b, state = handlers.compare(SESSION, "Say hi", "Two samples of the active policy", max_new_tokens=8)
+    assert isinstance(a, str) and isinstance(b, str)
+    message, state = handlers.vote_pair(SESSION, state, "B is better")
+    assert "v0" in message and state.voted
+    (pair,) = runtime.store.preference_pairs()
+    assert pair["chosen"] == b and pair["rejected"] == a
+    with pytest.raises(UserError, match="already voted"):
+        handlers.vote_pair(SESSION, state, "A is better")
+    assert len(runtime.store.preference_pairs()) == 1
+
+
+def test_compare_versions_needs_a_previous_version(handlers):
+    with pytest.raises(UserError, match="no previous version"):
+        handlers.compare(SESSION, "Hi", "Active vs previous version")
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["", "   \n\t ", "x" * 5000, None, 42, b"bytes", "nul\x00byte", ["list"]],
+    ids=["empty", "blank", "too-long", "none", "int", "bytes", "nul", "list"],
+)
+def test_bad_messages_are_refused_and_write_nothing(handlers, runtime, message):
+    with pytest.raises(UserError):
+        list(handlers.chat(SESSION, message, [], ChatState()))
+    with pytest.raises(UserError):
+        handlers.compare(SESSION, message, "Two samples of the active policy")
+    assert table_count(runtime, "responses") == 0
+
+
+def test_control_characters_are_stripped(handlers):
+    assert handlers.check_message("a\x07b\x1bc\n") == "abc"
+
+
+@pytest.mark.parametrize(
+    ("index", "liked"),
+    [(0, True), (7, True), ("1", True), (None, False), (1.5, True)],
+    ids=["user-message", "unknown-index", "str-index", "none-index", "float-index"],
+)
+def test_votes_on_unknown_answers_are_refused(handlers, runtime, index, liked):
+    state = ChatState()
+    chat_once(handlers, state)
+    with pytest.raises(UserError):
+        handlers.like(SESSION, state, index, liked)
+    assert table_count(runtime, "ratings") == 0
+
+
+def test_pair_vote_without_pair_or_with_bad_outcome_is_refused(handlers, runtime):
+    with pytest.raises(UserError, match="Generate a pair first"):
+        handlers.vote_pair(SESSION, PairState(), "A is better")
+    _, _, state = handlers.compare(SESSION, "Hi", "Two samples of the active policy", max_new_tokens=4)
+    with pytest.raises(UserError, match="Unknown outcome"):
+        handlers.vote_pair(SESSION, state, "C is better")
+    with pytest.raises(UserError, match="No session"):
+        handlers.vote_pair("", state, "A is better")
+    assert table_count(runtime, "preferences") == 0
+
+
+def test_vote_rate_limit_per_session(handlers, runtime):
+    handlers.votes.limit = 3
+    state = ChatState()
+    chat_once(handlers, state)
+    for liked in (True, False, True):
+        handlers.like(SESSION, state, 1, liked)
+    with pytest.raises(UserError, match="Too many votes"):
+        handlers.like(SESSION, state, 1, False)
+    assert runtime.store.counts()["thumbs_up"] == 1
+    handlers.like("another-session", state, 1, False)  # other visitors are not affected
+
+
+def test_turn_limit(handlers):
+    handlers.limits = type(handlers.limits)(max_turns=1)
+    state = ChatState()
+    first = chat_once(handlers, state)
+    with pytest.raises(UserError, match="turns"):
+        chat_once(handlers, state, "again", chat=first)
+
+
+def test_locked_database_gives_clear_error_and_keeps_the_vote_retryable(handlers, runtime):
+    state = ChatState()
+    chat_once(handlers, state)
+    runtime.store.db.execute("PRAGMA busy_timeout = 50")
+    blocker = sqlite3.connect(runtime.settings.db_path, timeout=0.05)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError, match="(?i)busy|locked"):
+            handlers.like(SESSION, state, 1, True)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert table_count(runtime, "ratings") == 0
+    handlers.like(SESSION, state, 1, True)
+    assert table_count(runtime, "ratings") == 1
+
+
+def test_undo_and_retry(handlers, runtime):
+    state = ChatState()
+    first = chat_once(handlers, state, "Question one")
+    chat, last = handlers.undo(first, state, 1)
+    assert chat == [] and last == "Question one" and state.response_ids == {}
+    *_, again = handlers.retry(SESSION, first, state, 1, temperature=0.7, max_new_tokens=6)
+    assert again[0]["content"] == "Question one" and 1 in state.response_ids
+    assert table_count(runtime, "responses") == 2  # the first answer stays stored
+
+
+def test_export_with_session_ids_needs_admin(handlers, runtime):
+    with pytest.raises(UserError, match="admin"):
+        handlers.export("preferences", include_session_ids=True, admin_token="guess")
+    path = handlers.export("preferences")
+    assert path.endswith("preferences.jsonl")
+
+
+def test_delete_my_data(handlers, runtime):
+    state = ChatState()
+    chat_once(handlers, state)
+    handlers.like(SESSION, state, 1, True)
+    handlers.delete_my_data(SESSION)
+    assert table_count(runtime, "ratings") == 0 and table_count(runtime, "responses") == 0
