@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--no-worker", action="store_true", help="do not start the training worker")
+    sub.add_parser("worker", parents=[common], help="run the training worker against a data directory")
+    sub.add_parser("train-once", parents=[common], help="run one training cycle now (if there are votes) and exit")
     export = sub.add_parser("export", parents=[common], help="write TRL-format JSONL exports")
     export.add_argument("--kind", choices=("preferences", "unpaired"), default="preferences")
     export.add_argument("--out", type=Path, required=True)
@@ -43,14 +45,24 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def serve(settings: Settings) -> None:
     from rlhf_demo.runtime import Runtime
     from rlhf_demo.ui.app import build_app
+    from rlhf_demo.worker.supervisor import WorkerSupervisor
 
     runtime = Runtime(settings)
     log.info("model: %s", runtime.loaded.describe())
     log.info("data directory: %s (database %s)", settings.data_dir.resolve(), settings.db_path.resolve())
     runtime.start_polling()
-    demo = build_app(runtime)
+    supervisor = WorkerSupervisor(settings) if settings.worker else None
+    if supervisor is not None:
+        supervisor.start()
+    else:
+        log.info("training worker disabled (--no-worker); run `python -m rlhf_demo worker` elsewhere to train")
+    demo = build_app(runtime, supervisor)
     demo.queue(default_concurrency_limit=settings.limits.max_concurrent_generations)
-    demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
+    try:
+        demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
 
 
 def export(settings: Settings, kind: str, out: Path) -> None:
@@ -67,5 +79,15 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings_from(args)
     if args.command == "serve":
         serve(settings)
+    elif args.command == "worker":
+        from rlhf_demo.worker.loop import main as worker_main
+
+        worker_main(settings)
+    elif args.command == "train-once":
+        from rlhf_demo.worker.loop import Worker
+
+        worker = Worker(settings)
+        worker.repair()
+        print(worker.run_once(manual=True) or "nothing to train on yet")
     elif args.command == "export":
         export(settings, args.kind, args.out)

@@ -53,6 +53,23 @@ class LoraSettings:
 
 
 @dataclass(frozen=True)
+class TrainingSettings:
+    """When and how much the background worker trains (small: a cycle must fit a free CPU)."""
+
+    every_votes: int = 10  # train after this many new votes ...
+    every_minutes: float = 15.0  # ... or this long after the last cycle if any vote came in
+    min_votes: int = 8  # no cycle below this many votes in total
+    ppo_iterations: int = 6
+    ppo_batch_size: int = 8
+    max_new_tokens: int = 48
+    time_budget_s: float = 900.0  # whole cycle; PPO stops early to respect it
+    eval_prompts: int = 8  # held-out prompts for the gate
+    rm_epochs: int = 4
+    nice: int = 10  # worker CPU priority, so chat stays responsive
+    poll_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the app, the worker and the CLI need to know."""
 
@@ -70,6 +87,7 @@ class Settings:
     sampling: SamplingBounds = field(default_factory=SamplingBounds)
     limits: Limits = field(default_factory=Limits)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
 
     @property
     def db_path(self) -> Path:
@@ -86,6 +104,10 @@ class Settings:
     @property
     def exports_dir(self) -> Path:
         return self.data_dir / "exports"
+
+    @property
+    def worker_dir(self) -> Path:
+        return self.data_dir / "worker"
 
     def validate(self) -> Settings:
         """Fail early with a message that names the setting, instead of deep in torch."""
@@ -116,9 +138,19 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     base = Settings()
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Settings):
+        current = getattr(base, f.name)
+        if dataclasses.is_dataclass(current):  # nested: RLHF_DEMO_TRAINING__EVERY_VOTES=5
+            nested = {
+                g.name: _coerce(env[k], getattr(current, g.name))
+                for g in dataclasses.fields(current)
+                if (k := f"RLHF_DEMO_{f.name.upper()}__{g.name.upper()}") in env and not isinstance(getattr(current, g.name), tuple)
+            }
+            if nested:
+                values[f.name] = dataclasses.replace(current, **nested)
+            continue
         key = f"RLHF_DEMO_{f.name.upper()}"
-        if key in env and not dataclasses.is_dataclass(getattr(base, f.name)):
-            values[f.name] = _coerce(env[key], getattr(base, f.name))
+        if key in env:
+            values[f.name] = _coerce(env[key], current)
     # Platform conventions: Spaces/Docker set these, and they win over our defaults.
     for key in ("GRADIO_SERVER_PORT", "PORT"):
         if key in env and "port" not in values:

@@ -366,6 +366,23 @@ class FeedbackStore:
             for row in rows
         ]
 
+    def version_votes(self) -> list[dict[str, Any]]:
+        """Compare-tab votes between two different versions: the arena's match list.
+
+        Each row: ``version_a``, ``version_b``, ``outcome`` (A / B / tie / both_bad),
+        oldest first; no session ids.
+        """
+        return self._query(
+            """
+            SELECT a.adapter_version AS version_a, b.adapter_version AS version_b, p.outcome
+            FROM preferences p
+            JOIN responses a ON a.id = p.response_a_id
+            JOIN responses b ON b.id = p.response_b_id
+            WHERE a.adapter_version != b.adapter_version
+            ORDER BY p.created_at, p.rowid
+            """
+        )
+
     def thumb_examples(self) -> list[dict[str, Any]]:
         """Thumbs as prompt/completion/label; a both-bad vote gives two bad examples."""
         rows = self._query(

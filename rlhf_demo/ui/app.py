@@ -15,7 +15,10 @@ import gradio as gr
 
 from rlhf_demo.runtime import Runtime
 from rlhf_demo.store import StoreError
+from rlhf_demo.ui import dashboard
 from rlhf_demo.ui.handlers import OUTCOMES, SOURCES, ChatState, Handlers, PairState, UserError
+from rlhf_demo.worker.status import read_status
+from rlhf_demo.worker.supervisor import WorkerSupervisor
 
 PERSISTENCE_NOTE = (
     "Votes are stored in SQLite at `{db}`. On a Hugging Face Space that disk is wiped on restart "
@@ -60,9 +63,10 @@ def _is_generator(fn: Callable[..., Any]) -> bool:
     return inspect.isgeneratorfunction(fn)
 
 
-def build_app(runtime: Runtime) -> gr.Blocks:
-    """The whole UI for one runtime."""
+def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> gr.Blocks:
+    """The whole UI for one runtime (and the worker it supervises, if any)."""
     h = Handlers(runtime)
+    store = runtime.store
     bounds = runtime.settings.sampling
     with gr.Blocks(title="rlhf-demo: a chat that learns from your votes") as demo:
         gr.Markdown("# rlhf-demo\nChat, rate answers with 👍/👎, compare two answers, and watch the model learn.")
@@ -164,4 +168,48 @@ def build_app(runtime: Runtime) -> gr.Blocks:
                 return h.delete_my_data(_session(request))
 
             delete_mine.click(on_delete, None, delete_status)
+
+            if runtime.settings.admin_token:  # absent, not just disabled, without a token
+                with gr.Accordion("Admin", open=False):
+                    token = gr.Textbox(label="Admin token", type="password")
+                    version = gr.Dropdown(label="Version", choices=[v["version"] for v in store.list_versions() if v["status"] != "rejected"])
+                    with gr.Row():
+                        rollback = gr.Button("Pin / roll back to version")
+                        reset = gr.Button("Reset to base model")
+                        train = gr.Button("Train now")
+                        raw_export = gr.Button("Raw export (with session ids)")
+                    admin_status = gr.Markdown()
+                    rollback.click(_friendly(h.rollback), [version, token], admin_status)
+                    reset.click(_friendly(h.reset_to_base), [token], admin_status)
+                    train.click(_friendly(h.train_now), [token], admin_status)
+                    raw_export.click(_friendly(lambda t: h.export("preferences", include_session_ids=True, admin_token=t)), [token], export_file)
+                    version.focus(lambda: gr.Dropdown(choices=[v["version"] for v in store.list_versions() if v["status"] != "rejected"]), None, version)
+
+        with gr.Tab("Dashboard"):
+            worker_md = gr.Markdown()
+            sync_md = gr.Markdown()
+            curves = gr.Plot(label="Learning curves")
+            gr.Markdown("**Human win-rate of each version vs its predecessor** (Compare tab, *active vs previous* votes; Bradley–Terry rating with 95 % bootstrap interval)")
+            board = gr.Dataframe(headers=dashboard.LEADERBOARD_COLUMNS, interactive=False)
+            gr.Markdown("**Versions**")
+            versions = gr.Dataframe(headers=dashboard.VERSION_COLUMNS, interactive=False)
+            gr.Markdown("**Recent training runs**")
+            runs = gr.Dataframe(headers=["run", "started", "status", "decision", "reason / error"], interactive=False)
+            refresh_dash = gr.Button("Refresh plots")
+
+            def worker_markdown() -> tuple[str, str]:
+                described = supervisor.describe() if supervisor else None
+                status = described["status"] if described else read_status(runtime.settings.worker_dir)
+                process = described["process"] if described else None
+                sync = runtime.status.last_error or f"Serving **{runtime.server.active}**."
+                return dashboard.status_markdown(status, process), sync
+
+            def tables() -> tuple[Any, ...]:
+                return dashboard.curves_figure(store), dashboard.leaderboard_rows(store), dashboard.versions_rows(store), dashboard.run_rows(store)
+
+            timer = gr.Timer(5)
+            timer.tick(worker_markdown, None, [worker_md, sync_md], show_progress="hidden")
+            refresh_dash.click(tables, None, [curves, board, versions, runs])
+            demo.load(worker_markdown, None, [worker_md, sync_md])
+            demo.load(tables, None, [curves, board, versions, runs])
     return demo

@@ -298,6 +298,31 @@ class Handlers:
         if not expected or not isinstance(token, str) or not hmac.compare_digest(token.encode(), expected.encode()):
             raise UserError("This action needs the admin token.")
 
+    # ----- admin (each needs the token; the UI renders these only when one is configured) ---
+    def rollback(self, version: Any, admin_token: str) -> str:
+        """Pin the served version to any published one (the server picks it up on its next poll)."""
+        self.require_admin(admin_token)
+        if not isinstance(version, str) or not version:
+            raise UserError("Choose a version.")
+        self.runtime.store.activate(version)
+        served = self.runtime.sync_registry()
+        return f"Now serving {served}."
+
+    def reset_to_base(self, admin_token: str) -> str:
+        """Serve the base model without any adapter; the versions stay for a later rollback."""
+        self.require_admin(admin_token)
+        active = self.runtime.store.active_version()
+        if active is not None:
+            self.runtime.store.set_version_status(active, "retired")
+        return f"Now serving {self.runtime.sync_registry()}."
+
+    def train_now(self, admin_token: str) -> str:
+        from rlhf_demo.worker.status import request_training
+
+        self.require_admin(admin_token)
+        request_training(self.runtime.settings.worker_dir)
+        return "Training requested: the worker starts a cycle on its next poll."
+
     def delete_my_data(self, session_id: str) -> str:
         counts = self.runtime.store.delete_session_data(self.check_session(session_id))
         return "Deleted: " + ", ".join(f"{v} {k}" for k, v in counts.items())

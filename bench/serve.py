@@ -1,0 +1,103 @@
+"""Serving speed: PolicyServer vs plain ``model.generate`` of the same model and precision.
+
+For each precision it measures, in the same run, decode tokens/s and time-to-first-token of
+(a) ``model.generate`` on the bare base and (b) ``PolicyServer.stream`` through the active
+LoRA adapter, and prints a table with the ratio b/a. Greedy decoding with EOS disabled, so
+both sides produce exactly ``--tokens`` tokens.
+
+    python bench/serve.py                      # SmolLM2 (hub, cache or bundled GGUF)
+    python bench/serve.py --model tiny --precisions fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from transformers import TextIteratorStreamer  # noqa: E402
+
+from rlhf_demo.config import DEFAULT_MODEL, load_settings  # noqa: E402
+from rlhf_demo.modeling import load_model  # noqa: E402
+from rlhf_demo.runtime import Runtime  # noqa: E402
+
+PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+PRECISIONS = {"fp32": ("fp32", "float32"), "bf16": ("bf16", "bfloat16"), "nf4": ("nf4", "float32"), "nf4-bf16": ("nf4", "bfloat16")}
+
+
+def time_plain(loaded, tokens: int) -> tuple[float, float]:
+    """(tokens/s, ttft s) of plain generate with a streamer on the bare base model."""
+    import threading
+
+    base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    ids = loaded.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True)
+    kwargs = dict(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=streamer)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        thread = threading.Thread(target=base.generate, kwargs=kwargs)
+        thread.start()
+        first = None
+        for _ in streamer:
+            first = first or time.perf_counter()
+        thread.join()
+    total = time.perf_counter() - start
+    return tokens / total, (first or start) - start
+
+
+def time_server(runtime: Runtime, tokens: int) -> tuple[float, float]:
+    start, first, result = time.perf_counter(), None, None
+    for item in runtime.server.stream(PROMPT, temperature=0, max_new_tokens=tokens):
+        first = first or time.perf_counter()  # first yielded text = first decoded token(s)
+        result = item
+    total = time.perf_counter() - start
+    assert result is not None
+    return tokens / total, (first or start) - start  # EOS is disabled: exactly `tokens` decoded
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--precisions", default="fp32,bf16,nf4,nf4-bf16")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data-dir", default="data", help="reuses the converted offline model")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    rows = []
+    for name in args.precisions.split(","):
+        quant, compute = PRECISIONS[name]
+        with tempfile.TemporaryDirectory() as scratch:
+            settings = load_settings(model=args.model, data_dir=args.data_dir, quantization=quant, compute_dtype=compute)
+            loaded = load_model(settings)
+            loaded.model.generation_config.eos_token_id = None  # fixed-length decode on both sides
+            time_plain(loaded, 4)  # warm-up
+            # plain first: PEFT injects LoRA layers into the base in place once the server loads v0
+            plain = [time_plain(loaded, args.tokens) for _ in range(args.repeats)]
+            # the server gets its own data dir (fresh DB + v0); the converted model stays shared
+            runtime = Runtime(load_settings(model=args.model, data_dir=scratch, quantization=quant, compute_dtype=compute), loaded)
+            time_server(runtime, 4)
+            served = [time_server(runtime, args.tokens) for _ in range(args.repeats)]
+            runtime.close()
+        p_tps, s_tps = statistics.median(x[0] for x in plain), statistics.median(x[0] for x in served)
+        p_ttft, s_ttft = statistics.median(x[1] for x in plain), statistics.median(x[1] for x in served)
+        rows.append({"precision": name, "plain_tok_s": p_tps, "server_tok_s": s_tps, "ratio": s_tps / p_tps, "plain_ttft_s": p_ttft, "server_ttft_s": s_ttft})
+        del loaded, runtime
+    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"\nmodel {args.model}, {args.tokens} tokens greedy, median of {args.repeats}, device {device}")
+    print(f"{'precision':<10} {'generate tok/s':>15} {'server tok/s':>13} {'ratio':>6} {'ttft plain':>11} {'ttft server':>12}")
+    for r in rows:
+        print(f"{r['precision']:<10} {r['plain_tok_s']:>15.1f} {r['server_tok_s']:>13.1f} {r['ratio']:>6.2f} {r['plain_ttft_s']:>10.3f}s {r['server_ttft_s']:>11.3f}s")
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""What the Dashboard tab shows, computed from the store and the worker's status file.
+
+Plain functions returning Markdown, rows and a matplotlib figure, so tests can call them.
+Metric names follow :mod:`rlhf_demo.worker.cycle` (phase ``reward`` / ``ppo`` / ``gate``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from rlhf_demo.analytics import leaderboard, matches_from_votes
+from rlhf_demo.store import FeedbackStore
+from rlhf_demo.worker.status import WorkerStatus
+
+VERSION_COLUMNS = ["version", "created", "parent", "status", "gate"]
+LEADERBOARD_COLUMNS = ["version", "rating (Elo scale)", "95% interval", "vs previous", "win-rate vs previous", "votes"]
+
+
+def progress_bar(step: int, total: int, width: int = 20) -> str:
+    if total <= 0:
+        return ""
+    filled = round(width * min(step, total) / total)
+    return "▓" * filled + "░" * (width - filled) + f" {step}/{total}"
+
+
+def status_markdown(status: WorkerStatus | None, process: str | None, stale_after_s: float = 120.0) -> str:
+    """Worker state, current phase, progress and ETA; says clearly when no worker runs."""
+    if status is None:
+        return f"**Worker:** {process or 'not running'}: no status yet."
+    age = time.time() - status.heartbeat
+    alive = process or ("running" if age < stale_after_s else f"silent for {age:.0f} s")
+    text = f"**Worker:** {alive} · **state:** {status.state}"
+    if status.state == "training":
+        text += f" · **phase:** {status.phase} {progress_bar(status.step, status.total)}"
+        if status.eta_s is not None:
+            text += f" · ETA {status.eta_s:.0f} s"
+    if status.message:
+        text += f"  \n{status.message}"
+    return text
+
+
+def versions_rows(store: FeedbackStore) -> list[list[Any]]:
+    rows = []
+    for v in reversed(store.list_versions()):
+        metrics = v.get("metrics") or {}
+        gate = metrics.get("gate") if isinstance(metrics, dict) else None
+        summary = ""
+        if isinstance(gate, dict):
+            summary = f"reward {gate.get('candidate_score', 0):+.2f} vs {gate.get('active_score', 0):+.2f}, KL {gate.get('kl', 0):.2f}"
+            if gate.get("reasons"):
+                summary += " · " + "; ".join(gate["reasons"])
+        rows.append([v["version"], v["created_at"][:19], v.get("parent") or "", v["status"], summary])
+    return rows
+
+
+def leaderboard_rows(store: FeedbackStore) -> list[list[Any]]:
+    rows = []
+    for r in leaderboard(matches_from_votes(store.version_votes())):
+        win = "" if r.win_rate is None else f"{r.win_rate:.0%}"
+        rows.append([r.version, round(r.rating), f"{r.low:.0f}–{r.high:.0f}", r.vs_previous, win, r.votes])
+    return rows
+
+
+def _metric_series(store: FeedbackStore, run_id: int, phase: str, name: str) -> tuple[list[int], list[float]]:
+    points = [(m["step"], m["value"]) for m in store.run_metrics(run_id) if m["phase"] == phase and m["name"] == name and m["value"] is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def curves_figure(store: FeedbackStore) -> Any:
+    """RM held-out accuracy per run, reward and KL per PPO step of the last run, gate decisions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(reversed([r for r in store.list_runs(limit=50) if r["kind"] == "cycle"]))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    acc = [(r["id"], (r.get("summary") or {}).get("reward", {}).get("holdout_pairwise_accuracy")) for r in runs]
+    acc = [(i, a) for i, a in acc if a is not None]
+    axes[0].plot([i for i, _ in acc], [a for _, a in acc], "o-")
+    axes[0].set(title="Reward model held-out accuracy", xlabel="run", ylim=(0, 1.05))
+    last = next((r for r in reversed(runs) if r["status"] != "running"), runs[-1] if runs else None)
+    if last is not None:
+        for name, ax, title in (("score_mean", axes[1], "Mean reward per PPO step"), ("kl", axes[2], "KL to reference per PPO step")):
+            steps, values = _metric_series(store, last["id"], "ppo", name)
+            ax.plot(steps, values, "o-")
+            ax.set(title=f"{title} (run {last['id']})", xlabel="PPO step")
+    for r in runs:
+        decision = (r.get("summary") or {}).get("decision", "")
+        color = {"published": "tab:green", "rejected": "tab:red"}.get(decision)
+        if color:
+            axes[0].axvline(r["id"], color=color, alpha=0.25)
+    axes[0].text(0.01, 0.02, "green: published · red: rejected", transform=axes[0].transAxes, fontsize=8)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def run_rows(store: FeedbackStore, limit: int = 10) -> list[list[Any]]:
+    rows = []
+    for r in store.list_runs(limit=limit):
+        summary = r.get("summary") or {}
+        rows.append([r["id"], r["started_at"][:19], r["status"], summary.get("decision", ""), r.get("error") or json.dumps(summary.get("gate", {}).get("reasons", []))])
+    return rows

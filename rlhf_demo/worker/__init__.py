@@ -1,0 +1,1 @@
+"""Background training: schedule, cycle (RM → PPO → gate → publish), supervision."""

@@ -1,0 +1,132 @@
+"""The worker process: wait for enough new votes (or a manual request), then run a cycle.
+
+Runs on its own (``python -m rlhf_demo worker --data-dir …``) or as the app's child
+process. Every start first repairs what a killed predecessor may have left: runs still
+marked "running" become "failed", staging folders are removed. The served adapter is only
+ever changed by a registry row, written last, so a kill at any moment changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from rlhf_demo.config import Settings
+from rlhf_demo.store import FeedbackStore, StoreError
+from rlhf_demo.worker.publish import clean_partial
+from rlhf_demo.worker.status import WorkerStatus, take_training_request, write_status
+
+log = logging.getLogger(__name__)
+
+
+def _iso(ts: str | None) -> datetime | None:
+    if not ts:
+        return None
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+def due(store: FeedbackStore, settings: Settings, manual: bool = False, now: datetime | None = None) -> str | None:
+    """Why a cycle should run now, or None. Every N new votes or T minutes, whichever first."""
+    training = settings.training
+    counts = store.counts()
+    total = counts["thumbs_up"] + counts["thumbs_down"] + counts["preferences"] + counts["both_bad"]
+    if total == 0:
+        return None
+    if manual:
+        return f"manual request ({total} votes)"
+    if total < training.min_votes:
+        return None
+    runs = [r for r in store.list_runs(limit=20) if r["kind"] == "cycle"]
+    last = runs[0] if runs else None
+    since = store.count_votes_since(last["started_at"] if last else None)
+    if since >= training.every_votes:
+        return f"{since} new votes"
+    started = _iso(last["started_at"]) if last else None
+    now = now or datetime.now(UTC)
+    if since > 0 and started is not None and (now - started).total_seconds() >= 60 * training.every_minutes:
+        return f"{since} new votes and {training.every_minutes:g} min since the last cycle"
+    return None
+
+
+class Worker:
+    """The loop around :func:`rlhf_demo.worker.cycle.run_cycle`; owns the one base model."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = FeedbackStore(settings.db_path)
+        self.status = WorkerStatus()
+        self._stop = threading.Event()
+        self._loaded: Any = None
+
+    def repair(self) -> None:
+        """Undo what a killed worker may have left: stale runs and partial folders."""
+        stale = self.store.mark_stale_runs_failed()
+        if stale:
+            log.warning("marked %d interrupted run(s) as failed", stale)
+        clean_partial(self.settings.adapters_dir, self.store)
+
+    def report(self, **changes: Any) -> None:
+        for key, value in changes.items():
+            setattr(self.status, key, value)
+        write_status(self.settings.worker_dir, self.status)
+
+    def loaded(self) -> Any:
+        if self._loaded is None:
+            from rlhf_demo.modeling import load_model
+
+            self.report(state="loading", message="loading the base model")
+            self._loaded = load_model(self.settings)
+        return self._loaded
+
+    def run_once(self, manual: bool = False) -> dict[str, Any] | None:
+        """One check; runs a cycle when due. Returns the cycle's summary, if one ran."""
+        from rlhf_demo.worker.cycle import run_cycle
+
+        reason = due(self.store, self.settings, manual=manual)
+        if reason is None:
+            return None
+        log.info("training cycle: %s", reason)
+        self.report(state="training", phase="start", step=0, total=0, started_at=time.time(), message=reason)
+        try:
+            summary = run_cycle(self.settings, self.store, self.loaded(), report=self.report)
+        except Exception as exc:
+            self.report(state="error", message=f"cycle failed: {exc}")
+            raise
+        self.report(state="idle", phase="", step=0, total=0, message=summary.get("decision", ""))
+        return summary
+
+    def serve_forever(self) -> None:
+        self.repair()
+        self.report(state="idle", message="waiting for votes")
+        poll = self.settings.training.poll_seconds
+        while not self._stop.is_set():
+            manual = take_training_request(self.settings.worker_dir)
+            try:
+                self.run_once(manual=manual)
+            except StoreError as exc:  # busy DB, etc.: try again on the next poll
+                log.warning("store error, retrying later: %s", exc)
+            except Exception:  # noqa: BLE001 - a failed cycle is recorded; keep waiting
+                log.exception("training cycle failed")
+            self.report()
+            self._stop.wait(poll)
+        self.report(state="stopped", message="stopped")
+
+    def stop(self, *_: Any) -> None:
+        self._stop.set()
+
+
+def main(settings: Settings) -> None:
+    """Entry point of ``python -m rlhf_demo worker``: lower priority, stop on SIGTERM."""
+    try:
+        os.nice(settings.training.nice)
+    except OSError:
+        pass
+    worker = Worker(settings)
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, worker.stop)
+    worker.serve_forever()
