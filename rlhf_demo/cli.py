@@ -43,11 +43,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def serve(settings: Settings) -> None:
+    from rlhf_demo.hub_sync import hub_target, restore_from_hub, start_sync
     from rlhf_demo.runtime import Runtime
     from rlhf_demo.ui.app import build_app
     from rlhf_demo.worker.supervisor import WorkerSupervisor
 
+    target = hub_target()
+    if target:
+        restore_from_hub(settings.db_path, *target)
     runtime = Runtime(settings)
+    scheduler = start_sync(settings.data_dir, settings.db_path, *target) if target else None
     log.info("model: %s", runtime.loaded.describe())
     log.info("data directory: %s (database %s)", settings.data_dir.resolve(), settings.db_path.resolve())
     runtime.start_polling()
@@ -63,6 +68,8 @@ def serve(settings: Settings) -> None:
     finally:
         if supervisor is not None:
             supervisor.stop()
+        if scheduler is not None:
+            scheduler.stop()
 
 
 def export(settings: Settings, kind: str, out: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,12 @@ from rlhf_demo.modeling.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 BASE_VERSION = "base"
+
+
+def strip_control(text: str) -> str:
+    """Drop control characters (NUL included) but newlines and tabs: byte-level tokens can
+    decode to them, and they have no place in a chat message or the database."""
+    return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
 
 
 @dataclass(frozen=True)
@@ -289,7 +296,7 @@ class PolicyServer:
         else:
             reason = "cancelled" if cancel is not None and cancel.event.is_set() else "length"
         new_tokens = [t for t in new_tokens if t != pad]
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        text = strip_control(self.tokenizer.decode(new_tokens, skip_special_tokens=True)).strip()
         return Generation(
             text=text,
             version=version,

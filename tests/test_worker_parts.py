@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from conftest import write_random_adapter
@@ -45,7 +45,7 @@ def test_due_needs_minimum_votes_then_every_n(settings, tmp_path):
     assert due(store, settings) is None
     add_votes(store, 1, session="t")
     assert due(store, settings) is None  # 1 new vote < every_votes, and not 60 min yet
-    later = datetime.now(timezone.utc) + timedelta(minutes=61)
+    later = datetime.now(UTC) + timedelta(minutes=61)
     assert "min since" in due(store, settings, now=later)
 
 
@@ -155,3 +155,32 @@ def test_dashboard_tables_from_store(runtime):
     assert dashboard.versions_rows(store)[0][:4][0] == "v0"
     fig = dashboard.curves_figure(store)
     assert len(fig.axes) == 3
+
+
+# ----- Spaces persistence ------------------------------------------------------------------
+def test_snapshot_of_a_live_database_is_consistent(tmp_path):
+    import sqlite3
+
+    from rlhf_demo.hub_sync import hub_target, persistence_note, snapshot_database
+
+    store = FeedbackStore(tmp_path / "live.db")
+    add_votes(store, 5)
+    copy = snapshot_database(tmp_path / "live.db", tmp_path / "snap" / "feedback.db")
+    con = sqlite3.connect(copy)
+    assert con.execute("select count(*) from ratings").fetchone()[0] == 5
+    con.close()
+    assert FeedbackStore(copy).counts()["thumbs_down"] == 3
+    assert hub_target({"HF_TOKEN": "x"}) is None
+    assert hub_target({"HF_TOKEN": "x", "RLHF_DEMO_HUB_DATASET": "me/votes"}) == ("me/votes", "x")
+    assert "wiped on restart" in persistence_note(copy, {"SPACE_ID": "me/space"})
+    assert "me/votes" in persistence_note(copy, {"HF_TOKEN": "x", "RLHF_DEMO_HUB_DATASET": "me/votes"})
+
+
+def test_one_session_cannot_dominate_the_training_data():
+    from rlhf_demo.reward.fairness import cap_per_session
+
+    rows = [{"session_id": "loud", "i": i} for i in range(100)] + [{"session_id": "quiet", "i": 100}]
+    kept = cap_per_session(rows, cap=10)
+    assert sum(r["session_id"] == "loud" for r in kept) == 10
+    assert [r["i"] for r in kept][-11:] == [*range(90, 100), 100]  # newest kept, order preserved
+    assert cap_per_session(rows, cap=0) == rows

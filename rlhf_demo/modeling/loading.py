@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_demo.config import DEFAULT_MODEL, TINY_MODEL, Settings, resolve_device, resolve_precision
+from rlhf_demo.modeling.tiny import MARKER as TINY_MARKER
 from rlhf_demo.modeling.tiny import build_tiny_model
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,8 @@ def locate_model(settings: Settings) -> ModelSource:
     name = settings.model
     if name == TINY_MODEL:
         return ModelSource(name, build_tiny_model(settings.models_dir / "tiny"), "tiny")
-    if Path(name).is_dir():
-        return ModelSource(name, Path(name), "local")
+    if Path(name).is_dir():  # a folder built by build_tiny_model is still the test model
+        return ModelSource(name, Path(name), "tiny" if (Path(name) / TINY_MARKER).exists() else "local")
     from huggingface_hub import snapshot_download
 
     try:

@@ -13,17 +13,13 @@ from typing import Any
 
 import gradio as gr
 
+from rlhf_demo.hub_sync import persistence_note
 from rlhf_demo.runtime import Runtime
 from rlhf_demo.store import StoreError
 from rlhf_demo.ui import dashboard
 from rlhf_demo.ui.handlers import OUTCOMES, SOURCES, ChatState, Handlers, PairState, UserError
 from rlhf_demo.worker.status import read_status
 from rlhf_demo.worker.supervisor import WorkerSupervisor
-
-PERSISTENCE_NOTE = (
-    "Votes are stored in SQLite at `{db}`. On a Hugging Face Space that disk is wiped on restart "
-    "unless the Space syncs to a Hub dataset (see README)."
-)
 
 
 def _session(request: gr.Request | None) -> str:
@@ -70,7 +66,7 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
     bounds = runtime.settings.sampling
     with gr.Blocks(title="rlhf-demo: a chat that learns from your votes") as demo:
         gr.Markdown("# rlhf-demo\nChat, rate answers with 👍/👎, compare two answers, and watch the model learn.")
-        model_info = gr.Markdown(h.model_markdown())
+        model_info = gr.Markdown(h.model_markdown)
 
         with gr.Tab("Chat"):
             chat_state = gr.State(ChatState())
@@ -78,7 +74,7 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
             with gr.Row():
                 message = gr.Textbox(placeholder="Ask anything…", show_label=False, scale=5, max_lines=8)
                 send = gr.Button("Send", variant="primary", scale=1)
-            vote_status = gr.Markdown()
+            vote_status = gr.Markdown(elem_id="chat-vote-status")
             with gr.Accordion("Settings", open=False):
                 temperature = gr.Slider(bounds.min_temperature, bounds.max_temperature, bounds.temperature, step=0.05, label="Temperature (0 = greedy)")
                 top_p = gr.Slider(bounds.min_top_p, 1.0, bounds.top_p, step=0.05, label="Top-p")
@@ -129,11 +125,11 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
                 source = gr.Radio(list(SOURCES), value=next(iter(SOURCES)), label="Compare", scale=2)
             generate = gr.Button("Generate two answers", variant="primary")
             with gr.Row():
-                answer_a = gr.Markdown(label="A", container=True)
-                answer_b = gr.Markdown(label="B", container=True)
+                answer_a = gr.Markdown(container=True, elem_id="compare-answer-a")
+                answer_b = gr.Markdown(container=True, elem_id="compare-answer-b")
             with gr.Row():
                 vote_buttons = [gr.Button(label) for label in OUTCOMES]
-            reveal = gr.Markdown()
+            reveal = gr.Markdown(elem_id="compare-reveal")
 
             @_friendly
             def on_compare(text: str, src: str, t: float, p: float, n: int, request: gr.Request) -> tuple[Any, ...]:
@@ -149,9 +145,9 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
 
                 button.click(on_vote, [pair_state], [reveal, pair_state], api_name=f"vote_{OUTCOMES[button.value]}")
 
-        with gr.Tab("Data"):
-            counts = gr.Markdown(h.counts_markdown())
-            gr.Markdown(PERSISTENCE_NOTE.format(db=runtime.settings.db_path.resolve()))
+        with gr.Tab("Data") as data_tab:
+            counts = gr.Markdown(h.counts_markdown, elem_id="data-counts")  # a callable: fresh on every page load
+            gr.Markdown(persistence_note(runtime.settings.db_path.resolve()))
             refresh = gr.Button("Refresh counts")
             with gr.Row():
                 export_pref = gr.Button("Export preferences (TRL prompt/chosen/rejected)")
@@ -159,7 +155,8 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
             export_file = gr.File(label="Download", interactive=False)
             delete_mine = gr.Button("Delete my data", variant="stop")
             delete_status = gr.Markdown()
-            refresh.click(lambda: (h.counts_markdown(), h.model_markdown()), None, [counts, model_info])
+            for event in (refresh.click, data_tab.select):
+                event(lambda: (h.counts_markdown(), h.model_markdown()), None, [counts, model_info])
             export_pref.click(_friendly(lambda: h.export("preferences")), None, export_file, api_name="export_preferences")
             export_kto.click(_friendly(lambda: h.export("unpaired")), None, export_file, api_name="export_unpaired")
 

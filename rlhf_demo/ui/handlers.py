@@ -10,14 +10,13 @@ from __future__ import annotations
 import random
 import re
 import time
-import unicodedata
 from collections import defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_demo.runtime import Runtime
-from rlhf_demo.serving import Generation
+from rlhf_demo.serving import Generation, strip_control
 from rlhf_demo.store import StoreError
 
 VERSION_TAG = re.compile(r"\n\n<sub>written by adapter [^<]*</sub>$")
@@ -94,7 +93,7 @@ class Handlers:
             raise UserError("A message must be text.")
         if "\x00" in message:
             raise UserError("The message contains a NUL byte; please send plain text.")
-        text = "".join(ch for ch in message if ch in "\n\t" or unicodedata.category(ch) != "Cc").strip()
+        text = strip_control(message).strip()
         if not text:
             raise UserError("The message is empty.")
         if len(text) > self.limits.max_message_chars:

@@ -1,0 +1,36 @@
+"""NF4 (bitsandbytes) bases that are trained through: keep the backward pass correct on CPU."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+
+def _four_bit_layers(model: Any) -> list[torch.nn.Module]:
+    """The bitsandbytes ``Linear4bit`` layers of an NF4 base (none for fp32/bf16)."""
+    bnb = sys.modules.get("bitsandbytes")  # imported by transformers for quantized models
+    if bnb is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def keep_4bit_differentiable(model: Any) -> None:
+    """Make NF4 layers always take bitsandbytes' differentiable (dequantize + matmul) path.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight, in place, for
+    an inference kernel on its first eval-mode forward without grad; that kernel has no
+    backward, so later gradients through the layer are silently wrong. Turn the repacking
+    off for good (once per layer, for every user of the shared base) and undo a packing
+    already done, with bitsandbytes' own inverse (it re-quantizes the absmax: ~1% logit
+    change, once). No effect on CUDA, where this repacking does not exist.
+    """
+    for m in _four_bit_layers(model):
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            setattr(m, "support_avx512bf16_for_cpu", False)  # noqa: B010 - a bitsandbytes instance flag
+        weight: Any = m.weight  # bitsandbytes Params4bit
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
