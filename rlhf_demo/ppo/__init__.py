@@ -1,6 +1,7 @@
 """PPO: rollouts, KL-penalised rewards, GAE, clipped losses, adaptive KL.
 
-The math lives in :mod:`rlhf_demo.ppo.core` as pure tensor functions.
+The math lives in :mod:`rlhf_demo.ppo.core` as pure tensor functions; the rollout /
+update loop on the shared base in :mod:`rlhf_demo.ppo.trainer`.
 """
 
 from rlhf_demo.ppo.core import (
@@ -20,11 +21,20 @@ from rlhf_demo.ppo.core import (
     value_loss,
     whiten,
 )
+from rlhf_demo.ppo.trainer import (
+    PPOTrainer,
+    Rollout,
+    response_forward,
+    sampling_config,
+    truncate_at_eos,
+)
 
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "PPOConfig",
+    "PPOTrainer",
+    "Rollout",
     "apply_missing_eos_penalty",
     "entropy_from_logits",
     "gae",
@@ -35,6 +45,9 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "policy_loss",
+    "response_forward",
+    "sampling_config",
+    "truncate_at_eos",
     "value_loss",
     "whiten",
 ]

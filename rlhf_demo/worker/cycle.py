@@ -1,0 +1,174 @@
+"""One training cycle: reward model → short PPO → gate → publish or reject.
+
+Everything runs on the worker's single base model: the reward model, the candidate policy
+and the active version are adapters on it, the reference is the base with adapters off.
+Each phase logs per-step metrics into the run, and reports progress for the dashboard.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rlhf_demo.config import Settings
+from rlhf_demo.modeling import LoadedModel
+from rlhf_demo.modeling.adapters import attach_new_adapter
+from rlhf_demo.ppo import PPOConfig
+from rlhf_demo.ppo.trainer import PPOTrainer
+from rlhf_demo.reward import holdout_split
+from rlhf_demo.reward.fairness import cap_per_session
+from rlhf_demo.reward.trainer import RewardConfig, RewardModel, train_reward_model
+from rlhf_demo.store import FeedbackStore
+from rlhf_demo.worker.gate import GateConfig, evaluate_gate
+from rlhf_demo.worker.publish import keep_rejected, publish
+
+log = logging.getLogger(__name__)
+POLICY, ACTIVE, REWARD = "policy", "active", "reward"
+Report = Callable[..., None]
+
+
+def _prompt_key(prompt: list[dict[str, str]]) -> str:
+    return "\n".join(f"{m['role']}:{m['content']}" for m in prompt)
+
+
+def numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    """The plottable part of a metrics dict (bools as 0/1; lists, text and None dropped)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+
+
+def split_prompts(prompts: list[list[dict[str, str]]], eval_count: int) -> tuple[list, list]:
+    """Training vs held-out gate prompts, by a stable hash; never an empty side."""
+    held = [p for p in prompts if holdout_split(_prompt_key(p), 0.25)]
+    train = [p for p in prompts if not holdout_split(_prompt_key(p), 0.25)]
+    if not held or not train:
+        cut = max(1, min(eval_count, len(prompts) // 4))
+        held, train = prompts[:cut], prompts[cut:] or prompts[:cut]
+    return train, held[:eval_count]
+
+
+def _replace_adapter(model: Any, name: str, folder: str | Path, trainable: bool) -> None:
+    if name in getattr(model, "peft_config", {}):
+        model.delete_adapter(name)
+    model.load_adapter(str(folder), adapter_name=name, is_trainable=trainable)
+
+
+def evaluate_policy(trainer: PPOTrainer, prompts: list[list[dict[str, str]]]) -> dict[str, list]:
+    """Sampled answers on held-out prompts: their texts, reward scores and KL to the reference."""
+    rollout = trainer.rollout(prompts)
+    kl = ((rollout.logprobs - rollout.ref_logprobs) * rollout.response_mask).sum(dim=1)
+    return {"texts": rollout.completions, "scores": rollout.raw_scores.tolist(), "kl": kl.tolist()}
+
+
+def _latest_reward_folder(reward_dir: Path) -> Path | None:
+    runs = sorted((p for p in reward_dir.glob("run-*") if (p / "head.safetensors").exists()), key=lambda p: int(p.name[4:]))
+    return runs[-1] if runs else None
+
+
+def train_reward(settings: Settings, store: FeedbackStore, loaded: LoadedModel, run_id: int, report: Report, budget_s: float) -> tuple[RewardModel, dict[str, Any]]:
+    reward_dir = settings.data_dir / "reward"
+    warm = _latest_reward_folder(reward_dir)
+    report(phase="reward", step=0, total=0, started_at=time.time())
+
+    def progress(step: int, total: int, metrics: dict[str, float]) -> None:
+        store.log_metrics(run_id, "reward", step, numeric(metrics))
+        report(step=step, total=total)
+
+    config = RewardConfig(epochs=settings.training.rm_epochs, max_seconds=budget_s)
+    cap = settings.training.max_votes_per_session
+    pairs, thumbs = cap_per_session(store.preference_pairs(), cap), cap_per_session(store.thumb_examples(), cap)
+    rm, metrics = train_reward_model(loaded.model, loaded.tokenizer, pairs, thumbs, config, settings.lora, warm_start=warm, progress=progress)
+    metrics["votes_used"] = len(pairs) + len(thumbs)
+    loaded.model = rm.model
+    rm.save(reward_dir / f"run-{run_id}")
+    for old in sorted(reward_dir.glob("run-*"), key=lambda p: int(p.name[4:]))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)  # keep the last two for warm starts
+    return rm, metrics
+
+
+def run_cycle(
+    settings: Settings, store: FeedbackStore, loaded: LoadedModel, report: Report | None = None, gate_config: GateConfig | None = None
+) -> dict[str, Any]:
+    """Train, gate and publish (or reject) one candidate; returns the run summary."""
+    report = report or (lambda **_: None)
+    training = settings.training
+    deadline = time.monotonic() + training.time_budget_s
+    run_id = store.start_run("cycle")
+    summary: dict[str, Any] = {}
+    try:
+        active = store.active_version()
+        active_row = next((v for v in store.list_versions() if v["version"] == active), None)
+        prompts = store.recent_prompts(limit=256)
+        if len(prompts) < 2:
+            raise ValueError("need at least 2 distinct prompts in the store")
+        train_prompts, eval_prompts = split_prompts(prompts, training.eval_prompts)
+
+        rm, rm_metrics = train_reward(settings, store, loaded, run_id, report, budget_s=0.3 * training.time_budget_s)
+        summary["reward"] = rm_metrics
+        model = loaded.model
+
+        # The candidate starts from the active version (or fresh when only the base is served).
+        if active_row is not None:
+            _replace_adapter(model, POLICY, active_row["path"], trainable=True)
+            _replace_adapter(model, ACTIVE, active_row["path"], trainable=False)
+        else:
+            if POLICY in model.peft_config:
+                model.delete_adapter(POLICY)
+            model = attach_new_adapter(model, POLICY, settings.lora)
+        loaded.model = model
+
+        def reward_fn(batch_prompts: list, completions: list[str]) -> Any:
+            return rm.score(batch_prompts, completions, normalized=True)
+
+        config = PPOConfig(batch_size=training.ppo_batch_size, mini_batch_size=max(1, training.ppo_batch_size // 2), max_new_tokens=training.max_new_tokens)
+        trainer = PPOTrainer(model, loaded.tokenizer, reward_fn, config, policy_adapter=POLICY)
+        report(phase="ppo", step=0, total=training.ppo_iterations, started_at=time.time())
+        stats: dict[str, Any] = {}
+        for step in range(training.ppo_iterations):
+            if time.monotonic() > deadline - 0.15 * training.time_budget_s:
+                log.warning("PPO stopped at step %d to respect the time budget", step)
+                break
+            start = (step * config.batch_size) % len(train_prompts)
+            batch = [train_prompts[(start + i) % len(train_prompts)] for i in range(config.batch_size)]
+            stats = trainer.step(batch)
+            store.log_metrics(run_id, "ppo", step, numeric(stats))
+            report(step=step + 1)
+        summary["ppo"] = stats
+
+        report(phase="gate", step=0, total=1)
+        candidate = evaluate_policy(trainer, eval_prompts)
+        baseline = (
+            evaluate_policy(PPOTrainer(model, loaded.tokenizer, reward_fn, config, policy_adapter=ACTIVE), eval_prompts)
+            if active_row is not None
+            else None
+        )
+        gate = evaluate_gate(
+            candidate["scores"],
+            baseline["scores"] if baseline else [0.0] * len(candidate["scores"]),
+            candidate["kl"],
+            candidate["texts"],
+            gate_config or GateConfig(),
+        )
+        summary["gate"] = gate.as_metrics()
+        summary["samples"] = [{"prompt": p[-1]["content"], "answer": t} for p, t in zip(eval_prompts[:3], candidate["texts"][:3], strict=False)]
+        store.log_metrics(run_id, "gate", 0, {"candidate_score": gate.candidate_score, "active_score": gate.active_score, "kl": gate.kl, "passed": float(gate.passed)})
+
+        report(phase="publish", step=0, total=1)
+        metrics = {"gate": summary["gate"], "reward": {k: rm_metrics.get(k) for k in ("holdout_pairwise_accuracy", "holdout_thumb_accuracy")}, "run_id": run_id}
+
+        if gate.passed:
+            version = publish(store, model, POLICY, settings.adapters_dir, active, metrics)
+            summary["decision"] = "published"
+        else:
+            version = keep_rejected(store, model, POLICY, settings.adapters_dir, active, metrics)
+            summary["decision"] = "rejected"
+        summary["version"] = version
+        store.finish_run(run_id, "succeeded" if gate.passed else "rejected", summary=summary, candidate_version=version)
+        log.info("cycle %d: %s %s (%s)", run_id, summary["decision"], version, "; ".join(gate.reasons) or "gate passed")
+        return summary
+    except BaseException as exc:
+        store.finish_run(run_id, "failed", summary=summary, error=f"{type(exc).__name__}: {exc}")
+        raise
