@@ -65,6 +65,8 @@ class TrainingSettings:
     time_budget_s: float = 900.0  # whole cycle; PPO stops early to respect it
     eval_prompts: int = 8  # held-out prompts for the gate
     rm_epochs: int = 4
+    ppo_learning_rate: float = 1e-4  # PPOConfig.learning_rate (policy LoRA + value head)
+    ppo_kl_coef: float = 0.05  # PPOConfig.init_kl_coef: per-token KL penalty to the reference
     max_votes_per_session: int = 60  # per kind (pairs, thumbs): one visitor cannot dominate the RM
     nice: int = 10  # worker CPU priority, so chat stays responsive
     poll_seconds: float = 5.0

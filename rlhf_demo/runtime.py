@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ class SyncStatus:
 
     last_error: str = ""
     refused: dict[str, str] = field(default_factory=dict)
+    swaps: list[dict[str, Any]] = field(default_factory=list)  # version, load_ms, total_ms, at
 
 
 class Runtime:
@@ -63,13 +65,18 @@ class Runtime:
         wanted = self.store.active_version() or BASE_VERSION
         if wanted == self.server.active or wanted in self.status.refused:
             return self.server.active
+        started = time.perf_counter()
         try:
-            if wanted != BASE_VERSION:
+            load_ms = 0.0
+            if wanted != BASE_VERSION and wanted not in self.server.loaded_versions:
                 row = next(v for v in self.store.list_versions() if v["version"] == wanted)
                 self.server.load_version(wanted, row["path"])
+                load_ms = self.server.last_load_ms
             self.server.activate(wanted)
             self.server.unload_unused(self.settings.adapter_cache)
             self.status.last_error = ""
+            total_ms = 1000 * (time.perf_counter() - started)
+            self.status.swaps = [*self.status.swaps[-49:], {"version": wanted, "load_ms": load_ms, "total_ms": total_ms, "at": time.time()}]
         except (AdapterError, StopIteration, OSError) as exc:
             self.status.refused[wanted] = str(exc)
             self.status.last_error = f"refused {wanted}: {exc}; still serving {self.server.active}"

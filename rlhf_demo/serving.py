@@ -103,6 +103,7 @@ class PolicyServer:
         self._in_use: dict[str, int] = {}  # versions that in-flight requests are using
         self._count_lock = threading.Lock()
         self._active = BASE_VERSION
+        self.last_load_ms = 0.0  # duration of the last adapter load while holding the lock
 
     # ----- adapters -------------------------------------------------------------------
     @property
@@ -123,8 +124,8 @@ class PolicyServer:
         if version in (BASE_VERSION, BASE_ADAPTER):
             raise AdapterError(f"{version!r} is reserved for the base model")
         check_adapter_folder(path)  # cheap checks outside the lock
-        started = time.perf_counter()
         with self._lock:
+            started = time.perf_counter()  # time the swap itself, not the wait for a generation
             try:
                 if isinstance(self.model, PeftModel):
                     self.model.load_adapter(str(path), adapter_name=version, is_trainable=False)
@@ -135,7 +136,8 @@ class PolicyServer:
                 raise AdapterError(f"adapter {version} at {path} is incompatible: {exc}") from exc
             self.model.eval()
             self._paths[version] = path
-        log.info("loaded adapter %s from %s in %.0f ms", version, path, 1000 * (time.perf_counter() - started))
+            self.last_load_ms = 1000 * (time.perf_counter() - started)
+        log.info("loaded adapter %s from %s in %.0f ms", version, path, self.last_load_ms)
 
     def _forget_partial(self, version: str) -> None:
         try:

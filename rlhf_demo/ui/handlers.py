@@ -52,10 +52,10 @@ def tag_version(text: str, version: str) -> str:
 
 def clean_history(chat: list[dict[str, Any]]) -> list[dict[str, str]]:
     """The model sees the conversation without our display-only version tags."""
-    return [{"role": m["role"], "content": VERSION_TAG.sub("", _text(m["content"]))} for m in chat]
+    return [{"role": m["role"], "content": VERSION_TAG.sub("", message_text(m["content"]))} for m in chat]
 
 
-def _text(content: Any) -> str:
+def message_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # Gradio 6 may hand back [{"type": "text", "text": ...}]
@@ -145,7 +145,7 @@ class Handlers:
             cut -= 1  # undoing an answer also removes the question that led to it
         self._forget_from(state, max(cut, 0))
         removed = chat[max(cut, 0) :]
-        last_user = next((_text(m["content"]) for m in removed if m["role"] == "user"), "")
+        last_user = next((message_text(m["content"]) for m in removed if m["role"] == "user"), "")
         return chat[: max(cut, 0)], last_user
 
     @staticmethod

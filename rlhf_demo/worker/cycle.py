@@ -123,7 +123,13 @@ def run_cycle(
         def reward_fn(batch_prompts: list, completions: list[str]) -> Any:
             return rm.score(batch_prompts, completions, normalized=True)
 
-        config = PPOConfig(batch_size=training.ppo_batch_size, mini_batch_size=max(1, training.ppo_batch_size // 2), max_new_tokens=training.max_new_tokens)
+        config = PPOConfig(
+            batch_size=training.ppo_batch_size,
+            mini_batch_size=max(1, training.ppo_batch_size // 2),
+            max_new_tokens=training.max_new_tokens,
+            learning_rate=training.ppo_learning_rate,
+            init_kl_coef=training.ppo_kl_coef,
+        )
         trainer = PPOTrainer(model, loaded.tokenizer, reward_fn, config, policy_adapter=POLICY)
         report(phase="ppo", step=0, total=training.ppo_iterations, started_at=time.time())
         stats: dict[str, Any] = {}
