@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -26,14 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf_demo.config import DEFAULT_MODEL, load_settings  # noqa: E402
 from rlhf_demo.runtime import Runtime  # noqa: E402
-from rlhf_demo.ui.app import build_app  # noqa: E402
+from rlhf_demo.ui.app import launch_local  # noqa: E402
 from rlhf_demo.ui.handlers import message_text  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def publish_random_version(runtime: Runtime, worker_model, seed: int) -> str:
@@ -63,11 +56,7 @@ def run(model: str, versions: int, clients: int, max_new_tokens: int, data_dir: 
     runtime = Runtime(settings)
     runtime.start_polling()
     worker_model = load_model(settings).model  # the worker's own base, as in production
-    demo = build_app(runtime)
-    demo.queue(default_concurrency_limit=settings.limits.max_concurrent_generations)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    url = f"http://127.0.0.1:{port}/"
+    demo, url = launch_local(runtime)
     stop = threading.Event()
     answers: list[tuple[float, str]] = []  # (finished at, version tag)
     failures: list[str] = []

@@ -10,7 +10,6 @@ row in SQLite. Bounded in count and time; talks only to 127.0.0.1.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import tempfile
@@ -22,13 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf_demo.config import load_settings  # noqa: E402
 from rlhf_demo.runtime import Runtime  # noqa: E402
-from rlhf_demo.ui.app import build_app  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from rlhf_demo.ui.app import launch_local  # noqa: E402
 
 
 def session(url: str, index: int, turns: int, max_new_tokens: int) -> dict:
@@ -59,14 +52,12 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def run(model: str, sessions: int, turns: int, max_new_tokens: int, data_dir: Path) -> dict:
+def run(model: str, sessions: int, turns: int, max_new_tokens: int, data_dir: Path, models_dir: Path | None = None) -> dict:
     settings = load_settings(env={}, model=model, data_dir=data_dir, quantization="fp32")
+    if models_dir is not None and not settings.models_dir.exists():  # reuse the converted offline model
+        settings.models_dir.symlink_to(models_dir.resolve(), target_is_directory=True)
     runtime = Runtime(settings)
-    demo = build_app(runtime)
-    demo.queue(default_concurrency_limit=settings.limits.max_concurrent_generations)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    url = f"http://127.0.0.1:{port}/"
+    demo, url = launch_local(runtime)
     started = time.perf_counter()
     errors: list[str] = []
     results = []
@@ -100,9 +91,10 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--models-dir", type=Path, help="a data dir's models/ folder to reuse (skips the GGUF conversion)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        r = run(args.model, args.sessions, args.turns, args.max_new_tokens, Path(scratch))
+        r = run(args.model, args.sessions, args.turns, args.max_new_tokens, Path(scratch), args.models_dir)
     print(f"{r['sessions']} sessions x {r['turns']} turns, model {args.model}, {args.max_new_tokens} new tokens, wall {r['wall_s']:.1f} s")
     print(f"chat latency p50 {r['chat_p50_s']:.2f} s, p95 {r['chat_p95_s']:.2f} s")
     print(f"vote latency p50 {r['vote_p50_s'] * 1000:.0f} ms, p95 {r['vote_p95_s'] * 1000:.0f} ms")

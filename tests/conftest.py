@@ -58,3 +58,13 @@ def runtime(settings: Settings, tiny_loaded: LoadedModel):
     rt = Runtime(settings, tiny_loaded)
     yield rt
     rt.close()
+
+
+@pytest.fixture
+def app_url(runtime):
+    """The app on a free 127.0.0.1 port (loopback only), closed after the test."""
+    from rlhf_demo.ui.app import launch_local
+
+    demo, url = launch_local(runtime)
+    yield url
+    demo.close()

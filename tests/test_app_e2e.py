@@ -2,28 +2,9 @@
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def app_url(runtime):
-    from rlhf_demo.ui.app import build_app
-
-    demo = build_app(runtime)
-    demo.queue()
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
 
 
 def count(runtime, table: str) -> int:

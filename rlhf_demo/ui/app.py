@@ -210,3 +210,16 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
             demo.load(worker_markdown, None, [worker_md, sync_md])
             demo.load(tables, None, [curves, board, versions, runs])
     return demo
+
+
+def launch_local(runtime: Runtime) -> tuple[gr.Blocks, str]:
+    """Build and start the app on a free 127.0.0.1 port without blocking (tests, benchmarks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = build_app(runtime)
+    demo.queue(default_concurrency_limit=runtime.settings.limits.max_concurrent_generations)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    return demo, f"http://127.0.0.1:{port}/"
