@@ -43,3 +43,14 @@ def test_readme_test_command_is_what_ci_runs():
     commands = re.findall(r"```bash\n(.+?)\n```", readme)
     assert "python app.py" in commands[0] and "pytest" in commands[1]
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_auto_precision_per_device_and_role():
+    from rlhf_demo.config import resolve_precision
+
+    assert resolve_precision("auto", "auto", "cuda") == ("nf4", "bfloat16")
+    assert resolve_precision("auto", "auto", "cuda:1", role="train") == ("nf4", "bfloat16")
+    assert resolve_precision("auto", "auto", "cpu") == ("nf4", "float32")
+    assert resolve_precision("auto", "auto", "cpu", role="train") == ("fp32", "float32")
+    assert resolve_precision("bf16", "auto", "cpu") == ("bf16", "bfloat16")
+    assert resolve_precision("nf4", "bfloat16", "cpu") == ("nf4", "bfloat16")

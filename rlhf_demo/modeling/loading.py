@@ -135,14 +135,14 @@ def torch_dtype(name: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_model(settings: Settings) -> LoadedModel:
-    """Load tokenizer and base model once, at the precision chosen for this device."""
+def load_model(settings: Settings, role: str = "serve") -> LoadedModel:
+    """Load tokenizer and base model once, at the precision chosen for this device and role."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     source = locate_model(settings)
     device = resolve_device(settings.device)
-    quantization, compute_name = resolve_precision(settings.quantization, settings.compute_dtype, device)
+    quantization, compute_name = resolve_precision(settings.quantization, settings.compute_dtype, device, role)
     compute = torch_dtype(compute_name)
     kwargs: dict[str, Any] = {}
     if quantization == "nf4":

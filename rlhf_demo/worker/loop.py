@@ -80,7 +80,7 @@ class Worker:
             from rlhf_demo.modeling import load_model
 
             self.report(state="loading", message="loading the base model")
-            self._loaded = load_model(self.settings)
+            self._loaded = load_model(self.settings, role="train")
         return self._loaded
 
     def run_once(self, manual: bool = False) -> dict[str, Any] | None:
