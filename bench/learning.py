@@ -1,0 +1,589 @@
+"""Learning benchmark: does the real loop (votes → reward model → PPO → gate) learn a rater?
+
+A simulated rater (``module:function``, ``rate(prompt, response) -> float``, higher is
+better) votes on answers of the currently served policy, through the real code path:
+``PolicyServer.generate_pair`` samples two answers, ``FeedbackStore.log_response`` records
+them, and the rater's scores become an A/B vote (``prefer``: the higher score wins, equal is
+a tie) and 👍/👎 (``rate``: above the running median of all scores so far is 👍). Between
+vote rounds, ``run_cycle`` (reward model, PPO, gate, publish/reject) trains the next
+version in a separate base model, as the worker process would, and the server switches to
+what the registry serves.
+
+After each cycle (and once before the first), the served version is compared with the base
+on held-out prompts that are never voted on nor used for PPO: answers are sampled from both
+(the PPO rollout sampler, temperature 0.7) and the rater judges each pair (ties count 1/2).
+It reports per cycle: votes, reward-model held-out accuracy, the mean rater score of the
+policy, KL to the reference per answer, the win-rate against the base, the gate decision,
+wall time and peak RSS; writes ``<out>/learning.json`` and ``<out>/learning.png``.
+
+    python bench/learning.py --rater bench.raters:brevity --votes 200 --cycles 4 --out bench/out/brevity
+    python bench/learning.py --quick --out bench/out/quick     # tiny model, ~1 minute smoke run
+
+Results and the reasoning behind the defaults: docs/learning.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import json
+import logging
+import os
+import random
+import resource
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from rlhf_demo.config import DEFAULT_MODEL, TINY_MODEL, Settings, TrainingSettings, load_settings  # noqa: E402
+from rlhf_demo.modeling import LoadedModel, load_model  # noqa: E402
+from rlhf_demo.ppo import PPOConfig  # noqa: E402
+from rlhf_demo.ppo.trainer import PPOTrainer  # noqa: E402
+from rlhf_demo.reward.trainer import RewardModel  # noqa: E402
+from rlhf_demo.runtime import Runtime  # noqa: E402
+from rlhf_demo.worker.cycle import run_cycle  # noqa: E402
+from rlhf_demo.worker.gate import GateConfig  # noqa: E402
+
+log = logging.getLogger("bench.learning")
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+SESSIONS = 16  # the rater stands for a crowd: votes rotate over this many session ids
+EVAL_ADAPTER, EVAL_REWARD = "bench_eval", "bench_reward"
+Rater = Callable[[str, str], float]
+
+
+# ── inputs ───────────────────────────────────────────────────────────────────────────
+
+
+def load_rater(spec: str) -> Rater:
+    """``package.module:function`` → the function."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise SystemExit(f"--rater must look like module:function, got {spec!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_prompts(folder: Path = PROMPTS_DIR) -> list[str]:
+    """Every ``*.txt`` (one prompt a line, ``#`` comments) and ``*.json`` (a list of strings)
+    in the folder, de-duplicated, in file order."""
+    prompts: list[str] = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".txt":
+            prompts += [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        elif path.suffix == ".json":
+            prompts += [str(p).strip() for p in json.loads(path.read_text())]
+    return list(dict.fromkeys(p for p in prompts if p))
+
+
+def split_heldout(prompts: list[str], count: int) -> tuple[list[str], list[str]]:
+    """``(train, held_out)``: the ``count`` prompts with the smallest sha256 are held out.
+
+    Depends on the text alone (not on the seed), so every run is judged on the same
+    prompts, and adding prompts moves few of them."""
+    ranked = sorted(prompts, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
+    held = set(ranked[:count])
+    return [p for p in prompts if p not in held], [p for p in prompts if p in held]
+
+
+def messages(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ── the simulated rater votes through the serving path ──────────────────────────────
+
+
+def prompt_stream(prompts: list[str], rng: random.Random) -> Iterator[str]:
+    """Training prompts in shuffled rounds: every prompt once before any repeats."""
+    while True:
+        order = list(prompts)
+        rng.shuffle(order)
+        yield from order
+
+
+def cast_votes(
+    runtime: Runtime,
+    rater: Rater,
+    prompts: Iterator[str],
+    budget: int,
+    seen_scores: list[float],
+    thumbs_per_pair: int,
+    max_new_tokens: int,
+    rng: random.Random,
+) -> dict[str, Any]:
+    """Spend ``budget`` votes on answers of the served version; returns what was cast.
+
+    Each prompt gets a pair of answers (one batched ``generate_pair`` of the active
+    version), both logged; one A/B vote on the pair, then up to ``thumbs_per_pair`` thumbs
+    on its answers (👍 when the score is above the running median of all scores so far).
+    """
+    server, store = runtime.server, runtime.store
+    active = server.active
+    cast = {"ab": 0, "ties": 0, "thumbs_up": 0, "thumbs_down": 0, "pairs": 0, "answer_tokens": [], "scores": []}
+    started = time.perf_counter()
+
+    def votes() -> int:
+        return cast["ab"] + cast["ties"] + cast["thumbs_up"] + cast["thumbs_down"]
+
+    while votes() < budget:
+        prompt = next(prompts)
+        session = f"bench-rater-{cast['pairs'] % SESSIONS}"  # under the per-session vote cap
+        pair = server.generate_pair(messages(prompt), (active, active), max_new_tokens=max_new_tokens)
+        ids = [
+            store.log_response(
+                session_id=session,
+                prompt=g.prompt,
+                text=g.text,
+                adapter_version=g.version,
+                sampling=dataclasses.asdict(g.sampling),
+                prompt_tokens=g.prompt_tokens,
+                completion_tokens=g.completion_tokens,
+                latency_s=g.latency_s,
+                finish_reason=g.finish_reason,
+            )
+            for g in pair
+        ]
+        scores = [float(rater(prompt, g.text)) for g in pair]
+        seen_scores.extend(scores)
+        cast["pairs"] += 1
+        cast["answer_tokens"] += [g.completion_tokens for g in pair]
+        cast["scores"] += scores
+        outcome = "A" if scores[0] > scores[1] else "B" if scores[1] > scores[0] else "tie"
+        store.prefer(session_id=session, response_a_id=ids[0], response_b_id=ids[1], outcome=outcome, source="two_samples")
+        cast["ab" if outcome != "tie" else "ties"] += 1  # a tie is a vote too, but teaches the RM nothing
+        median = statistics.median(seen_scores)
+        order = [0, 1] if rng.random() < 0.5 else [1, 0]
+        for i in order[:thumbs_per_pair]:
+            if votes() >= budget:
+                break
+            up = scores[i] > median
+            store.rate(session, ids[i], 1 if up else -1)
+            cast["thumbs_up" if up else "thumbs_down"] += 1
+    cast["votes"] = votes()
+    cast["seconds"] = time.perf_counter() - started
+    cast["mean_answer_tokens"] = statistics.fmean(cast.pop("answer_tokens"))
+    cast["mean_score"] = statistics.fmean(cast.pop("scores"))
+    return cast
+
+
+# ── evaluation: served version vs base on held-out prompts ──────────────────────────
+
+
+def _put_adapter(loaded: LoadedModel, name: str, folder: str | Path) -> None:
+    """Load an adapter folder into the worker's model under ``name`` (replacing one)."""
+    from peft import PeftModel
+
+    model = loaded.model
+    if isinstance(model, PeftModel):
+        if name in model.peft_config:
+            model.delete_adapter(name)
+        model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+    else:
+        loaded.model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+
+
+def sample_answers(
+    loaded: LoadedModel, folder: str | Path, rater: Rater, prompts: list[list[dict[str, str]]], max_new_tokens: int, batch: int
+) -> dict[str, list]:
+    """Sample one answer per prompt from the adapter in ``folder`` with the PPO rollout
+    sampler (``PPOTrainer.rollout``: the training temperature, no top-k/top-p); score each
+    with the rater; KL to the reference per answer as the gate and PPO measure it (sum over
+    the answer of log pi - log ref, ``cycle.evaluate_policy``)."""
+
+    def rater_scores(batch_prompts: list, completions: list[str]) -> torch.Tensor:
+        return torch.tensor([float(rater(p[-1]["content"], c)) for p, c in zip(batch_prompts, completions, strict=True)])
+
+    _put_adapter(loaded, EVAL_ADAPTER, folder)
+    config = PPOConfig(batch_size=batch, mini_batch_size=batch, max_new_tokens=max_new_tokens)
+    trainer = PPOTrainer(loaded.model, loaded.tokenizer, rater_scores, config, policy_adapter=EVAL_ADAPTER)
+    out: dict[str, list] = {"texts": [], "scores": [], "kl": [], "tokens": [], "eos": []}
+    for i in range(0, len(prompts), batch):
+        rollout = trainer.rollout(prompts[i : i + batch])
+        mask = rollout.response_mask
+        out["texts"] += rollout.completions
+        out["scores"] += rollout.raw_scores.tolist()
+        out["kl"] += ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(dim=1).tolist()
+        out["tokens"] += mask.sum(dim=1).tolist()
+        out["eos"] += rollout.has_eos.float().tolist()
+    model = loaded.model
+    if len(model.peft_config) > 1:
+        model.delete_adapter(EVAL_ADAPTER)
+    for p in model.parameters():  # the trainer flipped requires_grad; leave none on
+        p.requires_grad_(False)
+    return out
+
+
+def evaluate(active: dict[str, list], base: dict[str, list], prompts: list[list[dict[str, str]]], version: str, seconds: float) -> dict[str, Any]:
+    """Pairwise rater verdicts, served version vs base, on the same held-out prompts."""
+    wins = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(active["scores"], base["scores"], strict=True)]
+    step = max(1, len(prompts) // 6)
+    examples = [{"prompt": prompts[i][-1]["content"], "active": active["texts"][i], "base": base["texts"][i]} for i in range(0, len(prompts), step)][:6]
+    return {
+        "active_version": version,
+        "win_rate": statistics.fmean(wins),
+        "comparisons": len(wins),
+        "wins": sum(w == 1.0 for w in wins),
+        "ties": sum(w == 0.5 for w in wins),
+        "mean_score": statistics.fmean(active["scores"]),
+        "base_mean_score": statistics.fmean(base["scores"]),
+        "kl": statistics.fmean(active["kl"]),
+        "kl_max": max(active["kl"]),
+        "mean_tokens": statistics.fmean(active["tokens"]),
+        "base_mean_tokens": statistics.fmean(base["tokens"]),
+        "eos_rate": statistics.fmean(active["eos"]),
+        "base_eos_rate": statistics.fmean(base["eos"]),
+        "examples": examples,
+        "seconds": seconds,
+    }
+
+
+def rm_agreement(
+    loaded: LoadedModel, folder: Path, prompts: list[list[dict[str, str]]], active: dict[str, list], base: dict[str, list]
+) -> dict[str, Any]:
+    """How often the cycle's reward model orders the held-out (served, base) answer pairs as
+    the rater does (pairs the rater calls a tie are skipped). A second, larger accuracy
+    figure next to the library's own held-out split (15 % of the voted prompts)."""
+    keep = [i for i, (a, b) in enumerate(zip(active["scores"], base["scores"], strict=True)) if a != b]
+    if not keep or not folder.is_dir():
+        return {"rm_eval_accuracy": None, "rm_eval_pairs": 0}
+    rm = RewardModel.load(loaded.model, loaded.tokenizer, folder, name=EVAL_REWARD)
+    loaded.model = rm.model
+    ps = [prompts[i] for i in keep]
+    r_active = rm.score(ps, [active["texts"][i] for i in keep], normalized=False, batch_size=16)
+    r_base = rm.score(ps, [base["texts"][i] for i in keep], normalized=False, batch_size=16)
+    agree = [
+        (float(ra) > float(rb)) == (active["scores"][i] > base["scores"][i]) if float(ra) != float(rb) else 0.5
+        for ra, rb, i in zip(r_active, r_base, keep, strict=True)
+    ]
+    if len(loaded.model.peft_config) > 1:
+        loaded.model.delete_adapter(EVAL_REWARD)
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    return {"rm_eval_accuracy": statistics.fmean(float(a) for a in agree), "rm_eval_pairs": len(keep)}
+
+
+# ── the benchmark ────────────────────────────────────────────────────────────────────
+
+
+def ppo_curve(runtime: Runtime) -> list[dict[str, float]]:
+    """Per-step PPO metrics of the latest run, from the store."""
+    run = runtime.store.list_runs(limit=1)[0]
+    steps: dict[int, dict[str, float]] = {}
+    for m in runtime.store.run_metrics(run["id"]):
+        if m["phase"] == "ppo" and m["name"] in ("score", "kl", "kl_coef", "response_length", "has_eos", "time_s", "approx_kl", "clipfrac"):
+            steps.setdefault(m["step"], {})[m["name"]] = m["value"]
+    return [steps[k] for k in sorted(steps)]
+
+
+class PhaseTimer:
+    """The ``report`` callback of ``run_cycle``: seconds spent in each phase."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self.phase, self.at = "", time.perf_counter()
+
+    def __call__(self, **changes: Any) -> None:
+        if "phase" in changes and changes["phase"] != self.phase:
+            self.stop()
+            self.phase = changes["phase"]
+
+    def stop(self) -> dict[str, float]:
+        now = time.perf_counter()
+        if self.phase:
+            self.phases[self.phase] = self.phases.get(self.phase, 0.0) + now - self.at
+        self.at = now
+        return self.phases
+
+
+def spread(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` near-equal integers (earlier parts get the remainder)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def make_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
+    training = TrainingSettings(
+        ppo_iterations=args.ppo_iterations,
+        ppo_batch_size=args.ppo_batch_size,
+        max_new_tokens=args.max_new_tokens,
+        rm_epochs=args.rm_epochs,
+        ppo_learning_rate=args.ppo_lr,
+        ppo_kl_coef=args.kl_coef,
+        eval_prompts=args.gate_prompts,
+        time_budget_s=args.cycle_budget,
+        min_votes=1,
+    )
+    return load_settings(model=args.model, data_dir=data_dir, quantization=args.quantization, training=training)
+
+
+def gate_config(args: argparse.Namespace) -> GateConfig | None:
+    if args.gate == "default":
+        return None
+    if args.gate == "off":  # measurement only: everything is published
+        return GateConfig(min_improvement=float("-inf"), max_kl=float("inf"), max_degenerate_fraction=1.0)
+    return GateConfig(min_improvement=args.gate_min_improvement)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = out / "data"
+    shutil.rmtree(data_dir, ignore_errors=True)  # a fresh SQLite and registry every run
+
+    rater = load_rater(args.rater)
+    train_prompts, heldout = split_heldout(load_prompts(Path(args.prompts)), args.heldout)
+    log.info("%d training prompts, %d held out", len(train_prompts), len(heldout))
+
+    # Two bases, as in the app: the serving process's and the worker's. The converted model
+    # lives in --models-from (converted there once), the run's own data dir stays fresh.
+    model_settings = load_settings(model=args.model, data_dir=args.models_from, quantization=args.quantization)
+    settings = make_settings(args, data_dir)
+    runtime = Runtime(settings, load_model(model_settings))
+    worker = load_model(model_settings)
+    log.info("model: %s", worker.describe())
+    setup_s = time.perf_counter() - t0
+
+    # Held-out answers of the base are sampled once: the base never changes, and every
+    # cycle is then judged against the same answers. v0 is the identity LoRA (B = 0).
+    eval_prompts = [messages(p) for p in heldout for _ in range(args.eval_samples)]
+    v0_path = next(v["path"] for v in runtime.store.list_versions() if v["version"] == "v0")
+    started = time.perf_counter()
+    base_answers = sample_answers(worker, v0_path, rater, eval_prompts, args.max_new_tokens, args.eval_batch)
+    base_s = time.perf_counter() - started
+
+    def evaluation(reward_folder: Path | None = None) -> dict[str, Any]:
+        started = time.perf_counter()
+        version = runtime.store.active_version() or "v0"
+        path = next(v["path"] for v in runtime.store.list_versions() if v["version"] == version)
+        answers = sample_answers(worker, path, rater, eval_prompts, args.max_new_tokens, args.eval_batch)
+        result = evaluate(answers, base_answers, eval_prompts, version, time.perf_counter() - started)
+        if reward_folder is not None:
+            result.update(rm_agreement(worker, reward_folder, eval_prompts, answers, base_answers))
+        return result
+
+    rows: list[dict[str, Any]] = []
+    base_eval = evaluation()
+    base_eval["base_sampling_seconds"] = base_s
+    rows.append({"cycle": 0, "votes": 0, "decision": "base", "eval": base_eval, "elapsed_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
+    result = write(out, args, rows, setup_s, t0)
+    log.info("cycle 0 (before training): win-rate %.2f, score %.2f, %.1f s", base_eval["win_rate"], base_eval["mean_score"], base_eval["seconds"])
+
+    prompts = prompt_stream(train_prompts, rng)
+    seen_scores: list[float] = []
+    total_votes = 0
+    for cycle, budget in enumerate(spread(args.votes, args.cycles), start=1):
+        started = time.perf_counter()
+        cast = cast_votes(runtime, rater, prompts, budget, seen_scores, args.thumbs_per_pair, args.max_new_tokens, rng)
+        total_votes += cast["votes"]
+        timer = PhaseTimer()
+
+        cycle_settings = settings
+        if cycle > 1 and args.rm_epochs_later is not None:  # the reward model warm-starts from the last cycle's
+            cycle_settings = dataclasses.replace(settings, training=dataclasses.replace(settings.training, rm_epochs=args.rm_epochs_later))
+        summary = run_cycle(cycle_settings, runtime.store, worker, report=timer, gate_config=gate_config(args))
+        phases = timer.stop()
+        for p in worker.model.parameters():
+            p.requires_grad_(False)
+        served = runtime.sync_registry()
+        cycle_s = time.perf_counter() - started
+        run_id = runtime.store.list_runs(limit=1)[0]["id"]
+        ev = evaluation(settings.data_dir / "reward" / f"run-{run_id}")
+        rm = summary["reward"]
+        row = {
+            "cycle": cycle,
+            "votes": total_votes,
+            "cast": cast,
+            "votes_used": rm.get("votes_used"),
+            "rm_accuracy": rm.get("pairwise_accuracy"),
+            "rm_thumb_accuracy": rm.get("thumb_accuracy"),
+            "rm_train_pairs": rm.get("train_pairs"),
+            "rm_holdout_pairs": rm.get("holdout_pairs"),
+            "rm_steps": rm.get("steps"),
+            "rm_timed_out": rm.get("timed_out"),
+            "decision": summary["decision"],
+            "version": summary["version"],
+            "served": served,
+            "gate": summary["gate"],
+            "ppo": ppo_curve(runtime),
+            "phase_seconds": phases,
+            "cycle_seconds": cycle_s,
+            "eval": ev,
+            "elapsed_s": time.perf_counter() - t0,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        rows.append(row)
+        log.info(
+            "cycle %d: %d votes, RM acc %s, %s %s (%s), win-rate %.2f, score %.2f, KL %.2f, %.0f s, peak RSS %.0f MB",
+            cycle,
+            total_votes,
+            row["rm_accuracy"],
+            row["decision"],
+            row["version"],
+            "; ".join(summary["gate"]["reasons"]) or "gate passed",
+            ev["win_rate"],
+            ev["mean_score"],
+            ev["kl"],
+            row["elapsed_s"],
+            row["peak_rss_mb"],
+        )
+        result = write(out, args, rows, setup_s, t0)
+    runtime.close()
+    return result
+
+
+# ── output ───────────────────────────────────────────────────────────────────────────
+
+
+def write(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]], setup_s: float, t0: float) -> dict[str, Any]:
+    last = rows[-1]
+    final = {
+        "win_rate": last["eval"]["win_rate"],
+        "rm_accuracy": last.get("rm_accuracy"),
+        "kl": last["eval"]["kl"],
+        "votes": last["votes"],
+        "wall_s": time.perf_counter() - t0,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    result = {
+        "command": "python bench/learning.py " + " ".join(sys.argv[1:]),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "device": f"cpu, torch threads {torch.get_num_threads()}, {os.cpu_count()} cores",
+        "setup_s": setup_s,
+        "final": final,
+        "cycles": rows,
+    }
+    (out / "learning.json").write_text(json.dumps(result, indent=2, default=str))
+    plot(out / "learning.png", rows, args)
+    print_table(rows)
+    return result
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    def f(x: Any, fmt: str = ".2f") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    print(
+        f"{'cycle':>5} {'votes':>5} {'used':>5} {'RM acc':>7} {'RM eval':>7} {'gate':>9} {'score':>7} {'base':>7} "
+        f"{'KL':>6} {'win':>5} {'tokens':>6} {'EOS':>5} {'time s':>7} {'RSS MB':>7}"
+    )
+    for r in rows:
+        ev = r["eval"]
+        print(
+            f"{r['cycle']:>5} {r['votes']:>5} {f(r.get('votes_used'), 'd'):>5} {f(r.get('rm_accuracy')):>7} {f(ev.get('rm_eval_accuracy')):>7} "
+            f"{r['decision']:>9} {ev['mean_score']:>7.2f} {ev['base_mean_score']:>7.2f} {ev['kl']:>6.2f} {ev['win_rate']:>5.2f} "
+            f"{ev['mean_tokens']:>6.1f} {ev['eos_rate']:>5.2f} {r['elapsed_s']:>7.0f} {r['peak_rss_mb']:>7.0f}"
+        )
+    sys.stdout.flush()
+
+
+def plot(path: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["cycle"] for r in rows]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    panels = [
+        ("win-rate vs base (held-out)", [r["eval"]["win_rate"] for r in rows], 0.8),
+        ("reward model accuracy", [r.get("rm_accuracy") for r in rows], 0.85),
+        ("KL to reference (nats / answer)", [r["eval"]["kl"] for r in rows], 6.0),
+        ("mean rater score", [r["eval"]["mean_score"] for r in rows], None),
+        ("mean answer length (tokens)", [r["eval"]["mean_tokens"] for r in rows], None),
+    ]
+    for ax, (title, ys, target) in zip(axes.flat, panels, strict=False):
+        pts = [(a, b) for a, b in zip(x, ys, strict=True) if b is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o")
+        if title == "reward model accuracy":
+            ax.plot(x, [r["eval"].get("rm_eval_accuracy") for r in rows], marker="s", linestyle="--", label="on eval pairs")
+            ax.set_ylim(0, 1.05)
+            ax.legend(["library held-out split", "held-out rater pairs"], fontsize=7)
+        if title == "mean rater score":
+            ax.plot(x, [r["eval"]["base_mean_score"] for r in rows], marker="x", linestyle="--", label="base")
+            ax.legend()
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle=":", label="target")
+        for r in rows:
+            if r["decision"] == "rejected":
+                ax.axvline(r["cycle"], color="red", alpha=0.15)
+        ax.set_title(title)
+        ax.set_xlabel("cycle")
+        ax.set_xticks(x)
+    ax = axes.flat[5]
+    for r in rows[1:]:
+        steps = r["ppo"]
+        ax.plot([s.get("score") for s in steps], label=f"cycle {r['cycle']}")
+    ax.set_title("PPO: mean normalized RM score per step")
+    ax.set_xlabel("PPO step")
+    if len(rows) > 1:
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{args.rater}, {rows[-1]['votes']} votes, {args.model} (red: gate rejected)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--rater", default="bench.raters:brevity", help="module:function, rate(prompt, response) -> float")
+    p.add_argument("--votes", type=int, default=200, help="total vote budget, spread evenly over the cycles")
+    p.add_argument("--cycles", type=int, default=4)
+    p.add_argument("--out", default="bench/out/learning")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--models-from", "--data-dir", dest="models_from", default="data", help="data dir holding (or receiving) the converted model")
+    p.add_argument("--quantization", default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads; 0: torch's choice (see docs/learning.md)")
+    p.add_argument("--prompts", default=str(PROMPTS_DIR))
+    p.add_argument("--heldout", type=int, default=36, help="held-out prompts for the win-rate")
+    p.add_argument("--eval-samples", type=int, default=1, help="answers per held-out prompt and side")
+    p.add_argument("--eval-batch", type=int, default=36)
+    p.add_argument("--thumbs-per-pair", type=int, default=2, choices=(0, 1, 2), help="thumbs cast on the answers of each A/B pair")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="TrainingSettings.max_new_tokens (votes, PPO, gate, eval)")
+    p.add_argument("--ppo-iterations", type=int, default=4, help="TrainingSettings.ppo_iterations per cycle")
+    p.add_argument("--ppo-batch-size", type=int, default=8, help="TrainingSettings.ppo_batch_size")
+    p.add_argument("--rm-epochs", type=int, default=3, help="TrainingSettings.rm_epochs of the first cycle")
+    p.add_argument("--ppo-lr", type=float, default=1e-3, help="TrainingSettings.ppo_learning_rate")
+    p.add_argument("--kl-coef", type=float, default=0.1, help="TrainingSettings.ppo_kl_coef")
+    p.add_argument("--rm-epochs-later", type=int, default=1, help="reward-model epochs from cycle 2 on (it warm-starts)")
+    p.add_argument("--gate-prompts", type=int, default=8, help="TrainingSettings.eval_prompts: the gate's held-out store prompts")
+    p.add_argument("--cycle-budget", type=float, default=600.0, help="TrainingSettings.time_budget_s per cycle")
+    p.add_argument("--gate", choices=("default", "margin", "off"), default="default")
+    p.add_argument("--gate-min-improvement", type=float, default=0.05)
+    p.add_argument("--quick", action="store_true", help="tiny model, few votes: a ~1 minute smoke run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model = TINY_MODEL
+        args.votes, args.cycles, args.heldout, args.eval_samples = 24, 2, 8, 1
+        args.max_new_tokens, args.ppo_iterations, args.ppo_batch_size, args.rm_epochs = 8, 2, 4, 1
+        args.gate_prompts = 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("httpx", "huggingface_hub", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
