@@ -79,7 +79,6 @@ def run(model: str, versions: int, clients: int, max_new_tokens: int, data_dir: 
     time.sleep(3)
     results = []
     for n in range(versions):
-        published_at = time.time()
         version = publish_random_version(runtime, worker_model, seed=n)
         published_at = time.time()  # the registry row is the commit point
         deadline = published_at + 600
