@@ -16,8 +16,8 @@ It reports per cycle: votes, reward-model held-out accuracy, the mean rater scor
 policy, KL to the reference per answer, the win-rate against the base, the gate decision,
 wall time and peak RSS; writes ``<out>/learning.json`` and ``<out>/learning.png``.
 
-    python bench/learning.py --rater bench.raters:brevity --votes 200 --cycles 4 --out bench/out/brevity
-    python bench/learning.py --quick --out bench/out/quick     # tiny model, ~1 minute smoke run
+    python bench/learning.py --rater bench.raters:brevity --votes 200 --cycles 3 --out bench/out/brevity
+    python bench/learning.py --quick --out bench/out/quick     # tiny model, smoke run under a minute
 
 Results and the reasoning behind the defaults: docs/learning.md.
 """
@@ -542,7 +542,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--rater", default="bench.raters:brevity", help="module:function, rate(prompt, response) -> float")
     p.add_argument("--votes", type=int, default=200, help="total vote budget, spread evenly over the cycles")
-    p.add_argument("--cycles", type=int, default=4)
+    p.add_argument("--cycles", type=int, default=3)
     p.add_argument("--out", default="bench/out/learning")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--models-from", "--data-dir", dest="models_from", default="data", help="data dir holding (or receiving) the converted model")
@@ -555,17 +555,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batch", type=int, default=36)
     p.add_argument("--thumbs-per-pair", type=int, default=2, choices=(0, 1, 2), help="thumbs cast on the answers of each A/B pair")
     p.add_argument("--max-new-tokens", type=int, default=40, help="TrainingSettings.max_new_tokens (votes, PPO, gate, eval)")
-    p.add_argument("--ppo-iterations", type=int, default=4, help="TrainingSettings.ppo_iterations per cycle")
+    p.add_argument("--ppo-iterations", type=int, default=5, help="TrainingSettings.ppo_iterations per cycle")
     p.add_argument("--ppo-batch-size", type=int, default=8, help="TrainingSettings.ppo_batch_size")
     p.add_argument("--rm-epochs", type=int, default=3, help="TrainingSettings.rm_epochs of the first cycle")
     p.add_argument("--ppo-lr", type=float, default=1e-3, help="TrainingSettings.ppo_learning_rate")
-    p.add_argument("--kl-coef", type=float, default=0.1, help="TrainingSettings.ppo_kl_coef")
+    p.add_argument("--kl-coef", type=float, default=0.15, help="TrainingSettings.ppo_kl_coef")
     p.add_argument("--rm-epochs-later", type=int, default=1, help="reward-model epochs from cycle 2 on (it warm-starts)")
-    p.add_argument("--gate-prompts", type=int, default=8, help="TrainingSettings.eval_prompts: the gate's held-out store prompts")
+    p.add_argument("--gate-prompts", type=int, default=16, help="TrainingSettings.eval_prompts: the gate's held-out store prompts")
     p.add_argument("--cycle-budget", type=float, default=600.0, help="TrainingSettings.time_budget_s per cycle")
     p.add_argument("--gate", choices=("default", "margin", "off"), default="default")
     p.add_argument("--gate-min-improvement", type=float, default=0.05)
-    p.add_argument("--quick", action="store_true", help="tiny model, few votes: a ~1 minute smoke run")
+    p.add_argument("--quick", action="store_true", help="tiny model, few votes: a smoke run under a minute")
     args = p.parse_args(argv)
     if args.quick:
         args.model = TINY_MODEL
