@@ -1,12 +1,14 @@
 """Hot-swap under a steady chat load: publish new versions while API clients chat.
 
-Measures, per published version: the swap's own duration (adapter load while holding the
-generation lock, plus the pointer switch), the time from the registry row (publish) to the
-first answer written by the new version, and failed requests over the whole run. The
-adapters are published with the worker's own ``publish()`` (random non-zero LoRA weights,
-so the answers visibly change). Loopback only, bounded in count and time.
+Measures, per published version: how long the swap held the generation lock (what a chat
+request can be blocked by), the whole load (read, check, copy into a slot: runs beside the
+chat), the time from the registry row (publish) to the first answer written by the new
+version, and failed requests over the whole run. Baseline, same run and same load: PEFT
+``load_adapter`` of the same folders under the generation lock (what serving did before the
+slot pool). The adapters are published with the worker's own ``publish()`` (random non-zero
+LoRA weights, so the answers visibly change). Loopback only, bounded in count and time.
 
-    python bench/hotswap.py                                   # SmolLM2 (offline GGUF), fp32
+    python bench/hotswap.py                                   # SmolLM2 (offline GGUF), auto precision
     python bench/hotswap.py --model tiny --versions 5
 """
 
@@ -29,8 +31,9 @@ from rlhf_demo.ui.app import launch_local  # noqa: E402
 from rlhf_demo.ui.handlers import message_text  # noqa: E402
 
 
-def publish_random_version(runtime: Runtime, worker_model, seed: int) -> str:
-    """What the worker does after a passed gate, with a random candidate instead of PPO."""
+def publish_random_version(runtime: Runtime, worker_model, seed: int) -> tuple[str, object]:
+    """What the worker does after a passed gate, with a random candidate instead of PPO;
+    returns the version and the worker's (now PEFT-wrapped) model for the next call."""
     import torch
 
     from rlhf_demo.modeling.adapters import attach_new_adapter
@@ -44,15 +47,28 @@ def publish_random_version(runtime: Runtime, worker_model, seed: int) -> str:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     version = publish(runtime.store, model, "policy", runtime.settings.adapters_dir, runtime.store.active_version(), {"bench": True})
     model.delete_adapter("policy")
-    return version
+    return version, model
 
 
-def run(model: str, versions: int, clients: int, max_new_tokens: int, data_dir: Path, poll_s: float = 0.5) -> dict:
+def baseline_load_ms(runtime: Runtime, folder: str) -> float:
+    """PEFT ``load_adapter`` (builds the LoRA modules) under the generation lock, then removed."""
+    server = runtime.server
+    with server._lock:
+        started = time.perf_counter()
+        server.model.load_adapter(folder, adapter_name="baseline", is_trainable=False)
+        elapsed = 1000 * (time.perf_counter() - started)
+        server.model.delete_adapter("baseline")
+    return elapsed
+
+
+def run(
+    model: str, versions: int, clients: int, max_new_tokens: int, data_dir: Path, quantization: str = "auto", poll_s: float = 0.5
+) -> dict:
     from gradio_client import Client
 
     from rlhf_demo.modeling import load_model
 
-    settings = load_settings(env={}, model=model, data_dir=data_dir, quantization="fp32", poll_seconds=poll_s)
+    settings = load_settings(env={}, model=model, data_dir=data_dir, quantization=quantization, poll_seconds=poll_s)
     runtime = Runtime(settings)
     runtime.start_polling()
     worker_model = load_model(settings).model  # the worker's own base, as in production
@@ -79,20 +95,26 @@ def run(model: str, versions: int, clients: int, max_new_tokens: int, data_dir: 
     time.sleep(3)
     results = []
     for n in range(versions):
-        version = publish_random_version(runtime, worker_model, seed=n)
+        version, worker_model = publish_random_version(runtime, worker_model, seed=n)
         published_at = time.time()  # the registry row is the commit point
         deadline = published_at + 600
         while time.time() < deadline and len(failures) < 10 and not any(v == version and t > published_at for t, v in answers):
             time.sleep(0.05)
         first = min((t for t, v in answers if v == version and t > published_at), default=float("nan"))
         swap = next((s for s in reversed(runtime.status.swaps) if s["version"] == version), {})
-        results.append({"version": version, "swap_load_ms": swap.get("load_ms"), "swap_total_ms": swap.get("total_ms"), "publish_to_first_answer_s": first - published_at})
+        results.append({
+            "version": version, "mode": swap.get("mode"), "swap_load_ms": swap.get("load_ms"), "swap_prepare_ms": swap.get("prepare_ms"),
+            "swap_total_ms": swap.get("total_ms"), "publish_to_first_answer_s": first - published_at,
+        })
+    folders = {row["version"]: row["path"] for row in runtime.store.list_versions()}
+    for result in results:  # the old way, same folders, chat still running
+        result["baseline_load_ms"] = baseline_load_ms(runtime, folders[result["version"]])
     stop.set()
     for t in threads:
         t.join(timeout=300)
     demo.close()
     runtime.close()
-    return {"model": model, "clients": clients, "requests": requests[0], "failed": len(failures), "failures": failures[:5], "swaps": results}
+    return {"model": runtime.loaded.describe(), "clients": clients, "requests": requests[0], "failed": len(failures), "failures": failures[:5], "swaps": results}
 
 
 def main() -> None:
@@ -101,19 +123,26 @@ def main() -> None:
     parser.add_argument("--versions", type=int, default=3)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--quantization", default="auto", help="auto (what serving uses), nf4, int8, fp32")
     parser.add_argument("--data-dir", help="reuse a data dir (keeps the converted offline model); default: a temp dir")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = Path(args.data_dir) if args.data_dir else Path(scratch)
-        r = run(args.model, args.versions, args.clients, args.max_new_tokens, data_dir)
+        r = run(args.model, args.versions, args.clients, args.max_new_tokens, data_dir, args.quantization)
     print(f"\nmodel {r['model']}, {r['clients']} chatting clients, {r['requests']} requests, failed {r['failed']}")
-    print(f"{'version':<8} {'swap load ms':>12} {'swap total ms':>14} {'publish→first answer s':>23}")
+    header = ("version", "mode", "lock ms", "whole load ms", "baseline lock ms", "publish→first answer s")
+    print(f"{header[0]:<8} {header[1]:<8} {header[2]:>8} {header[3]:>14} {header[4]:>17} {header[5]:>23}")
     for s in r["swaps"]:
-        print(f"{s['version']:<8} {s['swap_load_ms'] or 0:>12.1f} {s['swap_total_ms'] or 0:>14.1f} {s['publish_to_first_answer_s']:>23.2f}")
-    loads = [s["swap_load_ms"] for s in r["swaps"] if s["swap_load_ms"] is not None]
-    if loads:
-        print(f"median swap (load under lock) {statistics.median(loads):.1f} ms")
+        print(
+            f"{s['version']:<8} {s['mode'] or '?':<8} {s['swap_load_ms'] or 0:>8.1f} {s['swap_prepare_ms'] or 0:>14.1f}"
+            f" {s['baseline_load_ms']:>17.1f} {s['publish_to_first_answer_s']:>23.2f}"
+        )
+    locked = [s["swap_load_ms"] for s in r["swaps"] if s["swap_load_ms"] is not None]
+    baseline = [s["baseline_load_ms"] for s in r["swaps"]]
+    if locked:
+        print(f"median time the swap held the generation lock: {statistics.median(locked):.1f} ms "
+              f"(baseline load_adapter: {statistics.median(baseline):.1f} ms)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(r, indent=2))

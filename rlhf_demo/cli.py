@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from rlhf_demo.config import QUANTIZATIONS, Settings, load_settings
@@ -63,6 +65,7 @@ def serve(settings: Settings) -> None:
         log.info("training worker disabled (--no-worker); run `python -m rlhf_demo worker` elsewhere to train")
     demo = build_app(runtime, supervisor)
     demo.queue(default_concurrency_limit=settings.limits.max_concurrent_generations)
+    stop_on_sigterm()
     try:
         demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
     finally:
@@ -70,6 +73,17 @@ def serve(settings: Settings) -> None:
             supervisor.stop()
         if scheduler is not None:
             scheduler.stop()
+
+
+def stop_on_sigterm() -> None:
+    """``docker stop``, Spaces and ``kill`` send SIGTERM: shut down like on Ctrl+C (Gradio closes,
+    the ``finally`` stops the worker) instead of dying on the spot and orphaning it."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def export(settings: Settings, kind: str, out: Path) -> None:

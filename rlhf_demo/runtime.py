@@ -29,7 +29,8 @@ class SyncStatus:
 
     last_error: str = ""
     refused: dict[str, str] = field(default_factory=dict)
-    swaps: list[dict[str, Any]] = field(default_factory=list)  # version, load_ms, total_ms, at
+    # version, mode, load_ms (generation lock held), prepare_ms (whole load), total_ms, at
+    swaps: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Runtime:
@@ -40,10 +41,12 @@ class Runtime:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = FeedbackStore(settings.db_path)
         self.loaded = loaded or load_model(settings)
-        self.server = PolicyServer(self.loaded, settings.sampling)
+        self.server = PolicyServer(self.loaded, settings.sampling, max_slots=settings.adapter_cache + 1)
         self.status = SyncStatus()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self.server.reserve_slots(settings.lora)
+        self.loaded.model = self.server.model  # one PeftModel for everything in this process
         self.ensure_first_version()
         self.sync_registry()
 
@@ -54,10 +57,9 @@ class Runtime:
         folder = self.settings.adapters_dir / FIRST_VERSION
         if not folder.exists():
             self.settings.adapters_dir.mkdir(parents=True, exist_ok=True)
-            model = attach_new_adapter(self.loaded.model, FIRST_VERSION, self.settings.lora)
+            model = attach_new_adapter(self.server.model, FIRST_VERSION, self.settings.lora)
             save_adapter(model, FIRST_VERSION, folder)
             model.delete_adapter(FIRST_VERSION)  # the server loads it like any other version
-            self.server.model = self.loaded.model = model
         self.store.register_version(FIRST_VERSION, str(folder), None, "active", {"note": "identity LoRA"})
 
     def sync_registry(self) -> str:
@@ -67,16 +69,16 @@ class Runtime:
             return self.server.active
         started = time.perf_counter()
         try:
-            load_ms = 0.0
+            load_ms, prepare_ms, mode = 0.0, 0.0, "cached"
             if wanted != BASE_VERSION and wanted not in self.server.loaded_versions:
                 row = next(v for v in self.store.list_versions() if v["version"] == wanted)
                 self.server.load_version(wanted, row["path"])
-                load_ms = self.server.last_load_ms
+                load_ms, prepare_ms, mode = self.server.last_load_ms, self.server.last_prepare_ms, self.server.last_load_mode
             self.server.activate(wanted)
             self.server.unload_unused(self.settings.adapter_cache)
             self.status.last_error = ""
             total_ms = 1000 * (time.perf_counter() - started)
-            self.status.swaps = [*self.status.swaps[-49:], {"version": wanted, "load_ms": load_ms, "total_ms": total_ms, "at": time.time()}]
+            self.status.swaps = [*self.status.swaps[-49:], {"version": wanted, "mode": mode, "load_ms": load_ms, "prepare_ms": prepare_ms, "total_ms": total_ms, "at": time.time()}]
         except (AdapterError, StopIteration, OSError) as exc:
             self.status.refused[wanted] = str(exc)
             self.status.last_error = f"refused {wanted}: {exc}; still serving {self.server.active}"

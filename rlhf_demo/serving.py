@@ -2,8 +2,8 @@
 
 Each generation names its adapter explicitly (PEFT ``adapter_names``), so which version
 writes an answer is fixed when the request starts and a swap can never reach inside it.
-Generations and adapter loads share one lock: on a 2-core CPU parallel decoding buys
-nothing, and it makes "the adapter changes only between generations" true by construction.
+Generations take one lock (on a 2-core CPU parallel decoding buys nothing). Swapping in a
+new version does not take it: weights are copied into a slot that no request can name yet.
 """
 
 from __future__ import annotations
@@ -17,12 +17,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf_demo.config import SamplingBounds
-from rlhf_demo.modeling.adapters import BASE_ADAPTER, AdapterError, check_adapter_folder
+from rlhf_demo.config import LoraSettings, SamplingBounds
+from rlhf_demo.modeling.adapters import (
+    BASE_ADAPTER,
+    AdapterError,
+    attach_new_adapter,
+    check_adapter_folder,
+    lora_shapes_match,
+    read_lora_config,
+)
 from rlhf_demo.modeling.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 BASE_VERSION = "base"
+
+
+def slot_key(saved_key: str, slot: str) -> str:
+    """A key of a saved adapter file (PEFT drops the adapter name) as the parameter name in
+    ``slot``: ``….q_proj.lora_A.weight`` → ``….q_proj.lora_A.<slot>.weight``."""
+    parts = saved_key.split(".")
+    lora = [i for i, part in enumerate(parts) if part.startswith("lora_")]
+    if not lora:
+        return saved_key  # not a LoRA tensor: the caller's layout check refuses it
+    last = lora[-1]
+    return ".".join([*parts[: last + 1], slot, *parts[last + 1 :]])
 
 
 def strip_control(text: str) -> str:
@@ -89,21 +107,37 @@ class _Cancel:
         return self.event.is_set()
 
 
-class PolicyServer:
-    """Serves the policy adapters of one base model; thread-safe."""
+_FILLING = "<filling>"  # a slot whose weights are being copied in; no request can name it
 
-    def __init__(self, loaded: LoadedModel, bounds: SamplingBounds, max_prompt_tokens: int = 1536) -> None:
+
+class PolicyServer:
+    """Serves the policy adapters of one base model; thread-safe.
+
+    Versions live in a small pool of PEFT adapter *slots* (``slot0``, ``slot1``, ...) made once at
+    start-up (:meth:`reserve_slots`). Loading a version copies its weights into a free slot in
+    place without taking the generation lock: no request can name a slot
+    while it is free, so no generation waits for a swap. Only an adapter whose LoRA shape fits
+    no slot takes the slow path: PEFT ``load_adapter`` builds new modules under the lock.
+    """
+
+    def __init__(self, loaded: LoadedModel, bounds: SamplingBounds, max_prompt_tokens: int = 1536, max_slots: int = 4) -> None:
         self.loaded = loaded
         self.bounds = bounds
         self.max_prompt_tokens = max_prompt_tokens
+        self.max_slots = max(2, max_slots)
         self.model: Any = loaded.model
         self.tokenizer = loaded.tokenizer
-        self._lock = threading.RLock()
-        self._paths: dict[str, Path] = {}
+        self._lock = threading.RLock()  # one generation at a time; building or deleting slots
+        self._count_lock = threading.Lock()  # guards the maps below; held for microseconds
+        self._load_lock = threading.Lock()  # one load at a time (never held by a generation)
+        self._paths: dict[str, Path] = {}  # loaded versions, oldest first
+        self._slot_of: dict[str, str] = {}  # version -> the slot holding its weights
+        self._slots: dict[str, str | None] = {}  # slot -> its version, None when free, or _FILLING
         self._in_use: dict[str, int] = {}  # versions that in-flight requests are using
-        self._count_lock = threading.Lock()
         self._active = BASE_VERSION
-        self.last_load_ms = 0.0  # duration of the last adapter load while holding the lock
+        self.last_load_ms = 0.0  # how long the last load held the generation lock
+        self.last_prepare_ms = 0.0  # the last load from start to finish (reading, checking, copying)
+        self.last_load_mode = ""  # "hotswap" (in place, lock-free) or "load" (new modules, locked)
 
     # ----- adapters -------------------------------------------------------------------
     @property
@@ -114,69 +148,169 @@ class PolicyServer:
     def loaded_versions(self) -> list[str]:
         return list(self._paths)
 
+    def reserve_slots(self, lora: LoraSettings) -> None:
+        """Build the free slots before serving starts, so that later swaps never build modules."""
+        with self._lock:
+            while len(self._slots) < self.max_slots:
+                slot = self._new_slot_name()
+                self.model = attach_new_adapter(self.model, slot, lora)
+                with self._count_lock:
+                    self._slots[slot] = None
+            self.model.requires_grad_(False)
+            self.model.eval()
+
     def load_version(self, version: str, path: str | Path) -> None:
         """Load an adapter folder as ``version``; a bad folder raises AdapterError, serving goes on."""
-        from peft import PeftModel
-
-        path = Path(path)
-        if version in self._paths:
-            return
         if version in (BASE_VERSION, BASE_ADAPTER):
             raise AdapterError(f"{version!r} is reserved for the base model")
-        check_adapter_folder(path)  # cheap checks outside the lock
+        with self._load_lock:  # the registry poller and a Compare request may load the same version
+            if version not in self._paths:
+                self._load(version, Path(path))
+
+    def _load(self, version: str, path: Path) -> None:
+        started = time.perf_counter()
+        check_adapter_folder(path)  # reads every tensor once: cheap, and outside the lock
+        config = read_lora_config(path)
+        slot = self._claim_slot(config)
+        locked_ms, mode = 0.0, "hotswap"
+        if slot is None:
+            slot, locked_ms = self._load_new_slot(path)
+            mode = "load"
+        else:
+            try:
+                self._copy_into(slot, path, config)
+            except AdapterError:
+                with self._count_lock:
+                    self._slots[slot] = None
+                raise
+        with self._count_lock:
+            self._slots[slot] = version
+            self._slot_of[version] = slot
+            self._paths[version] = path
+        self.last_load_ms, self.last_load_mode = locked_ms, mode
+        self.last_prepare_ms = 1000 * (time.perf_counter() - started)
+        log.info(
+            "loaded adapter %s from %s into %s (%s) in %.0f ms, %.0f ms of it under the generation lock",
+            version, path, slot, mode, self.last_prepare_ms, locked_ms,
+        )
+
+    def _claim_slot(self, config: Any) -> str | None:
+        """Mark a slot of the same LoRA shape as being filled: a free one, else the oldest idle
+        version's once the pool is full. None: build a new slot (no fitting slot, or room left)."""
+        with self._count_lock:
+            fitting = [slot for slot in self._slots if lora_shapes_match(self.model.peft_config[slot], config)]
+            free = [slot for slot in fitting if self._slots[slot] is None]
+            if not free and len(self._slots) >= self.max_slots:
+                idle = [v for v in self._paths if v != self._active and not self._in_use.get(v) and self._slot_of[v] in fitting]
+                if idle:
+                    free = [self._slot_of[idle[0]]]
+                    self._forget(idle[0])
+            if not free:
+                return None
+            self._slots[free[0]] = _FILLING
+            return free[0]
+
+    def _copy_into(self, slot: str, path: Path, config: Any) -> None:
+        """Copy an adapter's weights into ``slot`` in place: every tensor of the slot, same shapes.
+
+        Not PEFT's ``hotswap_adapter``: it calls ``model.state_dict()``, which on a CPU NF4 model
+        unpacks bitsandbytes' packed weights (a write to the base) and must not run beside a
+        generation. The slot's LoRA shape (rank, alpha, …) equals the adapter's, so its scaling
+        stays right and only the tensors change.
+        """
+        import torch
+        from safetensors.torch import load_file
+
+        from rlhf_demo.modeling.adapters import ADAPTER_WEIGHTS
+
+        targets = {name: p for name, p in self.model.named_parameters() if f".{slot}." in name or name.endswith(f".{slot}")}
+        try:
+            weights = {slot_key(key, slot): tensor for key, tensor in load_file(str(path / ADAPTER_WEIGHTS)).items()}
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise AdapterError(f"adapter at {path}: unreadable weights: {exc}") from exc
+        if set(weights) != set(targets):
+            odd = sorted(set(weights) ^ set(targets))[:3]
+            raise AdapterError(f"adapter at {path} does not fit this model's LoRA layout (e.g. {odd})")
+        for key, tensor in weights.items():
+            if tuple(tensor.shape) != tuple(targets[key].shape):
+                raise AdapterError(f"adapter at {path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(targets[key].shape)}")
+        with torch.no_grad():
+            for key, tensor in weights.items():
+                targets[key].copy_(tensor)
+
+    def _load_new_slot(self, path: Path) -> tuple[str, float]:
+        """The slow path: PEFT builds a new slot's modules, under the generation lock."""
+        from peft import PeftModel
+
         with self._lock:
-            started = time.perf_counter()  # time the swap itself, not the wait for a generation
+            started = time.perf_counter()  # time the blocking part, not the wait for a generation
+            slot = self._new_slot_name()
             try:
                 if isinstance(self.model, PeftModel):
-                    self.model.load_adapter(str(path), adapter_name=version, is_trainable=False)
+                    self.model.load_adapter(str(path), adapter_name=slot, is_trainable=False)
                 else:
-                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=version)
+                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=slot)
             except Exception as exc:  # noqa: BLE001 - PEFT raises many types for bad folders
-                self._forget_partial(version)
-                raise AdapterError(f"adapter {version} at {path} is incompatible: {exc}") from exc
+                self._forget_partial(slot)
+                raise AdapterError(f"adapter at {path} is incompatible: {exc}") from exc
             self.model.eval()
-            self._paths[version] = path
-            self.last_load_ms = 1000 * (time.perf_counter() - started)
-        log.info("loaded adapter %s from %s in %.0f ms", version, path, self.last_load_ms)
+            with self._count_lock:
+                self._slots[slot] = _FILLING
+            return slot, 1000 * (time.perf_counter() - started)
 
-    def _forget_partial(self, version: str) -> None:
+    def _new_slot_name(self) -> str:
+        taken = set(self._slots) | set(getattr(self.model, "peft_config", {}))
+        return next(f"slot{i}" for i in range(len(taken) + 1) if f"slot{i}" not in taken)
+
+    def _forget(self, version: str) -> None:
+        """Unmap a version (caller holds the count lock); its slot becomes free."""
+        del self._paths[version]
+        self._slots[self._slot_of.pop(version)] = None
+
+    def _forget_partial(self, slot: str) -> None:
         try:
-            if version in getattr(self.model, "peft_config", {}):
-                self.model.delete_adapter(version)
+            if slot in getattr(self.model, "peft_config", {}):
+                self.model.delete_adapter(slot)
         except Exception:  # noqa: BLE001 - best effort cleanup of a half-loaded adapter
-            log.exception("could not remove half-loaded adapter %s", version)
+            log.exception("could not remove half-loaded adapter %s", slot)
 
     def activate(self, version: str) -> None:
         """Serve ``version`` to requests that start from now on (in-flight ones keep theirs)."""
-        if version != BASE_VERSION and version not in self._paths:
-            raise AdapterError(f"adapter {version!r} is not loaded")
-        self._active = version
+        with self._count_lock:
+            if version != BASE_VERSION and version not in self._paths:
+                raise AdapterError(f"adapter {version!r} is not loaded")
+            self._active = version
         log.info("active adapter is now %s", version)
 
     def unload_unused(self, keep: int) -> list[str]:
-        """Drop the oldest loaded versions beyond ``keep``, never the active or an in-use one."""
-        dropped: list[str] = []
+        """Keep at most ``keep`` versions loaded, forgetting the oldest idle ones (never the active
+        or an in-use one); slots beyond the pool size (built by the slow path) are deleted."""
+        with self._count_lock:
+            idle = [v for v in self._paths if v != self._active and not self._in_use.get(v)]
+            dropped = idle[: max(0, len(self._paths) - keep)]
+            for version in dropped:
+                self._forget(version)
         with self._lock:
-            for version in list(self._paths)[: max(0, len(self._paths) - keep)]:
-                with self._count_lock:
-                    busy = bool(self._in_use.get(version))
-                if version == self._active or busy:
-                    continue
-                self.model.delete_adapter(version)
-                del self._paths[version]
-                dropped.append(version)
-            if dropped and self.model.active_adapter not in self.model.peft_config:
-                # PEFT keeps pointing at a deleted adapter; any loaded one will do, since
-                # every generation names its adapter explicitly.
-                self.model.set_adapter(next(iter(self._paths)))
+            with self._count_lock:
+                free = [slot for slot, held in self._slots.items() if held is None]
+                extra = free[: max(0, len(self._slots) - self.max_slots)]
+                for slot in extra:
+                    del self._slots[slot]
+            for slot in extra:
+                self.model.delete_adapter(slot)
+            if extra and self.model.active_adapter not in self.model.peft_config:
+                # PEFT keeps pointing at a deleted adapter; any will do, since every
+                # generation names its adapter explicitly.
+                self.model.set_adapter(next(iter(self.model.peft_config)))
         return dropped
 
     def _adapter_name(self, version: str) -> str:
         if version == BASE_VERSION:
             return BASE_ADAPTER
-        if version not in self._paths:
+        slot = self._slot_of.get(version)
+        if slot is None:
             raise AdapterError(f"adapter {version!r} is not loaded")
-        return version
+        return slot
 
     # ----- prompts --------------------------------------------------------------------
     def encode(self, messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], Any]:
@@ -202,7 +336,6 @@ class PolicyServer:
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         sampling = Sampling.clamp(self.bounds, temperature, top_p, max_new_tokens)
-        version = version or self._active
         prompt, ids = self.encode(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = _Cancel()
@@ -219,7 +352,7 @@ class PolicyServer:
                 outcome["error"] = exc
                 streamer.end()
 
-        self._hold(version, +1)
+        version = self._hold(version, +1)  # None: the active version, read with the hold
         thread = threading.Thread(target=run, name="generate", daemon=True)
         started = time.perf_counter()
         thread.start()
@@ -310,6 +443,9 @@ class PolicyServer:
             finish_reason=reason,
         )
 
-    def _hold(self, version: str, delta: int) -> None:
+    def _hold(self, version: str | None, delta: int) -> str:
+        """Count requests per version, so that eviction never takes a version in use."""
         with self._count_lock:
+            version = version or self._active
             self._in_use[version] = self._in_use.get(version, 0) + delta
+        return version

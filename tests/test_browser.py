@@ -130,8 +130,9 @@ def tab(browser) -> Iterator[Tab | None]:
         t.close()
 
 
-def send_chat(page: Any, text: str) -> Any:
-    """Type ``text`` on the Chat tab, press Send, and return the chatbot log once the answer is final."""
+def send_chat(page: Any, text: str, done: str | re.Pattern[str] = ANSWER_DONE) -> Any:
+    """Type ``text`` on the Chat tab, press Send, and return the chatbot log once the answer is final
+    (the version tag ``done`` is added to an answer only when it is complete)."""
     from playwright.sync_api import expect
 
     log = page.get_by_role("log", name="chatbot conversation")
@@ -139,7 +140,7 @@ def send_chat(page: Any, text: str) -> Any:
     page.get_by_placeholder("Ask anything…").fill(text)
     page.get_by_role("button", name="Send", exact=True).click()
     expect(log.get_by_test_id("bot")).to_have_count(answers_before + 1)
-    expect(log.get_by_test_id("bot").last).to_contain_text(ANSWER_DONE)  # the tag is added only when the answer is final
+    expect(log.get_by_test_id("bot").last).to_contain_text(done)
     return log
 
 

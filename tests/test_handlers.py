@@ -182,3 +182,17 @@ def test_delete_my_data(handlers, runtime):
     handlers.like(SESSION, state, 1, True)
     handlers.delete_my_data(SESSION)
     assert table_count(runtime, "ratings") == 0 and table_count(runtime, "responses") == 0
+
+
+def test_version_tag_closes_a_code_block_cut_off_by_the_length_limit():
+    """The tag must render as a tag, and the model must see its own text back unchanged."""
+    from rlhf_demo.ui.handlers import tag_version
+
+    for answer in ("Here:\n```python\nprint('hi')", "Done:\n```\nx\n```", "plain answer"):
+        shown = tag_version(answer, "v3")
+        body = shown.rsplit("\n\n<sub>", 1)[0]
+        fences = [line for line in body.splitlines() if line.lstrip().startswith("```")]
+        assert len(fences) % 2 == 0, "the tag would sit inside an open code block"
+        assert shown.endswith("<sub>written by adapter v3</sub>")
+        chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": shown}]
+        assert clean_history(chat)[1]["content"] == answer

@@ -124,3 +124,94 @@ def test_unload_keeps_active_and_in_use(runtime, tiny_loaded, settings):
     dropped = runtime.server.unload_unused(keep=1)
     assert "v1" not in dropped and "v1" in runtime.server.loaded_versions
     assert greedy(runtime.server).version == "v1"
+
+
+def test_swap_copies_into_a_reserved_slot_without_waiting_for_generation(runtime, tiny_loaded, settings):
+    """A new version lands while a generation holds the lock: the swap takes no lock at all."""
+    server = runtime.server
+    folder = write_random_adapter(tiny_loaded, settings, "v1", seed=11)
+    done = threading.Event()
+    with server._lock:  # as if a long generation were running
+        loader = threading.Thread(target=lambda: (server.load_version("v1", folder), done.set()))
+        loader.start()
+        assert done.wait(30), "load_version waited for the generation lock"
+    loader.join()
+    assert server.last_load_mode == "hotswap" and server.last_load_ms == 0.0
+    server.activate("v1")
+    assert greedy(server).version == "v1"
+
+
+def test_reused_slot_answers_exactly_like_a_fresh_load(runtime, tiny_loaded, settings):
+    """Evicted versions free their slot; weights copied into a used slot leave nothing behind."""
+    server = runtime.server
+    folders = {f"v{i}": write_random_adapter(tiny_loaded, settings, f"v{i}", seed=20 + i) for i in range(1, 7)}
+    server.load_version("v1", folders["v1"])
+    first = greedy(server, "v1", n=16).text
+    for version in ("v2", "v3", "v4", "v5", "v6"):  # more versions than slots: v1 is evicted
+        server.load_version(version, folders[version])
+        server.activate(version)
+    assert "v1" not in server.loaded_versions
+    assert len(server.model.peft_config) == server.max_slots, "no new modules were built"
+    server.load_version("v1", folders["v1"])
+    assert server.last_load_mode == "hotswap"
+    assert greedy(server, "v1", n=16).text == first
+    assert len({greedy(server, v, n=16).text for v in server.loaded_versions}) == len(server.loaded_versions)
+
+
+def test_adapter_of_another_lora_shape_gets_its_own_slot(runtime, tiny_loaded, settings):
+    import dataclasses
+
+    other = dataclasses.replace(settings, lora=dataclasses.replace(settings.lora, r=4, alpha=8))
+    folder = write_random_adapter(tiny_loaded, other, "v7", seed=7)
+    server = runtime.server
+    server.load_version("v7", folder)
+    assert server.last_load_mode == "load"
+    assert len(server.model.peft_config) == server.max_slots + 1
+    server.activate("v7")
+    answer = greedy(server).text
+    assert answer != greedy(server, "v0").text
+    server.activate("v0")
+    assert server.unload_unused(keep=1) == ["v7"]
+    assert len(server.model.peft_config) == server.max_slots, "the extra slot is deleted once unused"
+
+
+def test_swap_on_an_nf4_base_never_writes_the_base_weights(tiny_model_dir, tmp_path):
+    """On CPU, bitsandbytes repacks NF4 weights on the first forward and ``state_dict()``
+    unpacks them again: a swap that called it would write the base beside a generation."""
+    import torch
+
+    from rlhf_demo.config import load_settings
+    from rlhf_demo.modeling import load_model
+    from rlhf_demo.runtime import Runtime
+
+    settings = load_settings(env={}, model=str(tiny_model_dir), data_dir=tmp_path / "data", quantization="nf4", compute_dtype="float32")
+    runtime = Runtime(settings)
+    try:
+        server = runtime.server
+        base = greedy(server, BASE_VERSION, n=8).text  # the first forward packs the CPU weights
+        quantized = [m for m in server.model.modules() if type(m).__name__ == "Linear4bit"]
+        assert quantized, "the base is not NF4"
+        before = [(m.weight.data.clone(), m.weight.data.data_ptr()) for m in quantized]
+        writer = load_model(settings, role="train")  # the worker's own fp32 base writes the adapter
+        folder = write_random_adapter(writer, settings, "v1", seed=31)
+        server.load_version("v1", folder)
+        assert server.last_load_mode == "hotswap"
+        for m, (data, ptr) in zip(quantized, before, strict=True):
+            assert m.weight.data.data_ptr() == ptr and torch.equal(m.weight.data, data)
+        server.activate("v1")
+        assert greedy(server, n=8).text != base
+        assert greedy(server, BASE_VERSION, n=8).text == base
+    finally:
+        runtime.close()
+
+
+def test_concurrent_loads_of_one_version_take_one_slot(runtime, tiny_loaded, settings):
+    server = runtime.server
+    folder = write_random_adapter(tiny_loaded, settings, "v1", seed=41)
+    threads = [threading.Thread(target=server.load_version, args=("v1", folder)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert server.loaded_versions.count("v1") == 1
+    assert sum(held == "v1" for held in server._slots.values()) == 1, "a second slot was filled with v1 and leaked"

@@ -66,6 +66,13 @@ def test_full_cycle_publishes_and_server_swaps(runtime, settings):
     after = runtime.server.generate([{"role": "user", "content": "question number 1?"}], temperature=0, max_new_tokens=12)
     assert after.version == "v1" and before.version == "v0"
 
+    from rlhf_demo.ui import dashboard
+
+    figure = dashboard.curves_figure(runtime.store)  # the dashboard plots this run's PPO curves
+    for axis in figure.axes[1:]:
+        (line,) = axis.get_lines()
+        assert list(line.get_xdata()) == [0, 1], f"{axis.get_title()}: no curve for the 2 PPO steps"
+
 
 def test_rejected_candidate_is_kept_but_never_served(runtime, settings):
     settings = small(settings)
@@ -170,3 +177,76 @@ def test_kill_9_leaves_everything_consistent_and_next_run_succeeds(runtime, sett
     leftovers = [p.name for p in settings.adapters_dir.iterdir() if p.name.startswith(".")]
     assert not leftovers
     assert runtime.sync_registry() == "v1"
+
+
+def test_stop_request_ends_a_cycle_at_the_next_step_unpublished(runtime, settings):
+    """SIGTERM (or the app dying) sets the worker's stop flag: the cycle ends within one step."""
+    from rlhf_demo.worker.loop import CycleInterrupted, Worker
+
+    settings = small(dataclasses.replace(settings, training=dataclasses.replace(settings.training, ppo_iterations=50)))
+    cast_votes(runtime.store)
+    worker = Worker(settings)
+    steps: list[int] = []
+    original = worker.report
+
+    def report(**changes):
+        original(**changes)
+        if worker.status.phase == "ppo" and "step" in changes:
+            steps.append(changes["step"])
+            if changes["step"] >= 1:
+                worker.stop()  # what the SIGTERM handler does
+
+    worker.report = report
+    with pytest.raises(CycleInterrupted):
+        worker.run_once(manual=True)
+    assert steps[-1] == 1, "the cycle went on after the stop request"
+    run = runtime.store.list_runs(limit=1)[0]
+    assert run["status"] == "failed" and "asked to stop" in run["error"]
+    assert runtime.store.active_version() == "v0" and [v["version"] for v in runtime.store.list_versions()] == ["v0"]
+    assert worker.status.state == "stopped"
+
+
+class _StepCounter:
+    """A stand-in PPO trainer whose KL grows with each update (weights w: KL = w, update: w += 1)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.model = torch.nn.Module()
+        self.model.lora_B = torch.nn.ModuleDict({"policy": torch.nn.Linear(1, 1, bias=False)})
+        torch.nn.init.zeros_(self.model.lora_B["policy"].weight)
+        self.config = dataclasses.make_dataclass("C", [("batch_size", int)])(2)
+        self.batches: list[list] = []
+
+    @property
+    def weight(self) -> float:
+        return float(self.model.lora_B["policy"].weight.item())
+
+    def step(self, batch: list) -> dict:
+        import torch
+
+        self.batches.append(batch)
+        kl = self.weight  # measured on the policy the step starts from
+        with torch.no_grad():
+            self.model.lora_B["policy"].weight.add_(1.0)
+        return {"kl": kl, "score": kl}
+
+
+def test_ppo_stops_past_the_kl_bound_and_undoes_the_last_update():
+    from rlhf_demo.worker.cycle import run_ppo
+
+    trainer, logged = _StepCounter(), []
+    stats = run_ppo(trainer, [["p1"], ["p2"], ["p3"]], iterations=10, kl_stop=2.5, stop_at=float("inf"),
+                    on_step=lambda step, s: logged.append((step, s["kl"])))
+    # KL measured per step: 0, 1, 2, 3 > 2.5 -> the state with KL 3 is dropped for the one with KL 2.
+    assert [kl for _, kl in logged] == [0.0, 1.0, 2.0, 3.0]
+    assert stats["kl_stop"] == 1.0 and len(trainer.batches) == 4
+    assert trainer.weight == 2.0
+
+
+def test_ppo_runs_all_iterations_within_the_kl_bound():
+    from rlhf_demo.worker.cycle import run_ppo
+
+    trainer = _StepCounter()
+    stats = run_ppo(trainer, [["p"]], iterations=4, kl_stop=100.0, stop_at=float("inf"), on_step=lambda *_: None)
+    assert trainer.weight == 4.0 and "kl_stop" not in stats

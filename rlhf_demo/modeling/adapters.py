@@ -91,3 +91,26 @@ def check_adapter_folder(folder: Path, expected: dict[str, tuple[int, ...]] | No
         raise AdapterError(f"{folder}: corrupt weights: {exc}") from exc
     if not math.isfinite(float(config.get("lora_alpha", 1))):
         raise AdapterError(f"{folder}: invalid lora_alpha")
+
+
+# What decides a LoRA slot's module shapes and its output besides the weights themselves.
+_SHAPE_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "lora_dropout", "rank_pattern", "alpha_pattern",
+               "fan_in_fan_out", "bias", "modules_to_save", "layers_to_transform", "layers_pattern")
+
+
+def read_lora_config(folder: Path) -> Any:
+    """The folder's LoraConfig, or AdapterError."""
+    from peft import LoraConfig
+
+    try:
+        return LoraConfig.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - PEFT raises TypeError/ValueError/OSError
+        raise AdapterError(f"{folder}: unusable {ADAPTER_CONFIG}: {exc}") from exc
+
+
+def lora_shapes_match(a: Any, b: Any) -> bool:
+    """Whether adapters of configs ``a`` and ``b`` can share one set of PEFT modules (hot-swap)."""
+    first, second = a.to_dict(), b.to_dict()
+    if set(first.get("target_modules") or ()) != set(second.get("target_modules") or ()):
+        return False
+    return all(first.get(key) == second.get(key) for key in _SHAPE_KEYS)

@@ -167,5 +167,5 @@ def load_model(settings: Settings, role: str = "serve") -> LoadedModel:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     loaded = LoadedModel(model, tokenizer, source, quantization, compute, device)
-    log.info("serving %s from %s", loaded.describe(), source.path)
+    log.info("%s model: %s from %s", "serving" if role == "serve" else "training", loaded.describe(), source.path)
     return loaded

@@ -77,13 +77,15 @@ def curves_figure(store: FeedbackStore) -> Any:
 
     runs = list(reversed([r for r in store.list_runs(limit=50) if r["kind"] == "cycle"]))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
-    acc = [(r["id"], (r.get("summary") or {}).get("reward", {}).get("holdout_pairwise_accuracy")) for r in runs]
-    acc = [(i, a) for i, a in acc if a is not None]
-    axes[0].plot([i for i, _ in acc], [a for _, a in acc], "o-")
+    for key, label in (("holdout_pairwise_accuracy", "A/B pairs"), ("holdout_thumb_accuracy", "thumbs")):
+        acc = [(r["id"], (r.get("summary") or {}).get("reward", {}).get(key)) for r in runs]
+        acc = [(i, a) for i, a in acc if a is not None]  # None: no held-out votes of that kind yet
+        axes[0].plot([i for i, _ in acc], [a for _, a in acc], "o-", label=label)
+    axes[0].legend(loc="lower right", fontsize=8)
     axes[0].set(title="Reward model held-out accuracy", xlabel="run", ylim=(0, 1.05))
     last = next((r for r in reversed(runs) if r["status"] != "running"), runs[-1] if runs else None)
     if last is not None:
-        for name, ax, title in (("score_mean", axes[1], "Mean reward per PPO step"), ("kl", axes[2], "KL to reference per PPO step")):
+        for name, ax, title in (("score", axes[1], "Mean reward per PPO step"), ("kl", axes[2], "KL to reference per PPO step")):
             steps, values = _metric_series(store, last["id"], "ppo", name)
             ax.plot(steps, values, "o-")
             ax.set(title=f"{title} (run {last['id']})", xlabel="PPO step")

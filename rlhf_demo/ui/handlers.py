@@ -19,7 +19,9 @@ from rlhf_demo.runtime import Runtime
 from rlhf_demo.serving import Generation, strip_control
 from rlhf_demo.store import StoreError
 
-VERSION_TAG = re.compile(r"\n\n<sub>written by adapter [^<]*</sub>$")
+FENCE_CLOSE = "\n```````"  # closes any open ``` fence (a closing fence may be longer); rare in answers
+VERSION_TAG = re.compile(r"(?:\n```````)?\n\n<sub>written by adapter [^<]*</sub>$")
+_FENCE_LINE = re.compile(r"^ {0,3}```", re.MULTILINE)
 OUTCOMES = {"A is better": "A", "B is better": "B", "Tie": "tie", "Both bad": "both_bad"}
 SOURCES = {"Two samples of the active policy": "two_samples", "Active vs previous version": "two_versions"}
 
@@ -47,6 +49,10 @@ class PairState:
 
 
 def tag_version(text: str, version: str) -> str:
+    """The answer plus which version wrote it; an answer cut off inside a code block gets the
+    block closed first, or the tag would show as raw text inside it."""
+    if len(_FENCE_LINE.findall(text)) % 2:
+        text += FENCE_CLOSE
     return f"{text}\n\n<sub>written by adapter {version}</sub>"
 
 

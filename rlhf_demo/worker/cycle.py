@@ -89,6 +89,46 @@ def train_reward(settings: Settings, store: FeedbackStore, loaded: LoadedModel, 
     return rm, metrics
 
 
+def policy_weights(model: Any) -> dict[str, Any]:
+    """A copy of the candidate's LoRA weights (a few MB): the state to fall back to."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if f".{POLICY}." in name}
+
+
+def run_ppo(
+    trainer: PPOTrainer, prompts: list, iterations: int, kl_stop: float, stop_at: float, on_step: Callable[[int, dict], Any]
+) -> dict[str, Any]:
+    """Up to ``iterations`` PPO steps; stops when the policy's KL to the reference passes ``kl_stop``.
+
+    A step measures the KL of the policy it starts from (on its rollouts), then updates it.
+    When that KL is past the bound, the last update went too far: its weights are replaced by
+    the ones before it, so the cycle keeps its progress instead of handing the gate a
+    candidate it must reject for KL (docs/learning.md: "overshoot within a cycle").
+    """
+    import torch
+
+    stats: dict[str, Any] = {}
+    previous, current = None, policy_weights(trainer.model)
+    for step in range(iterations):
+        if time.monotonic() > stop_at:
+            log.warning("PPO stopped at step %d to respect the time budget", step)
+            break
+        start = (step * trainer.config.batch_size) % len(prompts)
+        batch = [prompts[(start + i) % len(prompts)] for i in range(trainer.config.batch_size)]
+        stats = trainer.step(batch)
+        if stats["kl"] > kl_stop and previous is not None:
+            with torch.no_grad():
+                for name, param in trainer.model.named_parameters():
+                    if name in previous:
+                        param.copy_(previous[name])
+            stats = {**stats, "kl_stop": 1.0}
+            on_step(step, stats)
+            log.info("PPO step %d: KL %.2f nats > %.2f: back to the weights before step %d, stopping", step, stats["kl"], kl_stop, step - 1)
+            break
+        on_step(step, stats)
+        previous, current = current, policy_weights(trainer.model)
+    return stats
+
+
 def run_cycle(
     settings: Settings, store: FeedbackStore, loaded: LoadedModel, report: Report | None = None, gate_config: GateConfig | None = None
 ) -> dict[str, Any]:
@@ -131,18 +171,11 @@ def run_cycle(
             init_kl_coef=training.ppo_kl_coef,
         )
         trainer = PPOTrainer(model, loaded.tokenizer, reward_fn, config, policy_adapter=POLICY)
+        gate_config = gate_config or GateConfig()
         report(phase="ppo", step=0, total=training.ppo_iterations, started_at=time.time())
-        stats: dict[str, Any] = {}
-        for step in range(training.ppo_iterations):
-            if time.monotonic() > deadline - 0.15 * training.time_budget_s:
-                log.warning("PPO stopped at step %d to respect the time budget", step)
-                break
-            start = (step * config.batch_size) % len(train_prompts)
-            batch = [train_prompts[(start + i) % len(train_prompts)] for i in range(config.batch_size)]
-            stats = trainer.step(batch)
-            store.log_metrics(run_id, "ppo", step, numeric(stats))
-            report(step=step + 1)
-        summary["ppo"] = stats
+        summary["ppo"] = run_ppo(trainer, train_prompts, training.ppo_iterations, training.ppo_kl_stop * gate_config.max_kl,
+                                 deadline - 0.15 * training.time_budget_s, lambda step, stats: (
+                                     store.log_metrics(run_id, "ppo", step, numeric(stats)), report(step=step + 1)))
 
         report(phase="gate", step=0, total=1)
         candidate = evaluate_policy(trainer, eval_prompts)
@@ -156,7 +189,7 @@ def run_cycle(
             baseline["scores"] if baseline else [0.0] * len(candidate["scores"]),
             candidate["kl"],
             candidate["texts"],
-            gate_config or GateConfig(),
+            gate_config,
         )
         summary["gate"] = gate.as_metrics()
         summary["samples"] = [{"prompt": p[-1]["content"], "answer": t} for p, t in zip(eval_prompts[:3], candidate["texts"][:3], strict=False)]

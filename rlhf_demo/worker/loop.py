@@ -53,6 +53,10 @@ def due(store: FeedbackStore, settings: Settings, manual: bool = False, now: dat
     return None
 
 
+class CycleInterrupted(Exception):
+    """Raised inside a cycle once the worker is asked to stop (SIGTERM, or the app died)."""
+
+
 class Worker:
     """The loop around :func:`rlhf_demo.worker.cycle.run_cycle`; owns the one base model."""
 
@@ -75,6 +79,12 @@ class Worker:
             setattr(self.status, key, value)
         write_status(self.settings.worker_dir, self.status)
 
+    def _progress(self, **changes: Any) -> None:
+        """The cycle's progress callback; also where a stop request ends a cycle early."""
+        if self._stop.is_set():
+            raise CycleInterrupted("the worker was asked to stop during a cycle; the run is left unpublished")
+        self.report(**changes)
+
     def loaded(self) -> Any:
         if self._loaded is None:
             from rlhf_demo.modeling import load_model
@@ -91,9 +101,13 @@ class Worker:
         if reason is None:
             return None
         log.info("training cycle: %s", reason)
+        loaded = self.loaded()
         self.report(state="training", phase="start", step=0, total=0, started_at=time.time(), message=reason)
         try:
-            summary = run_cycle(self.settings, self.store, self.loaded(), report=self.report)
+            summary = run_cycle(self.settings, self.store, loaded, report=self._progress)
+        except CycleInterrupted as exc:
+            self.report(state="stopped", message=str(exc))
+            raise
         except Exception as exc:
             self.report(state="error", message=f"cycle failed: {exc}")
             raise
@@ -110,6 +124,8 @@ class Worker:
                 self.run_once(manual=manual)
             except StoreError as exc:  # busy DB, etc.: try again on the next poll
                 log.warning("store error, retrying later: %s", exc)
+            except CycleInterrupted as exc:
+                log.info("%s", exc)
             except Exception:  # noqa: BLE001 - a failed cycle is recorded; keep waiting
                 log.exception("training cycle failed")
             self.report()

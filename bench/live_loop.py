@@ -1,0 +1,208 @@
+"""The whole loop as a user sees it: ``python app.py`` + a real browser rating answers.
+
+Starts the real entry point (``python app.py``: UI, registry polling, supervised training
+worker) on 127.0.0.1, then drives Debian's chromium through Playwright like a person would:
+ask a prompt on the Chat tab, read the answer, press 👍 or 👎 (a simulated rater decides:
+above or below the running median of its scores), ``--votes`` times. Then it waits for the
+worker's cycles (the worker trains every 10 new votes) until one publishes or ``--cycles``
+have finished, prints each outcome (published, or rejected with the gate's reason), and,
+when a version was published, asks again until an answer is tagged with it:
+the proof that the chat serves the new adapter without a restart.
+
+    python bench/live_loop.py --votes 30 --data-dir /tmp/live            # SmolLM2 (offline GGUF)
+    python bench/live_loop.py --model tiny --votes 12 --data-dir /tmp/lt
+
+Screenshots and the app's log go under ``<data-dir>/live-loop/``; ``--json`` writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from test_browser import CHROMIUM, CHROMIUM_ARGS, Tab, send_chat  # noqa: E402
+
+from rlhf_demo.store import FeedbackStore  # noqa: E402
+
+PROMPTS = ROOT / "bench" / "prompts" / "prompts.txt"
+TAG = re.compile(r"\s*written by adapter ([\w.-]+)\S*\s*$")  # under every finished answer
+DONE = re.compile(r"written by adapter \S+")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(data_dir: Path, port: int, model: str | None, log_path: Path) -> subprocess.Popen:
+    """``python app.py`` exactly as a user runs it, loopback only, offline."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    command = [sys.executable, str(ROOT / "app.py"), "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)]
+    if model:
+        command += ["--model", model]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for_http(url: str, app: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if app.poll() is not None:
+            raise RuntimeError(f"app.py exited with {app.returncode} before serving")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def load_rater(spec: str) -> Any:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def last_answer(log: Any) -> tuple[str, str]:
+    """The last bot message's text and the version tag under it."""
+    text = log.get_by_test_id("bot").last.inner_text().strip()
+    match = TAG.search(text)
+    return TAG.sub("", text).strip(), (match.group(1) if match else "?")
+
+
+def clear_chat(page: Any) -> None:
+    """Press the Chat tab's Clear button and wait until the conversation is empty."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("button", name="Clear", exact=True).filter(has_text="Clear").click()
+    expect(page.get_by_role("log", name="chatbot conversation").get_by_test_id("bot")).to_have_count(0)
+
+
+def finished_runs(store: FeedbackStore) -> list[dict[str, Any]]:
+    return [r for r in reversed(store.list_runs()) if r["status"] != "running"]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from playwright.sync_api import expect, sync_playwright
+
+    out = args.data_dir / "live-loop"
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    app = start_app(args.data_dir, port, args.model, out / "app.log")
+    rater = load_rater(args.rater)
+    prompts = [line.strip() for line in PROMPTS.read_text().splitlines() if line.strip()]
+    report: dict[str, Any] = {"votes": [], "runs": []}
+    started = time.monotonic()
+    try:
+        wait_for_http(url, app, args.start_timeout)
+        report["startup_s"] = round(time.monotonic() - started, 1)
+        store = FeedbackStore(args.data_dir / "feedback.db")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            tab = Tab(browser)
+            page = tab.page
+            page.set_default_timeout(args.answer_timeout * 1000)
+            expect.set_options(timeout=args.answer_timeout * 1000)
+            page.goto(url)
+            scores: list[float] = []
+            for i in range(args.votes):
+                prompt = prompts[i % len(prompts)]
+                asked = time.monotonic()
+                log = send_chat(page, prompt, done=DONE)
+                answer, version = last_answer(log)
+                score = rater(prompt, answer)
+                scores.append(score)
+                liked = score >= statistics.median(scores)
+                log.get_by_role("button", name="Like" if liked else "Dislike", exact=True).last.click()
+                page.get_by_text("👍 recorded." if liked else "👎 recorded.").last.wait_for()
+                report["votes"].append({"prompt": prompt, "version": version, "words": len(answer.split()),
+                                        "liked": liked, "answer_s": round(time.monotonic() - asked, 1)})
+                print(f"vote {i + 1}/{args.votes}: {'👍' if liked else '👎'} {len(answer.split())} words by {version}", flush=True)
+                clear_chat(page)  # each prompt its own conversation
+                if i == 0:
+                    page.screenshot(path=str(out / "01-first-vote.png"), full_page=True)
+            report["votes_done_s"] = round(time.monotonic() - started, 1)
+            deadline = time.monotonic() + args.cycle_timeout
+            while time.monotonic() < deadline and app.poll() is None:
+                runs = finished_runs(store)
+                if len(runs) >= args.cycles or any(r["status"] == "succeeded" for r in runs):
+                    break
+                time.sleep(5)
+            report["runs"] = [
+                {"id": r["id"], "status": r["status"], "candidate": r.get("candidate_version"), "error": r.get("error"),
+                 "gate": (r.get("summary") or {}).get("gate"), "started_at": r.get("started_at"), "finished_at": r.get("finished_at")}
+                for r in finished_runs(store)
+            ]
+            published = [v["version"] for v in store.list_versions() if v["version"] != "v0" and v["status"] in ("active", "retired")]
+            report["published"] = published
+            if published:
+                target = store.active_version()
+                waited = time.monotonic()
+                for attempt in range(args.serve_attempts):
+                    log = send_chat(page, prompts[(args.votes + attempt) % len(prompts)], done=DONE)
+                    answer, version = last_answer(log)
+                    clear_chat(page)
+                    if version == target:
+                        report["served_new_version"] = {"version": version, "after_s": round(time.monotonic() - waited, 1), "answer": answer}
+                        break
+            page.get_by_role("tab", name="Dashboard").click()
+            page.get_by_role("button", name="Refresh plots").click()
+            time.sleep(3)
+            page.screenshot(path=str(out / "02-dashboard.png"), full_page=True)
+            report["page_errors"] = tab.page_errors
+            report["blocked_requests"] = tab.blocked
+            tab.close()
+            browser.close()
+        report["app_alive"] = app.poll() is None
+        report["total_s"] = round(time.monotonic() - started, 1)
+    finally:
+        app.terminate()
+        try:
+            app.wait(30)
+        except subprocess.TimeoutExpired:
+            app.kill()
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="default: the app's default (SmolLM2-135M-Instruct)")
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--votes", type=int, default=30)
+    parser.add_argument("--rater", default="bench.raters:brevity")
+    parser.add_argument("--start-timeout", type=float, default=600)
+    parser.add_argument("--answer-timeout", type=float, default=300)
+    parser.add_argument("--cycles", type=int, default=2, help="wait for up to this many finished cycles (stops at a publish)")
+    parser.add_argument("--cycle-timeout", type=float, default=2400)
+    parser.add_argument("--serve-attempts", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    report = run(args)
+    liked = sum(v["liked"] for v in report["votes"])
+    print(f"\nstart-up {report.get('startup_s')} s; {len(report['votes'])} votes ({liked} 👍) in {report.get('votes_done_s')} s")
+    for r in report["runs"]:
+        print(f"run {r['id']}: {r['status']} candidate={r['candidate']} gate={json.dumps(r['gate'])} error={r['error']}")
+    print(f"published: {report.get('published')}; served: {report.get('served_new_version')}")
+    print(f"page errors {report.get('page_errors')}; app alive at the end: {report.get('app_alive')}; total {report.get('total_s')} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
