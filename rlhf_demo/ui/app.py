@@ -206,6 +206,7 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
 
             timer = gr.Timer(5)
             timer.tick(worker_markdown, None, [worker_md, sync_md], show_progress="hidden")
+            timer.tick(h.model_markdown, None, model_info, show_progress="hidden")  # its active adapter changes
             refresh_dash.click(tables, None, [curves, board, versions, runs])
             demo.load(worker_markdown, None, [worker_md, sync_md])
             demo.load(tables, None, [curves, board, versions, runs])

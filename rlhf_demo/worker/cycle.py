@@ -139,6 +139,7 @@ def run_cycle(
     run_id = store.start_run("cycle")
     summary: dict[str, Any] = {}
     try:
+        report(run_id=run_id)
         active = store.active_version()
         active_row = next((v for v in store.list_versions() if v["version"] == active), None)
         prompts = store.recent_prompts(limit=256)
