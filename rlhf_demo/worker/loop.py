@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -51,6 +52,9 @@ def due(store: FeedbackStore, settings: Settings, manual: bool = False, now: dat
     if since > 0 and started is not None and (now - started).total_seconds() >= 60 * training.every_minutes:
         return f"{since} new votes and {training.every_minutes:g} min since the last cycle"
     return None
+
+
+PARENT_ENV = "RLHF_DEMO_WORKER_PARENT_PID"  # set by the app's supervisor: stop when that process dies
 
 
 class CycleInterrupted(Exception):
@@ -136,6 +140,18 @@ class Worker:
         self._stop.set()
 
 
+def follow_parent(parent_pid: int) -> None:
+    """Ask Linux for SIGTERM when the app that started us dies, even by ``kill -9``, so no
+    orphaned worker goes on training against a data directory nobody serves."""
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # it died before we asked
+        raise SystemExit(f"the app (pid {parent_pid}) that started this worker is gone")
+
+
 def main(settings: Settings) -> None:
     """Entry point of ``python -m rlhf_demo worker``: lower priority, stop on SIGTERM."""
     try:
@@ -145,4 +161,6 @@ def main(settings: Settings) -> None:
     worker = Worker(settings)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
+    if os.environ.get(PARENT_ENV):
+        follow_parent(int(os.environ[PARENT_ENV]))
     worker.serve_forever()

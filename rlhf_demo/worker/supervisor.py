@@ -6,9 +6,8 @@ model, and a crash or ``kill -9`` of the worker leaves the server untouched.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import signal
+import os
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlhf_demo.config import Settings
+from rlhf_demo.worker.loop import PARENT_ENV
 from rlhf_demo.worker.status import read_status
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,6 @@ def worker_command(settings: Settings) -> list[str]:
     ]  # fmt: skip
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec (Linux): the kernel sends it SIGTERM when the app dies,
-    even by ``kill -9``, so no orphaned worker keeps training on a dead server's data."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class WorkerSupervisor:
     """Keeps one worker process alive; exponential backoff between restarts (max 5 min)."""
 
@@ -68,9 +61,8 @@ class WorkerSupervisor:
         backoff = 2.0
         while not self._stop.is_set():
             started = time.monotonic()
-            self._proc = subprocess.Popen(
-                worker_command(self.settings), preexec_fn=_die_with_parent if sys.platform == "linux" else None
-            )
+            env = {**os.environ, PARENT_ENV: str(os.getpid())}  # the worker stops when this process dies
+            self._proc = subprocess.Popen(worker_command(self.settings), env=env)
             self.state.pid = self._proc.pid
             log.info("worker started (pid %s)", self._proc.pid)
             code = self._proc.wait()
