@@ -23,6 +23,7 @@ from rlhf_demo.modeling.adapters import (
     AdapterError,
     attach_new_adapter,
     check_adapter_folder,
+    lora_config,
     lora_shapes_match,
     read_lora_config,
 )
@@ -138,6 +139,7 @@ class PolicyServer:
         self.last_load_ms = 0.0  # how long the last load held the generation lock
         self.last_prepare_ms = 0.0  # the last load from start to finish (reading, checking, copying)
         self.last_load_mode = ""  # "hotswap" (in place, lock-free) or "load" (new modules, locked)
+        self._slot_config: Any = None  # the LoRA shape of the reserved slots
 
     # ----- adapters -------------------------------------------------------------------
     @property
@@ -151,6 +153,7 @@ class PolicyServer:
     def reserve_slots(self, lora: LoraSettings) -> None:
         """Build the free slots before serving starts, so that later swaps never build modules."""
         with self._lock:
+            self._slot_config = lora_config(lora)
             while len(self._slots) < self.max_slots:
                 slot = self._new_slot_name()
                 self.model = attach_new_adapter(self.model, slot, lora)
@@ -258,6 +261,10 @@ class PolicyServer:
                 self._slots[slot] = _FILLING
             return slot, 1000 * (time.perf_counter() - started)
 
+    def _is_standard_slot(self, slot: str) -> bool:
+        """Whether the slot has the LoRA shape the pool was built for (the worker's)."""
+        return self._slot_config is not None and lora_shapes_match(self.model.peft_config[slot], self._slot_config)
+
     def _new_slot_name(self) -> str:
         taken = set(self._slots) | set(getattr(self.model, "peft_config", {}))
         return next(f"slot{i}" for i in range(len(taken) + 1) if f"slot{i}" not in taken)
@@ -293,6 +300,7 @@ class PolicyServer:
         with self._lock:
             with self._count_lock:
                 free = [slot for slot, held in self._slots.items() if held is None]
+                free.sort(key=self._is_standard_slot)  # odd-shaped slots go first
                 extra = free[: max(0, len(self._slots) - self.max_slots)]
                 for slot in extra:
                     del self._slots[slot]

@@ -171,8 +171,12 @@ def test_adapter_of_another_lora_shape_gets_its_own_slot(runtime, tiny_loaded, s
     answer = greedy(server).text
     assert answer != greedy(server, "v0").text
     server.activate("v0")
+    odd_slot = server._slot_of["v7"]
     assert server.unload_unused(keep=1) == ["v7"]
     assert len(server.model.peft_config) == server.max_slots, "the extra slot is deleted once unused"
+    assert odd_slot not in server.model.peft_config, "the odd-shaped slot goes, not a standard one"
+    server.load_version("v8", write_random_adapter(tiny_loaded, settings, "v8", seed=8))
+    assert server.last_load_mode == "hotswap"
 
 
 def test_swap_on_an_nf4_base_never_writes_the_base_weights(tiny_model_dir, tmp_path):
