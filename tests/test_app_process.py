@@ -70,3 +70,12 @@ def test_stopping_the_app_stops_its_worker(stop: str, tiny_model_dir: Path, tmp_
     finally:
         if app.poll() is None:
             app.kill()
+
+
+def test_worker_started_for_a_dead_app_exits_at_once():
+    """The app may die between starting the worker and the worker's prctl call."""
+    script = "import os, sys; from rlhf_demo.worker.loop import follow_parent; follow_parent(int(sys.argv[1])); print('following')"
+    gone = subprocess.run([sys.executable, "-c", script, str(os.getpid() + 10**6)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert gone.returncode != 0 and "is gone" in gone.stderr
+    alive = subprocess.run([sys.executable, "-c", script, str(os.getpid())], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert alive.returncode == 0 and "following" in alive.stdout, alive.stderr
