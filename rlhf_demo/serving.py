@@ -181,7 +181,7 @@ class PolicyServer:
             mode = "load"
         else:
             try:
-                self._copy_into(slot, path, config)
+                self._copy_into(slot, path)
             except AdapterError:
                 with self._count_lock:
                     self._slots[slot] = None
@@ -213,13 +213,13 @@ class PolicyServer:
             self._slots[free[0]] = _FILLING
             return free[0]
 
-    def _copy_into(self, slot: str, path: Path, config: Any) -> None:
+    def _copy_into(self, slot: str, path: Path) -> None:
         """Copy an adapter's weights into ``slot`` in place: every tensor of the slot, same shapes.
 
         Not PEFT's ``hotswap_adapter``: it calls ``model.state_dict()``, which on a CPU NF4 model
         unpacks bitsandbytes' packed weights (a write to the base) and must not run beside a
-        generation. The slot's LoRA shape (rank, alpha, …) equals the adapter's, so its scaling
-        stays right and only the tensors change.
+        generation. :meth:`_claim_slot` picked a slot whose LoRA shape (rank, alpha, …) equals the
+        adapter's, so its scaling stays right and only the tensors change.
         """
         import torch
         from safetensors.torch import load_file
