@@ -241,7 +241,7 @@ def test_ppo_stops_past_the_kl_bound_and_undoes_the_last_update():
     # KL measured per step: 0, 1, 2, 3 > 2.5 -> the state with KL 3 is dropped for the one with KL 2.
     assert [kl for _, kl in logged] == [0.0, 1.0, 2.0, 3.0]
     assert stats["kl_stop"] == 1.0 and len(trainer.batches) == 4
-    assert trainer.weight == 2.0
+    assert trainer.weight == 2.0 and stats["kept_updates"] == 2.0
 
 
 def test_ppo_runs_all_iterations_within_the_kl_bound():
@@ -249,4 +249,19 @@ def test_ppo_runs_all_iterations_within_the_kl_bound():
 
     trainer = _StepCounter()
     stats = run_ppo(trainer, [["p"]], iterations=4, kl_stop=100.0, stop_at=float("inf"), on_step=lambda *_: None)
-    assert trainer.weight == 4.0 and "kl_stop" not in stats
+    assert trainer.weight == 4.0 and "kl_stop" not in stats and stats["kept_updates"] == 4.0
+
+
+def test_cycle_whose_first_update_passes_the_kl_stop_ends_without_a_candidate(runtime, settings):
+    """Nothing left of PPO means the candidate is the active version: say so, publish nothing."""
+    settings = small(settings)
+    settings = dataclasses.replace(settings, training=dataclasses.replace(settings.training, ppo_kl_stop=-1.0))  # any KL passes
+    cast_votes(runtime.store)
+    from rlhf_demo.modeling import load_model
+
+    summary = run_cycle(settings, runtime.store, load_model(settings), gate_config=GateConfig())
+    assert summary["decision"] == "rejected" and summary["version"] is None
+    assert "no PPO update kept" in summary["gate"]["reasons"][0]
+    run = runtime.store.list_runs(limit=1)[0]
+    assert run["status"] == "rejected" and run["candidate_version"] is None
+    assert [v["version"] for v in runtime.store.list_versions()] == ["v0"]

@@ -107,6 +107,7 @@ def run_ppo(
     import torch
 
     stats: dict[str, Any] = {}
+    kept = 0  # updates that the candidate keeps
     previous, current = None, policy_weights(trainer.model)
     for step in range(iterations):
         if time.monotonic() > stop_at:
@@ -120,13 +121,16 @@ def run_ppo(
                 for name, param in trainer.model.named_parameters():
                     if name in previous:
                         param.copy_(previous[name])
-            stats = {**stats, "kl_stop": 1.0}
+            kept -= 1
+            stats = {**stats, "kl_stop": 1.0, "kept_updates": float(kept)}
             on_step(step, stats)
             log.info("PPO step %d: KL %.2f nats > %.2f: back to the weights before step %d, stopping", step, stats["kl"], kl_stop, step - 1)
             break
+        kept += 1
+        stats = {**stats, "kept_updates": float(kept)}
         on_step(step, stats)
         previous, current = current, policy_weights(trainer.model)
-    return stats
+    return {**stats, "kept_updates": float(kept)}
 
 
 def run_cycle(
@@ -177,6 +181,19 @@ def run_cycle(
         summary["ppo"] = run_ppo(trainer, train_prompts, training.ppo_iterations, training.ppo_kl_stop * gate_config.max_kl,
                                  deadline - 0.15 * training.time_budget_s, lambda step, stats: (
                                      store.log_metrics(run_id, "ppo", step, numeric(stats)), report(step=step + 1)))
+
+        if not summary["ppo"]["kept_updates"]:
+            # The candidate is the active version unchanged: a gate would only compare noise.
+            reason = (
+                f"no PPO update kept: the policy's KL to the reference already passes {training.ppo_kl_stop * gate_config.max_kl:.1f} "
+                "nats after one update (raise the gate's max_kl, or reset to base for a fresh budget)"
+                if summary["ppo"].get("kl_stop")
+                else "no PPO update kept: the cycle's time budget ran out first"
+            )
+            summary.update(decision="rejected", version=None, gate={"passed": False, "reasons": [reason]})
+            store.finish_run(run_id, "rejected", summary=summary)
+            log.info("cycle %d: nothing to gate (%s)", run_id, reason)
+            return summary
 
         report(phase="gate", step=0, total=1)
         candidate = evaluate_policy(trainer, eval_prompts)
