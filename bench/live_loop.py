@@ -22,7 +22,6 @@ import importlib
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,25 +36,19 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from test_browser import CHROMIUM, CHROMIUM_ARGS, Tab, send_chat  # noqa: E402
 
 from rlhf_demo.store import FeedbackStore  # noqa: E402
+from rlhf_demo.ui.app import free_port  # noqa: E402
 
 PROMPTS = ROOT / "bench" / "prompts" / "prompts.txt"
 TAG = re.compile(r"\s*written by adapter ([\w.-]+)\S*\s*$")  # under every finished answer
 DONE = re.compile(r"written by adapter \S+")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_app(data_dir: Path, port: int, model: str | None, log_path: Path) -> subprocess.Popen:
-    """``python app.py`` exactly as a user runs it, loopback only, offline."""
+def start_app(data_dir: Path, port: int, output: Any, *flags: str) -> subprocess.Popen:
+    """``python app.py`` exactly as a user runs it, loopback only, offline; ``flags`` are its own
+    (``--model``, ``--quantization`` …); stdout and stderr go to ``output``."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    command = [sys.executable, str(ROOT / "app.py"), "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)]
-    if model:
-        command += ["--model", model]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    command = [sys.executable, str(ROOT / "app.py"), "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port), *flags]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
 
 
 def wait_for_http(url: str, app: subprocess.Popen, timeout_s: float) -> None:
@@ -103,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    app = start_app(args.data_dir, port, args.model, out / "app.log")
+    app = start_app(args.data_dir, port, (out / "app.log").open("w"), *(["--model", args.model] if args.model else []))
     rater = load_rater(args.rater)
     prompts = [line.strip() for line in PROMPTS.read_text().splitlines() if line.strip()]
     report: dict[str, Any] = {"votes": [], "runs": []}

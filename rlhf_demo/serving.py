@@ -172,7 +172,7 @@ class PolicyServer:
 
     def _load(self, version: str, path: Path) -> None:
         started = time.perf_counter()
-        check_adapter_folder(path)  # reads every tensor once: cheap, and outside the lock
+        weights = check_adapter_folder(path)  # reads every tensor once, outside the lock
         config = read_lora_config(path)
         slot = self._claim_slot(config)
         locked_ms, mode = 0.0, "hotswap"
@@ -181,7 +181,7 @@ class PolicyServer:
             mode = "load"
         else:
             try:
-                self._copy_into(slot, path)
+                self._copy_into(slot, path, weights)
             except AdapterError:
                 with self._count_lock:
                     self._slots[slot] = None
@@ -213,7 +213,7 @@ class PolicyServer:
             self._slots[free[0]] = _FILLING
             return free[0]
 
-    def _copy_into(self, slot: str, path: Path) -> None:
+    def _copy_into(self, slot: str, path: Path, saved: dict[str, Any]) -> None:
         """Copy an adapter's weights into ``slot`` in place: every tensor of the slot, same shapes.
 
         Not PEFT's ``hotswap_adapter``: it calls ``model.state_dict()``, which on a CPU NF4 model
@@ -222,15 +222,9 @@ class PolicyServer:
         adapter's, so its scaling stays right and only the tensors change.
         """
         import torch
-        from safetensors.torch import load_file
-
-        from rlhf_demo.modeling.adapters import ADAPTER_WEIGHTS
 
         targets = {name: p for name, p in self.model.named_parameters() if f".{slot}." in name or name.endswith(f".{slot}")}
-        try:
-            weights = {slot_key(key, slot): tensor for key, tensor in load_file(str(path / ADAPTER_WEIGHTS)).items()}
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            raise AdapterError(f"adapter at {path}: unreadable weights: {exc}") from exc
+        weights = {slot_key(key, slot): tensor for key, tensor in saved.items()}
         if set(weights) != set(targets):
             odd = sorted(set(weights) ^ set(targets))[:3]
             raise AdapterError(f"adapter at {path} does not fit this model's LoRA layout (e.g. {odd})")

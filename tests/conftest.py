@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,15 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from rlhf_demo.config import Settings, load_settings  # noqa: E402
 from rlhf_demo.modeling import LoadedModel, load_model  # noqa: E402
 from rlhf_demo.modeling.tiny import build_tiny_model  # noqa: E402
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll ``condition`` (every 0.1 s) until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

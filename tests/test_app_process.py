@@ -9,15 +9,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
+
+from rlhf_demo.ui.app import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import live_loop  # noqa: E402
 
 
 def alive(pid: int) -> bool:
@@ -28,14 +31,6 @@ def alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; only its exit status is left
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
-
-
 def worker_pid(data_dir: Path) -> int | None:
     try:
         return int(json.loads((data_dir / "worker" / "status.json").read_text())["pid"])
@@ -44,13 +39,7 @@ def worker_pid(data_dir: Path) -> int | None:
 
 
 def start_app(tiny_model_dir: Path, data_dir: Path) -> subprocess.Popen:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    command = [sys.executable, str(ROOT / "app.py"), "--model", str(tiny_model_dir), "--quantization", "fp32",
-               "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return live_loop.start_app(data_dir, free_port(), subprocess.DEVNULL, "--model", str(tiny_model_dir), "--quantization", "fp32")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; the parent-death signal is Linux-only")
@@ -58,7 +47,7 @@ def start_app(tiny_model_dir: Path, data_dir: Path) -> subprocess.Popen:
 def test_stopping_the_app_stops_its_worker(stop: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     app = start_app(tiny_model_dir, tmp_path / "data")
     try:
-        wait_for(lambda: worker_pid(tmp_path / "data") is not None or app.poll() is not None, 120, "the worker's status file")
+        wait_until(lambda: worker_pid(tmp_path / "data") is not None or app.poll() is not None, 120, "the worker's status file")
         assert app.poll() is None, f"app.py exited early with {app.returncode}"
         pid = worker_pid(tmp_path / "data")
         assert pid is not None and alive(pid)
@@ -66,7 +55,7 @@ def test_stopping_the_app_stops_its_worker(stop: str, tiny_model_dir: Path, tmp_
         app.wait(60)
         if stop == "SIGTERM":
             assert app.returncode == 0, "SIGTERM must shut down cleanly, like Ctrl+C"
-        wait_for(lambda: not alive(pid), 30, f"worker {pid} to exit after the app's {stop}")
+        wait_until(lambda: not alive(pid), 30, f"worker {pid} to exit after the app's {stop}")
     finally:
         if app.poll() is None:
             app.kill()

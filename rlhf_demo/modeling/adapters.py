@@ -60,8 +60,9 @@ def save_adapter(model: Any, name: str, folder: Path) -> Path:
     return folder
 
 
-def check_adapter_folder(folder: Path, expected: dict[str, tuple[int, ...]] | None = None) -> None:
-    """Refuse a folder before PEFT sees it: config parses, weights load, all finite, shapes fit."""
+def check_adapter_folder(folder: Path, expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """Refuse a folder before PEFT sees it: config parses, weights load, all finite, shapes fit.
+    Returns the checked tensors by their saved names (so a caller need not read them again)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -79,8 +80,8 @@ def check_adapter_folder(folder: Path, expected: dict[str, tuple[int, ...]] | No
             names = list(weights.keys())
             if not names:
                 raise AdapterError(f"{folder}: adapter has no tensors")
-            for key in names:
-                tensor = weights.get_tensor(key)
+            tensors = {key: weights.get_tensor(key) for key in names}
+            for key, tensor in tensors.items():
                 if not bool(tensor.float().isfinite().all()):
                     raise AdapterError(f"{folder}: tensor {key} holds NaN or inf")
                 if expected is not None and key in expected and tuple(tensor.shape) != expected[key]:
@@ -91,6 +92,7 @@ def check_adapter_folder(folder: Path, expected: dict[str, tuple[int, ...]] | No
         raise AdapterError(f"{folder}: corrupt weights: {exc}") from exc
     if not math.isfinite(float(config.get("lora_alpha", 1))):
         raise AdapterError(f"{folder}: invalid lora_alpha")
+    return tensors
 
 
 # What decides a LoRA slot's module shapes and its output besides the weights themselves.

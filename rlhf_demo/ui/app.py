@@ -213,13 +213,18 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
     return demo
 
 
-def launch_local(runtime: Runtime) -> tuple[gr.Blocks, str]:
-    """Build and start the app on a free 127.0.0.1 port without blocking (tests, benchmarks)."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (tests, benchmarks)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def launch_local(runtime: Runtime) -> tuple[gr.Blocks, str]:
+    """Build and start the app on a free 127.0.0.1 port without blocking (tests, benchmarks)."""
+    port = free_port()
     demo = build_app(runtime)
     demo.queue(default_concurrency_limit=runtime.settings.limits.max_concurrent_generations)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)

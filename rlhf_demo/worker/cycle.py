@@ -177,15 +177,19 @@ def run_cycle(
         )
         trainer = PPOTrainer(model, loaded.tokenizer, reward_fn, config, policy_adapter=POLICY)
         gate_config = gate_config or GateConfig()
+        kl_stop = training.ppo_kl_stop * gate_config.max_kl
+
+        def on_step(step: int, stats: dict[str, Any]) -> None:
+            store.log_metrics(run_id, "ppo", step, numeric(stats))
+            report(step=step + 1)
+
         report(phase="ppo", step=0, total=training.ppo_iterations, started_at=time.time())
-        summary["ppo"] = run_ppo(trainer, train_prompts, training.ppo_iterations, training.ppo_kl_stop * gate_config.max_kl,
-                                 deadline - 0.15 * training.time_budget_s, lambda step, stats: (
-                                     store.log_metrics(run_id, "ppo", step, numeric(stats)), report(step=step + 1)))
+        summary["ppo"] = run_ppo(trainer, train_prompts, training.ppo_iterations, kl_stop, deadline - 0.15 * training.time_budget_s, on_step)
 
         if not summary["ppo"]["kept_updates"]:
             # The candidate is the active version unchanged: a gate would only compare noise.
             reason = (
-                f"no PPO update kept: the policy's KL to the reference already passes {training.ppo_kl_stop * gate_config.max_kl:.1f} "
+                f"no PPO update kept: the policy's KL to the reference already passes {kl_stop:.1f} "
                 "nats after one update (raise the gate's max_kl, or reset to base for a fresh budget)"
                 if summary["ppo"].get("kl_stop")
                 else "no PPO update kept: the cycle's time budget ran out first"
