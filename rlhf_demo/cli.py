@@ -45,34 +45,46 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def serve(settings: Settings) -> None:
+    """Run the app until Ctrl+C or SIGTERM, which may come at any moment, start-up included: the
+    worker and the Hub sync are stopped on the way out and the exit is clean (status 0)."""
     from rlhf_demo.hub_sync import hub_target, restore_from_hub, start_sync
     from rlhf_demo.runtime import Runtime
     from rlhf_demo.ui.app import build_app
     from rlhf_demo.worker.supervisor import WorkerSupervisor
 
-    target = hub_target()
-    if target:
-        restore_from_hub(settings.db_path, *target)
-    runtime = Runtime(settings)
-    scheduler = start_sync(settings.data_dir, settings.db_path, *target) if target else None
-    log.info("model: %s", runtime.loaded.describe())
-    log.info("data directory: %s (database %s)", settings.data_dir.resolve(), settings.db_path.resolve())
-    runtime.start_polling()
-    supervisor = WorkerSupervisor(settings) if settings.worker else None
-    if supervisor is not None:
-        supervisor.start()
-    else:
-        log.info("training worker disabled (--no-worker); run `python -m rlhf_demo worker` elsewhere to train")
-    demo = build_app(runtime, supervisor)
-    demo.queue(default_concurrency_limit=settings.limits.max_concurrent_generations)
     stop_on_sigterm()
+    supervisor: WorkerSupervisor | None = None
+    runtime: Runtime | None = None
+    scheduler = None
+    demo = None
     try:
+        target = hub_target()
+        if target:
+            restore_from_hub(settings.db_path, *target)
+        runtime = Runtime(settings)
+        scheduler = start_sync(settings.data_dir, settings.db_path, *target) if target else None
+        log.info("model: %s", runtime.loaded.describe())
+        log.info("data directory: %s (database %s)", settings.data_dir.resolve(), settings.db_path.resolve())
+        runtime.start_polling()
+        if settings.worker:
+            supervisor = WorkerSupervisor(settings)
+            supervisor.start()
+        else:
+            log.info("training worker disabled (--no-worker); run `python -m rlhf_demo worker` elsewhere to train")
+        demo = build_app(runtime, supervisor)
+        demo.queue(default_concurrency_limit=settings.limits.max_concurrent_generations)
         demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
+    except KeyboardInterrupt as stop:
+        log.info("shutting down (%s)", stop or "Ctrl+C")
     finally:
+        if demo is not None:
+            demo.close()
         if supervisor is not None:
             supervisor.stop()
         if scheduler is not None:
             scheduler.stop()
+        if runtime is not None:
+            runtime.close()
 
 
 def stop_on_sigterm() -> None:

@@ -11,11 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import gradio as gr
 import pytest
 from conftest import wait_until
 
+from rlhf_demo import cli
 from rlhf_demo.ui.app import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,16 +41,20 @@ def worker_pid(data_dir: Path) -> int | None:
         return None
 
 
-def start_app(tiny_model_dir: Path, data_dir: Path) -> subprocess.Popen:
-    return live_loop.start_app(data_dir, free_port(), subprocess.DEVNULL, "--model", str(tiny_model_dir), "--quantization", "fp32")
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; the parent-death signal is Linux-only")
-@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
-def test_stopping_the_app_stops_its_worker(stop: str, tiny_model_dir: Path, tmp_path: Path) -> None:
-    app = start_app(tiny_model_dir, tmp_path / "data")
+@pytest.mark.parametrize(
+    "stop, when",
+    [("SIGTERM", "starting"), ("SIGTERM", "serving"), ("SIGKILL", "serving")],
+)
+def test_stopping_the_app_stops_its_worker(stop: str, when: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``starting``: the signal comes as soon as the worker runs, while Gradio is still starting
+    (a SIGTERM there once ended the app with a traceback and status 1)."""
+    port = free_port()
+    app = live_loop.start_app(tmp_path / "data", port, subprocess.DEVNULL, "--model", str(tiny_model_dir), "--quantization", "fp32")
     try:
         wait_until(lambda: worker_pid(tmp_path / "data") is not None or app.poll() is not None, 120, "the worker's status file")
+        if when == "serving":
+            live_loop.wait_for_http(f"http://127.0.0.1:{port}/", app, 120)
         assert app.poll() is None, f"app.py exited early with {app.returncode}"
         pid = worker_pid(tmp_path / "data")
         assert pid is not None and alive(pid)
@@ -68,3 +75,23 @@ def test_worker_started_for_a_dead_app_exits_at_once():
     assert gone.returncode != 0 and "is gone" in gone.stderr
     alive = subprocess.run([sys.executable, "-c", script, str(os.getpid())], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert alive.returncode == 0 and "following" in alive.stdout, alive.stderr
+
+
+def test_sigterm_while_gradio_starts_is_a_clean_stop(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact moment the subprocess tests above can only hit by chance: SIGTERM inside
+    ``launch`` before it serves. ``serve`` must return (exit 0), not raise a traceback."""
+    launched: list[bool] = []
+
+    def launch(self: gr.Blocks, *args: object, **kwargs: object) -> None:
+        launched.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises in this frame
+        raise AssertionError("SIGTERM did not interrupt the start-up")
+
+    monkeypatch.setattr(gr.Blocks, "launch", launch)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        cli.main(["serve", "--model", str(tiny_model_dir), "--quantization", "fp32", "--data-dir", str(tmp_path / "data"), "--no-worker"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert launched

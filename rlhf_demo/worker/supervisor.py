@@ -65,6 +65,8 @@ class WorkerSupervisor:
             self._proc = subprocess.Popen(worker_command(self.settings), env=env)
             self.state.pid = self._proc.pid
             log.info("worker started (pid %s)", self._proc.pid)
+            if self._stop.is_set():  # stop() ran while the process was starting and could not see it
+                self._proc.terminate()
             code = self._proc.wait()
             self.state.last_exit, self.state.pid = code, None
             if self._stop.is_set():
