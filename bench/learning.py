@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.raters import Rater, load_rater  # noqa: E402
 from rlhf_demo.config import DEFAULT_MODEL, TINY_MODEL, Settings, TrainingSettings, load_settings  # noqa: E402
 from rlhf_demo.modeling import LoadedModel, load_model  # noqa: E402
+from rlhf_demo.modeling.adapters import put_adapter  # noqa: E402
 from rlhf_demo.ppo import PPOConfig  # noqa: E402
 from rlhf_demo.ppo.trainer import PPOTrainer  # noqa: E402
 from rlhf_demo.reward.trainer import RewardModel  # noqa: E402
@@ -58,18 +59,9 @@ log = logging.getLogger("bench.learning")
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 SESSIONS = 16  # the rater stands for a crowd: votes rotate over this many session ids
 EVAL_ADAPTER, EVAL_REWARD = "bench_eval", "bench_reward"
-Rater = Callable[[str, str], float]
 
 
 # ── inputs ───────────────────────────────────────────────────────────────────────────
-
-
-def load_rater(spec: str) -> Rater:
-    """``package.module:function`` → the function."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise SystemExit(f"--rater must look like module:function, got {spec!r}")
-    return getattr(importlib.import_module(module), name)
 
 
 def load_prompts(folder: Path = PROMPTS_DIR) -> list[str]:
@@ -181,19 +173,6 @@ def cast_votes(
 # ── evaluation: served version vs base on held-out prompts ──────────────────────────
 
 
-def _put_adapter(loaded: LoadedModel, name: str, folder: str | Path) -> None:
-    """Load an adapter folder into the worker's model under ``name`` (replacing one)."""
-    from peft import PeftModel
-
-    model = loaded.model
-    if isinstance(model, PeftModel):
-        if name in model.peft_config:
-            model.delete_adapter(name)
-        model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-    else:
-        loaded.model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
-
-
 def sample_answers(
     loaded: LoadedModel, folder: str | Path, rater: Rater, prompts: list[list[dict[str, str]]], max_new_tokens: int, batch: int
 ) -> dict[str, list]:
@@ -205,7 +184,7 @@ def sample_answers(
     def rater_scores(batch_prompts: list, completions: list[str]) -> torch.Tensor:
         return torch.tensor([float(rater(p[-1]["content"], c)) for p, c in zip(batch_prompts, completions, strict=True)])
 
-    _put_adapter(loaded, EVAL_ADAPTER, folder)
+    loaded.model = put_adapter(loaded.model, EVAL_ADAPTER, folder)
     config = PPOConfig(batch_size=batch, mini_batch_size=batch, max_new_tokens=max_new_tokens)
     trainer = PPOTrainer(loaded.model, loaded.tokenizer, rater_scores, config, policy_adapter=EVAL_ADAPTER)
     out: dict[str, list] = {"texts": [], "scores": [], "kl": [], "tokens": [], "eos": []}

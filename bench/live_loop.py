@@ -18,7 +18,6 @@ Screenshots and the app's log go under ``<data-dir>/live-loop/``; ``--json`` wri
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from test_browser import CHROMIUM, CHROMIUM_ARGS, Tab, send_chat  # noqa: E402
 
+from bench.raters import load_rater  # noqa: E402
 from rlhf_demo.store import FeedbackStore  # noqa: E402
 from rlhf_demo.ui.app import free_port  # noqa: E402
 
@@ -63,11 +63,6 @@ def wait_for_http(url: str, app: subprocess.Popen, timeout_s: float) -> None:
         except OSError:
             time.sleep(1)
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
-
-
-def load_rater(spec: str) -> Any:
-    module, name = spec.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def last_answer(log: Any) -> tuple[str, str]:

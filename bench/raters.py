@@ -10,6 +10,7 @@ Pass one as ``--rater bench.raters:brevity`` (any importable ``module:function``
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from collections.abc import Callable
@@ -17,6 +18,14 @@ from collections.abc import Callable
 Rater = Callable[[str, str], float]
 
 _WORD = re.compile(r"[A-Za-z0-9']+")
+
+
+def load_rater(spec: str) -> Rater:
+    """``package.module:function`` (e.g. ``bench.raters:brevity``) → the function."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise SystemExit(f"--rater must look like module:function, got {spec!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 def _words(text: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ def test_publish_during_concurrent_chats_swaps_with_zero_failures(tiny_model_dir
     assert result["failed"] == 0, result["failures"]
     assert [s["version"] for s in result["swaps"]] == ["v1", "v2"]
     for swap in result["swaps"]:
-        assert swap["publish_to_first_answer_s"] == swap["publish_to_first_answer_s"], "new version never answered"
+        assert not math.isnan(swap["publish_to_first_answer_s"]), "the new version never answered"
         assert swap["mode"] == "hotswap" and swap["swap_load_ms"] == 0.0, "a swap held the generation lock"
         assert swap["baseline_load_ms"] > 0
     assert result["requests"] > 6

@@ -45,6 +45,19 @@ def attach_new_adapter(model: Any, name: str, settings: LoraSettings) -> Any:
     return get_peft_model(model, lora_config(settings), adapter_name=name)
 
 
+def put_adapter(model: Any, name: str, folder: str | Path, trainable: bool = False) -> Any:
+    """Load the adapter in ``folder`` as ``name``, replacing an adapter of that name; wraps the
+    base on first use. Returns the (PEFT) model to use from now on."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=trainable)
+    if name in model.peft_config:
+        model.delete_adapter(name)
+    model.load_adapter(str(folder), adapter_name=name, is_trainable=trainable)
+    return model
+
+
 def save_adapter(model: Any, name: str, folder: Path) -> Path:
     """Write adapter ``name`` to ``folder`` whole or not at all (temp folder, then rename)."""
     folder = Path(folder)

@@ -16,7 +16,7 @@ from typing import Any
 
 from rlhf_demo.config import Settings
 from rlhf_demo.modeling import LoadedModel
-from rlhf_demo.modeling.adapters import attach_new_adapter
+from rlhf_demo.modeling.adapters import attach_new_adapter, put_adapter
 from rlhf_demo.ppo import PPOConfig
 from rlhf_demo.ppo.trainer import PPOTrainer
 from rlhf_demo.reward import holdout_split
@@ -48,12 +48,6 @@ def split_prompts(prompts: list[list[dict[str, str]]], eval_count: int) -> tuple
         cut = max(1, min(eval_count, len(prompts) // 4))
         held, train = prompts[:cut], prompts[cut:] or prompts[:cut]
     return train, held[:eval_count]
-
-
-def _replace_adapter(model: Any, name: str, folder: str | Path, trainable: bool) -> None:
-    if name in getattr(model, "peft_config", {}):
-        model.delete_adapter(name)
-    model.load_adapter(str(folder), adapter_name=name, is_trainable=trainable)
 
 
 def evaluate_policy(trainer: PPOTrainer, prompts: list[list[dict[str, str]]]) -> dict[str, list]:
@@ -157,8 +151,8 @@ def run_cycle(
 
         # The candidate starts from the active version (or fresh when only the base is served).
         if active_row is not None:
-            _replace_adapter(model, POLICY, active_row["path"], trainable=True)
-            _replace_adapter(model, ACTIVE, active_row["path"], trainable=False)
+            model = put_adapter(model, POLICY, active_row["path"], trainable=True)
+            model = put_adapter(model, ACTIVE, active_row["path"], trainable=False)
         else:
             if POLICY in model.peft_config:
                 model.delete_adapter(POLICY)
