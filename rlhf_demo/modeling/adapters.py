@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,72 @@ BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batch
 
 class AdapterError(ValueError):
     """An adapter folder that must not be served: missing, corrupt or incompatible."""
+
+
+# ── adapter state: the one place that knows how PEFT names an adapter's parameters ──
+
+
+def is_adapter_parameter(param_name: str, adapter: str) -> bool:
+    """True for PEFT LoRA parameter names of ``adapter``: ``….q_proj.lora_A.<adapter>.weight``."""
+    parts = param_name.split(".")
+    return adapter in parts and any(p.startswith("lora_") for p in parts)
+
+
+def adapter_parameters(model: Any, name: str) -> dict[str, Any]:
+    """The LoRA parameters of adapter ``name`` by parameter name (live tensors, not copies)."""
+    return {n: p for n, p in model.named_parameters() if is_adapter_parameter(n, name)}
+
+
+def adapter_state(model: Any, name: str) -> dict[str, Any]:
+    """A detached copy of adapter ``name``'s weights (a few MB): a state to go back to."""
+    return {n: p.detach().clone() for n, p in adapter_parameters(model, name).items()}
+
+
+def restore_adapter_state(model: Any, name: str, state: dict[str, Any]) -> None:
+    """Copy a state from :func:`adapter_state` back into adapter ``name``, in place."""
+    import torch
+
+    params = adapter_parameters(model, name)
+    if set(params) != set(state):
+        raise AdapterError(f"state does not fit adapter {name!r}")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n])
+
+
+def activate_adapter(model: Any, name: str, trainable: bool = False) -> list[Any]:
+    """Make ``name`` the active adapter; with ``trainable`` its LoRA weights are the only
+    parameters with ``requires_grad`` (the base and every other adapter frozen), else none
+    are. Returns the adapter's parameters. Dropout stays off (eval mode) for every role:
+    RLHF log-probs must be the same at rollout and at update (Huang et al. 2023)."""
+    model.set_adapter(name)  # PEFT also flips requires_grad; set them all explicitly below
+    params = adapter_parameters(model, name)
+    if not params:
+        raise AdapterError(f"model has no LoRA parameters for adapter {name!r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(trainable)
+    model.eval()
+    return list(params.values())
+
+
+@contextmanager
+def use_adapter(model: Any, name: str, trainable: bool = False) -> Iterator[list[Any]]:
+    """Run the block with adapter ``name`` active (see :func:`activate_adapter`), then give the
+    model back as found: the active adapter(s), every ``requires_grad`` flag, train/eval mode.
+    Parameters created inside the block (a new adapter) end frozen."""
+    before = {id(p): p.requires_grad for p in model.parameters()}
+    previous, was_training = list(model.active_adapters), model.training
+    try:
+        yield activate_adapter(model, name, trainable)
+    finally:
+        alive = [a for a in previous if a in model.peft_config]
+        if alive:
+            model.base_model.set_adapter(alive if len(alive) > 1 else alive[0])
+        for p in model.parameters():
+            p.requires_grad_(before.get(id(p), False))
+        model.train(was_training)
 
 
 def lora_config(settings: LoraSettings) -> Any:
