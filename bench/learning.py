@@ -45,15 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.raters import Rater, load_rater  # noqa: E402
-from rlhf_demo.config import DEFAULT_MODEL, TINY_MODEL, Settings, TrainingSettings, load_settings  # noqa: E402
+from rlhf_demo.config import DEFAULT_MODEL, TINY_MODEL, GateConfig, PPOConfig, Settings, TrainingSettings, load_settings  # noqa: E402
 from rlhf_demo.modeling import LoadedModel, load_model  # noqa: E402
 from rlhf_demo.modeling.adapters import put_adapter  # noqa: E402
-from rlhf_demo.ppo import PPOConfig  # noqa: E402
-from rlhf_demo.ppo.trainer import PPOTrainer  # noqa: E402
+from rlhf_demo.ppo.trainer import sample_and_score  # noqa: E402
 from rlhf_demo.reward.trainer import RewardModel  # noqa: E402
 from rlhf_demo.runtime import Runtime  # noqa: E402
 from rlhf_demo.worker.cycle import run_cycle  # noqa: E402
-from rlhf_demo.worker.gate import GateConfig  # noqa: E402
 
 log = logging.getLogger("bench.learning")
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
@@ -174,44 +172,46 @@ def cast_votes(
 
 
 def sample_answers(
-    loaded: LoadedModel, folder: str | Path, rater: Rater, prompts: list[list[dict[str, str]]], max_new_tokens: int, batch: int
+    loaded: LoadedModel, folder: str | Path | None, rater: Rater, prompts: list[list[dict[str, str]]], config: PPOConfig, batch: int
 ) -> dict[str, list]:
-    """Sample one answer per prompt from the adapter in ``folder`` with the PPO rollout
-    sampler (``PPOTrainer.rollout``: the training temperature, no top-k/top-p); score each
-    with the rater; KL to the reference per answer as the gate and PPO measure it (sum over
-    the answer of log pi - log ref, ``cycle.evaluate_policy``)."""
+    """Answers of the adapter in ``folder`` (None: the base) to ``prompts``, sampled as PPO
+    and the gate sample (``sample_and_score``: the training temperature, no top-k/top-p),
+    judged by the rater, with their KL to the reference (sum over the answer of
+    log pi - log ref, the gate's and PPO's estimator)."""
 
     def rater_scores(batch_prompts: list, completions: list[str]) -> torch.Tensor:
         return torch.tensor([float(rater(p[-1]["content"], c)) for p, c in zip(batch_prompts, completions, strict=True)])
 
-    loaded.model = put_adapter(loaded.model, EVAL_ADAPTER, folder)
-    config = PPOConfig(batch_size=batch, mini_batch_size=batch, max_new_tokens=max_new_tokens)
-    trainer = PPOTrainer(loaded.model, loaded.tokenizer, rater_scores, config, policy_adapter=EVAL_ADAPTER)
-    out: dict[str, list] = {"texts": [], "scores": [], "kl": [], "tokens": [], "eos": []}
-    for i in range(0, len(prompts), batch):
-        rollout = trainer.rollout(prompts[i : i + batch])
-        mask = rollout.response_mask
-        out["texts"] += rollout.completions
-        out["scores"] += rollout.raw_scores.tolist()
-        out["kl"] += ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(dim=1).tolist()
-        out["tokens"] += mask.sum(dim=1).tolist()
-        out["eos"] += rollout.has_eos.float().tolist()
-    model = loaded.model
-    if len(model.peft_config) > 1:
-        model.delete_adapter(EVAL_ADAPTER)
-    for p in model.parameters():  # the trainer flipped requires_grad; leave none on
-        p.requires_grad_(False)
-    return out
+    adapter = None
+    if folder is not None:
+        loaded.model = put_adapter(loaded.model, EVAL_ADAPTER, folder)
+        adapter = EVAL_ADAPTER
+    answers = sample_and_score(loaded.model, loaded.tokenizer, adapter, prompts, rater_scores, config, batch)
+    if adapter is not None and len(loaded.model.peft_config) > 1:
+        loaded.model.delete_adapter(EVAL_ADAPTER)
+    return {"texts": answers.texts, "scores": answers.scores, "kl": answers.kl, "tokens": answers.tokens, "eos": [float(e) for e in answers.eos]}
 
 
-def evaluate(active: dict[str, list], base: dict[str, list], prompts: list[list[dict[str, str]]], version: str, seconds: float) -> dict[str, Any]:
+def win_rate(wins: list[float], group_size: int) -> tuple[float, float]:
+    """Mean and standard error of the win-rate; answers to the same prompt are not
+    independent, so the SE is over per-prompt means (``group_size`` answers each)."""
+    groups = [statistics.fmean(wins[i : i + group_size]) for i in range(0, len(wins), group_size)]
+    se = statistics.stdev(groups) / len(groups) ** 0.5 if len(groups) > 1 else float("nan")
+    return statistics.fmean(wins), se
+
+
+def evaluate(
+    active: dict[str, list], base: dict[str, list], prompts: list[list[dict[str, str]]], version: str, seconds: float, group_size: int
+) -> dict[str, Any]:
     """Pairwise rater verdicts, served version vs base, on the same held-out prompts."""
     wins = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(active["scores"], base["scores"], strict=True)]
+    rate, se = win_rate(wins, group_size)
     step = max(1, len(prompts) // 6)
     examples = [{"prompt": prompts[i][-1]["content"], "active": active["texts"][i], "base": base["texts"][i]} for i in range(0, len(prompts), step)][:6]
     return {
         "active_version": version,
-        "win_rate": statistics.fmean(wins),
+        "win_rate": rate,
+        "win_rate_se": se,
         "comparisons": len(wins),
         "wins": sum(w == 1.0 for w in wins),
         "ties": sum(w == 0.5 for w in wins),
@@ -292,26 +292,37 @@ def spread(total: int, parts: int) -> list[int]:
 
 
 def make_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
-    training = TrainingSettings(
-        ppo_iterations=args.ppo_iterations,
-        ppo_batch_size=args.ppo_batch_size,
-        max_new_tokens=args.max_new_tokens,
-        rm_epochs=args.rm_epochs,
-        ppo_learning_rate=args.ppo_lr,
-        ppo_kl_coef=args.kl_coef,
-        eval_prompts=args.gate_prompts,
-        time_budget_s=args.cycle_budget,
-        min_votes=1,
-    )
+    """The library's settings, with only what the command line names changed: the benchmark
+    measures the defaults that the live worker runs."""
+    training = TrainingSettings(min_votes=1)
+    changes = {
+        "ppo": {
+            "steps": args.ppo_iterations,
+            "batch_size": args.ppo_batch_size,
+            "samples_per_prompt": args.samples_per_prompt,
+            "mini_batch_size": args.mini_batch_size,
+            "ppo_epochs": args.ppo_epochs,
+            "advantage": args.advantage,
+            "max_new_tokens": args.max_new_tokens,
+            "learning_rate": args.ppo_lr,
+            "init_kl_coef": args.kl_coef,
+        },
+        "reward": {"epochs": args.rm_epochs, "warm_epochs": args.rm_epochs_later},
+        "gate": {"prompts": args.gate_prompts, "samples_per_prompt": args.gate_samples, "confidence": args.gate_confidence},
+    }
+    parts = {
+        name: dataclasses.replace(getattr(training, name), **{k: v for k, v in fields.items() if v is not None}) for name, fields in changes.items()
+    }
+    if args.cycle_budget is not None:
+        parts["time_budget_s"] = args.cycle_budget
+    training = dataclasses.replace(training, **parts)
     return load_settings(model=args.model, data_dir=data_dir, quantization=args.quantization, training=training)
 
 
 def gate_config(args: argparse.Namespace) -> GateConfig | None:
-    if args.gate == "default":
-        return None
     if args.gate == "off":  # measurement only: everything is published
         return GateConfig(min_improvement=float("-inf"), max_kl=float("inf"), max_degenerate_fraction=1.0)
-    return GateConfig(min_improvement=args.gate_min_improvement)
+    return None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -339,17 +350,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Held-out answers of the base are sampled once: the base never changes, and every
     # cycle is then judged against the same answers. v0 is the identity LoRA (B = 0).
     eval_prompts = [messages(p) for p in heldout for _ in range(args.eval_samples)]
-    v0_path = next(v["path"] for v in runtime.store.list_versions() if v["version"] == "v0")
+    sampler = settings.training.ppo
     started = time.perf_counter()
-    base_answers = sample_answers(worker, v0_path, rater, eval_prompts, args.max_new_tokens, args.eval_batch)
+    base_answers = sample_answers(worker, None, rater, eval_prompts, sampler, args.eval_batch)
     base_s = time.perf_counter() - started
 
     def evaluation(reward_folder: Path | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         version = runtime.store.active_version() or "v0"
         path = next(v["path"] for v in runtime.store.list_versions() if v["version"] == version)
-        answers = sample_answers(worker, path, rater, eval_prompts, args.max_new_tokens, args.eval_batch)
-        result = evaluate(answers, base_answers, eval_prompts, version, time.perf_counter() - started)
+        answers = sample_answers(worker, path, rater, eval_prompts, sampler, args.eval_batch)
+        result = evaluate(answers, base_answers, eval_prompts, version, time.perf_counter() - started, args.eval_samples)
         if reward_folder is not None:
             result.update(rm_agreement(worker, reward_folder, eval_prompts, answers, base_answers))
         return result
@@ -366,14 +377,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     total_votes = 0
     for cycle, budget in enumerate(spread(args.votes, args.cycles), start=1):
         started = time.perf_counter()
-        cast = cast_votes(runtime, rater, prompts, budget, seen_scores, args.thumbs_per_pair, args.max_new_tokens, rng)
+        cast = cast_votes(runtime, rater, prompts, budget, seen_scores, args.thumbs_per_pair, sampler.max_new_tokens, rng)
         total_votes += cast["votes"]
         timer = PhaseTimer()
 
-        cycle_settings = settings
-        if cycle > 1 and args.rm_epochs_later is not None:  # the reward model warm-starts from the last cycle's
-            cycle_settings = dataclasses.replace(settings, training=dataclasses.replace(settings.training, rm_epochs=args.rm_epochs_later))
-        summary = run_cycle(cycle_settings, runtime.store, worker, report=timer, gate_config=gate_config(args))
+        summary = run_cycle(settings, runtime.store, worker, report=timer, gate_config=gate_config(args))
         phases = timer.stop()
         for p in worker.model.parameters():
             p.requires_grad_(False)
@@ -525,32 +533,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="bench/out/learning")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--models-from", "--data-dir", dest="models_from", default="data", help="data dir holding (or receiving) the converted model")
-    p.add_argument("--quantization", default="fp32")
+    p.add_argument("--quantization", default=None, help="default: fp32 on a CPU (docs/precision.md), nf4 on CUDA")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads; 0: torch's choice (see docs/learning.md)")
-    p.add_argument("--prompts", default=str(PROMPTS_DIR))
+    p.add_argument("--threads", type=int, default=2, help="torch threads; 0: torch's choice")
+    p.add_argument("--prompts", default=str(PROMPTS_DIR), help="a folder of *.txt (one prompt a line) and *.json files")
     p.add_argument("--heldout", type=int, default=36, help="held-out prompts for the win-rate")
-    p.add_argument("--eval-samples", type=int, default=1, help="answers per held-out prompt and side")
+    p.add_argument("--eval-samples", type=int, default=2, help="answers per held-out prompt and side")
     p.add_argument("--eval-batch", type=int, default=36)
     p.add_argument("--thumbs-per-pair", type=int, default=2, choices=(0, 1, 2), help="thumbs cast on the answers of each A/B pair")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="TrainingSettings.max_new_tokens (votes, PPO, gate, eval)")
-    p.add_argument("--ppo-iterations", type=int, default=5, help="TrainingSettings.ppo_iterations per cycle")
-    p.add_argument("--ppo-batch-size", type=int, default=8, help="TrainingSettings.ppo_batch_size")
-    p.add_argument("--rm-epochs", type=int, default=3, help="TrainingSettings.rm_epochs of the first cycle")
-    p.add_argument("--ppo-lr", type=float, default=1e-3, help="TrainingSettings.ppo_learning_rate")
-    p.add_argument("--kl-coef", type=float, default=0.15, help="TrainingSettings.ppo_kl_coef")
-    p.add_argument("--rm-epochs-later", type=int, default=1, help="reward-model epochs from cycle 2 on (it warm-starts)")
-    p.add_argument("--gate-prompts", type=int, default=16, help="TrainingSettings.eval_prompts: the gate's held-out store prompts")
-    p.add_argument("--cycle-budget", type=float, default=600.0, help="TrainingSettings.time_budget_s per cycle")
-    p.add_argument("--gate", choices=("default", "margin", "off"), default="default")
-    p.add_argument("--gate-min-improvement", type=float, default=0.05)
+    p.add_argument("--record", action="store_true", help="also write bench/results/learning-<rater>.json (committed figures)")
+    library = p.add_argument_group("library settings (default: the live worker's, TrainingSettings in rlhf_demo/config.py)")
+    library.add_argument("--max-new-tokens", type=int, help="PPOConfig.max_new_tokens (votes, PPO, gate, eval)")
+    library.add_argument("--ppo-iterations", type=int, help="PPOConfig.steps per cycle")
+    library.add_argument("--ppo-batch-size", type=int, help="PPOConfig.batch_size (rollouts per step)")
+    library.add_argument("--samples-per-prompt", type=int, help="PPOConfig.samples_per_prompt")
+    library.add_argument("--mini-batch-size", type=int, help="PPOConfig.mini_batch_size")
+    library.add_argument("--ppo-epochs", type=int, help="PPOConfig.ppo_epochs")
+    library.add_argument("--advantage", choices=("rloo", "gae"), help="PPOConfig.advantage")
+    library.add_argument("--ppo-lr", type=float, help="PPOConfig.learning_rate")
+    library.add_argument("--kl-coef", type=float, help="PPOConfig.init_kl_coef")
+    library.add_argument("--rm-epochs", type=int, help="RewardConfig.epochs (first cycle)")
+    library.add_argument("--rm-epochs-later", type=int, help="RewardConfig.warm_epochs (later cycles, warm-started)")
+    library.add_argument("--gate-prompts", type=int, help="GateConfig.prompts")
+    library.add_argument("--gate-samples", type=int, help="GateConfig.samples_per_prompt")
+    library.add_argument("--gate-confidence", type=float, help="GateConfig.confidence")
+    library.add_argument("--cycle-budget", type=float, help="TrainingSettings.time_budget_s per cycle")
+    p.add_argument("--gate", choices=("default", "off"), default="default", help="off: publish every candidate (measurement only)")
     p.add_argument("--quick", action="store_true", help="tiny model, few votes: a smoke run under a minute")
     args = p.parse_args(argv)
+    if args.quantization is None:
+        args.quantization = "nf4" if torch.cuda.is_available() else "fp32"
     if args.quick:
         args.model = TINY_MODEL
         args.votes, args.cycles, args.heldout, args.eval_samples = 24, 2, 8, 1
-        args.max_new_tokens, args.ppo_iterations, args.ppo_batch_size, args.rm_epochs = 8, 2, 4, 1
-        args.gate_prompts = 2
+        args.max_new_tokens, args.ppo_iterations, args.ppo_batch_size, args.rm_epochs = 8, 2, 8, 1
+        args.gate_prompts, args.gate_samples = 2, 2
     return args
 
 

@@ -52,27 +52,169 @@ class LoraSettings:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+@dataclass
+class RewardConfig:
+    """Reward-model settings in the spirit of TRL's ``RewardConfig``, sized for a LoRA
+    adapter + head retrained often on a few hundred live votes."""
+
+    learning_rate: float = 2e-4
+    """AdamW LR for the reward LoRA and the head. TRL's 1e-5 is for full fine-tuning; a
+    LoRA delta trained from zero and a fresh linear head want ~10x more."""
+    epochs: int = 3
+    """Passes over the training examples when training from scratch (TRL: 1; live data is
+    small, so a few)."""
+    warm_epochs: int = 1
+    """Passes when warm-started from the previous cycle's reward model: it already fits the
+    older votes, and retraining on all votes each cycle grows with the data."""
+    batch_size: int = 8
+    """Pairs per step (2x sequences) and, in the same step, thumbs per step."""
+    max_length: int = 512
+    """Tokens per sequence; longer ones lose tokens on the LEFT (the prompt's start), so
+    the answer and its last token, where the reward is read, are always kept."""
+    center_rewards_coefficient: float | None = None
+    """TRL's centering term ``coef * mean((r_c + r_r)^2)``; None: off (TRL's default).
+    0.01 is the value TRL suggests; the normalizer re-centres scores for PPO anyway."""
+    thumb_weight: float = 0.5
+    """Weight of the logistic thumb loss next to Bradley-Terry; 0 ignores thumbs (they
+    still form 👍 x 👎 pairs). Below 1 because a thumb is a noisier absolute signal."""
+    max_thumb_pairs_per_prompt: int = 4
+    """Cap on pairs made from 👍 x 👎 answers to one prompt, so a prompt with many
+    thumbs does not outweigh the rest of the data."""
+    holdout_fraction: float = 0.15
+    """Share of prompts held out for evaluation (decided by a hash, see split_holdout)."""
+    seed: int = 0
+    """Seeds the adapter and head init and the shuffling order."""
+    adapter_name: str = "reward"
+    """Name of the reward adapter on the shared PeftModel."""
+    max_seconds: float | None = None
+    """Time budget for the training steps; None: unlimited. Evaluation runs after."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (TRL/transformers default 0)."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip over the LoRA and head parameters."""
+    normalizer_samples: int = 512
+    """At most this many training answers are scored to fit the normalizer."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.epochs < 0 or self.max_length < 8:
+            raise ValueError("need batch_size >= 1, epochs >= 0 and max_length >= 8")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+
+
+@dataclass
+class PPOConfig:
+    """PPO settings in the spirit of TRL's (<= 0.11) ``PPOConfig``, sized for a live demo
+    with a LoRA policy that learns from a few hundred votes on a small CPU (figures:
+    docs/learning.md). ``PPOTrainer.train`` runs ``steps`` of these per worker cycle."""
+
+    learning_rate: float = 1e-3
+    """Adam LR for the LoRA adapter (and the value head with ``advantage="gae"``). TRL's
+    1.41e-5 is for full fine-tuning; a LoRA delta trained from zero wants much more, and a
+    cycle has only a few steps: 1e-4 did not move the policy in 15 steps, 1e-3 did."""
+    steps: int = 4
+    """PPO iterations (rollout batch + updates) per ``PPOTrainer.train`` call (a cycle)."""
+    batch_size: int = 32
+    """Rollouts (answers) per step: ``batch_size / samples_per_prompt`` prompts, sampled in
+    one batched ``generate`` (on a CPU batch 32 decodes ~8x the tokens/s of batch 1)."""
+    samples_per_prompt: int = 4
+    """Answers sampled per prompt in a step: the group that RLOO's baseline is taken over."""
+    mini_batch_size: int = 8
+    """Rollouts per gradient step; must divide ``batch_size``."""
+    ppo_epochs: int = 2
+    """Passes over each rollout batch (TRL: 4 on batches of hundreds; here 2 on 32)."""
+    advantage: str = "rloo"
+    """``"rloo"``: REINFORCE leave-one-out (Ahmadian et al. 2024) - the advantage of an answer
+    is its KL-penalised score minus the mean of the other answers to the same prompt, no
+    value head; ``"gae"``: GAE on a value head trained alongside (classic RLHF PPO)."""
+    gamma: float = 1.0
+    """Discount (GAE); 1.0: the score comes once, at the end of a short episode (TRL)."""
+    lam: float = 0.95
+    """GAE lambda (TRL default)."""
+    cliprange: float = 0.2
+    """Policy ratio clip (TRL default)."""
+    cliprange_value: float = 0.2
+    """Value clip around the rollout values (TRL default)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss (TRL default)."""
+    init_kl_coef: float = 0.15
+    """Initial beta of the KL penalty to the reference (sum over the answer's tokens);
+    Huang et al. use 0.05, measured here: 0.15 keeps a cycle's KL in budget at lr 1e-3."""
+    target_kl: float = 6.0
+    """Target KL per answer (summed over its tokens) of the adaptive controller."""
+    horizon: int = 10000
+    """Adaptive KL horizon in responses (TRL default)."""
+    adap_kl_ctrl: bool = True
+    """Adapt the KL coefficient toward ``target_kl``; False keeps ``init_kl_coef``."""
+    kl_stop: float | None = 4.8
+    """Stop training once a step's rollouts show a KL to the reference above this (nats per
+    answer), and undo the update that led there (CleanRL's ``target_kl`` break, per step).
+    Kept below ``GateConfig.max_kl`` so a cycle hands the gate a candidate it can accept."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    early_stop_kl: float | None = 0.1
+    """Skip the remaining minibatches of a PPO step when the per-token ``approx_kl``
+    (0.5 * mean(dlogp^2)) exceeds this: it fires only on runaway updates. None disables it."""
+    temperature: float = 0.7
+    """Sampling temperature for rollouts; the same value must scale the logits when
+    computing logprobs for training (Huang et al.: temperature detail)."""
+    top_p: float = 1.0
+    """Nucleus sampling for rollouts; 1.0 keeps sampling on-policy."""
+    max_new_tokens: int = 40
+    """Response length cap for rollouts, the gate and the Compare pairs' training use."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of responses truncated before EOS; None: no penalty."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards (shift_mean=False) before GAE (TRL default False)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"mini_batch_size {self.mini_batch_size} must divide batch_size {self.batch_size}")
+        if self.batch_size % self.samples_per_prompt:
+            raise ValueError(f"samples_per_prompt {self.samples_per_prompt} must divide batch_size {self.batch_size}")
+        if self.advantage not in ("rloo", "gae"):
+            raise ValueError(f"advantage must be 'rloo' or 'gae', got {self.advantage!r}")
+        if self.advantage == "rloo" and self.samples_per_prompt < 2:
+            raise ValueError("advantage 'rloo' needs samples_per_prompt >= 2 (a leave-one-out baseline)")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """When a candidate is served: better than the active version with confidence, close
+    enough to the reference, and sane (worker/gate.py)."""
+
+    prompts: int = 16
+    """Held-out store prompts the gate samples on (never used by PPO)."""
+    samples_per_prompt: int = 4
+    """Answers per prompt and side (candidate, active): the comparison is paired by prompt."""
+    confidence: float = 0.8
+    """One-sided level of the bootstrap lower bound on the candidate's mean reward gain."""
+    min_improvement: float = 0.0
+    """That lower bound must exceed this (normalized reward units, ~std of the RM's scores)."""
+    max_kl: float = 6.0
+    """Nats per answer to the reference, mean over the held-out answers."""
+    max_degenerate_fraction: float = 0.25
+    min_distinct_ratio: float = 0.3
+    """Distinct word 3-grams / all 3-grams under which one answer counts as looping."""
+
+
 @dataclass(frozen=True)
 class TrainingSettings:
-    """When and how much the background worker trains (small: a cycle must fit a free CPU)."""
+    """When and how much the background worker trains (small: a cycle must fit a free CPU).
+
+    Every field, nested ones too, is an environment variable:
+    ``RLHF_DEMO_TRAINING__EVERY_VOTES=20``, ``RLHF_DEMO_TRAINING__PPO__LEARNING_RATE=5e-4``."""
 
     every_votes: int = 10  # train after this many new votes ...
     every_minutes: float = 15.0  # ... or this long after the last cycle if any vote came in
     min_votes: int = 8  # no cycle below this many votes in total
-    ppo_iterations: int = 6
-    ppo_batch_size: int = 8
-    max_new_tokens: int = 48
-    time_budget_s: float = 900.0  # whole cycle; PPO stops early to respect it
-    eval_prompts: int = 16  # held-out prompts for the gate (8 was too noisy: docs/learning.md)
-    rm_epochs: int = 4
-    # Measured in docs/learning.md: 1e-4 does not move the policy within a cycle's few steps;
-    # 1e-3 with a 0.15 KL coefficient learns within 2-3 cycles (ppo_kl_stop guards overshoot).
-    ppo_learning_rate: float = 1e-3  # PPOConfig.learning_rate (policy LoRA + value head)
-    ppo_kl_coef: float = 0.15  # PPOConfig.init_kl_coef: per-token KL penalty to the reference
-    ppo_kl_stop: float = 0.8  # stop PPO (undoing the last update) past this fraction of the gate's KL bound
+    time_budget_s: float = 900.0  # whole cycle; each phase stops early to respect it
     max_votes_per_session: int = 60  # per kind (pairs, thumbs): one visitor cannot dominate the RM
     nice: int = 10  # worker CPU priority, so chat stays responsive
     poll_seconds: float = 5.0
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
 
 @dataclass(frozen=True)
@@ -126,41 +268,64 @@ class Settings:
         return self
 
 
-def _coerce(value: str, like: Any) -> Any:
-    if isinstance(like, bool):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    if isinstance(like, int):
-        return int(value)
-    if isinstance(like, float):
-        return float(value)
-    if isinstance(like, Path):
-        return Path(value)
+class SettingError(ValueError):
+    """A setting from the environment or the command line that cannot be used; names it."""
+
+
+def _coerce(value: str, annotation: str, name: str) -> Any:
+    """Parse an environment string as the field's annotated type (``int``, ``float | None``,
+    ``bool``, ``Path``, ``tuple[str, ...]``, ``str``); a bad value names the variable."""
+    kinds = {part.strip() for part in annotation.split("|")}
+    if "None" in kinds and value.strip().lower() in ("", "none", "null"):
+        return None
+    try:
+        if "bool" in kinds:
+            lowered = value.strip().lower()
+            if lowered not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError("expected true/false")
+            return lowered in ("1", "true", "yes", "on")
+        if "int" in kinds:
+            return int(value)
+        if "float" in kinds:
+            number = float(value)
+            if number != number:
+                raise ValueError("NaN")
+            return number
+        if "Path" in kinds:
+            return Path(value)
+        if any(k.startswith("tuple") for k in kinds):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+    except ValueError as exc:
+        raise SettingError(f"{name}={value!r}: expected {annotation} ({exc})") from None
     return value
+
+
+def _from_env(obj: Any, prefix: str, env: dict[str, str]) -> dict[str, Any]:
+    """The fields of dataclass ``obj`` that ``env`` sets, as ``PREFIX<FIELD>`` (nested
+    dataclasses as ``PREFIX<FIELD>__<SUBFIELD>``)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        current, key = getattr(obj, f.name), f"{prefix}{f.name.upper()}"
+        if dataclasses.is_dataclass(current):
+            nested = _from_env(current, f"{key}__", env)
+            if nested:
+                try:
+                    values[f.name] = dataclasses.replace(current, **nested)
+                except (TypeError, ValueError) as exc:
+                    raise SettingError(f"{key}__*: {exc}") from None
+        elif key in env:
+            values[f.name] = _coerce(env[key], str(f.type), key)
+    return values
 
 
 def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
     """Defaults, then ``RLHF_DEMO_*`` / platform variables, then explicit overrides (CLI)."""
     env = dict(os.environ if env is None else env)
-    base = Settings()
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(Settings):
-        current = getattr(base, f.name)
-        if dataclasses.is_dataclass(current):  # nested: RLHF_DEMO_TRAINING__EVERY_VOTES=5
-            nested = {
-                g.name: _coerce(env[k], getattr(current, g.name))
-                for g in dataclasses.fields(current)
-                if (k := f"RLHF_DEMO_{f.name.upper()}__{g.name.upper()}") in env and not isinstance(getattr(current, g.name), tuple)
-            }
-            if nested:
-                values[f.name] = dataclasses.replace(current, **nested)
-            continue
-        key = f"RLHF_DEMO_{f.name.upper()}"
-        if key in env:
-            values[f.name] = _coerce(env[key], current)
+    values = _from_env(Settings(), "RLHF_DEMO_", env)
     # Platform conventions: Spaces/Docker set these, and they win over our defaults.
     for key in ("GRADIO_SERVER_PORT", "PORT"):
         if key in env and "port" not in values:
-            values["port"] = int(env[key])
+            values["port"] = _coerce(env[key], "int", key)
     if "GRADIO_SERVER_NAME" in env and "host" not in values:
         values["host"] = env["GRADIO_SERVER_NAME"]
     if "admin_token" not in values and env.get("ADMIN_TOKEN"):
@@ -168,7 +333,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     values.update({k: v for k, v in overrides.items() if v is not None})
     if "data_dir" in values:
         values["data_dir"] = Path(values["data_dir"])
-    return dataclasses.replace(base, **values).validate()
+    return dataclasses.replace(Settings(), **values).validate()
 
 
 def resolve_device(requested: str = "auto") -> str:

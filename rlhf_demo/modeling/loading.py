@@ -27,6 +27,19 @@ BUNDLED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*"]
 
 
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends an answer: the tokenizer's EOS and the generation config's (chat
+    models often list their end-of-turn token there). The one EOS rule of the project."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    return sorted(i for i in ids if i is not None)
+
+
+def pad_token_id(model: Any, tokenizer: Any) -> int:
+    """The tokenizer's pad id, or the first EOS id when it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids(model, tokenizer)[0]
+
+
 class ModelUnavailableError(RuntimeError):
     """The model can be found nowhere: not on the hub, not in the cache, not bundled."""
 

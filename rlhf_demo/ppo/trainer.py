@@ -16,6 +16,7 @@ Shapes: ``B`` responses, ``P`` prompt length (left padded), ``T`` response lengt
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from rlhf_demo.modeling.adapters import save_adapter
+from rlhf_demo.modeling.adapters import activate_adapter, adapter_state, restore_adapter_state, save_adapter, use_adapter
 from rlhf_demo.modeling.heads import ScalarHead, hidden_size
+from rlhf_demo.modeling.loading import eos_token_ids, pad_token_id
 from rlhf_demo.modeling.quantized import keep_4bit_differentiable
 from rlhf_demo.ppo.core import (
     DEFAULT_CHUNK_ROWS,
@@ -39,6 +41,7 @@ from rlhf_demo.ppo.core import (
     logprobs_from_logits,
     masked_mean,
     policy_loss,
+    rloo_advantages,
     value_loss,
     whiten,
 )
@@ -192,6 +195,98 @@ def sampling_config(config: PPOConfig, eos_ids: list[int], pad_id: int) -> Any:
     )
 
 
+@dataclass
+class Sampled:
+    """Answers sampled in one batched ``generate`` call, cut at their first EOS."""
+
+    query_ids: torch.Tensor  # (B, P) chat-templated prompts, left padded
+    query_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, T)
+    response_mask: torch.Tensor  # (B, T) bool
+    has_eos: torch.Tensor  # (B,) bool
+    completions: list[str]
+
+
+@torch.no_grad()
+def sample(model: Any, tokenizer: Any, prompts: list[Messages], config: PPOConfig) -> Sampled:
+    """One answer per prompt from whatever adapter state ``model`` is in, in one batch."""
+    device = model.get_input_embeddings().weight.device
+    eos_ids, pad_id = eos_token_ids(model, tokenizer), pad_token_id(model, tokenizer)
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    # detail: left padding, so every prompt ends where its answer starts.
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
+    query_ids, query_mask = enc["input_ids"], enc["attention_mask"]
+    output = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=sampling_config(config, eos_ids, pad_id))
+    # detail: truncate each answer at its first EOS (kept as last token), mask after.
+    response_ids, response_mask, has_eos = truncate_at_eos(output[:, query_ids.shape[1] :], eos_ids, pad_id)
+    completions = [
+        tokenizer.decode(ids[keep], skip_special_tokens=True).strip() for ids, keep in zip(response_ids, response_mask, strict=True)
+    ]
+    return Sampled(query_ids, query_mask, response_ids, response_mask, has_eos, completions)
+
+
+@dataclass
+class ScoredAnswers:
+    """Sampled answers of one adapter with their scores and KL to the reference (the gate's
+    and the learning benchmark's view of a policy), one entry per prompt given."""
+
+    texts: list[str]
+    scores: list[float]
+    kl: list[float]  # nats per answer: sum over its tokens of log pi - log pi_ref
+    tokens: list[int]
+    eos: list[bool]
+
+
+@torch.no_grad()
+def sample_and_score(
+    model: Any,
+    tokenizer: Any,
+    adapter: str | None,
+    prompts: list[Messages],
+    score_fn: RewardFn,
+    config: PPOConfig,
+    batch_size: int = 32,
+) -> ScoredAnswers:
+    """Sample one answer per prompt from ``adapter`` (None: the reference, i.e. the base),
+    score them with ``score_fn(prompts, texts)`` and measure their KL to the reference."""
+    out = ScoredAnswers([], [], [], [], [])
+    for i in range(0, len(prompts), max(1, batch_size)):
+        chunk = prompts[i : i + batch_size]
+        if adapter is None:
+            with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+                s = sample(model, tokenizer, chunk, config)
+            kl = torch.zeros(len(chunk))
+        else:
+            with use_adapter(model, adapter):
+                s = sample(model, tokenizer, chunk, config)
+                batch = (s.query_ids, s.query_mask, s.response_ids, s.response_mask)
+                logprobs, _, _ = response_forward(model, *batch, config.temperature)
+                with model.disable_adapter():
+                    ref_logprobs, _, _ = response_forward(model, *batch, config.temperature)
+            kl = (logprobs - ref_logprobs).sum(dim=1)
+        scores = torch.as_tensor(score_fn(chunk, s.completions), dtype=torch.float32).reshape(-1)
+        out.texts += s.completions
+        out.scores += scores.tolist()
+        out.kl += kl.tolist()
+        out.tokens += s.response_mask.sum(dim=1).tolist()
+        out.eos += s.has_eos.tolist()
+    return out
+
+
+@dataclass
+class TrainResult:
+    """What one ``PPOTrainer.train`` call did: per-step stats, how many updates the policy
+    keeps, and why it stopped early (None: it ran every step)."""
+
+    history: list[dict[str, float]]
+    kept_updates: int
+    stopped: str | None = None
+
+    @property
+    def last(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
 # ── the trainer ──────────────────────────────────────────────────────────────────────
 
 
@@ -199,8 +294,8 @@ class PPOTrainer:
     """PPO on the LoRA adapter ``policy_adapter`` of the PEFT model ``model``.
 
     ``reward_fn(prompts, completions) -> (B,)`` scores the decoded answers (already
-    normalised by the caller). Only the policy's LoRA parameters and the value head are
-    optimised (AdamW); the base weights and any other adapter are left untouched.
+    normalised by the caller). Only the policy's LoRA parameters (and, with GAE, the
+    value head) are optimised (AdamW); the base weights and other adapters are untouched.
     """
 
     def __init__(
@@ -223,42 +318,28 @@ class PPOTrainer:
         self.model, self.tokenizer, self.reward_fn = model, tokenizer, reward_fn
         self.config, self.policy_adapter = config, policy_adapter
         self.device = model.get_input_embeddings().weight.device
-        if value_head is None:
-            value_head = ScalarHead(hidden_size(model))
-            # detail: value head zero-initialised (lm-human-preferences): V = 0 at the
-            # start, so early advantages are the rewards, not a random head's noise.
-            torch.nn.init.zeros_(value_head.linear.weight)
-        self.value_head = value_head.to(self.device)
-        eos = getattr(model.generation_config, "eos_token_id", None)
-        eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
-        self.eos_ids = sorted(i for i in eos_ids if i is not None)
-        pad = tokenizer.pad_token_id
-        self.pad_id = self.eos_ids[0] if pad is None else pad
+        self.value_head: ScalarHead | None = None
+        if config.advantage == "gae":
+            if value_head is None:
+                value_head = ScalarHead(hidden_size(model))
+                # detail: value head zero-initialised (lm-human-preferences): V = 0 at the
+                # start, so early advantages are the rewards, not a random head's noise.
+                torch.nn.init.zeros_(value_head.linear.weight)
+            self.value_head = value_head.to(self.device)
         self.policy_params = self._activate_policy()
-        self.trainable_params = self.policy_params + list(self.value_head.parameters())
-        # detail: AdamW over the policy LoRA + value head only, eps 1e-5 (CleanRL), no
+        self.trainable_params = self.policy_params + (list(self.value_head.parameters()) if self.value_head else [])
+        # detail: AdamW over the policy LoRA (+ value head) only, eps 1e-5 (CleanRL), no
         # weight decay (decay would pull the LoRA delta, i.e. the policy, to the base).
         self.optimizer = torch.optim.AdamW(self.trainable_params, lr=config.learning_rate, eps=ADAM_EPS, weight_decay=0.0)
         self.kl_ctl = kl_controller(config)
 
     def _activate_policy(self) -> list[torch.nn.Parameter]:
         """Make the policy the active adapter and its LoRA weights the only trainable
-        parameters of the model (PEFT's ``set_adapter`` does this for adapters; the base
-        is frozen explicitly too). Called before all policy work: another trainer in
-        the process (the reward model's) may have switched adapters in between."""
-        self.model.set_adapter(self.policy_adapter)
-        tag = f".{self.policy_adapter}."
-        params = []
-        for name, param in self.model.named_parameters():
-            is_policy = "lora_" in name and tag in name
-            param.requires_grad_(is_policy)
-            if is_policy:
-                params.append(param)
-        if not params:
-            raise ValueError(f"adapter {self.policy_adapter!r} has no LoRA parameters")
-        # detail: dropout off for rollouts AND updates (Huang et al.): log-probs of the
-        # rollout and of the first update then agree, so the ratio starts at exactly 1.
-        self.model.eval()
+        parameters; called before all policy work, since scoring with the reward model
+        switches adapters in between."""
+        # detail: dropout off for rollouts AND updates (Huang et al.; activate_adapter sets
+        # eval mode): log-probs of the rollout and the first update agree, ratio starts at 1.
+        params = activate_adapter(self.model, self.policy_adapter, trainable=True)
         # NF4 on CPU: stop bitsandbytes' inference repacking, whose kernel has no backward.
         keep_4bit_differentiable(self.model)
         return params
@@ -266,73 +347,80 @@ class PPOTrainer:
     # ----- rollout --------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, prompts: list[Messages]) -> Rollout:
-        """Sample one answer per prompt, score it, and recompute log-probs and values."""
+        """Sample one answer per prompt, score it, and recompute log-probs (and values)."""
         self._activate_policy()
-        texts = [self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-        # detail: left padding, so every prompt ends where its answer starts.
-        enc = self.tokenizer(
-            texts,
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-            add_special_tokens=False,  # the chat template already holds its specials
-        ).to(self.device)
-        query_ids, query_mask = enc["input_ids"], enc["attention_mask"]
-        output = self.model.generate(
-            input_ids=query_ids,
-            attention_mask=query_mask,
-            generation_config=sampling_config(self.config, self.eos_ids, self.pad_id),
-        )
-        # detail: truncate each answer at its first EOS (kept as last token), mask after.
-        response_ids, response_mask, has_eos = truncate_at_eos(output[:, query_ids.shape[1] :], self.eos_ids, self.pad_id)
-        completions = [
-            self.tokenizer.decode(ids[keep], skip_special_tokens=True).strip()
-            for ids, keep in zip(response_ids, response_mask, strict=True)
-        ]
-        raw_scores = torch.as_tensor(self.reward_fn(prompts, completions), dtype=torch.float32).to(self.device).reshape(-1)
+        s = sample(self.model, self.tokenizer, prompts, self.config)
+        raw_scores = torch.as_tensor(self.reward_fn(prompts, s.completions), dtype=torch.float32).to(self.device).reshape(-1)
         if raw_scores.shape[0] != len(prompts):
             raise ValueError(f"reward_fn gave {raw_scores.shape[0]} scores for {len(prompts)} answers")
+        self._activate_policy()  # the reward function may have switched adapters
         # detail: missing-EOS penalty for answers truncated by max_new_tokens.
-        scores = apply_missing_eos_penalty(raw_scores, has_eos, self.config.missing_eos_penalty)
-        batch = (query_ids, query_mask, response_ids, response_mask)
+        scores = apply_missing_eos_penalty(raw_scores, s.has_eos, self.config.missing_eos_penalty)
+        batch = (s.query_ids, s.query_mask, s.response_ids, s.response_mask)
         temperature = self.config.temperature
         logprobs, values, entropy = response_forward(self.model, *batch, temperature, self.value_head, with_entropy=True)
         # detail: reference = the same base with adapters disabled (no model copy).
         with self.model.disable_adapter():
             ref_logprobs, _, _ = response_forward(self.model, *batch, temperature)
-        assert values is not None and entropy is not None
+        assert entropy is not None
         return Rollout(
-            query_ids=query_ids,
-            query_mask=query_mask,
-            response_ids=response_ids,
-            response_mask=response_mask,
-            has_eos=has_eos,
+            query_ids=s.query_ids,
+            query_mask=s.query_mask,
+            response_ids=s.response_ids,
+            response_mask=s.response_mask,
+            has_eos=s.has_eos,
             logprobs=logprobs,
             ref_logprobs=ref_logprobs,
-            values=values,
+            values=values if values is not None else torch.zeros_like(logprobs),
             entropy=entropy,
             raw_scores=raw_scores,
             scores=scores,
-            completions=completions,
+            completions=s.completions,
         )
 
     # ----- one PPO iteration ----------------------------------------------------------
-    def step(self, prompts: list[Messages]) -> dict[str, float]:
-        """Rollout, advantages, then ``ppo_epochs`` epochs of clipped updates."""
+    def step(self, prompts: list[Messages], kl_stop: float | None = None) -> dict[str, float]:
+        """Rollout (``samples_per_prompt`` answers per prompt), advantages, then
+        ``ppo_epochs`` epochs of clipped updates. With ``kl_stop``, a rollout whose KL to
+        the reference passes it ends the step before any update (stat ``kl_stop`` = 1)."""
         started = time.perf_counter()
         cfg = self.config
-        r = self.rollout(prompts)  # sampled, scored (missing-EOS penalty), recomputed
+        k = cfg.samples_per_prompt
+        # detail: k answers per prompt, consecutive, so each prompt's group is one row block.
+        r = self.rollout([p for p in prompts for _ in range(k)])
         mask = r.response_mask
         kl_coef = self.kl_ctl.value
         # detail: per-token KL penalty with the current coefficient; score at the end.
         rewards, kl = kl_penalized_rewards(r.scores, r.logprobs, r.ref_logprobs, mask, kl_coef)
+        kl_per_answer = kl.sum(dim=1).mean().item()
+        lengths = mask.sum(dim=1).float()
+        stats = {
+            "score": r.raw_scores.mean().item(),
+            "score_with_penalty": r.scores.mean().item(),
+            "kl": kl_per_answer,
+            "kl_coef": float(kl_coef),
+            "entropy": masked_mean(r.entropy, mask).item(),
+            "response_length": lengths.mean().item(),
+            "has_eos": r.has_eos.float().mean().item(),
+        }
+        if kl_stop is not None and kl_per_answer > kl_stop:
+            return {**stats, "kl_stop": 1.0, "updates": 0.0, "time_s": time.perf_counter() - started}
         if cfg.whiten_rewards:
             # detail: reward whitening, scale only (shift_mean=False), TRL's option.
             rewards = whiten(rewards, mask, shift_mean=False)
-        # detail: GAE (gamma, lambda) on the rollout values; returns = advantages + V.
-        advantages, returns = gae(r.values, rewards, mask, cfg.gamma, cfg.lam)
-        # detail: advantage whitening over the whole batch (TRL), before minibatching.
-        advantages = whiten(advantages, mask)
+        returns: torch.Tensor | None = None
+        if cfg.advantage == "rloo":
+            # detail: RLOO: one return per answer (score - beta * its KL), minus the mean
+            # return of the other answers to the same prompt, on every token of the answer.
+            per_answer = rloo_advantages(rewards.sum(dim=1), k)
+            advantages = per_answer.unsqueeze(1) * mask
+            # detail: scale-only advantage whitening: the leave-one-out baseline already centres.
+            advantages = whiten(advantages, mask, shift_mean=False)
+        else:
+            # detail: GAE (gamma, lambda) on the rollout values; returns = advantages + V.
+            advantages, returns = gae(r.values, rewards, mask, cfg.gamma, cfg.lam)
+            # detail: advantage whitening over the whole batch (TRL), before minibatching.
+            advantages = whiten(advantages, mask)
 
         self._activate_policy()
         B = r.response_ids.shape[0]
@@ -342,38 +430,25 @@ class PPOTrainer:
             # detail: shuffled minibatches, a fresh permutation every epoch.
             for idx in torch.randperm(B, device=self.device).split(cfg.mini_batch_size):
                 m = mask[idx]
-                logprobs, values, _ = response_forward(
-                    self.model,
-                    r.query_ids[idx],
-                    r.query_mask[idx],
-                    r.response_ids[idx],
-                    m,
-                    cfg.temperature,
-                    self.value_head,
-                )
-                assert values is not None
+                batch = (r.query_ids[idx], r.query_mask[idx], r.response_ids[idx], m)
+                logprobs, values, _ = response_forward(self.model, *batch, cfg.temperature, self.value_head)
                 # detail: clipped surrogate policy loss (ratio to the rollout policy).
-                pg_loss, pg_stats = policy_loss(logprobs, r.logprobs[idx], advantages[idx], m, cfg.cliprange)
-                # detail: clipped value loss around the rollout values.
-                vf_loss, vf_stats = value_loss(values, r.values[idx], returns[idx], m, cfg.cliprange_value)
-                # detail: one joint loss, value term weighted by vf_coef.
-                loss = pg_loss + cfg.vf_coef * vf_loss
+                pg_loss, step_stats = policy_loss(logprobs, r.logprobs[idx], advantages[idx], m, cfg.cliprange)
+                loss = pg_loss
+                if values is not None and returns is not None:
+                    # detail: clipped value loss around the rollout values.
+                    vf_loss, vf_stats = value_loss(values, r.values[idx], returns[idx], m, cfg.cliprange_value)
+                    # detail: one joint loss, value term weighted by vf_coef.
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    step_stats = {**step_stats, **vf_stats, "value_loss": vf_loss.item()}
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 # detail: global gradient-norm clipping.
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm)
                 self.optimizer.step()
-                history.append(
-                    {
-                        "policy_loss": pg_loss.item(),
-                        "value_loss": vf_loss.item(),
-                        "grad_norm": float(grad_norm),
-                        **pg_stats,
-                        **vf_stats,
-                    }
-                )
+                history.append({"policy_loss": pg_loss.item(), "grad_norm": float(grad_norm), **step_stats})
                 # detail: approx-KL early stopping of the remaining updates.
-                if cfg.early_stop_kl is not None and pg_stats["approx_kl"] > cfg.early_stop_kl:
+                if cfg.early_stop_kl is not None and step_stats["approx_kl"] > cfg.early_stop_kl:
                     early_stopped = True
                     break
             if early_stopped:
@@ -381,53 +456,71 @@ class PPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         # detail: adaptive KL control, fed the mean KL per answer (sum over its tokens).
-        kl_per_answer = kl.sum(dim=1).mean().item()
         self.kl_ctl.update(kl_per_answer, B)
-        means = {k: sum(h[k] for h in history) / len(history) for k in (history[0] if history else {})}
-        lengths = mask.sum(dim=1).float()
+        means = {key: sum(h[key] for h in history) / len(history) for key in (history[0] if history else {})}
         return {
-            "score": r.raw_scores.mean().item(),
-            "score_with_penalty": r.scores.mean().item(),
-            "kl": kl_per_answer,
-            "kl_coef": float(kl_coef),
+            **stats,
             **means,
-            "entropy": masked_mean(r.entropy, mask).item(),
-            "response_length": lengths.mean().item(),
-            "has_eos": r.has_eos.float().mean().item(),
             "updates": float(len(history)),
             "early_stopped": float(early_stopped),
             "time_s": time.perf_counter() - started,
         }
 
-    # ----- loops and saving -----------------------------------------------------------
+    # ----- the loop -------------------------------------------------------------------
     def train(
         self,
-        prompt_batches: Iterable[list[Messages]],
-        iterations: int,
+        prompts: list[Messages],
+        steps: int | None = None,
         max_seconds: float | None = None,
         progress: Callable[[int, int, dict[str, float]], None] | None = None,
-    ) -> list[dict[str, float]]:
-        """Run up to ``iterations`` steps, one prompt batch each, and return their stats.
+    ) -> TrainResult:
+        """Up to ``steps`` (default ``config.steps``) PPO steps over ``prompts``, cycling
+        through them ``batch_size / samples_per_prompt`` at a time.
 
-        With ``max_seconds``, no step starts that would likely end past the budget
-        (judged by the previous step's duration). ``progress(step, total, stats)`` is
-        called after every step.
+        Stops early, saying why in ``TrainResult.stopped``:
+        * time: no step starts that would likely end past ``max_seconds`` (judged by the
+          previous step's duration);
+        * KL: when a step's rollouts show a KL to the reference above ``config.kl_stop``,
+          the previous update went too far: its weights are put back (the policy keeps the
+          progress before it) and training ends (CleanRL's ``target_kl`` break, per step).
+        ``progress(step, total, stats)`` is called after every step.
         """
+        if not prompts:
+            raise ValueError("PPO needs at least one prompt")
+        cfg = self.config
+        steps = cfg.steps if steps is None else steps
+        per_step = cfg.batch_size // cfg.samples_per_prompt
         started = time.perf_counter()
-        history: list[dict[str, float]] = []
-        for i, prompts in zip(range(iterations), prompt_batches, strict=False):
-            if max_seconds is not None and history:
-                expected_end = time.perf_counter() - started + history[-1]["time_s"]
-                if expected_end > max_seconds:
+        result = TrainResult(history=[], kept_updates=0)
+        before_last_update = None  # the policy's weights before the latest kept update
+        for i in range(steps):
+            if max_seconds is not None and result.history:
+                if time.perf_counter() - started + result.history[-1]["time_s"] > max_seconds:
+                    result.stopped = "time budget"
                     break
-            history.append(self.step(prompts))
+            batch = [prompts[(i * per_step + j) % len(prompts)] for j in range(per_step)]
+            state = adapter_state(self.model, self.policy_adapter)
+            stats = self.step(batch, kl_stop=cfg.kl_stop)
+            if stats.get("kl_stop"):
+                if before_last_update is not None:
+                    restore_adapter_state(self.model, self.policy_adapter, before_last_update)
+                    result.kept_updates -= 1
+                result.stopped = f"KL {stats['kl']:.2f} > {cfg.kl_stop} nats"
+            else:
+                result.kept_updates += 1
+                before_last_update = state
+            stats["kept_updates"] = float(result.kept_updates)
+            result.history.append(stats)
             if progress is not None:
-                progress(i + 1, iterations, history[-1])
-        return history
+                progress(i + 1, steps, stats)
+            if result.stopped:
+                break
+        return result
 
     def save_policy(self, folder: Path) -> Path:
-        """Write the policy adapter (atomically, see ``save_adapter``) and, beside it,
-        the value head (``head.safetensors``). ``folder`` must not exist yet."""
+        """Write the policy adapter (atomically, see ``save_adapter``) and, with GAE, the
+        value head beside it (``head.safetensors``). ``folder`` must not exist yet."""
         folder = save_adapter(self.model, self.policy_adapter, Path(folder))
-        self.value_head.save(folder)
+        if self.value_head is not None:
+            self.value_head.save(folder)
         return folder

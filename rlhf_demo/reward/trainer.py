@@ -28,13 +28,12 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlhf_demo.config import LoraSettings
+from rlhf_demo.config import LoraSettings, RewardConfig
 from rlhf_demo.modeling.adapters import (
     AdapterError,
     attach_new_adapter,
@@ -62,52 +61,6 @@ Progress = Callable[[int, int, dict[str, float]], None]
 
 
 # ── configuration ────────────────────────────────────────────────────────────────────
-
-
-@dataclass
-class RewardConfig:
-    """Reward-model settings in the spirit of TRL's ``RewardConfig``, sized for a LoRA
-    adapter + head retrained often on a few hundred live votes."""
-
-    learning_rate: float = 2e-4
-    """AdamW LR for the reward LoRA and the head. TRL's 1e-5 is for full fine-tuning; a
-    LoRA delta trained from zero and a fresh linear head want ~10x more."""
-    epochs: int = 3
-    """Passes over the training examples (TRL: 1; live data is small, so a few)."""
-    batch_size: int = 8
-    """Pairs per step (2x sequences) and, in the same step, thumbs per step."""
-    max_length: int = 512
-    """Tokens per sequence; longer ones lose tokens on the LEFT (the prompt's start), so
-    the answer and its last token, where the reward is read, are always kept."""
-    center_rewards_coefficient: float | None = None
-    """TRL's centering term ``coef * mean((r_c + r_r)^2)``; None: off (TRL's default).
-    0.01 is the value TRL suggests; the normalizer re-centres scores for PPO anyway."""
-    thumb_weight: float = 0.5
-    """Weight of the logistic thumb loss next to Bradley-Terry; 0 ignores thumbs (they
-    still form 👍 x 👎 pairs). Below 1 because a thumb is a noisier absolute signal."""
-    max_thumb_pairs_per_prompt: int = 4
-    """Cap on pairs made from 👍 x 👎 answers to one prompt, so a prompt with many
-    thumbs does not outweigh the rest of the data."""
-    holdout_fraction: float = 0.15
-    """Share of prompts held out for evaluation (decided by a hash, see split_holdout)."""
-    seed: int = 0
-    """Seeds the adapter and head init and the shuffling order."""
-    adapter_name: str = "reward"
-    """Name of the reward adapter on the shared PeftModel."""
-    max_seconds: float | None = None
-    """Time budget for the training steps; None: unlimited. Evaluation runs after."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (TRL/transformers default 0)."""
-    max_grad_norm: float = 1.0
-    """Global gradient-norm clip over the LoRA and head parameters."""
-    normalizer_samples: int = 512
-    """At most this many training answers are scored to fit the normalizer."""
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.epochs < 0 or self.max_length < 8:
-            raise ValueError("need batch_size >= 1, epochs >= 0 and max_length >= 8")
-        if not 0.0 <= self.holdout_fraction < 1.0:
-            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
 
 
 # ── dataset building (pure) ──────────────────────────────────────────────────────────

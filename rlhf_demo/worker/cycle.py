@@ -7,6 +7,7 @@ Each phase logs per-step metrics into the run, and reports progress for the dash
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -14,16 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhf_demo.config import Settings
+from rlhf_demo.config import GateConfig, Settings
 from rlhf_demo.modeling import LoadedModel
 from rlhf_demo.modeling.adapters import attach_new_adapter, put_adapter
-from rlhf_demo.ppo import PPOConfig
-from rlhf_demo.ppo.trainer import PPOTrainer
+from rlhf_demo.ppo.trainer import PPOTrainer, sample_and_score
 from rlhf_demo.reward import holdout_split
 from rlhf_demo.reward.fairness import cap_per_session
-from rlhf_demo.reward.trainer import RewardConfig, RewardModel, train_reward_model
+from rlhf_demo.reward.trainer import RewardModel, train_reward_model
 from rlhf_demo.store import FeedbackStore
-from rlhf_demo.worker.gate import GateConfig, evaluate_gate
+from rlhf_demo.worker.gate import evaluate_gate
 from rlhf_demo.worker.publish import keep_rejected, publish
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,6 @@ def split_prompts(prompts: list[list[dict[str, str]]], eval_count: int) -> tuple
     return train, held[:eval_count]
 
 
-def evaluate_policy(trainer: PPOTrainer, prompts: list[list[dict[str, str]]]) -> dict[str, list]:
-    """Sampled answers on held-out prompts: their texts, reward scores and KL to the reference."""
-    rollout = trainer.rollout(prompts)
-    kl = ((rollout.logprobs - rollout.ref_logprobs) * rollout.response_mask).sum(dim=1)
-    return {"texts": rollout.completions, "scores": rollout.raw_scores.tolist(), "kl": kl.tolist()}
-
-
 def _latest_reward_folder(reward_dir: Path) -> Path | None:
     runs = sorted((p for p in reward_dir.glob("run-*") if (p / "head.safetensors").exists()), key=lambda p: int(p.name[4:]))
     return runs[-1] if runs else None
@@ -71,7 +64,8 @@ def train_reward(settings: Settings, store: FeedbackStore, loaded: LoadedModel, 
         store.log_metrics(run_id, "reward", step, numeric(metrics))
         report(step=step, total=total)
 
-    config = RewardConfig(epochs=settings.training.rm_epochs, max_seconds=budget_s)
+    config = settings.training.reward
+    config = dataclasses.replace(config, max_seconds=budget_s, epochs=config.warm_epochs if warm else config.epochs)
     cap = settings.training.max_votes_per_session
     pairs, thumbs = cap_per_session(store.preference_pairs(), cap), cap_per_session(store.thumb_examples(), cap)
     rm, metrics = train_reward_model(loaded.model, loaded.tokenizer, pairs, thumbs, config, settings.lora, warm_start=warm, progress=progress)
@@ -83,56 +77,15 @@ def train_reward(settings: Settings, store: FeedbackStore, loaded: LoadedModel, 
     return rm, metrics
 
 
-def policy_weights(model: Any) -> dict[str, Any]:
-    """A copy of the candidate's LoRA weights (a few MB): the state to fall back to."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if f".{POLICY}." in name}
-
-
-def run_ppo(
-    trainer: PPOTrainer, prompts: list, iterations: int, kl_stop: float, stop_at: float, on_step: Callable[[int, dict], Any]
-) -> dict[str, Any]:
-    """Up to ``iterations`` PPO steps; stops when the policy's KL to the reference passes ``kl_stop``.
-
-    A step measures the KL of the policy it starts from (on its rollouts), then updates it.
-    When that KL is past the bound, the last update went too far: its weights are replaced by
-    the ones before it, so the cycle keeps its progress instead of handing the gate a
-    candidate it must reject for KL (docs/learning.md: "overshoot within a cycle").
-    """
-    import torch
-
-    stats: dict[str, Any] = {}
-    kept = 0  # updates that the candidate keeps
-    previous, current = None, policy_weights(trainer.model)
-    for step in range(iterations):
-        if time.monotonic() > stop_at:
-            log.warning("PPO stopped at step %d to respect the time budget", step)
-            break
-        start = (step * trainer.config.batch_size) % len(prompts)
-        batch = [prompts[(start + i) % len(prompts)] for i in range(trainer.config.batch_size)]
-        stats = trainer.step(batch)
-        if stats["kl"] > kl_stop and previous is not None:
-            with torch.no_grad():
-                for name, param in trainer.model.named_parameters():
-                    if name in previous:
-                        param.copy_(previous[name])
-            kept -= 1
-            stats = {**stats, "kl_stop": 1.0, "kept_updates": float(kept)}
-            on_step(step, stats)
-            log.info("PPO step %d: KL %.2f nats > %.2f: back to the weights before step %d, stopping", step, stats["kl"], kl_stop, step - 1)
-            break
-        kept += 1
-        stats = {**stats, "kept_updates": float(kept)}
-        on_step(step, stats)
-        previous, current = current, policy_weights(trainer.model)
-    return {**stats, "kept_updates": float(kept)}
-
-
 def run_cycle(
     settings: Settings, store: FeedbackStore, loaded: LoadedModel, report: Report | None = None, gate_config: GateConfig | None = None
 ) -> dict[str, Any]:
-    """Train, gate and publish (or reject) one candidate; returns the run summary."""
+    """Train, gate and publish (or reject) one candidate; returns the run summary.
+
+    ``gate_config`` overrides ``settings.training.gate`` (benchmarks and tests)."""
     report = report or (lambda **_: None)
     training = settings.training
+    gate_config = gate_config or training.gate
     deadline = time.monotonic() + training.time_budget_s
     run_id = store.start_run("cycle")
     summary: dict[str, Any] = {}
@@ -143,7 +96,7 @@ def run_cycle(
         prompts = store.recent_prompts(limit=256)
         if len(prompts) < 2:
             raise ValueError("need at least 2 distinct prompts in the store")
-        train_prompts, eval_prompts = split_prompts(prompts, training.eval_prompts)
+        train_prompts, gate_prompts = split_prompts(prompts, gate_config.prompts)
 
         rm, rm_metrics = train_reward(settings, store, loaded, run_id, report, budget_s=0.3 * training.time_budget_s)
         summary["reward"] = rm_metrics
@@ -162,30 +115,23 @@ def run_cycle(
         def reward_fn(batch_prompts: list, completions: list[str]) -> Any:
             return rm.score(batch_prompts, completions, normalized=True)
 
-        config = PPOConfig(
-            batch_size=training.ppo_batch_size,
-            mini_batch_size=max(1, training.ppo_batch_size // 2),
-            max_new_tokens=training.max_new_tokens,
-            learning_rate=training.ppo_learning_rate,
-            init_kl_coef=training.ppo_kl_coef,
-        )
-        trainer = PPOTrainer(model, loaded.tokenizer, reward_fn, config, policy_adapter=POLICY)
-        gate_config = gate_config or GateConfig()
-        kl_stop = training.ppo_kl_stop * gate_config.max_kl
+        trainer = PPOTrainer(model, loaded.tokenizer, reward_fn, training.ppo, policy_adapter=POLICY)
 
-        def on_step(step: int, stats: dict[str, Any]) -> None:
-            store.log_metrics(run_id, "ppo", step, numeric(stats))
-            report(step=step + 1)
+        def on_step(step: int, total: int, stats: dict[str, Any]) -> None:
+            store.log_metrics(run_id, "ppo", step - 1, numeric(stats))
+            report(step=step)
 
-        report(phase="ppo", step=0, total=training.ppo_iterations, started_at=time.time())
-        summary["ppo"] = run_ppo(trainer, train_prompts, training.ppo_iterations, kl_stop, deadline - 0.15 * training.time_budget_s, on_step)
+        report(phase="ppo", step=0, total=training.ppo.steps, started_at=time.time())
+        ppo_seconds = deadline - 0.15 * training.time_budget_s - time.monotonic()
+        result = trainer.train(train_prompts, max_seconds=max(0.0, ppo_seconds), progress=on_step)
+        summary["ppo"] = {**result.last, "kept_updates": float(result.kept_updates), "stopped": result.stopped}
 
-        if not summary["ppo"]["kept_updates"]:
+        if not result.kept_updates:
             # The candidate is the active version unchanged: a gate would only compare noise.
             reason = (
-                f"no PPO update kept: the policy's KL to the reference already passes {kl_stop:.1f} "
+                f"no PPO update kept: the policy's KL to the reference already passes {training.ppo.kl_stop} "
                 "nats after one update (raise the gate's max_kl, or reset to base for a fresh budget)"
-                if summary["ppo"].get("kl_stop")
+                if result.last.get("kl_stop")
                 else "no PPO update kept: the cycle's time budget ran out first"
             )
             summary.update(decision="rejected", version=None, gate={"passed": False, "reasons": [reason]})
@@ -193,23 +139,22 @@ def run_cycle(
             log.info("cycle %d: nothing to gate (%s)", run_id, reason)
             return summary
 
+        # Gate: k answers per held-out prompt from the candidate and from the active version
+        # (the base when none is published), paired by prompt, scored by the same reward model.
         report(phase="gate", step=0, total=1)
-        candidate = evaluate_policy(trainer, eval_prompts)
-        baseline = (
-            evaluate_policy(PPOTrainer(model, loaded.tokenizer, reward_fn, config, policy_adapter=ACTIVE), eval_prompts)
-            if active_row is not None
-            else None
-        )
-        gate = evaluate_gate(
-            candidate["scores"],
-            baseline["scores"] if baseline else [0.0] * len(candidate["scores"]),
-            candidate["kl"],
-            candidate["texts"],
-            gate_config,
-        )
+        k = gate_config.samples_per_prompt
+        asked = [p for p in gate_prompts for _ in range(k)]
+        candidate = sample_and_score(model, loaded.tokenizer, POLICY, asked, reward_fn, training.ppo)
+        baseline = sample_and_score(model, loaded.tokenizer, ACTIVE if active_row else None, asked, reward_fn, training.ppo)
+        gate = evaluate_gate(candidate.scores, baseline.scores, candidate.kl, candidate.texts, gate_config, group_size=k)
         summary["gate"] = gate.as_metrics()
-        summary["samples"] = [{"prompt": p[-1]["content"], "answer": t} for p, t in zip(eval_prompts[:3], candidate["texts"][:3], strict=False)]
-        store.log_metrics(run_id, "gate", 0, {"candidate_score": gate.candidate_score, "active_score": gate.active_score, "kl": gate.kl, "passed": float(gate.passed)})
+        summary["samples"] = [{"prompt": p[-1]["content"], "answer": t} for p, t in zip(asked[::k][:3], candidate.texts[::k][:3], strict=False)]
+        store.log_metrics(
+            run_id,
+            "gate",
+            0,
+            {"candidate_score": gate.candidate_score, "active_score": gate.active_score, "lower_bound": gate.lower_bound, "kl": gate.kl, "passed": float(gate.passed)},
+        )
 
         report(phase="publish", step=0, total=1)
         metrics = {"gate": summary["gate"], "reward": {k: rm_metrics.get(k) for k in ("holdout_pairwise_accuracy", "holdout_thumb_accuracy")}, "run_id": run_id}

@@ -1,23 +1,19 @@
 """The promotion gate: a candidate is served only if it is better, close enough, and sane.
 
-Checked on held-out prompts (never used for the PPO update): the reward model's mean score
-of the candidate must beat the active version's by a margin, the KL to the reference must
-stay under a bound, and the answers must not be degenerate (empty, or looping).
+Checked on held-out prompts (never used for the PPO update), several answers per prompt
+and side: the candidate's reward-model gain over the active version, paired by prompt,
+must be positive with confidence (a bootstrap lower bound, not a raw mean against a fixed
+margin: with a few prompts a raw mean is within its own sampling noise), the KL to the
+reference must stay under a bound, and the answers must not be degenerate.
 """
 
 from __future__ import annotations
 
+import random
+import statistics
 from dataclasses import asdict, dataclass, field
 
-
-@dataclass(frozen=True)
-class GateConfig:
-    """Thresholds; documented defaults match the learning benchmark's targets."""
-
-    min_improvement: float = 0.05  # in normalized reward units (std of the reference batch)
-    max_kl: float = 6.0  # nats per answer, mean over held-out prompts
-    max_degenerate_fraction: float = 0.25
-    min_distinct_ratio: float = 0.3  # distinct word 3-grams / all 3-grams in one answer
+from rlhf_demo.config import GateConfig
 
 
 @dataclass
@@ -26,6 +22,10 @@ class GateResult:
     reasons: list[str] = field(default_factory=list)
     candidate_score: float = 0.0
     active_score: float = 0.0
+    improvement: float = 0.0  # mean paired gain, candidate - active
+    lower_bound: float = 0.0  # its one-sided bootstrap lower bound at ``confidence``
+    confidence: float = 0.0
+    units: int = 0  # paired units the bound is over (prompts, or answers when prompts are few)
     kl: float = 0.0
     degenerate_fraction: float = 0.0
 
@@ -44,25 +44,50 @@ def is_degenerate(text: str, min_distinct_ratio: float) -> bool:
     return len(set(grams)) / len(grams) < min_distinct_ratio
 
 
+def paired_lower_bound(differences: list[float], confidence: float, resamples: int = 2000, seed: int = 0) -> float:
+    """One-sided percentile-bootstrap lower bound of the mean of paired ``differences``:
+    the gain is at least this with probability ``confidence``. Seeded: the same figures
+    always give the same decision."""
+    if len(differences) < 2:
+        return float("-inf")  # one pair says nothing about noise
+    rng = random.Random(seed)
+    n = len(differences)
+    means = sorted(statistics.fmean(rng.choices(differences, k=n)) for _ in range(resamples))
+    return means[int((1.0 - confidence) * resamples)]
+
+
 def evaluate_gate(
     candidate_scores: list[float],
     active_scores: list[float],
     kl_per_answer: list[float],
     candidate_texts: list[str],
     config: GateConfig,
+    group_size: int = 1,
 ) -> GateResult:
-    """Pure decision from measured figures, so it is testable without a model."""
-    if not candidate_scores or not active_scores:
+    """Pure decision from measured figures, so it is testable without a model.
+
+    ``candidate_scores[i]`` and ``active_scores[i]`` answer the same prompt, in groups of
+    ``group_size`` consecutive answers per prompt. The unit of the paired comparison is the
+    prompt (mean over its answers; answers to one prompt are not independent), or each
+    answer pair when there are fewer than 5 prompts.
+    """
+    if not candidate_scores or len(candidate_scores) != len(active_scores):
         return GateResult(False, ["no held-out prompts to evaluate on"])
-    cand = sum(candidate_scores) / len(candidate_scores)
-    act = sum(active_scores) / len(active_scores)
-    kl = sum(kl_per_answer) / max(1, len(kl_per_answer))
+    diffs = [c - a for c, a in zip(candidate_scores, active_scores, strict=True)]
+    if len(diffs) // max(1, group_size) >= 5 and len(diffs) % max(1, group_size) == 0:
+        diffs = [statistics.fmean(diffs[i : i + group_size]) for i in range(0, len(diffs), group_size)]
+    cand, act = statistics.fmean(candidate_scores), statistics.fmean(active_scores)
+    lower = paired_lower_bound(diffs, config.confidence)
+    kl = statistics.fmean(kl_per_answer) if kl_per_answer else 0.0
     degenerate = sum(is_degenerate(t, config.min_distinct_ratio) for t in candidate_texts) / max(1, len(candidate_texts))
     reasons = []
-    if cand - act < config.min_improvement:
-        reasons.append(f"reward not better: {cand:+.3f} vs active {act:+.3f} (needs +{config.min_improvement})")
+    if not lower > config.min_improvement:
+        reasons.append(
+            f"reward not better with {config.confidence:.0%} confidence: gain {cand - act:+.3f}, "
+            f"lower bound {lower:+.3f} over {len(diffs)} paired units (needs > {config.min_improvement:+.2f})"
+        )
     if kl > config.max_kl:
         reasons.append(f"KL to reference {kl:.2f} nats > {config.max_kl}")
     if degenerate > config.max_degenerate_fraction:
         reasons.append(f"{degenerate:.0%} degenerate answers (empty or looping)")
-    return GateResult(not reasons, reasons, cand, act, kl, degenerate)
+    return GateResult(not reasons, reasons, cand, act, cand - act, lower, config.confidence, len(diffs), kl, degenerate)
