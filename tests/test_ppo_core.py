@@ -19,6 +19,7 @@ from rlhf_demo.ppo.core import (
     masked_mean,
     masked_var,
     policy_loss,
+    rloo_advantages,
     value_loss,
     whiten,
 )
@@ -282,9 +283,27 @@ def test_adaptive_kl_moves_the_right_way_and_is_bounded():
 def test_fixed_kl_and_config():
     assert FixedKLController(0.05).update(100.0, 8) == 0.05
     cfg = PPOConfig()
-    assert (cfg.ppo_epochs, cfg.gamma, cfg.lam) == (4, 1.0, 0.95)
+    assert (cfg.advantage, cfg.ppo_epochs, cfg.gamma, cfg.lam) == ("rloo", 2, 1.0, 0.95)
     assert (cfg.cliprange, cfg.cliprange_value, cfg.vf_coef) == (0.2, 0.2, 0.1)
     assert isinstance(kl_controller(cfg), AdaptiveKLController)
     assert isinstance(kl_controller(PPOConfig(adap_kl_ctrl=False)), FixedKLController)
     with pytest.raises(ValueError):
         PPOConfig(batch_size=8, mini_batch_size=3)
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        PPOConfig(batch_size=8, mini_batch_size=4, samples_per_prompt=3)
+    with pytest.raises(ValueError, match="leave-one-out"):
+        PPOConfig(batch_size=8, mini_batch_size=4, samples_per_prompt=1)
+    with pytest.raises(ValueError, match="advantage"):
+        PPOConfig(advantage="grpo")
+
+
+def test_rloo_advantage_is_the_return_minus_the_mean_of_the_others():
+    returns = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])
+    adv = rloo_advantages(returns, 3)
+    # prompt 1: 1 - (2+3)/2 = -1.5, 2 - 2 = 0, 3 - 1.5 = 1.5; prompt 2: all equal -> 0
+    assert torch.allclose(adv, torch.tensor([-1.5, 0.0, 1.5, 0.0, 0.0, 0.0]))
+    assert torch.allclose(adv.reshape(2, 3).sum(1), torch.zeros(2))  # zero-sum per prompt
+    with pytest.raises(ValueError):
+        rloo_advantages(returns, 4)
+    with pytest.raises(ValueError):
+        rloo_advantages(returns, 1)

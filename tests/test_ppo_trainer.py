@@ -3,6 +3,7 @@ gradient isolation, learning a synthetic reward, EOS masks, saving, one base cop
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 
@@ -11,8 +12,9 @@ import torch
 
 from rlhf_demo.config import load_settings
 from rlhf_demo.modeling import load_model
-from rlhf_demo.modeling.adapters import attach_new_adapter
+from rlhf_demo.modeling.adapters import adapter_state, attach_new_adapter
 from rlhf_demo.modeling.heads import HEAD_FILE, ScalarHead, hidden_size
+from rlhf_demo.modeling.loading import eos_token_ids, pad_token_id
 from rlhf_demo.ppo import PPOConfig, PPOTrainer, response_forward, truncate_at_eos
 
 PROMPTS = [
@@ -21,7 +23,8 @@ PROMPTS = [
     "one two",
     "Thanks for asking: tell me a story about Rome, Paris and the sea.",
 ]
-FAST = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=8)
+FAST = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=8, samples_per_prompt=2)  # RLOO, the default estimator
+GAE = dataclasses.replace(FAST, advantage="gae", samples_per_prompt=1)  # value head
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -88,21 +91,24 @@ def test_truncate_at_eos_hand_made():
 def test_rollout_masks_match_the_eos(policy, tiny_loaded):
     tok = tiny_loaded.tokenizer
     torch.manual_seed(1)
-    trainer = PPOTrainer(policy, tok, random_reward, FAST)
+    trainer = PPOTrainer(policy, tok, random_reward, GAE)
     prompts = [user(p) for p in PROMPTS * 2]
     # the random tiny model hardly ever samples EOS: declare every 6th token id an extra
-    # EOS id (generation configs may list several), so some answers end and some do not
-    trainer.eos_ids = [tok.eos_token_id, *range(6, len(tok), 6)]
+    # EOS id in the generation config (chat models list several there), so some answers
+    # end and some do not; the one EOS rule (eos_token_ids) must pick them all up
+    policy.generation_config.eos_token_id = [tok.eos_token_id, *range(6, len(tok), 6)]
+    eos_ids, pad_id = eos_token_ids(policy, tok), pad_token_id(policy, tok)
+    assert len(eos_ids) > 2
     r = trainer.rollout(prompts)
     lengths = r.response_mask.sum(1)
     for i, (ids, keep, ended, n) in enumerate(zip(r.response_ids, r.response_mask, r.has_eos, lengths, strict=True)):
         real = ids[keep].tolist()
         assert keep[:n].all() and not keep[n:].any()  # right padding only
-        ends = [j for j, token in enumerate(real) if token in trainer.eos_ids]
+        ends = [j for j, token in enumerate(real) if token in eos_ids]
         assert bool(ends) == bool(ended)
         if ended:
             assert ends == [len(real) - 1]  # the first EOS is the last real token
-        assert (ids[~keep] == trainer.pad_id).all()
+        assert (ids[~keep] == pad_id).all()
         for t in (r.logprobs, r.ref_logprobs, r.values, r.entropy):
             assert torch.isfinite(t[i]).all() and (t[i][~keep] == 0).all()
     assert r.has_eos.any() and not r.has_eos.all()
@@ -180,7 +186,7 @@ def test_gradients_reach_only_policy_lora_and_value_head(policy, tiny_loaded, se
     policy.set_adapter("reward")
 
     torch.manual_seed(0)
-    trainer = PPOTrainer(policy, tiny_loaded.tokenizer, random_reward, FAST)
+    trainer = PPOTrainer(policy, tiny_loaded.tokenizer, random_reward, GAE)
     policy.set_adapter("reward")  # and again, between construction and step
     seen: list[set[str]] = []
     step = trainer.optimizer.step
@@ -201,16 +207,32 @@ def test_gradients_reach_only_policy_lora_and_value_head(policy, tiny_loaded, se
     assert optimised == expected | {id(p) for p in trainer.value_head.parameters()}
 
 
+def test_rloo_trains_the_policy_lora_alone_without_a_value_head(policy, tiny_loaded, settings):
+    attach_new_adapter(policy, "reward", settings.lora)
+    torch.manual_seed(0)
+    trainer = PPOTrainer(policy, tiny_loaded.tokenizer, random_reward, FAST)
+    assert trainer.value_head is None
+    policy_names = {n for n in dict(policy.named_parameters()) if "lora_" in n and ".policy." in n}
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert optimised == {id(p) for n, p in policy.named_parameters() if n in policy_names}
+    before = adapter_state(policy, "policy")
+    stats = trainer.step([user(p) for p in PROMPTS])
+    assert stats["updates"] >= 1 and "value_loss" not in stats
+    changed = [n for n, p in policy.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert changed and all(".policy." in n for n in changed)
+
+
 # ── learning ─────────────────────────────────────────────────────────────────────────
 
 
-def test_ppo_raises_a_synthetic_reward_within_the_kl_target(policy, tiny_loaded):
+@pytest.mark.parametrize("advantage", ["rloo", "gae"])
+def test_ppo_raises_a_synthetic_reward_within_the_kl_target(policy, tiny_loaded, advantage):
     """Reward: how many word-start tokens (the 32 of the tiny vocabulary that hold a
     space) an answer uses, normalised to mean 0 / std 1 under the base policy, as the
     worker's reward normaliser does. 64 answers x 8 tokens per iteration: with 8 x 16
     the random tiny model's signal stays below its sampling noise (measured: gains of
     -0.1 to +0.4 std in 10 iterations, depending on the seed, while KL drifts to 3-9)."""
-    prompts = [user(p) for p in PROMPTS] * 16
+    prompts = [user(p) for p in PROMPTS]
     norm = {"mean": 0.0, "std": 1.0}
 
     def spaces(_prompts, completions):
@@ -220,16 +242,22 @@ def test_ppo_raises_a_synthetic_reward_within_the_kl_target(policy, tiny_loaded)
     cfg = PPOConfig(
         batch_size=64,
         mini_batch_size=16,
+        ppo_epochs=4,
         max_new_tokens=8,
         learning_rate=2e-3,
         init_kl_coef=0.1,
+        advantage=advantage,
+        samples_per_prompt=16 if advantage == "rloo" else 1,
+        kl_stop=None,
     )
     torch.manual_seed(0)
     trainer = PPOTrainer(policy, tiny_loaded.tokenizer, spaces, cfg)
-    base = trainer.rollout(prompts).raw_scores
+    base = trainer.rollout(prompts * 16).raw_scores
     norm.update(mean=base.mean().item(), std=base.std().item())
 
-    history = trainer.train([prompts] * 10, iterations=10)
+    result = trainer.train(prompts, steps=10)
+    history = result.history
+    assert result.kept_updates == 10 and result.stopped is None
     scores = [h["score"] for h in history]
     first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
     # measured over seeds 0-11: gain +0.37 to +1.11 std, max KL 3.1 to 4.6 nats
@@ -244,25 +272,75 @@ def test_ppo_raises_a_synthetic_reward_within_the_kl_target(policy, tiny_loaded)
         "kl",
         "kl_coef",
         "policy_loss",
-        "value_loss",
         "approx_kl",
         "clipfrac",
         "entropy",
         "response_length",
         "has_eos",
         "time_s",
-    } <= set(history[0])
+    } | ({"value_loss"} if advantage == "gae" else set()) <= set(history[0])
 
 
 def test_train_time_budget_and_progress(policy, tiny_loaded):
     torch.manual_seed(0)
-    trainer = PPOTrainer(policy, tiny_loaded.tokenizer, random_reward, FAST)
+    trainer = PPOTrainer(policy, tiny_loaded.tokenizer, random_reward, dataclasses.replace(FAST, kl_stop=None))
     calls = []
-    batches = iter([[user(p) for p in PROMPTS]] * 5)
-    history = trainer.train(batches, 5, max_seconds=0.0, progress=lambda *a: calls.append(a))
-    assert len(history) == 1 and calls == [(1, 5, history[0])]  # the first step always runs
-    history = trainer.train(batches, 2, progress=lambda *a: calls.append(a))
-    assert len(history) == 2 and [c[:2] for c in calls[1:]] == [(1, 2), (2, 2)]
+    prompts = [user(p) for p in PROMPTS]
+    result = trainer.train(prompts, 5, max_seconds=0.0, progress=lambda *a: calls.append(a))
+    assert len(result.history) == 1 and calls == [(1, 5, result.history[0])]  # the first step always runs
+    assert result.stopped == "time budget" and result.kept_updates == 1
+    result = trainer.train(prompts, 2, progress=lambda *a: calls.append(a))
+    assert len(result.history) == 2 and [c[:2] for c in calls[1:]] == [(1, 2), (2, 2)] and result.stopped is None
+
+
+def test_train_cycles_through_the_prompts_k_answers_each(policy, tiny_loaded):
+    seen: list[str] = []
+
+    def reward(prompts, completions):
+        seen.extend(p[-1]["content"] for p in prompts)
+        return torch.zeros(len(completions))
+
+    trainer = PPOTrainer(policy, tiny_loaded.tokenizer, reward, dataclasses.replace(FAST, kl_stop=None))
+    trainer.train([user(p) for p in PROMPTS[:3]], 2)  # 2 prompts a step, 2 answers each
+    assert seen == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2 + [PROMPTS[2]] * 2 + [PROMPTS[0]] * 2
+
+
+class KLRamp:
+    """A stand-in for ``PPOTrainer.step``: the rollout's KL is the policy's LoRA B[0, 0]
+    (the state the step starts from); a step under the bound adds 1 to it (the update)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.name = next(n for n in dict(model.named_parameters()) if "lora_B.policy" in n)
+
+    @property
+    def weight(self) -> float:
+        return float(dict(self.model.named_parameters())[self.name][0, 0].detach())
+
+    def __call__(self, prompts, kl_stop=None) -> dict:
+        kl = self.weight
+        if kl_stop is not None and kl > kl_stop:
+            return {"kl": kl, "kl_stop": 1.0, "time_s": 0.0}
+        with torch.no_grad():
+            dict(self.model.named_parameters())[self.name][0, 0] += 1.0
+        return {"kl": kl, "time_s": 0.0}
+
+
+def test_train_stops_past_the_kl_bound_and_undoes_the_last_update(policy, tiny_loaded):
+    trainer = PPOTrainer(policy, tiny_loaded.tokenizer, random_reward, dataclasses.replace(FAST, kl_stop=2.5))
+    trainer.step = ramp = KLRamp(policy)
+    logged = []
+    result = trainer.train([user(p) for p in PROMPTS], 10, progress=lambda i, n, s: logged.append(s["kl"]))
+    # KL per step: 0, 1, 2, 3 > 2.5 -> the update that led to 3 is undone: the policy keeps KL 2.
+    assert logged == [0.0, 1.0, 2.0, 3.0]
+    assert ramp.weight == 2.0 and result.kept_updates == 2 and result.stopped.startswith("KL 3.00")
+
+
+def test_train_runs_every_step_within_the_kl_bound(policy, tiny_loaded):
+    trainer = PPOTrainer(policy, tiny_loaded.tokenizer, random_reward, dataclasses.replace(FAST, kl_stop=100.0))
+    trainer.step = ramp = KLRamp(policy)
+    result = trainer.train([user(p) for p in PROMPTS], 4)
+    assert ramp.weight == 4.0 and result.kept_updates == 4 and result.stopped is None
 
 
 def test_missing_eos_penalty_applies_to_unfinished_answers(policy, tiny_loaded):
@@ -278,7 +356,7 @@ def test_missing_eos_penalty_applies_to_unfinished_answers(policy, tiny_loaded):
 
 def test_logits_only_for_response_tokens_in_chunks(policy, tiny_loaded):
     torch.manual_seed(0)
-    trainer = PPOTrainer(policy, tiny_loaded.tokenizer, random_reward, FAST)
+    trainer = PPOTrainer(policy, tiny_loaded.tokenizer, random_reward, GAE)
     r = trainer.rollout([user(p) for p in PROMPTS])
     rows: list[int] = []
     lm_head = policy.get_base_model().lm_head
@@ -306,7 +384,7 @@ def test_saved_policy_and_value_head_reload_bit_identically(policy, tiny_loaded,
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    trainer = PPOTrainer(policy, tiny_loaded.tokenizer, random_reward, FAST)
+    trainer = PPOTrainer(policy, tiny_loaded.tokenizer, random_reward, GAE)
     trainer.step([user(p) for p in PROMPTS])
     folder = trainer.save_policy(tmp_path / "v1")
     assert (folder / "adapter_config.json").is_file() and (folder / HEAD_FILE).is_file()
@@ -357,7 +435,7 @@ def test_runs_on_an_nf4_base(tiny_model_dir, tmp_path):
         loaded.model.eval()(ids)  # as serving would: lets bitsandbytes repack CPU weights
     peft = attach_new_adapter(loaded.model, "policy", settings.lora)
     torch.manual_seed(0)
-    trainer = PPOTrainer(peft, loaded.tokenizer, random_reward, FAST)
+    trainer = PPOTrainer(peft, loaded.tokenizer, random_reward, GAE)
     r = trainer.rollout([user(p) for p in PROMPTS])
     assert torch.equal(r.logprobs, r.ref_logprobs)  # fresh LoRA = identity
     batch = (r.query_ids, r.query_mask, r.response_ids, r.response_mask)

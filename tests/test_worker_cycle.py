@@ -29,10 +29,19 @@ ALWAYS = GateConfig(min_improvement=float("-inf"), max_kl=float("inf"), max_dege
 NEVER = GateConfig(min_improvement=float("inf"))
 
 
-def small(settings):
+def small_training(training, steps: int = 2):
     """A cycle sized for the tiny model and a 2-core CI machine."""
-    training = dataclasses.replace(settings.training, ppo_iterations=2, ppo_batch_size=4, max_new_tokens=8, rm_epochs=1, eval_prompts=2, min_votes=4)
-    return dataclasses.replace(settings, training=training)
+    return dataclasses.replace(
+        training,
+        min_votes=4,
+        reward=dataclasses.replace(training.reward, epochs=1),
+        ppo=dataclasses.replace(training.ppo, steps=steps, batch_size=4, mini_batch_size=2, samples_per_prompt=2, max_new_tokens=8),
+        gate=dataclasses.replace(training.gate, prompts=2, samples_per_prompt=2),
+    )
+
+
+def small(settings, steps: int = 2):
+    return dataclasses.replace(settings, training=small_training(settings.training, steps))
 
 
 def cast_votes(store: FeedbackStore, n_prompts: int = 12) -> None:
@@ -105,8 +114,9 @@ CRASH_SCRIPT = textwrap.dedent(
         from rlhf_demo.store import FeedbackStore
         FeedbackStore.register_version = die
     settings = load_settings(env={}, model=sys.argv[1], data_dir=sys.argv[2], quantization="fp32")
-    training = dataclasses.replace(settings.training, ppo_iterations=int(sys.argv[4]), ppo_batch_size=4, max_new_tokens=8, rm_epochs=1, eval_prompts=2, min_votes=4)
-    settings = dataclasses.replace(settings, training=training)
+    sys.path.insert(0, sys.argv[5])
+    from test_worker_cycle import small
+    settings = small(settings, int(sys.argv[4]))
     gate = cycle.GateConfig(min_improvement=float("-inf"), max_kl=float("inf"), max_degenerate_fraction=1.0)
     original = cycle.run_cycle
     cycle.run_cycle = lambda *a, **k: original(*a, **{**k, "gate_config": gate})
@@ -120,7 +130,7 @@ CRASH_SCRIPT = textwrap.dedent(
 def start_worker(settings, where: str, iterations: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
-        [sys.executable, "-c", CRASH_SCRIPT, settings.model, str(settings.data_dir), where, str(iterations)],
+        [sys.executable, "-c", CRASH_SCRIPT, settings.model, str(settings.data_dir), where, str(iterations), str(REPO / "tests")],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 
@@ -183,7 +193,7 @@ def test_stop_request_ends_a_cycle_at_the_next_step_unpublished(runtime, setting
     """SIGTERM (or the app dying) sets the worker's stop flag: the cycle ends within one step."""
     from rlhf_demo.worker.loop import CycleInterrupted, Worker
 
-    settings = small(dataclasses.replace(settings, training=dataclasses.replace(settings.training, ppo_iterations=50)))
+    settings = small(settings, steps=50)
     cast_votes(runtime.store)
     worker = Worker(settings)
     steps: list[int] = []
@@ -206,56 +216,11 @@ def test_stop_request_ends_a_cycle_at_the_next_step_unpublished(runtime, setting
     assert worker.status.state == "stopped"
 
 
-class _StepCounter:
-    """A stand-in PPO trainer whose KL grows with each update (weights w: KL = w, update: w += 1)."""
-
-    def __init__(self) -> None:
-        import torch
-
-        self.model = torch.nn.Module()
-        self.model.lora_B = torch.nn.ModuleDict({"policy": torch.nn.Linear(1, 1, bias=False)})
-        torch.nn.init.zeros_(self.model.lora_B["policy"].weight)
-        self.config = dataclasses.make_dataclass("C", [("batch_size", int)])(2)
-        self.batches: list[list] = []
-
-    @property
-    def weight(self) -> float:
-        return float(self.model.lora_B["policy"].weight.item())
-
-    def step(self, batch: list) -> dict:
-        import torch
-
-        self.batches.append(batch)
-        kl = self.weight  # measured on the policy the step starts from
-        with torch.no_grad():
-            self.model.lora_B["policy"].weight.add_(1.0)
-        return {"kl": kl, "score": kl}
-
-
-def test_ppo_stops_past_the_kl_bound_and_undoes_the_last_update():
-    from rlhf_demo.worker.cycle import run_ppo
-
-    trainer, logged = _StepCounter(), []
-    stats = run_ppo(trainer, [["p1"], ["p2"], ["p3"]], iterations=10, kl_stop=2.5, stop_at=float("inf"),
-                    on_step=lambda step, s: logged.append((step, s["kl"])))
-    # KL measured per step: 0, 1, 2, 3 > 2.5 -> the state with KL 3 is dropped for the one with KL 2.
-    assert [kl for _, kl in logged] == [0.0, 1.0, 2.0, 3.0]
-    assert stats["kl_stop"] == 1.0 and len(trainer.batches) == 4
-    assert trainer.weight == 2.0 and stats["kept_updates"] == 2.0
-
-
-def test_ppo_runs_all_iterations_within_the_kl_bound():
-    from rlhf_demo.worker.cycle import run_ppo
-
-    trainer = _StepCounter()
-    stats = run_ppo(trainer, [["p"]], iterations=4, kl_stop=100.0, stop_at=float("inf"), on_step=lambda *_: None)
-    assert trainer.weight == 4.0 and "kl_stop" not in stats and stats["kept_updates"] == 4.0
-
-
 def test_cycle_whose_first_update_passes_the_kl_stop_ends_without_a_candidate(runtime, settings):
     """Nothing left of PPO means the candidate is the active version: say so, publish nothing."""
     settings = small(settings)
-    settings = dataclasses.replace(settings, training=dataclasses.replace(settings.training, ppo_kl_stop=-1.0))  # any KL passes
+    ppo = dataclasses.replace(settings.training.ppo, kl_stop=-1.0)  # any KL passes
+    settings = dataclasses.replace(settings, training=dataclasses.replace(settings.training, ppo=ppo))
     cast_votes(runtime.store)
     from rlhf_demo.modeling import load_model
 

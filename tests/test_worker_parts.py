@@ -52,15 +52,31 @@ def test_due_needs_minimum_votes_then_every_n(settings, tmp_path):
 # ----- gate --------------------------------------------------------------------------
 def test_gate_decisions():
     cfg = GateConfig(min_improvement=0.1, max_kl=5.0)
-    good = evaluate_gate([1.0, 1.2], [0.5, 0.6], [1.0, 2.0], ["a fine answer", "another one"], cfg)
-    assert good.passed and not good.reasons
-    worse = evaluate_gate([0.5], [0.55], [1.0], ["ok"], cfg)
+    texts = ["a fine answer", "another one", "a third", "and a fourth"]
+    good = evaluate_gate([1.0, 1.2, 0.9, 1.1], [0.5, 0.6, 0.4, 0.5], [1.0, 2.0, 1.0, 1.0], texts, cfg)
+    assert good.passed and not good.reasons and good.lower_bound > 0.1 and good.units == 4
+    worse = evaluate_gate([0.5, 0.6, 0.5, 0.4], [0.55, 0.5, 0.6, 0.5], [1.0] * 4, texts, cfg)
     assert not worse.passed and "not better" in worse.reasons[0]
-    far = evaluate_gate([2.0], [0.0], [9.0], ["ok"], cfg)
+    far = evaluate_gate([2.0, 2.1, 2.0, 2.2], [0.0] * 4, [9.0] * 4, texts, cfg)
     assert not far.passed and "KL" in far.reasons[0]
-    loops = evaluate_gate([2.0, 2.0], [0.0, 0.0], [1.0, 1.0], ["", "the cat " * 30], cfg)
+    loops = evaluate_gate([2.0, 2.0, 2.1, 2.0], [0.0] * 4, [1.0] * 4, ["", "the cat " * 30, "", "fine"], cfg)
     assert not loops.passed and "degenerate" in loops.reasons[0]
     assert not evaluate_gate([], [], [], [], cfg).passed
+    single = evaluate_gate([9.0], [0.0], [0.0], ["ok"], cfg)  # one pair says nothing about its noise
+    assert not single.passed and "not better" in single.reasons[0]
+
+
+def test_gate_needs_a_gain_beyond_its_noise_paired_by_prompt():
+    """A mean gain that one lucky prompt makes is not enough; the same gain on every prompt is."""
+    cfg = GateConfig(min_improvement=0.0, confidence=0.8)
+    texts = ["an answer"] * 12
+    lucky = evaluate_gate([6.0] + [-0.4] * 5 + [0.0] * 6, [0.0] * 12, [1.0] * 12, texts, cfg, group_size=2)
+    assert lucky.improvement > 0 and lucky.units == 6 and not lucky.passed
+    steady = evaluate_gate([0.3, 0.5, 0.2, 0.4, 0.5, 0.7, 0.3, 0.3, 0.4, 0.6, 0.2, 0.5], [0.0] * 12, [1.0] * 12, texts, cfg, group_size=2)
+    assert steady.passed and 0.0 < steady.lower_bound <= steady.improvement
+    # paired: a prompt that is hard for both sides does not hide the gain
+    hard = evaluate_gate([0.5, -2.5] * 6, [0.2, -2.8] * 6, [1.0] * 12, texts, cfg, group_size=1)
+    assert hard.passed and hard.improvement == pytest.approx(0.3)
 
 
 def test_degenerate_detection():

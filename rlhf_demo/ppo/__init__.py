@@ -18,6 +18,7 @@ from rlhf_demo.ppo.core import (
     masked_mean,
     masked_var,
     policy_loss,
+    rloo_advantages,
     value_loss,
     whiten,
 )
@@ -25,6 +26,8 @@ from rlhf_demo.ppo.trainer import (
     PPOTrainer,
     Rollout,
     response_forward,
+    sample,
+    sample_and_score,
     sampling_config,
     truncate_at_eos,
 )
@@ -46,6 +49,9 @@ __all__ = [
     "masked_var",
     "policy_loss",
     "response_forward",
+    "rloo_advantages",
+    "sample",
+    "sample_and_score",
     "sampling_config",
     "truncate_at_eos",
     "value_loss",
