@@ -77,7 +77,8 @@ def curves_figure(store: FeedbackStore) -> Any:
 
     runs = list(reversed([r for r in store.list_runs(limit=50) if r["kind"] == "cycle"]))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
-    for key, label in (("holdout_pairwise_accuracy", "A/B pairs"), ("holdout_thumb_accuracy", "thumbs")):
+    # the names of RewardMetrics' held-out accuracies (the run summary's "reward" is its as_dict())
+    for key, label in (("pairwise_accuracy", "A/B pairs"), ("thumb_accuracy", "thumbs")):
         acc = [(r["id"], (r.get("summary") or {}).get("reward", {}).get(key)) for r in runs]
         acc = [(i, a) for i, a in acc if a is not None]  # None: no held-out votes of that kind yet
         axes[0].plot([i for i, _ in acc], [a for _, a in acc], "o-", label=label)

@@ -212,7 +212,7 @@ def run_cycle(
         store.log_metrics(run_id, "gate", 0, {"candidate_score": gate.candidate_score, "active_score": gate.active_score, "kl": gate.kl, "passed": float(gate.passed)})
 
         report(phase="publish", step=0, total=1)
-        metrics = {"gate": summary["gate"], "reward": {k: rm_metrics.get(k) for k in ("holdout_pairwise_accuracy", "holdout_thumb_accuracy")}, "run_id": run_id}
+        metrics = {"gate": summary["gate"], "reward": {k: rm_metrics.get(k) for k in ("pairwise_accuracy", "thumb_accuracy")}, "run_id": run_id}
 
         if gate.passed:
             version = publish(store, model, POLICY, settings.adapters_dir, active, metrics)
