@@ -50,7 +50,7 @@ from rlhf_demo.modeling import LoadedModel, load_model  # noqa: E402
 from rlhf_demo.modeling.adapters import put_adapter  # noqa: E402
 from rlhf_demo.ppo import PPOConfig  # noqa: E402
 from rlhf_demo.ppo.trainer import PPOTrainer  # noqa: E402
-from rlhf_demo.reward.trainer import RewardModel  # noqa: E402
+from rlhf_demo.reward.model import RewardModel  # noqa: E402
 from rlhf_demo.runtime import Runtime  # noqa: E402
 from rlhf_demo.worker.cycle import run_cycle  # noqa: E402
 from rlhf_demo.worker.gate import GateConfig  # noqa: E402
