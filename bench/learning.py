@@ -49,7 +49,7 @@ from rlhf_demo.config import DEFAULT_MODEL, TINY_MODEL, GateConfig, PPOConfig, S
 from rlhf_demo.modeling import LoadedModel, load_model  # noqa: E402
 from rlhf_demo.modeling.adapters import put_adapter  # noqa: E402
 from rlhf_demo.ppo.trainer import sample_and_score  # noqa: E402
-from rlhf_demo.reward.trainer import RewardModel  # noqa: E402
+from rlhf_demo.reward.model import RewardModel  # noqa: E402
 from rlhf_demo.runtime import Runtime  # noqa: E402
 from rlhf_demo.worker.cycle import run_cycle  # noqa: E402
 

@@ -14,11 +14,11 @@ import torch
 
 from rlhf_demo.config import LoraSettings, load_settings
 from rlhf_demo.modeling import load_model
-from rlhf_demo.modeling.adapters import ADAPTER_CONFIG, AdapterError, attach_new_adapter
+from rlhf_demo.modeling.adapters import ADAPTER_CONFIG, AdapterError, attach_new_adapter, is_adapter_parameter, use_adapter
 from rlhf_demo.modeling.heads import HEAD_FILE
-from rlhf_demo.reward import RewardConfig, RewardModel, build_examples, split_holdout, train_reward_model
+from rlhf_demo.reward import RewardConfig, RewardMetrics, RewardModel, build_examples, split_holdout, train_reward_model
 from rlhf_demo.reward.losses import example_key
-from rlhf_demo.reward.trainer import NORMALIZER_FILE, is_lora_param
+from rlhf_demo.reward.model import NORMALIZER_FILE
 
 # ── synthetic feedback ───────────────────────────────────────────────────────────────
 
@@ -158,7 +158,7 @@ def trained(tiny_model_dir, tmp_path_factory):
     peft = attach_new_adapter(base, "policy", LoraSettings())
     with torch.no_grad():  # a non-trivial policy (fresh LoRA B is 0)
         for n, p in peft.named_parameters():
-            if is_lora_param(n, "policy"):
+            if is_adapter_parameter(n, "policy"):
                 p.normal_(std=0.02)
     policy_flags = {n: p.requires_grad for n, p in peft.named_parameters()}
     before = snapshot(peft)
@@ -188,14 +188,17 @@ def trained(tiny_model_dir, tmp_path_factory):
 
 def test_learns_a_synthetic_preference(trained):
     m = trained.metrics
-    assert m["holdout_pairs"] >= 15 and m["train_pairs"] >= 150
-    assert m["pairwise_accuracy"] >= 0.9, m
-    assert m["mean_margin"] > 0
-    assert m["holdout_thumbs"] > 0 and m["thumb_accuracy"] >= 0.75, m
-    assert m["pairs_from_thumbs"] > 0
-    assert m["steps"] == len(m["loss_curve"]) > 0 and not m["timed_out"]
-    assert m["final_loss"] < m["loss_curve"][0]
-    json.dumps(m, allow_nan=False)  # plain numbers, None where undefined
+    assert isinstance(m, RewardMetrics)
+    assert m.holdout_pairs >= 15 and m.train_pairs >= 150
+    assert m.pairwise_accuracy >= 0.9, m
+    assert m.mean_margin > 0
+    assert m.holdout_thumbs > 0 and m.thumb_accuracy >= 0.75, m
+    assert m.pairs_from_thumbs > 0
+    assert m.steps == len(m.loss_curve) > 0 and not m.timed_out
+    assert m.final_loss < m.loss_curve[0]
+    stored = json.loads(json.dumps(m.as_dict(), allow_nan=False))  # plain numbers, None where undefined
+    assert stored == dataclasses.asdict(m) and stored["votes_used"] == 0 and stored["warm_start"] is None
+    assert m.accuracies() == {"pairwise_accuracy": m.pairwise_accuracy, "thumb_accuracy": m.thumb_accuracy}
     # normalizer: training answers come out ~N(0, 1)
     prompts, texts = [p["prompt"] for p in trained.pairs[:40]] * 2, [p["chosen"] for p in trained.pairs[:40]]
     texts += [p["rejected"] for p in trained.pairs[:40]]
@@ -203,34 +206,39 @@ def test_learns_a_synthetic_preference(trained):
     assert normalized.dtype == torch.float32 and normalized.shape == (80,)
     assert abs(normalized.mean().item()) < 0.5 and 0.5 < normalized.std().item() < 1.5
     raw = trained.rm.score(prompts, texts, normalized=False)
-    torch.testing.assert_close(normalized, (raw - m["reward_mean"]) / m["reward_std"])
+    torch.testing.assert_close(normalized, (raw - m.reward_mean) / m.reward_std)
 
 
 def test_gradients_reach_only_reward_lora_and_head(trained):
     names = trained.grads_at_step_1
-    assert names and all(is_lora_param(n, "reward") for n in names), names
-    assert len(names) == sum(is_lora_param(n, "reward") for n, _ in trained.peft.named_parameters())
+    assert names and all(is_adapter_parameter(n, "reward") for n in names), names
+    assert len(names) == sum(is_adapter_parameter(n, "reward") for n, _ in trained.peft.named_parameters())
     # base and policy weights are untouched, bit for bit
     assert_unchanged(trained.before)
-    # the model is given back as found: policy active, its flags kept, reward frozen
-    assert trained.peft.active_adapters == ["policy"]
-    for n, p in trained.peft.named_parameters():
-        assert p.requires_grad == trained.policy_flags.get(n, False), n
-    # even with the policy trainable, a reward forward sends it no gradient
+
+    def given_back_as_found() -> None:  # policy active (for PEFT's wrapper too), its flags kept, reward frozen
+        assert trained.peft.active_adapters == ["policy"] and trained.peft.active_adapter == "policy"
+        for n, p in trained.peft.named_parameters():
+            assert p.requires_grad == trained.policy_flags.get(n, False), n
+
+    given_back_as_found()
+    assert any(trained.policy_flags.values())  # the policy is trainable: scoring must not freeze it
     rm = trained.rm
-    for p in rm.trainable_parameters():
-        p.requires_grad_(True)
+    rm.score([user("hi")], ["great!"])  # as PPO's reward_fn does between its steps
+    given_back_as_found()
+    with pytest.raises(AdapterError, match="not active"):  # never scores with the policy by mistake
+        rm.raw_scores([user("hi")], ["great!"])
+    # a training forward: gradients into the reward LoRA and the head only
     try:
-        rm.raw_scores([user("hi")], ["great!"]).sum().backward()
+        with use_adapter(rm.model, rm.name, trainable=True):
+            rm.raw_scores([user("hi")], ["great!"]).sum().backward()
         got = {n for n, p in trained.peft.named_parameters() if p.grad is not None}
-        assert got and all(is_lora_param(n, "reward") for n in got)
+        assert got and all(is_adapter_parameter(n, "reward") for n in got)
         assert all(p.grad is not None for p in rm.head.parameters())
     finally:
-        for p in rm.trainable_parameters():
-            p.requires_grad_(False)
-            p.grad = None
         trained.peft.zero_grad(set_to_none=True)
-    assert trained.peft.active_adapters == ["policy"]
+        rm.head.zero_grad(set_to_none=True)
+    given_back_as_found()
 
 
 def test_process_holds_one_base(trained):
@@ -265,6 +273,7 @@ def test_save_load_round_trip_gives_identical_scores(trained, tmp_path, tiny_mod
     other = load_tiny(tiny_model_dir, tmp_path / "other", quantization="fp32")  # a fresh process's base
     fresh = RewardModel.load(other.model, other.tokenizer, folder)  # bare base -> PeftModel
     assert fresh.model.get_base_model() is other.model
+    assert not any(p.requires_grad for p in fresh.model.parameters())  # PEFT froze the base, load the adapter
     torch.testing.assert_close(fresh.score(prompts, texts), expected, rtol=0, atol=1e-5)
 
 
@@ -277,12 +286,12 @@ def test_warm_start_continues_from_saved_weights(trained, tmp_path):
         learning_rate=5e-3, epochs=0, batch_size=16, max_length=64, adapter_name="reward_warm", normalizer_samples=32
     )
     same, m0 = train_reward_model(rm.model, tok, pairs, [], cfg, warm_start=folder)
-    assert m0["steps"] == 0 and m0["warm_start"] == str(folder)
+    assert m0.steps == 0 and m0.warm_start == str(folder)
     assert torch.equal(same.score(prompts, texts, normalized=False), rm.score(prompts, texts, normalized=False))
     # one more epoch starts where the first run ended, not from scratch
     cfg = dataclasses.replace(cfg, epochs=1)
     _, m1 = train_reward_model(rm.model, tok, pairs, [], cfg, warm_start=folder)
-    assert m1["steps"] > 0 and m1["loss_curve"][0] < 0.5 * trained.metrics["loss_curve"][0]
+    assert m1.steps > 0 and m1.loss_curve[0] < 0.5 * trained.metrics.loss_curve[0]
     assert trained.peft.active_adapters == ["policy"]
 
 
@@ -290,7 +299,7 @@ def test_time_budget_and_empty_feedback(trained):
     tok = trained.loaded.tokenizer
     cfg = RewardConfig(max_seconds=0.0, adapter_name="reward_budget", max_length=64)
     _, m = train_reward_model(trained.peft, tok, trained.pairs[:40], [], cfg)
-    assert m["steps"] == 0 and m["timed_out"] and m["thumb_accuracy"] is None
+    assert m.steps == 0 and m.timed_out and m.thumb_accuracy is None
     with pytest.raises(ValueError, match="no usable feedback"):
         train_reward_model(trained.peft, tok, [], [], cfg)
 
@@ -309,8 +318,8 @@ def test_trains_on_an_nf4_base(tiny_model_dir, tmp_path):
     pairs = synthetic_pairs(32, seed=7)
     cfg = RewardConfig(learning_rate=5e-3, epochs=2, batch_size=16, max_length=64, holdout_fraction=0.0, normalizer_samples=32)
     rm, m = train_reward_model(loaded.model, loaded.tokenizer, pairs, [], cfg)
-    assert m["steps"] == 4 and m["final_loss"] < m["loss_curve"][0]
-    assert all(math.isfinite(x) for x in m["loss_curve"]) and m["pairwise_accuracy"] is None
+    assert m.steps == 4 and m.final_loss < m.loss_curve[0]
+    assert all(math.isfinite(x) for x in m.loss_curve) and m.pairwise_accuracy is None
     assert rm.head.linear.weight.dtype == torch.float32
     assert not any(p.requires_grad for n, p in rm.model.named_parameters() if "lora_" not in n)
     # the quantized base stays exactly as it was through another training run

@@ -81,6 +81,14 @@ def test_full_cycle_publishes_and_server_swaps(runtime, settings):
     for axis in figure.axes[1:]:
         (line,) = axis.get_lines()
         assert list(line.get_xdata()) == [0, 1], f"{axis.get_title()}: no curve for the 2 PPO steps"
+    # ... and the RM's held-out accuracy (prompt 8 of cast_votes is held out: 1 pair, 2 thumbs)
+    plotted = {line.get_label(): list(line.get_ydata()) for line in figure.axes[0].get_lines() if len(line.get_xdata()) and not line.get_label().startswith("_")}
+    assert set(plotted) == {"A/B pairs", "thumbs"}, "RM accuracy plot is empty"
+    assert all(0 <= y <= 1 for ys in plotted.values() for y in ys)
+    # the published version carries the same numbers, under the same names
+    reward = next(v for v in runtime.store.list_versions() if v["version"] == "v1")["metrics"]["reward"]
+    assert reward == {k: summary["reward"][k] for k in ("pairwise_accuracy", "thumb_accuracy")}
+    assert None not in reward.values()
 
 
 def test_rejected_candidate_is_kept_but_never_served(runtime, settings):

@@ -77,15 +77,21 @@ def activate_adapter(model: Any, name: str, trainable: bool = False) -> list[Any
 def use_adapter(model: Any, name: str, trainable: bool = False) -> Iterator[list[Any]]:
     """Run the block with adapter ``name`` active (see :func:`activate_adapter`), then give the
     model back as found: the active adapter(s), every ``requires_grad`` flag, train/eval mode.
-    Parameters created inside the block (a new adapter) end frozen."""
+    Parameters created inside the block (a new adapter) end frozen.
+
+    ``model`` must already be the PeftModel holding ``name`` (create or load the adapter
+    first; that may wrap a bare base). With ``trainable``, backward must run inside the
+    block: the flags restored on exit no longer let gradients reach the adapter."""
     before = {id(p): p.requires_grad for p in model.parameters()}
     previous, was_training = list(model.active_adapters), model.training
     try:
         yield activate_adapter(model, name, trainable)
     finally:
         alive = [a for a in previous if a in model.peft_config]
-        if alive:
-            model.base_model.set_adapter(alive if len(alive) > 1 else alive[0])
+        if len(alive) == 1:
+            model.set_adapter(alive[0])  # PeftModel's own ``active_adapter`` too, not just the tuner's
+        elif alive:
+            model.base_model.set_adapter(alive)  # several at once: only the tuner takes a list
         for p in model.parameters():
             p.requires_grad_(before.get(id(p), False))
         model.train(was_training)

@@ -1,10 +1,12 @@
 """Reward model: Bradley-Terry on A/B pairs, logistic on thumbs, held-out evaluation.
 
-Losses, metrics, score normalisation and the held-out split live in
-:mod:`rlhf_demo.reward.losses`; the adapter + head model and its training loop in
-:mod:`rlhf_demo.reward.trainer`.
+One module per job: :mod:`~rlhf_demo.reward.data` turns votes into examples and the
+held-out split, :mod:`~rlhf_demo.reward.model` is the adapter + head model and its
+scoring, :mod:`~rlhf_demo.reward.trainer` fits and measures it; losses, metrics, score
+normalisation and the hash split live in :mod:`~rlhf_demo.reward.losses`.
 """
 
+from rlhf_demo.reward.data import build_examples, split_holdout
 from rlhf_demo.reward.losses import (
     bradley_terry_loss,
     example_key,
@@ -16,19 +18,15 @@ from rlhf_demo.reward.losses import (
     thumb_accuracy,
     thumb_loss,
 )
-from rlhf_demo.reward.trainer import (
-    RewardConfig,
-    RewardModel,
-    build_examples,
-    evaluate,
-    split_holdout,
-    train_reward_model,
-)
+from rlhf_demo.reward.model import RewardModel, chat_text
+from rlhf_demo.reward.trainer import RewardConfig, RewardMetrics, evaluate, train_reward_model
 
 __all__ = [
     "RewardConfig",
+    "RewardMetrics",
     "RewardModel",
     "build_examples",
+    "chat_text",
     "evaluate",
     "split_holdout",
     "train_reward_model",

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from rlhf_demo.analytics import leaderboard, matches_from_votes
+from rlhf_demo.reward.trainer import RewardMetrics
 from rlhf_demo.store import FeedbackStore
 from rlhf_demo.worker.status import WorkerStatus
 
@@ -77,7 +78,8 @@ def curves_figure(store: FeedbackStore) -> Any:
 
     runs = list(reversed([r for r in store.list_runs(limit=50) if r["kind"] == "cycle"]))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
-    for key, label in (("holdout_pairwise_accuracy", "A/B pairs"), ("holdout_thumb_accuracy", "thumbs")):
+    # a run summary's "reward" is RewardMetrics.as_dict(): read its accuracies by their field names
+    for key, label in zip(RewardMetrics.ACCURACIES, ("A/B pairs", "thumbs"), strict=True):
         acc = [(r["id"], (r.get("summary") or {}).get("reward", {}).get(key)) for r in runs]
         acc = [(i, a) for i, a in acc if a is not None]  # None: no held-out votes of that kind yet
         axes[0].plot([i for i, _ in acc], [a for _, a in acc], "o-", label=label)

@@ -21,7 +21,8 @@ from rlhf_demo.modeling.adapters import attach_new_adapter, put_adapter
 from rlhf_demo.ppo.trainer import PPOTrainer, sample_and_score
 from rlhf_demo.reward import holdout_split
 from rlhf_demo.reward.fairness import cap_per_session
-from rlhf_demo.reward.trainer import RewardModel, train_reward_model
+from rlhf_demo.reward.model import RewardModel
+from rlhf_demo.reward.trainer import RewardMetrics, train_reward_model
 from rlhf_demo.store import FeedbackStore
 from rlhf_demo.worker.gate import evaluate_gate
 from rlhf_demo.worker.publish import keep_rejected, publish
@@ -55,7 +56,7 @@ def _latest_reward_folder(reward_dir: Path) -> Path | None:
     return runs[-1] if runs else None
 
 
-def train_reward(settings: Settings, store: FeedbackStore, loaded: LoadedModel, run_id: int, report: Report, budget_s: float) -> tuple[RewardModel, dict[str, Any]]:
+def train_reward(settings: Settings, store: FeedbackStore, loaded: LoadedModel, run_id: int, report: Report, budget_s: float) -> tuple[RewardModel, RewardMetrics]:
     reward_dir = settings.data_dir / "reward"
     warm = _latest_reward_folder(reward_dir)
     report(phase="reward", step=0, total=0, started_at=time.time())
@@ -69,7 +70,7 @@ def train_reward(settings: Settings, store: FeedbackStore, loaded: LoadedModel, 
     cap = settings.training.max_votes_per_session
     pairs, thumbs = cap_per_session(store.preference_pairs(), cap), cap_per_session(store.thumb_examples(), cap)
     rm, metrics = train_reward_model(loaded.model, loaded.tokenizer, pairs, thumbs, config, settings.lora, warm_start=warm, progress=progress)
-    metrics["votes_used"] = len(pairs) + len(thumbs)
+    metrics.votes_used = len(pairs) + len(thumbs)
     loaded.model = rm.model
     rm.save(reward_dir / f"run-{run_id}")
     for old in sorted(reward_dir.glob("run-*"), key=lambda p: int(p.name[4:]))[:-2]:
@@ -99,7 +100,7 @@ def run_cycle(
         train_prompts, gate_prompts = split_prompts(prompts, gate_config.prompts)
 
         rm, rm_metrics = train_reward(settings, store, loaded, run_id, report, budget_s=0.3 * training.time_budget_s)
-        summary["reward"] = rm_metrics
+        summary["reward"] = rm_metrics.as_dict()
         model = loaded.model
 
         # The candidate starts from the active version (or fresh when only the base is served).
@@ -157,7 +158,7 @@ def run_cycle(
         )
 
         report(phase="publish", step=0, total=1)
-        metrics = {"gate": summary["gate"], "reward": {k: rm_metrics.get(k) for k in ("holdout_pairwise_accuracy", "holdout_thumb_accuracy")}, "run_id": run_id}
+        metrics = {"gate": summary["gate"], "reward": rm_metrics.accuracies(), "run_id": run_id}
 
         if gate.passed:
             version = publish(store, model, POLICY, settings.adapters_dir, active, metrics)

@@ -1,0 +1,142 @@
+"""Reward-model datasets from the store's votes: pure functions, no model.
+
+Why a module of its own: what counts as one example (dedup, majority vote, 👍 x 👎 pairs)
+and which prompts are held out decide what the reward model can learn and how it is
+judged; both are tested without loading a model.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from rlhf_demo.reward.losses import example_key, holdout_split
+
+
+def build_examples(
+    pairs: Sequence[dict[str, Any]],
+    thumbs: Sequence[dict[str, Any]],
+    max_pairs_per_prompt: int = 4,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Turn the store's rows into ``(pair_examples, thumb_examples)``, oldest first.
+
+    pairs: ``{"prompt", "chosen", "rejected", ...}`` (``FeedbackStore.preference_pairs``).
+    thumbs: ``{"prompt", "completion", "label", ...}`` (``FeedbackStore.thumb_examples``);
+    ``label > 0`` (True, 1) is 👍, anything else (False, 0, -1) is 👎.
+
+    * Duplicates merge by :func:`example_key` and a majority vote: a pair voted A>B
+      twice and B>A once is one A>B example; a 1:1 split (a tie) is dropped, and so is
+      an answer with as many 👍 as 👎. Identical chosen/rejected texts are dropped.
+    * 👍 and 👎 answers to the same prompt also form pairs (each 👍 x 👎 combination,
+      at most ``max_pairs_per_prompt`` per prompt, spread so every answer appears early);
+      a combination that is already an A/B pair is not added twice.
+
+    Pair examples: ``{"prompt", "chosen", "rejected", "key", "group", "source", "votes"}``
+    with source ``"ab"`` or ``"thumbs"``; thumb examples: ``{"prompt", "completion",
+    "label" (bool), "key", "group", "votes"}``. ``group`` is the prompt's key (the unit
+    of :func:`split_holdout`).
+    """
+    # A/B votes: net votes per unordered pair, in the orientation first seen.
+    ab: dict[str, dict[str, Any]] = {}
+    for row in pairs:
+        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+        if chosen == rejected:
+            continue
+        key = example_key(prompt, chosen, rejected)
+        entry = ab.setdefault(key, {"prompt": prompt, "a": chosen, "b": rejected, "net": 0})
+        entry["net"] += 1 if chosen == entry["a"] else -1
+    pair_examples = [
+        _pair(e["prompt"], e["a"], e["b"], key, "ab", e["net"])
+        if e["net"] > 0
+        else _pair(e["prompt"], e["b"], e["a"], key, "ab", -e["net"])
+        for key, e in ab.items()
+        if e["net"] != 0
+    ]
+
+    # Thumbs: net 👍 minus 👎 per (prompt, answer).
+    rated: dict[str, dict[str, Any]] = {}
+    for row in thumbs:
+        if row.get("label") is None:
+            continue
+        key = example_key(row["prompt"], row["completion"])
+        entry = rated.setdefault(key, {"prompt": row["prompt"], "text": row["completion"], "net": 0})
+        entry["net"] += 1 if row["label"] > 0 else -1
+    thumb_examples = [
+        {
+            "prompt": e["prompt"],
+            "completion": e["text"],
+            "label": e["net"] > 0,
+            "key": key,
+            "group": example_key(e["prompt"]),
+            "votes": abs(e["net"]),
+        }
+        for key, e in rated.items()
+        if e["net"] != 0
+    ]
+
+    # 👍 x 👎 on the same prompt -> pairs, diagonal order (u0d0, u0d1, u1d0, u1d1, ...).
+    by_prompt: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+    for ex in thumb_examples:
+        ups, downs = by_prompt.setdefault(ex["group"], ([], []))
+        (ups if ex["label"] else downs).append(ex)
+    seen = set(ab)
+    for ups, downs in by_prompt.values():
+        combos = sorted(itertools.product(range(len(ups)), range(len(downs))), key=lambda ij: (ij[0] + ij[1], ij[0]))
+        for i, j in combos[: max(0, max_pairs_per_prompt)]:
+            up, down = ups[i], downs[j]
+            key = example_key(up["prompt"], up["completion"], down["completion"])
+            if key not in seen:
+                seen.add(key)
+                pair_examples.append(_pair(up["prompt"], up["completion"], down["completion"], key, "thumbs", 1))
+    return pair_examples, thumb_examples
+
+
+def _pair(prompt: Any, chosen: str, rejected: str, key: str, source: str, votes: int) -> dict[str, Any]:
+    """One pair example; A/B votes and 👍 x 👎 combinations share this shape, so training
+    and evaluation need not know where a pair came from."""
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "key": key,
+        "group": example_key(prompt),
+        "source": source,
+        "votes": votes,
+    }
+
+
+def split_holdout(
+    examples: Sequence[dict[str, Any]], fraction: float = 0.15
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(train, holdout)`` by :func:`holdout_split` of each example's prompt key.
+
+    Whole prompts go to one side, so no answer text is trained on and also evaluated
+    (A/B answers recur in several pairs, thumbs reappear inside 👍 x 👎 pairs). The side
+    depends on the prompt alone: adding data never moves an old example.
+    """
+    train: list[dict[str, Any]] = []
+    holdout: list[dict[str, Any]] = []
+    for ex in examples:
+        group = ex.get("group") or example_key(ex["prompt"])
+        (holdout if holdout_split(group, fraction) else train).append(ex)
+    return train, holdout
+
+
+def _reference_answers(
+    pair_examples: Sequence[dict[str, Any]], thumb_examples: Sequence[dict[str, Any]], cap: int
+) -> tuple[list[Any], list[str]]:
+    """Distinct (prompt, answer) of the training data, at most ``cap``, chosen by key
+    order (deterministic, no RNG): the answers the score normalizer is fitted on, so
+    PPO sees ~N(0, 1) on answers like the voted ones."""
+    answers: dict[str, tuple[Any, str]] = {}
+    for ex in pair_examples:
+        for text in (ex["chosen"], ex["rejected"]):
+            answers.setdefault(example_key(ex["prompt"], text), (ex["prompt"], text))
+    for ex in thumb_examples:
+        answers.setdefault(ex["key"], (ex["prompt"], ex["completion"]))
+    picked = [answers[k] for k in sorted(answers)[: max(0, cap)]]
+    return [p for p, _ in picked], [t for _, t in picked]
+
+
+__all__ = ["build_examples", "split_holdout"]
