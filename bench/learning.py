@@ -435,10 +435,64 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # ── output ───────────────────────────────────────────────────────────────────────────
 
 
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def record(result: dict[str, Any], args: argparse.Namespace) -> Path:
+    """The small committed summary: ``bench/results/learning-<rater>[-cuda].json``."""
+    rows = result["cycles"]
+    last = rows[-1]["eval"]
+    name = args.rater.rpartition(":")[2]
+    path = RESULTS_DIR / f"learning-{name}{'-cuda' if device_name() == 'cuda' else ''}.json"
+    summary = {
+        "rater": args.rater,
+        "votes": rows[-1]["votes"],
+        "win_rate": last["win_rate"],
+        "win_rate_se": last["win_rate_se"],
+        "comparisons": last["comparisons"],
+        "kl": last["kl"],
+        "mean_score": last["mean_score"],
+        "base_mean_score": last["base_mean_score"],
+        "wall_s": result["final"]["wall_s"],
+        "cpu": f"{os.cpu_count()} cores",
+        "device": device_name(),
+        "torch_threads": torch.get_num_threads(),
+        "command": result["command"],
+        "cycles": [
+            {
+                "cycle": r["cycle"],
+                "votes": r["votes"],
+                "decision": r["decision"],
+                "served": r.get("served", "v0"),
+                "rm_accuracy": r.get("rm_accuracy"),
+                "rm_eval_accuracy": r["eval"].get("rm_eval_accuracy"),
+                "gate": {k: r["gate"].get(k) for k in ("improvement", "lower_bound", "units", "kl", "reasons")} if r.get("gate") else None,
+                "ppo": [{k: round(v, 4) for k, v in step.items() if k in ("score", "kl", "response_length")} for step in r.get("ppo", [])],
+                "win_rate": r["eval"]["win_rate"],
+                "win_rate_se": r["eval"]["win_rate_se"],
+                "kl": r["eval"]["kl"],
+                "mean_score": r["eval"]["mean_score"],
+                "mean_tokens": r["eval"]["mean_tokens"],
+                "elapsed_s": r["elapsed_s"],
+            }
+            for r in rows
+        ],
+    }
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return path
+
+
 def write(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]], setup_s: float, t0: float) -> dict[str, Any]:
     last = rows[-1]
     final = {
         "win_rate": last["eval"]["win_rate"],
+        "win_rate_se": last["eval"]["win_rate_se"],
+        "comparisons": last["eval"]["comparisons"],
         "rm_accuracy": last.get("rm_accuracy"),
         "kl": last["eval"]["kl"],
         "votes": last["votes"],
@@ -448,12 +502,14 @@ def write(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]], setup
     result = {
         "command": "python bench/learning.py " + " ".join(sys.argv[1:]),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "device": f"cpu, torch threads {torch.get_num_threads()}, {os.cpu_count()} cores",
+        "device": f"{device_name()}, torch threads {torch.get_num_threads()}, {os.cpu_count()} cores",
         "setup_s": setup_s,
         "final": final,
         "cycles": rows,
     }
     (out / "learning.json").write_text(json.dumps(result, indent=2, default=str))
+    if args.record:  # after every cycle: a run cut short still leaves its figures so far
+        record(result, args)
     plot(out / "learning.png", rows, args)
     print_table(rows)
     return result
@@ -465,14 +521,14 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
     print(
         f"{'cycle':>5} {'votes':>5} {'used':>5} {'RM acc':>7} {'RM eval':>7} {'gate':>9} {'score':>7} {'base':>7} "
-        f"{'KL':>6} {'win':>5} {'tokens':>6} {'EOS':>5} {'time s':>7} {'RSS MB':>7}"
+        f"{'KL':>6} {'win':>5} {'tokens':>6} {'EOS':>5} {'time s':>7} {'RSS MB':>7}  win SE"
     )
     for r in rows:
         ev = r["eval"]
         print(
             f"{r['cycle']:>5} {r['votes']:>5} {f(r.get('votes_used'), 'd'):>5} {f(r.get('rm_accuracy')):>7} {f(ev.get('rm_eval_accuracy')):>7} "
             f"{r['decision']:>9} {ev['mean_score']:>7.2f} {ev['base_mean_score']:>7.2f} {ev['kl']:>6.2f} {ev['win_rate']:>5.2f} "
-            f"{ev['mean_tokens']:>6.1f} {ev['eos_rate']:>5.2f} {r['elapsed_s']:>7.0f} {r['peak_rss_mb']:>7.0f}"
+            f"{ev['mean_tokens']:>6.1f} {ev['eos_rate']:>5.2f} {r['elapsed_s']:>7.0f} {r['peak_rss_mb']:>7.0f}  ±{ev['win_rate_se']:.2f}"
         )
     sys.stdout.flush()
 

@@ -173,6 +173,17 @@ def test_dashboard_tables_from_store(runtime):
     assert len(fig.axes) == 3
 
 
+def test_dashboard_shows_gate_reasons_and_the_confidence_bound(runtime):
+    store = runtime.store
+    texts = ["an answer"] * 6
+    gate = evaluate_gate([0.1, 0.0, 0.2, 0.1, 0.0, 0.1], [0.2, 0.3, 0.1, 0.2, 0.3, 0.2], [1.0] * 6, texts, GateConfig())
+    run = store.start_run("cycle")
+    store.finish_run(run, "rejected", summary={"decision": "rejected", "gate": gate.as_metrics()})
+    row = dashboard.run_rows(store)[0]
+    assert row[3] == "rejected" and row[4].startswith("reward not better with 80% confidence") and "[" not in row[4]
+    assert "gain ≥" in dashboard.gate_summary(gate.as_metrics()) and "6 prompts" in dashboard.gate_summary(gate.as_metrics())
+
+
 # ----- Spaces persistence ------------------------------------------------------------------
 def test_snapshot_of_a_live_database_is_consistent(tmp_path):
     import sqlite3

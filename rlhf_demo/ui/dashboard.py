@@ -6,7 +6,6 @@ Metric names follow :mod:`rlhf_demo.worker.cycle` (phase ``reward`` / ``ppo`` / 
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -49,11 +48,19 @@ def versions_rows(store: FeedbackStore) -> list[list[Any]]:
         gate = metrics.get("gate") if isinstance(metrics, dict) else None
         summary = ""
         if isinstance(gate, dict):
-            summary = f"reward {gate.get('candidate_score', 0):+.2f} vs {gate.get('active_score', 0):+.2f}, KL {gate.get('kl', 0):.2f}"
+            summary = gate_summary(gate)
             if gate.get("reasons"):
                 summary += " · " + "; ".join(gate["reasons"])
         rows.append([v["version"], v["created_at"][:19], v.get("parent") or "", v["status"], summary])
     return rows
+
+
+def gate_summary(gate: dict[str, Any]) -> str:
+    """One line for a gate decision: the reward gain with its confidence bound, and the KL."""
+    text = f"reward {gate.get('candidate_score', 0):+.2f} vs {gate.get('active_score', 0):+.2f}"
+    if "lower_bound" in gate:  # gates before the paired bootstrap (2026-11) have no bound
+        text += f" (gain ≥ {gate['lower_bound']:+.2f} at {gate.get('confidence', 0):.0%} confidence, {gate.get('units', 0)} prompts)"
+    return text + f", KL {gate.get('kl', 0):.2f}"
 
 
 def leaderboard_rows(store: FeedbackStore) -> list[list[Any]]:
@@ -106,5 +113,7 @@ def run_rows(store: FeedbackStore, limit: int = 10) -> list[list[Any]]:
     rows = []
     for r in store.list_runs(limit=limit):
         summary = r.get("summary") or {}
-        rows.append([r["id"], r["started_at"][:19], r["status"], summary.get("decision", ""), r.get("error") or json.dumps(summary.get("gate", {}).get("reasons", []))])
+        gate = summary.get("gate") or {}
+        why = r.get("error") or "; ".join(gate.get("reasons") or []) or (gate_summary(gate) if "kl" in gate else "")
+        rows.append([r["id"], r["started_at"][:19], r["status"], summary.get("decision", ""), why])
     return rows
