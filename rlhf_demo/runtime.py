@@ -63,10 +63,20 @@ class Runtime:
         self.store.register_version(FIRST_VERSION, str(folder), None, "active", {"note": "identity LoRA"})
 
     def sync_registry(self) -> str:
-        """Make the server serve the registry's active version; a bad adapter is refused."""
-        wanted = self.store.active_version() or BASE_VERSION
-        if wanted == self.server.active or wanted in self.status.refused:
-            return self.server.active
+        """Make the server serve the registry's active version; a bad adapter is refused.
+
+        A refused version is marked broken in the registry (with the reason) and the
+        newest good version becomes active there, so the worker, other processes and a
+        restart all move on from it without an admin. Bounded: each try breaks one version.
+        """
+        for _ in range(len(self.store.list_versions()) + 1):
+            wanted = self.store.active_version() or BASE_VERSION
+            if wanted == self.server.active or self._serve(wanted):
+                break
+        return self.server.active
+
+    def _serve(self, wanted: str) -> bool:
+        """Load and switch to ``wanted``; False (and marked broken) when it is refused."""
         started = time.perf_counter()
         try:
             load_ms, prepare_ms, mode = 0.0, 0.0, "cached"
@@ -80,10 +90,13 @@ class Runtime:
             total_ms = 1000 * (time.perf_counter() - started)
             self.status.swaps = [*self.status.swaps[-49:], {"version": wanted, "mode": mode, "load_ms": load_ms, "prepare_ms": prepare_ms, "total_ms": total_ms, "at": time.time()}]
         except (AdapterError, StopIteration, OSError) as exc:
-            self.status.refused[wanted] = str(exc)
-            self.status.last_error = f"refused {wanted}: {exc}; still serving {self.server.active}"
+            reason = str(exc) or type(exc).__name__
+            self.status.refused[wanted] = reason
+            fallback = self.store.mark_broken(wanted, reason) or BASE_VERSION
+            self.status.last_error = f"refused {wanted} (marked broken): {reason}; switching to {fallback}"
             log.error(self.status.last_error)
-        return self.server.active
+            return False
+        return True
 
     def start_polling(self) -> None:
         """Poll the registry every ``poll_seconds`` in a daemon thread (cheap: one query)."""

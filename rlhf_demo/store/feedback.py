@@ -4,6 +4,13 @@ One SQLite file in WAL mode, shared by the serving process (Gradio handlers in m
 threads) and the worker process. Each write is one ``BEGIN IMMEDIATE`` transaction,
 committed before the method returns, so a vote the UI confirmed is on disk; a write
 that fails leaves nothing behind. Inputs are validated before any SQL runs.
+
+Reads go through per-thread read-only connections, never through the writer's lock:
+in WAL mode a reader sees the last committed state while a writer works, so the Data
+and Dashboard tabs do not wait behind a slow write (or the worker's).
+
+The ``session_id`` arguments and columns hold the *voter's identity*: the server-issued
+visitor id in the app (see :mod:`rlhf_demo.visitors`), a fixed name in offline tools.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -28,7 +36,7 @@ from .errors import (
     UnknownIdError,
     translate_sqlite_error,
 )
-from .schema import immediate_transaction, migrate
+from .schema import PAIR_KEY_SQL, immediate_transaction, migrate
 from .validate import (
     FINISHED_RUN_STATUSES,
     MAX_ID_BYTES,
@@ -36,6 +44,7 @@ from .validate import (
     OUTCOMES,
     PHASES,
     ROLES,
+    SERVABLE_STATUSES,
     SOURCES,
     VERSION_STATUSES,
     check_choice,
@@ -66,6 +75,16 @@ def _inserted_id(table: sqlite_utils.db.Table) -> int:
     return table.last_rowid
 
 
+@dataclass(frozen=True)
+class VoteResult:
+    """What a vote did: ``created`` a row, ``updated`` the voter's earlier vote on the same
+    answer or pair, left it ``unchanged``, ``removed`` it, or found nothing to remove
+    (``absent``). ``id`` is the row's id (None when there is no row)."""
+
+    change: str
+    id: str | None = None
+
+
 class FeedbackStore:
     """The only door to the SQLite file; safe to share between threads."""
 
@@ -77,6 +96,10 @@ class FeedbackStore:
         # One connection for all threads, guarded by one lock: sqlite3 connections keep
         # transaction state per connection, so interleaved threads would share it.
         self._lock = threading.RLock()
+        self._readers = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
         conn = sqlite3.connect(
             str(self.path), timeout=busy_timeout_ms / 1000, check_same_thread=False
         )
@@ -94,6 +117,11 @@ class FeedbackStore:
             raise
 
     def close(self) -> None:
+        self._closed = True
+        with self._readers_lock:
+            for conn in self._reader_conns:
+                conn.close()
+            self._reader_conns.clear()
         with self._lock:
             self.db.close()
 
@@ -120,13 +148,34 @@ class FeedbackStore:
             except sqlite3.Error as exc:
                 raise translate_sqlite_error(exc, self._busy_timeout_ms) from exc
 
+    def _reader(self) -> sqlite_utils.Database:
+        """This thread's read-only connection (opened on first use).
+
+        Separate connections let readers run beside the writer (WAL); read-only ones
+        cannot write by mistake. Each thread has its own, so no lock is needed.
+        """
+        if self._closed:
+            raise StoreError("the feedback store is closed")
+        db = getattr(self._readers, "db", None)
+        if db is None:
+            conn = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                timeout=self._busy_timeout_ms / 1000,
+                check_same_thread=False,
+            )
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            with self._readers_lock:
+                self._reader_conns.append(conn)
+            db = self._readers.db = sqlite_utils.Database(conn)
+        return db
+
     @contextmanager
     def _read(self) -> Iterator[sqlite_utils.Database]:
-        with self._lock:
-            try:
-                yield self.db
-            except sqlite3.Error as exc:
-                raise translate_sqlite_error(exc, self._busy_timeout_ms) from exc
+        try:
+            yield self._reader()
+        except sqlite3.Error as exc:
+            raise translate_sqlite_error(exc, self._busy_timeout_ms) from exc
 
     def _query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
         with self._read() as db:
@@ -190,13 +239,25 @@ class FeedbackStore:
         latency_s: float,
         finish_reason: str = "stop",
         conversation_id: str | None = None,
+        parent_id: str | None = None,
     ) -> str:
-        """Record what the model was shown and what it said; votes point at this id."""
+        """Record what the model was shown and what it said; votes point at this id.
+
+        ``parent_id`` names the recorded answer this prompt continues. Then every turn
+        of ``prompt`` but the last (a user turn) must be one the server recorded in that
+        chain for the same voter: a history forged by a client cannot be stored as one.
+        """
+        prompt_json = encode_prompt(prompt)
+        if parent_id is not None:
+            check_str("parent_id", parent_id, MAX_ID_BYTES)
+            if prompt[-1]["role"] != "user":
+                raise InvalidInputError("a continued conversation must end with a user turn")
         row = {
             "id": uuid.uuid4().hex,
             "session_id": check_str("session_id", session_id, MAX_ID_BYTES),
             "conversation_id": conversation_id,
-            "prompt_json": encode_prompt(prompt),
+            "parent_id": parent_id,
+            "prompt_json": prompt_json,
             "text": check_str("text", text, MAX_TEXT_BYTES, allow_empty=True),
             "adapter_version": check_str(
                 "adapter_version", adapter_version, MAX_ID_BYTES
@@ -211,8 +272,37 @@ class FeedbackStore:
         with self._write() as db:
             if conversation_id is not None:
                 self._get(db, "conversations", conversation_id, "conversation")
+            if parent_id is not None:
+                recorded = self._recorded_turns(db, parent_id, session_id)
+                forged = [m for m in prompt[:-1] if (m["role"], m["content"]) not in recorded]
+                if forged:
+                    raise InvalidInputError(
+                        f"the conversation holds {len(forged)} turn(s) the server never "
+                        "recorded for this visitor; start a new chat"
+                    )
             db.table("responses").insert(row)
         return str(row["id"])
+
+    def _recorded_turns(
+        self, db: sqlite_utils.Database, response_id: str, session_id: str
+    ) -> set[tuple[str, str]]:
+        """Every (role, content) the server recorded along a chain of answers.
+
+        The chain is followed through ``parent_id`` (bounded: a conversation has a turn
+        limit, a cycle in hand-edited data must not hang).
+        """
+        turns: set[tuple[str, str]] = set()
+        current: str | None = response_id
+        for _ in range(1000):
+            if current is None:
+                break
+            row = self._get(db, "responses", current, "parent response")
+            if row["session_id"] != session_id:
+                raise InvalidInputError("that conversation belongs to another visitor")
+            turns.add(("assistant", row["text"]))
+            turns.update((m["role"], m["content"]) for m in json.loads(row["prompt_json"]))
+            current = row.get("parent_id")
+        return turns
 
     def get_response(self, response_id: str) -> dict[str, Any]:
         """The response row with ``prompt`` and ``sampling`` decoded from JSON."""
@@ -220,9 +310,21 @@ class FeedbackStore:
             row = self._get(db, "responses", response_id, "response")
         return _decode(row, "prompt", "sampling")
 
-    def rate(self, session_id: str, response_id: str, value: int | None) -> None:
-        """Thumbs up (1) or down (-1); voting again changes it; None removes it."""
+    def rate(
+        self,
+        session_id: str,
+        response_id: str,
+        value: int | None,
+        ip_key: str | None = None,
+    ) -> VoteResult:
+        """Thumbs up (1) or down (-1); voting again changes it; None removes it.
+
+        One rating per (voter, response) is a UNIQUE index, so two concurrent thumbs
+        store one row; the result says whether this call created, updated or removed it.
+        """
         check_str("session_id", session_id, MAX_ID_BYTES)
+        if ip_key is not None:
+            check_str("ip_key", ip_key, MAX_ID_BYTES)
         if value is not None and (
             isinstance(value, bool)
             or not isinstance(value, int)
@@ -244,20 +346,29 @@ class FeedbackStore:
             )
             now = utc_now()
             if value is None:
-                if existing:
-                    ratings.delete(existing[0]["id"])
-            elif existing:
-                ratings.update(existing[0]["id"], {"value": value, "updated_at": now})
-            else:
-                ratings.insert(
-                    {
-                        "session_id": session_id,
-                        "response_id": response_id,
-                        "value": value,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
+                if not existing:
+                    return VoteResult("absent")
+                ratings.delete(existing[0]["id"])
+                return VoteResult("removed", str(existing[0]["id"]))
+            if existing:
+                if existing[0]["value"] == value:
+                    return VoteResult("unchanged", str(existing[0]["id"]))
+                ratings.update(
+                    existing[0]["id"],
+                    {"value": value, "updated_at": now, "ip_key": ip_key},
                 )
+                return VoteResult("updated", str(existing[0]["id"]))
+            table = ratings.insert(
+                {
+                    "session_id": session_id,
+                    "response_id": response_id,
+                    "value": value,
+                    "ip_key": ip_key,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+            return VoteResult("created", str(_inserted_id(table)))
 
     def prefer(
         self,
@@ -267,32 +378,85 @@ class FeedbackStore:
         response_b_id: str,
         outcome: str,
         source: str,
+        ip_key: str | None = None,
     ) -> str:
         """An A/B vote between two answers to one prompt; returns the preference id."""
+        result = self.record_preference(
+            session_id=session_id,
+            response_a_id=response_a_id,
+            response_b_id=response_b_id,
+            outcome=outcome,
+            source=source,
+            ip_key=ip_key,
+        )
+        assert result.id is not None
+        return result.id
+
+    def record_preference(
+        self,
+        *,
+        session_id: str,
+        response_a_id: str,
+        response_b_id: str,
+        outcome: str,
+        source: str,
+        ip_key: str | None = None,
+    ) -> VoteResult:
+        """An A/B vote; a voter has one vote per pair (in either order), so voting
+        again on the same pair updates it. The database enforces this with a UNIQUE
+        index: a race of identical votes cannot store two rows."""
         check_str("session_id", session_id, MAX_ID_BYTES)
         check_choice("outcome", outcome, OUTCOMES)
         check_choice("source", source, SOURCES)
+        if ip_key is not None:
+            check_str("ip_key", ip_key, MAX_ID_BYTES)
         if response_a_id == response_b_id:
             raise InvalidInputError("a preference needs two different responses")
-        preference_id = uuid.uuid4().hex
         with self._write() as db:
             a = self._get(db, "responses", response_a_id, "response A")
             b = self._get(db, "responses", response_b_id, "response B")
             if a["prompt_json"] != b["prompt_json"]:
                 raise InvalidInputError("responses A and B answer different prompts")
+            existing = list(
+                db.query(
+                    f"SELECT id, response_a_id, outcome FROM preferences "
+                    f"WHERE session_id = ? AND ({PAIR_KEY_SQL}) = (min(?, ?), max(?, ?))",
+                    [session_id, response_a_id, response_b_id, response_a_id, response_b_id],
+                )
+            )
+            now = utc_now()
+            if existing:
+                old = existing[0]
+                if old["response_a_id"] == response_a_id and old["outcome"] == outcome:
+                    return VoteResult("unchanged", old["id"])
+                db.table("preferences").update(
+                    old["id"],
+                    {
+                        "response_a_id": response_a_id,
+                        "response_b_id": response_b_id,
+                        "outcome": outcome,
+                        "source": source,
+                        "ip_key": ip_key,
+                        "updated_at": now,
+                    },
+                )
+                return VoteResult("updated", old["id"])
+            preference_id = uuid.uuid4().hex
             db.table("preferences").insert(
                 {
                     "id": preference_id,
                     "session_id": session_id,
+                    "ip_key": ip_key,
                     "prompt_json": a["prompt_json"],
                     "response_a_id": response_a_id,
                     "response_b_id": response_b_id,
                     "outcome": outcome,
                     "source": source,
-                    "created_at": utc_now(),
+                    "created_at": now,
+                    "updated_at": now,
                 }
             )
-        return preference_id
+        return VoteResult("created", preference_id)
 
     # -- dashboard numbers -------------------------------------------------------
 
@@ -329,13 +493,13 @@ class FeedbackStore:
     def count_votes_since(self, iso_ts: str | None) -> int:
         """Votes newer than ``iso_ts`` (all when None): the worker's "enough new data?".
 
-        A rating counts by ``updated_at``, so a changed vote is new feedback too.
+        A vote counts by ``updated_at``, so a changed vote is new feedback too.
         """
         since = "" if iso_ts is None else normalize_ts(iso_ts)
         (row,) = self._query(
             """
             SELECT (SELECT COUNT(*) FROM ratings WHERE updated_at > ?)
-                 + (SELECT COUNT(*) FROM preferences WHERE created_at > ?) AS n
+                 + (SELECT COUNT(*) FROM preferences WHERE updated_at > ?) AS n
             """,
             [since, since],
         )
@@ -347,13 +511,13 @@ class FeedbackStore:
         """Decisive A/B votes as prompt/chosen/rejected, oldest first (no ties)."""
         rows = self._query(
             """
-            SELECT p.prompt_json, p.outcome, p.session_id,
+            SELECT p.prompt_json, p.outcome, p.session_id, p.ip_key,
                    a.text AS a_text, b.text AS b_text
             FROM preferences p
             JOIN responses a ON a.id = p.response_a_id
             JOIN responses b ON b.id = p.response_b_id
             WHERE p.outcome IN ('A', 'B')
-            ORDER BY p.created_at, p.rowid
+            ORDER BY p.updated_at, p.rowid
             """
         )
         return [
@@ -362,6 +526,7 @@ class FeedbackStore:
                 "chosen": row["a_text"] if row["outcome"] == "A" else row["b_text"],
                 "rejected": row["b_text"] if row["outcome"] == "A" else row["a_text"],
                 "session_id": row["session_id"],
+                "ip_key": row["ip_key"],
             }
             for row in rows
         ]
@@ -387,15 +552,16 @@ class FeedbackStore:
         """Thumbs as prompt/completion/label; a both-bad vote gives two bad examples."""
         rows = self._query(
             """
-            SELECT r.updated_at AS t, r.rowid AS k, r.session_id, x.prompt_json, x.text,
-                   r.value = 1 AS label
+            SELECT r.updated_at AS t, r.rowid AS k, r.session_id, r.ip_key, x.prompt_json,
+                   x.text, r.value = 1 AS label
             FROM ratings r JOIN responses x ON x.id = r.response_id
             UNION ALL
-            SELECT p.created_at, 2 * p.rowid, p.session_id, x.prompt_json, x.text, 0
+            SELECT p.updated_at, 2 * p.rowid, p.session_id, p.ip_key, x.prompt_json, x.text, 0
             FROM preferences p JOIN responses x ON x.id = p.response_a_id
             WHERE p.outcome = 'both_bad'
             UNION ALL
-            SELECT p.created_at, 2 * p.rowid + 1, p.session_id, x.prompt_json, x.text, 0
+            SELECT p.updated_at, 2 * p.rowid + 1, p.session_id, p.ip_key, x.prompt_json,
+                   x.text, 0
             FROM preferences p JOIN responses x ON x.id = p.response_b_id
             WHERE p.outcome = 'both_bad'
             ORDER BY t, k
@@ -407,16 +573,26 @@ class FeedbackStore:
                 "completion": row["text"],
                 "label": bool(row["label"]),
                 "session_id": row["session_id"],
+                "ip_key": row["ip_key"],
             }
             for row in rows
         ]
 
     def recent_prompts(self, limit: int) -> list[list[dict[str, str]]]:
-        """Distinct prompts users asked, newest first: PPO rollouts start from these."""
+        """Distinct prompts users asked, newest first: PPO rollouts start from these.
+
+        Only conversations the server recorded: a single user turn, or a prompt stored
+        with ``parent_id`` (its earlier turns were checked against the record when it
+        was logged). Older multi-turn rows, and any with a system turn, are left out.
+        """
         limit = check_count("limit", limit)
         rows = self._query(
             """
-            SELECT prompt_json FROM responses GROUP BY prompt_json
+            SELECT prompt_json FROM responses
+            WHERE parent_id IS NOT NULL
+               OR (json_array_length(prompt_json) = 1
+                   AND json_extract(prompt_json, '$[0].role') = 'user')
+            GROUP BY prompt_json
             ORDER BY MAX(created_at) DESC, MAX(rowid) DESC LIMIT ?
             """,
             [limit],
@@ -479,7 +655,40 @@ class FeedbackStore:
                     "rejected versions are never served"
                 )
             self._retire_active(db)
-            db.table("adapter_versions").update(version, {"status": "active"})
+            # An admin may retry a version marked broken (after fixing its files); if it
+            # is still unloadable, the server marks it broken again.
+            db.table("adapter_versions").update(
+                version, {"status": "active", "broken_reason": None}
+            )
+
+    def mark_broken(self, version: str, reason: str) -> str | None:
+        """The server refused ``version``: record why, and if it was the active one,
+        serve the newest version that is still good instead (None: the base model).
+
+        Stored in the registry, not in the server's memory, so a restart (or the worker)
+        does not pick the broken version again.
+        """
+        check_version("version", version)
+        reason = str(reason).replace("\x00", "")[-2000:] or "refused by the server"
+        with self._write() as db:
+            row = self._get(db, "adapter_versions", version, "adapter version")
+            versions = db.table("adapter_versions")
+            versions.update(version, {"status": "broken", "broken_reason": reason})
+            if row["status"] != "active":
+                rows = list(db.query("SELECT version FROM adapter_versions WHERE status = 'active'"))
+                return rows[0]["version"] if rows else None
+            good = list(
+                db.query(
+                    f"SELECT version FROM adapter_versions WHERE status IN "
+                    f"({', '.join('?' for _ in SERVABLE_STATUSES)}) AND version != ? "
+                    "ORDER BY CAST(substr(version, 2) AS INTEGER) DESC LIMIT 1",
+                    [*SERVABLE_STATUSES, version],
+                )
+            )
+            if not good:
+                return None
+            versions.update(good[0]["version"], {"status": "active"})
+            return str(good[0]["version"])
 
     @staticmethod
     def _retire_active(db: sqlite_utils.Database) -> None:

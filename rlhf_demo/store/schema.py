@@ -185,7 +185,49 @@ def _m2_indexes(db: sqlite_utils.Database) -> None:
     db.table("run_metrics").create_index(["run_id"])
 
 
-MIGRATIONS: list[Migration] = [_m1_initial, _m2_indexes]
+def _m3_integrity(db: sqlite_utils.Database) -> None:
+    """One vote per pair per voter, the IP group of each vote, chained turns, broken versions.
+
+    - ``preferences``: one row per (voter, unordered pair of responses), enforced by a
+      UNIQUE index, so a race of identical votes cannot store two; a changed vote is an
+      update (``updated_at``). Duplicates already stored are reduced to the newest one.
+    - ``ip_key`` on votes: a keyed hash of the voter's address (never the address), so
+      training can cap one network's share of the data.
+    - ``responses.parent_id``: the recorded answer whose conversation this prompt
+      continues; PPO takes multi-turn prompts only from such server-recorded chains.
+    - ``adapter_versions.broken_reason``: why the server refused a version ('broken').
+
+    The ``session_id`` columns keep their name but hold the server-issued visitor id
+    (a signed cookie), never Gradio's client-chosen session hash.
+    """
+    db.execute(
+        """
+        DELETE FROM preferences WHERE rowid NOT IN (
+          SELECT MAX(rowid) FROM preferences
+          GROUP BY session_id, min(response_a_id, response_b_id),
+                   max(response_a_id, response_b_id))
+        """
+    )
+    db.table("preferences").add_column("updated_at", str)
+    db.execute("UPDATE preferences SET updated_at = created_at")
+    db.table("preferences").add_column("ip_key", str)
+    db.table("ratings").add_column("ip_key", str)
+    db.table("responses").add_column("parent_id", str)
+    db.table("adapter_versions").add_column("broken_reason", str)
+    db.execute(
+        f"CREATE UNIQUE INDEX {PAIR_VOTE_INDEX} ON preferences "
+        f"(session_id, {PAIR_KEY_SQL})"
+    )
+    db.table("ratings").create_index(["ip_key"])
+    db.table("preferences").create_index(["ip_key"])
+    db.table("preferences").create_index(["updated_at"])
+
+
+# The unordered pair {a, b}: a vote on (b, a) is a vote on the same pair as (a, b).
+PAIR_KEY_SQL = "min(response_a_id, response_b_id), max(response_a_id, response_b_id)"
+PAIR_VOTE_INDEX = "idx_preferences_one_vote_per_pair"
+
+MIGRATIONS: list[Migration] = [_m1_initial, _m2_indexes, _m3_integrity]
 LATEST_VERSION = len(MIGRATIONS)
 
 
