@@ -48,8 +48,8 @@ def serve(settings: Settings) -> None:
     """Run the app until Ctrl+C or SIGTERM, which may come at any moment, start-up included: the
     worker and the Hub sync are stopped on the way out and the exit is clean (status 0)."""
     from rlhf_demo.hub_sync import hub_target, restore_from_hub, start_sync
-    from rlhf_demo.runtime import Runtime
-    from rlhf_demo.ui.app import build_app
+    from rlhf_demo.runtime import Runtime, StartupError
+    from rlhf_demo.ui.app import build_app, launch_options
     from rlhf_demo.worker.supervisor import WorkerSupervisor
 
     stop_on_sigterm()
@@ -73,7 +73,10 @@ def serve(settings: Settings) -> None:
             log.info("training worker disabled (--no-worker); run `python -m rlhf_demo worker` elsewhere to train")
         demo = build_app(runtime, supervisor)
         demo.queue(default_concurrency_limit=settings.limits.max_concurrent_generations)
-        demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
+        demo.launch(server_name=settings.host, server_port=settings.port, **launch_options(runtime))
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        raise SystemExit(2) from None
     except KeyboardInterrupt as stop:
         log.info("shutting down (%s)", stop or "Ctrl+C")
     finally:

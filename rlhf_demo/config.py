@@ -38,8 +38,11 @@ class Limits:
 
     max_message_chars: int = 4000
     max_turns: int = 20
-    votes_per_minute: int = 30
+    votes_per_minute: int = 30  # per visitor (server-issued id)
     max_concurrent_generations: int = 4
+    votes_per_minute_per_ip: int = 120  # per client address: bounds cookie-dropping clients
+    max_training_share: float = 0.10  # of the reward model's rows, per visitor and per address
+    max_upload_size: str = "1mb"  # Gradio's upload route; the app itself takes no files
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 7860
     admin_token: str = ""
+    trust_proxy: bool = False  # read X-Forwarded-For (behind a proxy that sets it, e.g. Spaces)
     worker: bool = True
     poll_seconds: float = 3.0
     adapter_cache: int = 3
@@ -328,6 +332,8 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
             values["port"] = _coerce(env[key], "int", key)
     if "GRADIO_SERVER_NAME" in env and "host" not in values:
         values["host"] = env["GRADIO_SERVER_NAME"]
+    if "trust_proxy" not in values and env.get("SPACE_ID"):
+        values["trust_proxy"] = True  # Spaces' proxy sets X-Forwarded-For
     if "admin_token" not in values and env.get("ADMIN_TOKEN"):
         values["admin_token"] = env["ADMIN_TOKEN"]
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -8,9 +8,12 @@ action, changes what is served without a restart.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rlhf_demo.config import Settings
@@ -18,9 +21,34 @@ from rlhf_demo.modeling import LoadedModel, load_model
 from rlhf_demo.modeling.adapters import AdapterError, attach_new_adapter, save_adapter
 from rlhf_demo.serving import BASE_VERSION, PolicyServer
 from rlhf_demo.store import FeedbackStore
+from rlhf_demo.visitors import Signer, VisitorBook, load_secret
 
 log = logging.getLogger(__name__)
 FIRST_VERSION = "v0"
+
+
+class StartupError(RuntimeError):
+    """The app cannot start as configured; the message says what to change."""
+
+
+def check_writable(data_dir: Path, db_path: Path | None = None) -> None:
+    """Fail at start-up, in one clear sentence, when votes could not be saved later.
+
+    Checks the folder (create it, write and remove a probe file) and the database file
+    if it exists: a read-only copy would otherwise start fine and refuse every vote.
+    """
+    data_dir = Path(data_dir)
+    hint = "set RLHF_DEMO_DATA_DIR (or --data-dir) to a writable folder"
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise StartupError(f"the data directory {data_dir.resolve()} is not writable ({exc.strerror or exc}); {hint}") from None
+    db_path = Path(db_path or data_dir / "feedback.db")
+    for path in (db_path, db_path.with_name(db_path.name + "-wal"), db_path.with_name(db_path.name + "-shm")):
+        if path.exists() and not os.access(path, os.W_OK):
+            raise StartupError(f"the database file {path.resolve()} is read-only; {hint}, or fix its permissions")
 
 
 @dataclass
@@ -38,8 +66,10 @@ class Runtime:
 
     def __init__(self, settings: Settings, loaded: LoadedModel | None = None) -> None:
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(settings.data_dir, settings.db_path)
         self.store = FeedbackStore(settings.db_path)
+        self.signer = Signer(load_secret(settings.data_dir))
+        self.visitors = VisitorBook()
         self.loaded = loaded or load_model(settings)
         self.server = PolicyServer(self.loaded, settings.sampling, max_slots=settings.adapter_cache + 1)
         self.status = SyncStatus()

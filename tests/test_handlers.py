@@ -71,9 +71,12 @@ def test_compare_vote_lands_in_db_and_reveals_versions(handlers, runtime):
     assert "v0" in message and state.voted
     (pair,) = runtime.store.preference_pairs()
     assert pair["chosen"] == b and pair["rejected"] == a
-    with pytest.raises(UserError, match="already voted"):
-        handlers.vote_pair(SESSION, state, "A is better")
-    assert len(runtime.store.preference_pairs()) == 1
+    message, state = handlers.vote_pair(SESSION, state, "A is better")  # a second vote changes the first
+    assert message.startswith("Vote changed.")
+    (pair,) = runtime.store.preference_pairs()
+    assert pair["chosen"] == a
+    assert handlers.vote_pair(SESSION, state, "A is better")[0].startswith("That vote was already recorded.")
+    assert table_count(runtime, "preferences") == 1
 
 
 def test_compare_versions_needs_a_previous_version(handlers):
@@ -117,7 +120,7 @@ def test_pair_vote_without_pair_or_with_bad_outcome_is_refused(handlers, runtime
     _, _, state = handlers.compare(SESSION, "Hi", "Two samples of the active policy", max_new_tokens=4)
     with pytest.raises(UserError, match="Unknown outcome"):
         handlers.vote_pair(SESSION, state, "C is better")
-    with pytest.raises(UserError, match="No session"):
+    with pytest.raises(UserError, match="No visitor"):
         handlers.vote_pair("", state, "A is better")
     assert table_count(runtime, "preferences") == 0
 
@@ -131,7 +134,9 @@ def test_vote_rate_limit_per_session(handlers, runtime):
     with pytest.raises(UserError, match="Too many votes"):
         handlers.like(SESSION, state, 1, False)
     assert runtime.store.counts()["thumbs_up"] == 1
-    handlers.like("another-session", state, 1, False)  # other visitors are not affected
+    other = ChatState()
+    *_, final = handlers.chat("another-visitor", "Hi", [], other, 0.7, 0.9, 4)
+    handlers.like("another-visitor", other, 1, False)  # other visitors are not affected
 
 
 def test_turn_limit(handlers):

@@ -2,12 +2,16 @@
 
 This file only connects components to handlers; every rule lives in the handlers so that
 tests can call them directly. :class:`UserError` and store errors become ``gr.Error``
-messages for the visitor.
+messages for the visitor (logged in one line, no traceback); anything else becomes a
+generic message, never Python's exception text. Who the visitor is comes from the signed
+cookie the :class:`~rlhf_demo.visitors.VisitorMiddleware` issues (see
+:func:`launch_options`), never from Gradio's session hash.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,22 +19,36 @@ import gradio as gr
 
 from rlhf_demo.hub_sync import persistence_note
 from rlhf_demo.runtime import Runtime
-from rlhf_demo.store import StoreError
+from rlhf_demo.store import InvalidInputError, StoreBusyError, StoreError, UnknownIdError
 from rlhf_demo.ui import dashboard
-from rlhf_demo.ui.handlers import OUTCOMES, SOURCES, ChatState, Handlers, PairState, UserError
+from rlhf_demo.ui.handlers import OUTCOMES, SOURCES, ChatState, Handlers, PairState, UserError, check_event
+from rlhf_demo.visitors import Visitor, VisitorMiddleware, identify
 from rlhf_demo.worker.status import read_status
 from rlhf_demo.worker.supervisor import WorkerSupervisor
 
+log = logging.getLogger(__name__)
+GENERIC_ERROR = "The server could not complete this request; please try again."
+# Store errors whose messages are written for people; others may carry SQLite's text.
+PLAIN_STORE_ERRORS = (InvalidInputError, UnknownIdError, StoreBusyError)
 
-def _session(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or ""
+
+def translate(exc: Exception, where: str) -> gr.Error:
+    """A visitor-facing ``gr.Error``: our own refusals as they are (one log line, no
+    traceback: they are expected), anything else generic (with a traceback in the log:
+    that is a bug)."""
+    if isinstance(exc, UserError) or isinstance(exc, PLAIN_STORE_ERRORS):
+        log.info("refused %s: %s", where, str(exc)[:200])
+        return gr.Error(str(exc), print_exception=False)
+    if isinstance(exc, StoreError):
+        log.warning("store error in %s: %s", where, str(exc)[:200])
+    else:
+        log.error("unexpected error in %s", where, exc_info=exc)
+    return gr.Error(GENERIC_ERROR, print_exception=False)
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn our errors into a visible ``gr.Error`` (plain or generator handlers)."""
-
-    def translate(exc: Exception) -> gr.Error:
-        return gr.Error(str(exc))
+    """Turn every error into a visible ``gr.Error`` (plain or generator handlers)."""
+    where = getattr(fn, "__name__", "handler")
 
     if _is_generator(fn):
 
@@ -38,8 +56,10 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         def gen(*args: Any, **kwargs: Any) -> Iterator[Any]:
             try:
                 yield from fn(*args, **kwargs)
-            except (UserError, StoreError) as exc:
-                raise translate(exc) from exc
+            except gr.Error:
+                raise
+            except Exception as exc:  # noqa: BLE001 - translated, never shown raw
+                raise translate(exc, where) from None
 
         return gen
 
@@ -47,10 +67,24 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     def plain(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (UserError, StoreError) as exc:
-            raise translate(exc) from exc
+        except gr.Error:
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated, never shown raw
+            raise translate(exc, where) from None
 
     return plain
+
+
+def launch_options(runtime: Runtime) -> dict[str, Any]:
+    """Keyword arguments for ``Blocks.launch``: the visitor-cookie middleware on the app
+    Gradio builds, an upload size limit, and no raw exception text for clients."""
+    from starlette.middleware import Middleware
+
+    return {
+        "app_kwargs": {"middleware": [Middleware(VisitorMiddleware, signer=runtime.signer, secure=runtime.settings.trust_proxy)]},
+        "max_file_size": runtime.settings.limits.max_upload_size,
+        "show_error": False,
+    }
 
 
 def _is_generator(fn: Callable[..., Any]) -> bool:
@@ -64,7 +98,14 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
     h = Handlers(runtime)
     store = runtime.store
     bounds = runtime.settings.sampling
-    with gr.Blocks(title="rlhf-demo: a chat that learns from your votes") as demo:
+
+    def _session(request: gr.Request | None) -> Visitor:
+        """The visitor behind a request (the name is historical: it is not the session)."""
+        return identify(request, runtime.signer, runtime.visitors, runtime.settings.trust_proxy)
+
+    # delete_cache: Gradio's copies of downloaded exports go within the hour, so "delete
+    # my data" does not leave them behind for long.
+    with gr.Blocks(title="rlhf-demo: a chat that learns from your votes", delete_cache=(1800, 3600)) as demo:
         gr.Markdown("# rlhf-demo\nChat, rate answers with 👍/👎, compare two answers, and watch the model learn.")
         model_info = gr.Markdown(h.model_markdown)
 
@@ -86,18 +127,23 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
                 for value in h.chat(_session(request), msg, chat, state, t, p, n):
                     yield value, "", state
 
+            # Event data arrives as the base gr.EventData and is validated here: the typed
+            # classes (LikeData, ...) fail inside Gradio on a missing or odd payload.
             @_friendly
-            def on_retry(chat: list, state: ChatState, t: float, p: float, n: int, data: gr.RetryData, request: gr.Request) -> Iterator[Any]:
-                for value in h.retry(_session(request), chat, state, data.index, temperature=t, top_p=p, max_new_tokens=n):
+            def on_retry(chat: list, state: ChatState, t: float, p: float, n: int, data: gr.EventData, request: gr.Request) -> Iterator[Any]:
+                index = check_event(data, ("index",))["index"]
+                for value in h.retry(_session(request), chat, state, index, temperature=t, top_p=p, max_new_tokens=n):
                     yield value, state
 
-            def on_undo(chat: list, state: ChatState, data: gr.UndoData) -> tuple[Any, ...]:
-                new_chat, last = h.undo(chat, state, data.index)
+            @_friendly
+            def on_undo(chat: list, state: ChatState, data: gr.EventData) -> tuple[Any, ...]:
+                new_chat, last = h.undo(chat, state, check_event(data, ("index",))["index"])
                 return new_chat, last, state
 
             @_friendly
-            def on_like(state: ChatState, data: gr.LikeData, request: gr.Request) -> str:
-                return h.like(_session(request), state, data.index, data.liked)
+            def on_like(state: ChatState, data: gr.EventData, request: gr.Request) -> str:
+                payload = check_event(data, ("index",))
+                return h.like(_session(request), state, payload["index"], payload.get("liked", True))
 
             chat_inputs = [message, chatbot, chat_state, temperature, top_p, max_new]
             for trigger in (message.submit, send.click):
@@ -113,7 +159,7 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
 
             @_friendly
             def on_api_rate(state: ChatState, index: float, liked: bool, request: gr.Request) -> str:
-                return h.like(_session(request), state, int(index), bool(liked))
+                return h.rate_api(_session(request), state, index, liked)  # no bool(): "Dislike" is truthy
 
             api_rate.click(on_api_rate, [chat_state, api_index, api_liked], [vote_status], api_name="rate")
             clear.click(h.clear, [chat_state], [chatbot, chat_state])
@@ -154,6 +200,10 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
                 export_kto = gr.Button("Export thumbs (TRL prompt/completion/label)")
             export_file = gr.File(label="Download", interactive=False)
             delete_mine = gr.Button("Delete my data", variant="stop")
+            with gr.Row(visible=False) as confirm_row:
+                gr.Markdown("Delete every answer, vote and chat this browser sent? This cannot be undone.")
+                confirm_delete = gr.Button("Yes, delete my data", variant="stop")
+                cancel_delete = gr.Button("Cancel")
             delete_status = gr.Markdown()
             for event in (refresh.click, data_tab.select):
                 event(lambda: (h.counts_markdown(), h.model_markdown()), None, [counts, model_info])
@@ -161,10 +211,13 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
             export_kto.click(_friendly(lambda: h.export("unpaired")), None, export_file, api_name="export_unpaired")
 
             @_friendly
-            def on_delete(request: gr.Request) -> str:
-                return h.delete_my_data(_session(request))
+            def on_delete(request: gr.Request) -> tuple[Any, ...]:
+                return h.delete_my_data(_session(request)), gr.Row(visible=False), h.counts_markdown(), None
 
-            delete_mine.click(on_delete, None, delete_status)
+            # Two steps: the first click only asks; deleting needs the confirmation.
+            delete_mine.click(lambda: (gr.Row(visible=True), ""), None, [confirm_row, delete_status], api_name=False)
+            cancel_delete.click(lambda: gr.Row(visible=False), None, confirm_row, api_name=False)
+            confirm_delete.click(on_delete, None, [delete_status, confirm_row, counts, export_file], api_name="delete_my_data")
 
             if runtime.settings.admin_token:  # absent, not just disabled, without a token
                 with gr.Accordion("Admin", open=False):
@@ -227,5 +280,5 @@ def launch_local(runtime: Runtime) -> tuple[gr.Blocks, str]:
     port = free_port()
     demo = build_app(runtime)
     demo.queue(default_concurrency_limit=runtime.settings.limits.max_concurrent_generations)
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(runtime))
     return demo, f"http://127.0.0.1:{port}/"

@@ -3,21 +3,32 @@
 Each handler validates its input first and raises :class:`UserError` with a message meant
 for the visitor; nothing is written in that case. Votes are committed to SQLite before a
 handler returns, so "recorded" in the UI always means recorded on disk.
+
+Everything the browser sends is hostile: the identity is a :class:`Visitor` the server
+issued (never Gradio's session hash), numbers must be finite, booleans booleans, and the
+chat history the model sees is the server's record of that visitor's conversation; the
+browser's copy is for display and must match that record.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import numbers
 import random
 import re
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_demo.runtime import Runtime
 from rlhf_demo.serving import Generation, strip_control
-from rlhf_demo.store import StoreError
+from rlhf_demo.store import StoreError, export_preferences, export_unpaired
+from rlhf_demo.visitors import Visitor
+
+log = logging.getLogger(__name__)
 
 FENCE_CLOSE = "\n```````"  # closes any open ``` fence (a closing fence may be longer); rare in answers
 VERSION_TAG = re.compile(r"(?:\n```````)?\n\n<sub>written by adapter [^<]*</sub>$")
@@ -30,9 +41,13 @@ class UserError(ValueError):
     """Bad input from a visitor: shown to them as is, nothing written."""
 
 
+CHAT_MISMATCH = "This chat does not match the server's record of your conversation; press Clear to start a new one."
+EXPORT_WRITERS = {"preferences": export_preferences, "unpaired": export_unpaired}
+
+
 @dataclass
 class ChatState:
-    """One browser session's chat: clean messages for the model, response id per answer."""
+    """One page session's chat: which recorded response each answer in the chat is."""
 
     conversation_id: str | None = None
     response_ids: dict[int, str] = field(default_factory=dict)  # chat index -> response id
@@ -57,7 +72,7 @@ def tag_version(text: str, version: str) -> str:
 
 
 def clean_history(chat: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """The model sees the conversation without our display-only version tags."""
+    """The chat without our display-only version tags (what the record holds)."""
     return [{"role": m["role"], "content": VERSION_TAG.sub("", message_text(m["content"]))} for m in chat]
 
 
@@ -69,20 +84,80 @@ def message_text(content: Any) -> str:
     return str(content)
 
 
+def check_chat(chat: Any, max_messages: int) -> list[dict[str, Any]]:
+    """The browser's chat value as a list of user/assistant messages, or a clear refusal."""
+    if chat is None:
+        return []
+    if not isinstance(chat, list) or len(chat) > max_messages:
+        raise UserError("The chat history is malformed; press Clear to start a new one.")
+    for message in chat:
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant") or "content" not in message:
+            raise UserError("The chat history may hold only your messages and the model's answers; press Clear.")
+        if not isinstance(message["content"], (str, list)):
+            raise UserError("The chat history is malformed; press Clear to start a new one.")
+    return list(chat)
+
+
+def check_index(value: Any, what: str = "message") -> int:
+    """A chat position: an integer (or an integral float, as gr.Number sends), never a bool,
+    NaN or text. Gradio's like events may send ``[index]`` or ``[row, col]``."""
+    if isinstance(value, (list, tuple)) and 1 <= len(value) <= 2:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value != int(value) or value < 0:
+        raise UserError(f"That {what} position is not valid.")
+    return int(value)
+
+
+def check_event(data: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The payload of a Gradio event (``gr.EventData``): a dict with ``keys``, or a refusal."""
+    payload = getattr(data, "_data", data)
+    if not isinstance(payload, dict) or any(k not in payload for k in keys):
+        raise UserError("This action arrived without its event data; reload the page.")
+    return payload
+
+
+LIKED = {True: 1, False: -1, "Like": 1, "Dislike": -1, None: None}
+
+
+def check_liked(liked: Any) -> int | None:
+    """👍 is True or "Like", 👎 False or "Dislike", None removes; anything else is refused
+    (``bool("Dislike")`` is True: never coerce)."""
+    if not (liked is None or isinstance(liked, (bool, str))) or liked not in LIKED:
+        raise UserError("A vote must be like (true) or dislike (false).")
+    return LIKED[liked]
+
+
 class RateLimiter:
-    """At most ``limit`` events per session in any 60 s window (in memory, per process)."""
+    """At most ``limit`` events per key in any 60 s window (in memory, per process).
 
-    def __init__(self, limit: int) -> None:
+    Keys are visitor ids and hashed addresses; idle keys are dropped so that a client
+    rotating identities cannot grow the table without bound."""
+
+    def __init__(self, limit: int, max_keys: int = 100_000) -> None:
         self.limit = limit
-        self._events: dict[str, deque[float]] = defaultdict(deque)
+        self.max_keys = max_keys
+        self._events: dict[str, deque[float]] = {}
 
-    def check(self, session_id: str) -> None:
-        now, window = time.monotonic(), self._events[session_id]
+    def _window(self, key: str, now: float) -> deque[float]:
+        window = self._events.setdefault(key, deque())
         while window and now - window[0] > 60:
             window.popleft()
-        if len(window) >= self.limit:
+        return window
+
+    def allows(self, key: str) -> bool:
+        return len(self._window(key, time.monotonic())) < self.limit
+
+    def record(self, key: str) -> None:
+        now = time.monotonic()
+        self._window(key, now).append(now)
+        if len(self._events) > self.max_keys:
+            for stale in [k for k, w in self._events.items() if not w or now - w[-1] > 60]:
+                del self._events[stale]
+
+    def check(self, key: str) -> None:
+        if not self.allows(key):
             raise UserError(f"Too many votes: at most {self.limit} per minute. Please wait a moment.")
-        window.append(now)
+        self.record(key)
 
 
 class Handlers:
@@ -91,7 +166,8 @@ class Handlers:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.limits = runtime.settings.limits
-        self.votes = RateLimiter(self.limits.votes_per_minute)
+        self.votes = RateLimiter(self.limits.votes_per_minute)  # per visitor
+        self.ip_votes = RateLimiter(self.limits.votes_per_minute_per_ip)  # per address
 
     # ----- validation -------------------------------------------------------------------
     def check_message(self, message: Any) -> str:
@@ -107,46 +183,111 @@ class Handlers:
         return text
 
     @staticmethod
-    def check_session(session_id: Any) -> str:
-        if not isinstance(session_id, str) or not session_id.strip():
-            raise UserError("No session: reload the page.")
-        return session_id
+    def check_visitor(visitor: Any) -> Visitor:
+        """The server-issued identity; a plain string is a visitor id (tests, offline tools)."""
+        if isinstance(visitor, str):
+            visitor = Visitor(visitor)
+        if not isinstance(visitor, Visitor) or not isinstance(visitor.id, str) or not visitor.id.strip():
+            raise UserError("No visitor id: reload the page.")
+        return visitor
+
+    check_session = check_visitor  # the old name
+
+    @staticmethod
+    def check_sampling(temperature: Any = None, top_p: Any = None, max_new_tokens: Any = None) -> dict[str, Any]:
+        """Finite numbers or None (the default); out-of-range values are clamped later by
+        the server, but NaN and infinity are refused: they pass every ``min``/``max``."""
+        checked: dict[str, Any] = {}
+        for name, label, value in (("temperature", "Temperature", temperature), ("top_p", "Top-p", top_p), ("max_new_tokens", "Max new tokens", max_new_tokens)):
+            if value is None:
+                checked[name] = None
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise UserError(f"{label} must be a finite number, got {str(value)[:20]!r}.")
+            if name == "max_new_tokens":
+                if value != int(value):
+                    raise UserError(f"{label} must be a whole number.")
+                value = max(1, min(int(value), 10**6))
+            checked[name] = value
+        return checked
+
+    def _check_vote_rate(self, visitor: Visitor) -> None:
+        """Per visitor and per address; nothing counted unless both allow the vote."""
+        keys = [(self.votes, f"v:{visitor.id}")]
+        if visitor.ip_key:
+            keys.append((self.ip_votes, f"ip:{visitor.ip_key}"))
+        for limiter, key in keys:
+            if not limiter.allows(key):
+                raise UserError(f"Too many votes: at most {limiter.limit} per minute. Please wait a moment.")
+        for limiter, key in keys:
+            limiter.record(key)
+
+    def _own_response(self, visitor: Visitor, response_id: str) -> dict[str, Any]:
+        row = self.runtime.store.get_response(response_id)
+        if row["session_id"] != visitor.id:
+            raise UserError("That answer was written for another visitor.")
+        return row
 
     # ----- chat -------------------------------------------------------------------------
+    def recorded_history(self, visitor: Visitor, chat: list[dict[str, Any]], state: ChatState) -> tuple[list[dict[str, str]], str | None]:
+        """The server's record of the conversation that ``chat`` shows, and the id of its
+        last answer; refused when the browser's copy differs from the record.
+
+        The record of an answer is the prompt it was generated from plus its text. The
+        model may have seen fewer of the oldest turns (context budget), so the browser's
+        copy must *end with* the record."""
+        if not chat:
+            return [], None
+        last = len(chat) - 1
+        response_id = state.response_ids.get(last)
+        if chat[-1]["role"] != "assistant" or response_id is None:
+            raise UserError(CHAT_MISMATCH)
+        row = self._own_response(visitor, response_id)
+        record = [*row["prompt"], {"role": "assistant", "content": row["text"]}]
+        shown = clean_history(chat)
+        if len(record) > len(shown) or shown[len(shown) - len(record) :] != record:
+            raise UserError(CHAT_MISMATCH)
+        return record, response_id
+
     def chat(
         self,
-        session_id: str,
+        visitor: Visitor | str,
         message: Any,
-        chat: list[dict[str, Any]],
+        chat: Any,
         state: ChatState,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        max_new_tokens: int | None = None,
+        temperature: Any = None,
+        top_p: Any = None,
+        max_new_tokens: Any = None,
     ) -> Iterator[list[dict[str, Any]]]:
         """Stream an answer into the chat; record it (with its exact prompt) when done."""
-        session_id = self.check_session(session_id)
+        visitor = self.check_visitor(visitor)
         text = self.check_message(message)
-        chat = list(chat or [])
+        sampling = self.check_sampling(temperature, top_p, max_new_tokens)
+        chat = check_chat(chat, 2 * self.limits.max_turns + 2)
         if sum(1 for m in chat if m["role"] == "user") >= self.limits.max_turns:
             raise UserError(f"This conversation reached {self.limits.max_turns} turns; press Clear to start a new one.")
+        record, parent = self.recorded_history(visitor, chat, state)
         chat.append({"role": "user", "content": text})
         yield chat
-        yield from self._answer(session_id, chat, state, temperature, top_p, max_new_tokens)
+        yield from self._answer(visitor, chat, [*record, {"role": "user", "content": text}], parent, state, sampling)
 
-    def retry(self, session_id: str, chat: list[dict[str, Any]], state: ChatState, index: int, **sampling: Any) -> Iterator[list[dict[str, Any]]]:
+    def retry(self, visitor: Visitor | str, chat: Any, state: ChatState, index: Any, **sampling: Any) -> Iterator[list[dict[str, Any]]]:
         """Drop the answer at ``index`` (and what followed) and answer the same question again."""
-        session_id = self.check_session(session_id)
-        chat = list(chat or [])[: max(0, int(index))]
+        visitor = self.check_visitor(visitor)
+        checked = self.check_sampling(**sampling)
+        chat = check_chat(chat, 2 * self.limits.max_turns + 2)[: check_index(index)]
         if not chat or chat[-1]["role"] != "user":
             raise UserError("Nothing to retry.")
+        text = self.check_message(message_text(chat[-1]["content"]))
+        record, parent = self.recorded_history(visitor, chat[:-1], state)
         self._forget_from(state, len(chat))
         yield chat
-        yield from self._answer(session_id, chat, state, **sampling)
+        yield from self._answer(visitor, chat, [*record, {"role": "user", "content": text}], parent, state, checked)
 
-    def undo(self, chat: list[dict[str, Any]], state: ChatState, index: int) -> tuple[list[dict[str, Any]], str]:
+    def undo(self, chat: Any, state: ChatState, index: Any) -> tuple[list[dict[str, Any]], str]:
         """Remove the last exchange from the chat; its stored answer and votes stay (the data is kept)."""
-        chat = list(chat or [])
-        cut = max(0, int(index))
+        chat = check_chat(chat, 2 * self.limits.max_turns + 2)
+        cut = check_index(index)
         if cut < len(chat) and chat[cut]["role"] == "assistant":
             cut -= 1  # undoing an answer also removes the question that led to it
         self._forget_from(state, max(cut, 0))
@@ -165,30 +306,30 @@ class Handlers:
 
     def _answer(
         self,
-        session_id: str,
+        visitor: Visitor,
         chat: list[dict[str, Any]],
+        prompt: list[dict[str, str]],
+        parent: str | None,
         state: ChatState,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        max_new_tokens: int | None = None,
+        sampling: dict[str, Any],
     ) -> Iterator[list[dict[str, Any]]]:
-        history = clean_history(chat)
+        """Generate from the server's ``prompt`` (never the browser's chat) and record it."""
         result: Generation | None = None
-        for item in self.runtime.server.stream(history, None, temperature, top_p, max_new_tokens):
+        for item in self.runtime.server.stream(prompt, None, sampling["temperature"], sampling["top_p"], sampling["max_new_tokens"]):
             if isinstance(item, Generation):
                 result = item
             else:
                 yield [*chat, {"role": "assistant", "content": item}]
         assert result is not None
         if state.conversation_id is None:
-            state.conversation_id = self.runtime.store.new_conversation(session_id)
-        response_id = self._log(session_id, result, state.conversation_id)
+            state.conversation_id = self.runtime.store.new_conversation(visitor.id)
+        response_id = self._log(visitor, result, state.conversation_id, parent)
         state.response_ids[len(chat)] = response_id
         yield [*chat, {"role": "assistant", "content": tag_version(result.text, result.version)}]
 
-    def _log(self, session_id: str, result: Generation, conversation_id: str | None) -> str:
+    def _log(self, visitor: Visitor, result: Generation, conversation_id: str | None, parent: str | None = None) -> str:
         return self.runtime.store.log_response(
-            session_id=session_id,
+            session_id=visitor.id,
             prompt=result.prompt,
             text=result.text,
             adapter_version=result.version,
@@ -198,28 +339,47 @@ class Handlers:
             latency_s=result.latency_s,
             finish_reason=result.finish_reason,
             conversation_id=conversation_id,
+            parent_id=parent,
         )
 
-    def like(self, session_id: str, state: ChatState, index: Any, liked: Any) -> str:
-        """👍/👎 on the answer at chat ``index``; clicking the same thumb again removes the vote."""
-        session_id = self.check_session(session_id)
-        if isinstance(index, (list, tuple)):
-            index = index[0]
-        if not isinstance(index, int) or index not in state.response_ids:
+    def like(self, visitor: Visitor | str, state: ChatState, index: Any, liked: Any) -> str:
+        """👍/👎 on the answer at chat ``index``; one vote per answer per visitor (a second
+        thumb changes it); None removes it."""
+        visitor = self.check_visitor(visitor)
+        if isinstance(index, float) or isinstance(index, str) or index is None:
             raise UserError("That message is not a rated answer (wait until it has finished).")
-        value = {True: 1, False: -1, "Like": 1, "Dislike": -1}.get(liked) if isinstance(liked, (bool, str)) else None
-        self.votes.check(session_id)
-        self.runtime.store.rate(session_id, state.response_ids[index], value)
-        return {1: "👍 recorded.", -1: "👎 recorded.", None: "Vote removed."}[value]
+        position = check_index(index)
+        if position not in state.response_ids:
+            raise UserError("That message is not a rated answer (wait until it has finished).")
+        value = check_liked(liked)
+        response_id = state.response_ids[position]
+        self._own_response(visitor, response_id)
+        self._check_vote_rate(visitor)
+        result = self.runtime.store.rate(visitor.id, response_id, value, ip_key=visitor.ip_key)
+        thumb = {1: "👍", -1: "👎", None: ""}[value]
+        return {
+            "created": f"{thumb} recorded.",
+            "updated": f"Vote changed to {thumb}.",
+            "unchanged": f"{thumb} was already recorded.",
+            "removed": "Vote removed.",
+            "absent": "There was no vote to remove.",
+        }[result.change]
+
+    def rate_api(self, visitor: Visitor | str, state: ChatState, index: Any, liked: Any) -> str:
+        """The same vote for API clients: ``index`` may be an integral float (gr.Number)."""
+        if isinstance(index, float) and math.isfinite(index) and index == int(index):
+            index = int(index)
+        return self.like(visitor, state, index, liked)
 
     # ----- compare ----------------------------------------------------------------------
-    def compare(self, session_id: str, message: Any, source_label: str, **sampling: Any) -> tuple[str, str, PairState]:
+    def compare(self, visitor: Visitor | str, message: Any, source_label: Any, **sampling: Any) -> tuple[str, str, PairState]:
         """Two answers to one prompt from one batched call; which version wrote which stays hidden."""
-        session_id = self.check_session(session_id)
+        visitor = self.check_visitor(visitor)
         text = self.check_message(message)
-        source = SOURCES.get(source_label, source_label)
+        checked = {k: v for k, v in self.check_sampling(**sampling).items() if v is not None}
+        source = SOURCES.get(source_label, source_label) if isinstance(source_label, str) else None
         if source not in SOURCES.values():
-            raise UserError(f"Unknown comparison source {source_label!r}.")
+            raise UserError(f"Unknown comparison source {str(source_label)[:40]!r}.")
         active = self.runtime.server.active
         if source == "two_versions":
             previous = self.previous_version(active)
@@ -229,8 +389,8 @@ class Handlers:
             random.shuffle(versions)  # blind: position must not reveal the version
         else:
             versions = [active, active]
-        results = self.runtime.server.generate_pair([{"role": "user", "content": text}], (versions[0], versions[1]), **sampling)
-        ids = tuple(self._log(session_id, r, None) for r in results)
+        results = self.runtime.server.generate_pair([{"role": "user", "content": text}], (versions[0], versions[1]), **checked)
+        ids = tuple(self._log(visitor, r, None) for r in results)
         state = PairState(response_ids=(ids[0], ids[1]), versions=(versions[0], versions[1]), source=source)
         return results[0].text, results[1].text, state
 
@@ -248,31 +408,34 @@ class Handlers:
         self.runtime.server.load_version(previous, row["path"])
         return previous
 
-    def vote_pair(self, session_id: str, state: PairState, outcome_label: str) -> tuple[str, PairState]:
-        """Record an A/B vote, then reveal which version wrote which answer."""
-        session_id = self.check_session(session_id)
-        outcome = OUTCOMES.get(outcome_label, outcome_label)
+    def vote_pair(self, visitor: Visitor | str, state: PairState, outcome_label: Any) -> tuple[str, PairState]:
+        """Record an A/B vote (voting again on the same pair changes it), then reveal which
+        version wrote which answer."""
+        visitor = self.check_visitor(visitor)
+        outcome = OUTCOMES.get(outcome_label, outcome_label) if isinstance(outcome_label, str) else None
         if outcome not in OUTCOMES.values():
-            raise UserError(f"Unknown outcome {outcome_label!r}.")
-        if state.response_ids is None or state.versions is None:
+            raise UserError(f"Unknown outcome {str(outcome_label)[:40]!r}.")
+        if not isinstance(state, PairState) or state.response_ids is None or state.versions is None:
             raise UserError("Generate a pair first.")
-        if state.voted:
-            raise UserError("You already voted on this pair; generate a new one.")
-        self.votes.check(session_id)
         a, b = state.response_ids
-        self.runtime.store.prefer(session_id=session_id, response_a_id=a, response_b_id=b, outcome=outcome, source=state.source)
+        self._own_response(visitor, a)
+        self._check_vote_rate(visitor)
+        result = self.runtime.store.record_preference(
+            session_id=visitor.id, response_a_id=a, response_b_id=b, outcome=outcome, source=state.source, ip_key=visitor.ip_key
+        )
         state.voted = True
-        return f"Vote recorded. A was written by **{state.versions[0]}**, B by **{state.versions[1]}**.", state
+        said = {"created": "Vote recorded.", "updated": "Vote changed.", "unchanged": "That vote was already recorded."}[result.change]
+        return f"{said} A was written by **{state.versions[0]}**, B by **{state.versions[1]}**.", state
 
     # ----- data -------------------------------------------------------------------------
     def counts_markdown(self) -> str:
         counts = self.runtime.store.counts()
-        per_session = self.runtime.store.votes_per_session()
-        top = ", ".join(str(n) for n in per_session[:10]) or "none yet"
+        per_voter = self.runtime.store.votes_per_session()
+        top = ", ".join(str(n) for n in per_voter[:10]) or "none yet"
         return (
             f"**Responses** {counts['responses']} · **👍** {counts['thumbs_up']} · **👎** {counts['thumbs_down']} · "
             f"**A/B pairs** {counts['preferences']} · **ties** {counts['ties']} · **both bad** {counts['both_bad']} · "
-            f"**voting sessions** {counts['sessions']}  \nVotes per session (largest first, no identities): {top}"
+            f"**voters** {counts['sessions']}  \nVotes per voter (largest first, no identities): {top}"
         )
 
     def model_markdown(self) -> str:
@@ -280,20 +443,17 @@ class Handlers:
         warning = "\n\n⚠️ **This is the tiny random test model: its answers are noise.**" if self.runtime.loaded.source.is_test_model else ""
         return f"**Model:** {d['model']}  \n**Active adapter:** {d['active_adapter']}  \n**Data directory:** `{d['data_dir']}`{warning}"
 
-    def export(self, kind: str, include_session_ids: bool = False, admin_token: str = "") -> str:
+    def export(self, kind: Any, include_session_ids: bool = False, admin_token: Any = "") -> str:
         """Write a TRL-format JSONL into the exports folder and return its path."""
-        from rlhf_demo.store import export_preferences, export_unpaired
-
         if include_session_ids:
             self.require_admin(admin_token)
-        writers = {"preferences": export_preferences, "unpaired": export_unpaired}
-        if kind not in writers:
-            raise UserError(f"Unknown export {kind!r}.")
+        if kind not in EXPORT_WRITERS:
+            raise UserError(f"Unknown export {str(kind)[:40]!r}.")
         folder = self.runtime.settings.exports_dir
         folder.mkdir(parents=True, exist_ok=True)
         suffix = "-with-sessions" if include_session_ids else ""
         path = folder / f"{kind}{suffix}.jsonl"
-        writers[kind](self.runtime.store, path, include_session_ids=include_session_ids)
+        EXPORT_WRITERS[kind](self.runtime.store, path, include_session_ids=include_session_ids)
         return str(path)
 
     def require_admin(self, token: Any) -> None:
@@ -304,7 +464,7 @@ class Handlers:
             raise UserError("This action needs the admin token.")
 
     # ----- admin (each needs the token; the UI renders these only when one is configured) ---
-    def rollback(self, version: Any, admin_token: str) -> str:
+    def rollback(self, version: Any, admin_token: Any) -> str:
         """Pin the served version to any published one (the server picks it up on its next poll)."""
         self.require_admin(admin_token)
         if not isinstance(version, str) or not version:
@@ -313,7 +473,7 @@ class Handlers:
         served = self.runtime.sync_registry()
         return f"Now serving {served}."
 
-    def reset_to_base(self, admin_token: str) -> str:
+    def reset_to_base(self, admin_token: Any) -> str:
         """Serve the base model without any adapter; the versions stay for a later rollback."""
         self.require_admin(admin_token)
         active = self.runtime.store.active_version()
@@ -321,16 +481,40 @@ class Handlers:
             self.runtime.store.set_version_status(active, "retired")
         return f"Now serving {self.runtime.sync_registry()}."
 
-    def train_now(self, admin_token: str) -> str:
+    def train_now(self, admin_token: Any) -> str:
         from rlhf_demo.worker.status import request_training
 
         self.require_admin(admin_token)
         request_training(self.runtime.settings.worker_dir)
         return "Training requested: the worker starts a cycle on its next poll."
 
-    def delete_my_data(self, session_id: str) -> str:
-        counts = self.runtime.store.delete_session_data(self.check_session(session_id))
-        return "Deleted: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+    def delete_my_data(self, visitor: Visitor | str) -> str:
+        """Forget everything this visitor sent, and rewrite every export that held it.
+
+        Exports this app knows how to write are regenerated from what remains; any other
+        file in the exports folder cannot be checked, so it is removed."""
+        visitor = self.check_visitor(visitor)
+        counts = self.runtime.store.delete_session_data(visitor.id)
+        regenerated, removed = self.refresh_exports()
+        parts = ", ".join(f"{v} {k}" for k, v in counts.items())
+        return f"Deleted: {parts}. Exports rewritten: {regenerated}, removed: {removed}."
+
+    def refresh_exports(self) -> tuple[int, int]:
+        folder = self.runtime.settings.exports_dir
+        if not folder.is_dir():
+            return 0, 0
+        regenerated = removed = 0
+        for path in sorted(folder.iterdir()):
+            if not path.is_file():
+                continue
+            kind, _, suffix = path.name.removesuffix(".jsonl").partition("-")
+            if path.suffix == ".jsonl" and kind in EXPORT_WRITERS and suffix in ("", "with-sessions"):
+                EXPORT_WRITERS[kind](self.runtime.store, path, include_session_ids=bool(suffix))
+                regenerated += 1
+            else:
+                path.unlink()
+                removed += 1
+        return regenerated, removed
 
 
 __all__ = ["ChatState", "Handlers", "PairState", "StoreError", "UserError"]

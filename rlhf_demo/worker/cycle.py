@@ -20,7 +20,7 @@ from rlhf_demo.modeling import LoadedModel
 from rlhf_demo.modeling.adapters import attach_new_adapter, put_adapter
 from rlhf_demo.ppo.trainer import PPOTrainer, sample_and_score
 from rlhf_demo.reward import holdout_split
-from rlhf_demo.reward.fairness import cap_per_session
+from rlhf_demo.reward.fairness import cap_per_voter
 from rlhf_demo.reward.model import RewardModel
 from rlhf_demo.reward.trainer import RewardMetrics, train_reward_model
 from rlhf_demo.store import FeedbackStore
@@ -68,7 +68,7 @@ def train_reward(settings: Settings, store: FeedbackStore, loaded: LoadedModel, 
     config = settings.training.reward
     config = dataclasses.replace(config, max_seconds=budget_s, epochs=config.warm_epochs if warm else config.epochs)
     cap = settings.training.max_votes_per_session
-    pairs, thumbs = cap_per_session(store.preference_pairs(), cap), cap_per_session(store.thumb_examples(), cap)
+    pairs, thumbs = (cap_per_voter(rows, settings.limits.max_training_share, cap) for rows in (store.preference_pairs(), store.thumb_examples()))
     rm, metrics = train_reward_model(loaded.model, loaded.tokenizer, pairs, thumbs, config, settings.lora, warm_start=warm, progress=progress)
     metrics.votes_used = len(pairs) + len(thumbs)
     loaded.model = rm.model
