@@ -71,7 +71,7 @@ def race(url: str, pairs: int) -> dict[str, int]:
         client.predict(f"race {i}", "Two samples of the active policy", 0.7, 0.9, 4, api_name="/compare")
         barrier = threading.Barrier(4)
 
-        def vote(name: str) -> None:
+        def vote(name: str, barrier: threading.Barrier = barrier) -> None:
             barrier.wait()
             try:
                 replies.append(client.predict(api_name=name))
