@@ -179,7 +179,7 @@ def sample_answers(
     judged by the rater, with their KL to the reference (sum over the answer of
     log pi - log ref, the gate's and PPO's estimator)."""
 
-    def rater_scores(batch_prompts: list, completions: list[str]) -> torch.Tensor:
+    def rater_scores(batch_prompts: list, completions: list[str], finished: list[bool]) -> torch.Tensor:  # the rater reads the text
         return torch.tensor([float(rater(p[-1]["content"], c)) for p, c in zip(batch_prompts, completions, strict=True)])
 
     adapter = None
@@ -240,8 +240,8 @@ def rm_agreement(
     rm = RewardModel.load(loaded.model, loaded.tokenizer, folder, name=EVAL_REWARD)
     loaded.model = rm.model
     ps = [prompts[i] for i in keep]
-    r_active = rm.score(ps, [active["texts"][i] for i in keep], normalized=False, batch_size=16)
-    r_base = rm.score(ps, [base["texts"][i] for i in keep], normalized=False, batch_size=16)
+    r_active = rm.score(ps, [active["texts"][i] for i in keep], normalized=False, batch_size=16, finished=[bool(active["eos"][i]) for i in keep])
+    r_base = rm.score(ps, [base["texts"][i] for i in keep], normalized=False, batch_size=16, finished=[bool(base["eos"][i]) for i in keep])
     agree = [
         (float(ra) > float(rb)) == (active["scores"][i] > base["scores"][i]) if float(ra) != float(rb) else 0.5
         for ra, rb, i in zip(r_active, r_base, keep, strict=True)

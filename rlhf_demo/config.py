@@ -115,7 +115,7 @@ class PPOConfig:
     """Adam LR for the LoRA adapter (and the value head with ``advantage="gae"``). TRL's
     1.41e-5 is for full fine-tuning; a LoRA delta trained from zero wants much more, and a
     cycle has only a few steps: 1e-4 did not move the policy in 15 steps, 1e-3 did."""
-    steps: int = 4
+    steps: int = 6
     """PPO iterations (rollout batch + updates) per ``PPOTrainer.train`` call (a cycle)."""
     batch_size: int = 32
     """Rollouts (answers) per step: ``batch_size / samples_per_prompt`` prompts, sampled in

@@ -58,7 +58,7 @@ def test_ppo_step_on_cuda_moves_the_policy_and_keeps_the_reference(cuda_settings
     policy = attach_new_adapter(loaded.model, "policy", cuda_settings.lora)
     config = PPOConfig(batch_size=8, mini_batch_size=4, samples_per_prompt=4, max_new_tokens=8, learning_rate=1e-2)
     torch.manual_seed(0)
-    trainer = PPOTrainer(policy, loaded.tokenizer, lambda p, c: torch.randn(len(c)), config)
+    trainer = PPOTrainer(policy, loaded.tokenizer, lambda p, c, f: torch.randn(len(c)), config)
     prompts = [PROMPT, [{"role": "user", "content": "Say hello."}]]
     r = trainer.rollout(prompts)
     assert r.logprobs.device.type == "cuda" and torch.equal(r.logprobs, r.ref_logprobs)  # fresh LoRA = identity

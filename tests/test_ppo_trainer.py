@@ -41,7 +41,7 @@ def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def random_reward(prompts, completions) -> torch.Tensor:
+def random_reward(prompts, completions, finished) -> torch.Tensor:
     return torch.randn(len(completions))
 
 
@@ -91,7 +91,13 @@ def test_truncate_at_eos_hand_made():
 def test_rollout_masks_match_the_eos(policy, tiny_loaded):
     tok = tiny_loaded.tokenizer
     torch.manual_seed(1)
-    trainer = PPOTrainer(policy, tok, random_reward, GAE)
+    told: list[bool] = []
+
+    def reward(prompts, completions, finished):
+        told.extend(finished)
+        return torch.randn(len(completions))
+
+    trainer = PPOTrainer(policy, tok, reward, GAE)
     prompts = [user(p) for p in PROMPTS * 2]
     # the random tiny model hardly ever samples EOS: declare every 6th token id an extra
     # EOS id in the generation config (chat models list several there), so some answers
@@ -112,6 +118,7 @@ def test_rollout_masks_match_the_eos(policy, tiny_loaded):
         for t in (r.logprobs, r.ref_logprobs, r.values, r.entropy):
             assert torch.isfinite(t[i]).all() and (t[i][~keep] == 0).all()
     assert r.has_eos.any() and not r.has_eos.all()
+    assert told == r.has_eos.tolist()  # the reward function learns which answers were cut off
     assert r.response_ids.shape[1] <= FAST.max_new_tokens
 
 
@@ -235,7 +242,7 @@ def test_ppo_raises_a_synthetic_reward_within_the_kl_target(policy, tiny_loaded,
     prompts = [user(p) for p in PROMPTS]
     norm = {"mean": 0.0, "std": 1.0}
 
-    def spaces(_prompts, completions):
+    def spaces(_prompts, completions, _finished):
         raw = torch.tensor([float(c.count(" ")) for c in completions])
         return (raw - norm["mean"]) / norm["std"]
 
@@ -296,7 +303,7 @@ def test_train_time_budget_and_progress(policy, tiny_loaded):
 def test_train_cycles_through_the_prompts_k_answers_each(policy, tiny_loaded):
     seen: list[str] = []
 
-    def reward(prompts, completions):
+    def reward(prompts, completions, finished):
         seen.extend(p[-1]["content"] for p in prompts)
         return torch.zeros(len(completions))
 
@@ -345,7 +352,7 @@ def test_train_runs_every_step_within_the_kl_bound(policy, tiny_loaded):
 
 def test_missing_eos_penalty_applies_to_unfinished_answers(policy, tiny_loaded):
     cfg = PPOConfig(**{**FAST.__dict__, "missing_eos_penalty": 1.5})
-    trainer = PPOTrainer(policy, tiny_loaded.tokenizer, lambda p, c: torch.ones(len(c)), cfg)
+    trainer = PPOTrainer(policy, tiny_loaded.tokenizer, lambda p, c, f: torch.ones(len(c)), cfg)
     r = trainer.rollout([user(p) for p in PROMPTS])
     assert torch.equal(r.raw_scores, torch.ones(4))
     assert torch.equal(r.scores, torch.where(r.has_eos, 1.0, -0.5))

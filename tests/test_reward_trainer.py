@@ -18,7 +18,7 @@ from rlhf_demo.modeling.adapters import ADAPTER_CONFIG, AdapterError, attach_new
 from rlhf_demo.modeling.heads import HEAD_FILE
 from rlhf_demo.reward import RewardConfig, RewardMetrics, RewardModel, build_examples, split_holdout, train_reward_model
 from rlhf_demo.reward.losses import example_key
-from rlhf_demo.reward.model import NORMALIZER_FILE
+from rlhf_demo.reward.model import NORMALIZER_FILE, chat_text
 
 # ── synthetic feedback ───────────────────────────────────────────────────────────────
 
@@ -100,6 +100,18 @@ def test_thumbs_on_one_prompt_form_capped_pairs():
     assert derived == [("up0", "down1"), ("up1", "down0"), ("up0", "down2")]
     assert all(c.startswith("up") and r.startswith("down") for c, r in derived)
     assert sum(e["source"] == "ab" for e in pair_ex) == 1
+
+
+def test_examples_keep_whether_each_answer_was_cut_off():
+    p = user("q")
+    pairs = [{"prompt": p, "chosen": "ended.", "rejected": "cut off mid", "chosen_finished": True, "rejected_finished": False}]
+    thumbs = [{"prompt": p, "completion": "also cut", "label": False, "finished": False}, {"prompt": p, "completion": "fine.", "label": True}]
+    pair_ex, thumb_ex = build_examples(pairs, thumbs)
+    ab = next(e for e in pair_ex if e["source"] == "ab")
+    assert (ab["chosen_finished"], ab["rejected_finished"]) == (True, False)
+    assert {e["completion"]: e["finished"] for e in thumb_ex} == {"also cut": False, "fine.": True}  # default: ended
+    derived = next(e for e in pair_ex if e["source"] == "thumbs")
+    assert (derived["chosen"], derived["chosen_finished"], derived["rejected"], derived["rejected_finished"]) == ("fine.", True, "also cut", False)
 
 
 def test_split_holdout_is_stable_as_data_grows():
@@ -207,6 +219,32 @@ def test_learns_a_synthetic_preference(trained):
     assert abs(normalized.mean().item()) < 0.5 and 0.5 < normalized.std().item() < 1.5
     raw = trained.rm.score(prompts, texts, normalized=False)
     torch.testing.assert_close(normalized, (raw - m.reward_mean) / m.reward_std)
+
+
+def test_reward_model_sees_whether_an_answer_was_cut_off(tiny_model_dir, tmp_path):
+    """A rater who dislikes answers cut at the length limit: the texts alone carry no sign of
+    it (chosen and rejected come from the same random words), only the missing end-of-turn
+    does. Before the reward model read that, this preference could not be learned at all."""
+    loaded = load_tiny(tiny_model_dir, tmp_path, quantization="fp32")
+    tok = loaded.tokenizer
+    cut = chat_text(tok, user("q"), "some words", finished=False)
+    assert cut.endswith("some words") and chat_text(tok, user("q"), "some words").startswith(cut)
+    rng = random.Random(0)
+    words = "red green blue sky sea tree stone river cloud".split()
+
+    def answer() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
+
+    pairs = [
+        {"prompt": user(f"question {i}"), "chosen": answer(), "rejected": answer(), "chosen_finished": True, "rejected_finished": False}
+        for i in range(160)
+    ]
+    rm, metrics = train_reward_model(loaded.model, tok, pairs, [], FAST, LoraSettings())
+    assert metrics.holdout_pairs >= 10 and metrics.pairwise_accuracy >= 0.9, metrics
+    texts = [answer() for _ in range(20)]
+    ended = rm.score([user("new")] * 20, texts, finished=[True] * 20)
+    cut_off = rm.score([user("new")] * 20, texts, finished=[False] * 20)
+    assert (ended > cut_off).float().mean() >= 0.9
 
 
 def test_gradients_reach_only_reward_lora_and_head(trained):

@@ -221,6 +221,16 @@ def test_vote_on_unknown_response_writes_nothing(
 # -- preferences and training data ---------------------------------------------
 
 
+def test_training_data_says_which_answers_were_cut_at_the_length_limit(store: FeedbackStore) -> None:
+    ended, cut = respond(store, "Blue."), respond(store, "The sky is blue because", finish_reason="length")
+    store.prefer(session_id="s1", response_a_id=cut, response_b_id=ended, outcome="B", source="two_samples")
+    store.rate("s1", cut, -1)
+    (pair,) = store.preference_pairs()
+    assert (pair["chosen"], pair["chosen_finished"], pair["rejected_finished"]) == ("Blue.", True, False)
+    (thumb,) = store.thumb_examples()
+    assert (thumb["completion"], thumb["finished"], thumb["label"]) == ("The sky is blue because", False, False)
+
+
 def test_prefer_round_trip_and_training_data(store: FeedbackStore) -> None:
     a, b = respond(store, "Blue."), respond(store, "I cannot answer.")
     store.prefer(
@@ -259,6 +269,8 @@ def test_prefer_round_trip_and_training_data(store: FeedbackStore) -> None:
             "prompt": PROMPT,
             "chosen": "Blue.",
             "rejected": "I cannot answer.",
+            "chosen_finished": True,
+            "rejected_finished": True,
             "session_id": "s1",
             "ip_key": None,
         },
@@ -266,6 +278,8 @@ def test_prefer_round_trip_and_training_data(store: FeedbackStore) -> None:
             "prompt": PROMPT,
             "chosen": "I cannot answer.",
             "rejected": "Blue.",
+            "chosen_finished": True,
+            "rejected_finished": True,
             "session_id": "s2",
             "ip_key": None,
         },

@@ -47,7 +47,9 @@ from rlhf_demo.ppo.core import (
 )
 
 Messages = list[dict[str, str]]
-RewardFn = Callable[[list[Messages], list[str]], torch.Tensor]
+# reward_fn(prompts, completions, finished) -> (B,) scores; finished[i] is False when answer i
+# was cut at max_new_tokens (the reward model reads it without an end-of-turn marker).
+RewardFn = Callable[[list[Messages], list[str], list[bool]], torch.Tensor]
 ADAM_EPS = 1e-5  # CleanRL / OpenAI baselines; TRL keeps torch's 1e-8
 
 
@@ -248,7 +250,7 @@ def sample_and_score(
     batch_size: int = 32,
 ) -> ScoredAnswers:
     """Sample one answer per prompt from ``adapter`` (None: the reference, i.e. the base),
-    score them with ``score_fn(prompts, texts)`` and measure their KL to the reference."""
+    score them with ``score_fn(prompts, texts, finished)`` and measure their KL to the reference."""
     out = ScoredAnswers([], [], [], [], [])
     for i in range(0, len(prompts), max(1, batch_size)):
         chunk = prompts[i : i + batch_size]
@@ -264,7 +266,7 @@ def sample_and_score(
                 with model.disable_adapter():
                     ref_logprobs, _, _ = response_forward(model, *batch, config.temperature)
             kl = (logprobs - ref_logprobs).sum(dim=1)
-        scores = torch.as_tensor(score_fn(chunk, s.completions), dtype=torch.float32).reshape(-1)
+        scores = torch.as_tensor(score_fn(chunk, s.completions, s.has_eos.tolist()), dtype=torch.float32).reshape(-1)
         out.texts += s.completions
         out.scores += scores.tolist()
         out.kl += kl.tolist()
@@ -293,7 +295,7 @@ class TrainResult:
 class PPOTrainer:
     """PPO on the LoRA adapter ``policy_adapter`` of the PEFT model ``model``.
 
-    ``reward_fn(prompts, completions) -> (B,)`` scores the decoded answers (already
+    ``reward_fn(prompts, completions, finished) -> (B,)`` scores the decoded answers (already
     normalised by the caller). Only the policy's LoRA parameters (and, with GAE, the
     value head) are optimised (AdamW); the base weights and other adapters are untouched.
     """
@@ -350,7 +352,7 @@ class PPOTrainer:
         """Sample one answer per prompt, score it, and recompute log-probs (and values)."""
         self._activate_policy()
         s = sample(self.model, self.tokenizer, prompts, self.config)
-        raw_scores = torch.as_tensor(self.reward_fn(prompts, s.completions), dtype=torch.float32).to(self.device).reshape(-1)
+        raw_scores = torch.as_tensor(self.reward_fn(prompts, s.completions, s.has_eos.tolist()), dtype=torch.float32).to(self.device).reshape(-1)
         if raw_scores.shape[0] != len(prompts):
             raise ValueError(f"reward_fn gave {raw_scores.shape[0]} scores for {len(prompts)} answers")
         self._activate_policy()  # the reward function may have switched adapters

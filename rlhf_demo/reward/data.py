@@ -32,24 +32,38 @@ def build_examples(
       at most ``max_pairs_per_prompt`` per prompt, spread so every answer appears early);
       a combination that is already an A/B pair is not added twice.
 
-    Pair examples: ``{"prompt", "chosen", "rejected", "key", "group", "source", "votes"}``
-    with source ``"ab"`` or ``"thumbs"``; thumb examples: ``{"prompt", "completion",
-    "label" (bool), "key", "group", "votes"}``. ``group`` is the prompt's key (the unit
-    of :func:`split_holdout`).
+    Pair examples: ``{"prompt", "chosen", "rejected", "chosen_finished",
+    "rejected_finished", "key", "group", "source", "votes"}`` with source ``"ab"`` or
+    ``"thumbs"``; thumb examples: ``{"prompt", "completion", "finished", "label" (bool),
+    "key", "group", "votes"}``. ``group`` is the prompt's key (the unit of
+    :func:`split_holdout`). ``*finished`` (rows: ``chosen_finished``/``rejected_finished``,
+    ``finished``; default True): whether the answer ended, or was cut at the length limit.
     """
+    finished: dict[str, bool] = {}  # by example_key(prompt, answer)
+
+    def note(prompt: Any, text: str, ended: Any) -> None:
+        finished.setdefault(example_key(prompt, text), ended is not False)
+
     # A/B votes: net votes per unordered pair, in the orientation first seen.
     ab: dict[str, dict[str, Any]] = {}
     for row in pairs:
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
         if chosen == rejected:
             continue
+        note(prompt, chosen, row.get("chosen_finished"))
+        note(prompt, rejected, row.get("rejected_finished"))
         key = example_key(prompt, chosen, rejected)
         entry = ab.setdefault(key, {"prompt": prompt, "a": chosen, "b": rejected, "net": 0})
         entry["net"] += 1 if chosen == entry["a"] else -1
+    def pair(prompt: Any, chosen: str, rejected: str, key: str, source: str, votes: int) -> dict[str, Any]:
+        return {
+            **_pair(prompt, chosen, rejected, key, source, votes),
+            "chosen_finished": finished[example_key(prompt, chosen)],
+            "rejected_finished": finished[example_key(prompt, rejected)],
+        }
+
     pair_examples = [
-        _pair(e["prompt"], e["a"], e["b"], key, "ab", e["net"])
-        if e["net"] > 0
-        else _pair(e["prompt"], e["b"], e["a"], key, "ab", -e["net"])
+        pair(e["prompt"], e["a"], e["b"], key, "ab", e["net"]) if e["net"] > 0 else pair(e["prompt"], e["b"], e["a"], key, "ab", -e["net"])
         for key, e in ab.items()
         if e["net"] != 0
     ]
@@ -60,12 +74,14 @@ def build_examples(
         if row.get("label") is None:
             continue
         key = example_key(row["prompt"], row["completion"])
+        note(row["prompt"], row["completion"], row.get("finished"))
         entry = rated.setdefault(key, {"prompt": row["prompt"], "text": row["completion"], "net": 0})
         entry["net"] += 1 if row["label"] > 0 else -1
     thumb_examples = [
         {
             "prompt": e["prompt"],
             "completion": e["text"],
+            "finished": finished[key],
             "label": e["net"] > 0,
             "key": key,
             "group": example_key(e["prompt"]),
@@ -88,7 +104,7 @@ def build_examples(
             key = example_key(up["prompt"], up["completion"], down["completion"])
             if key not in seen:
                 seen.add(key)
-                pair_examples.append(_pair(up["prompt"], up["completion"], down["completion"], key, "thumbs", 1))
+                pair_examples.append(pair(up["prompt"], up["completion"], down["completion"], key, "thumbs", 1))
     return pair_examples, thumb_examples
 
 
@@ -125,18 +141,18 @@ def split_holdout(
 
 def _reference_answers(
     pair_examples: Sequence[dict[str, Any]], thumb_examples: Sequence[dict[str, Any]], cap: int
-) -> tuple[list[Any], list[str]]:
-    """Distinct (prompt, answer) of the training data, at most ``cap``, chosen by key
-    order (deterministic, no RNG): the answers the score normalizer is fitted on, so
+) -> tuple[list[Any], list[str], list[bool]]:
+    """Distinct (prompt, answer, finished) of the training data, at most ``cap``, chosen by
+    key order (deterministic, no RNG): the answers the score normalizer is fitted on, so
     PPO sees ~N(0, 1) on answers like the voted ones."""
-    answers: dict[str, tuple[Any, str]] = {}
+    answers: dict[str, tuple[Any, str, bool]] = {}
     for ex in pair_examples:
-        for text in (ex["chosen"], ex["rejected"]):
-            answers.setdefault(example_key(ex["prompt"], text), (ex["prompt"], text))
+        for text, ended in ((ex["chosen"], ex.get("chosen_finished", True)), (ex["rejected"], ex.get("rejected_finished", True))):
+            answers.setdefault(example_key(ex["prompt"], text), (ex["prompt"], text, ended))
     for ex in thumb_examples:
-        answers.setdefault(ex["key"], (ex["prompt"], ex["completion"]))
+        answers.setdefault(ex["key"], (ex["prompt"], ex["completion"], ex.get("finished", True)))
     picked = [answers[k] for k in sorted(answers)[: max(0, cap)]]
-    return [p for p, _ in picked], [t for _, t in picked]
+    return [p for p, _, _ in picked], [t for _, t, _ in picked], [f for _, _, f in picked]
 
 
 __all__ = ["build_examples", "split_holdout"]

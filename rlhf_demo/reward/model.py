@@ -39,8 +39,14 @@ MAX_LENGTH = RewardConfig.max_length  # tokens a scored sequence keeps (its end)
 """Default tokens per sequence (``RewardConfig.max_length``)."""
 
 
-def chat_text(tokenizer: Any, prompt: list[dict[str, str]], completion: str) -> str:
-    """The text the reward model reads: the chat template of the prompt plus the answer."""
+def chat_text(tokenizer: Any, prompt: list[dict[str, str]], completion: str, finished: bool = True) -> str:
+    """The text the reward model reads: the chat template of the prompt plus the answer.
+
+    An answer cut off at the length limit (``finished=False``) is read as the policy wrote
+    it, without the end-of-turn marker that the template would add: whether an answer
+    ended is part of what a rater saw, and the reward model must be able to see it too."""
+    if not finished:
+        return tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False) + completion
     messages = list(prompt) + [{"role": "assistant", "content": completion}]
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
@@ -145,14 +151,18 @@ class RewardModel:
 
     # scoring -----------------------------------------------------------------------
 
-    def encode(self, prompts: Sequence[list[dict[str, str]]], completions: Sequence[str]) -> list[list[int]]:
+    def encode(
+        self, prompts: Sequence[list[dict[str, str]]], completions: Sequence[str], finished: Sequence[bool] | None = None
+    ) -> list[list[int]]:
         """Token ids per answer, cut to the last ``max_length`` tokens (the prompt's start
-        goes first, so the answer's last token, where the reward is read, is kept)."""
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        goes first, so the answer's last token, where the reward is read, is kept).
+        ``finished[i]`` False: answer ``i`` was cut at the length limit (see :func:`chat_text`)."""
+        finished = [True] * len(completions) if finished is None else list(finished)
+        if not len(prompts) == len(completions) == len(finished):
+            raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions, {len(finished)} finished flags")
         if not prompts:
             return []
-        texts = [chat_text(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+        texts = [chat_text(self.tokenizer, p, c, f) for p, c, f in zip(prompts, completions, finished, strict=True)]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [list(x[-self.max_length :]) for x in ids]
 
@@ -189,10 +199,12 @@ class RewardModel:
         last = last_token_hidden(hidden, mask.to(hidden.device))
         return self.head(last.to(self.device))
 
-    def raw_scores(self, prompts: Sequence[list[dict[str, str]]], completions: Sequence[str]) -> torch.Tensor:
+    def raw_scores(
+        self, prompts: Sequence[list[dict[str, str]]], completions: Sequence[str], finished: Sequence[bool] | None = None
+    ) -> torch.Tensor:
         """Unnormalized scores (N,) in one batch, with grad (for training; same contract
         as :meth:`forward_ids`)."""
-        return self.forward_ids(self.encode(prompts, completions))
+        return self.forward_ids(self.encode(prompts, completions, finished))
 
     @torch.no_grad()
     def score(
@@ -201,11 +213,12 @@ class RewardModel:
         completions: Sequence[str],
         normalized: bool = True,
         batch_size: int = 8,
+        finished: Sequence[bool] | None = None,
     ) -> torch.Tensor:
         """Scores (N,) float32 on the CPU, in eval mode, in batches of similar length;
         ``normalized``: ``(raw - mean) / std`` with the fitted normalizer. The model is
         given back as found, so PPO can call this between its own steps."""
-        ids = self.encode(prompts, completions)
+        ids = self.encode(prompts, completions, finished)
         out = torch.zeros(len(ids), dtype=torch.float32)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # less padding
         with use_adapter(self.model, self.name):

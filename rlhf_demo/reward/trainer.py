@@ -104,6 +104,17 @@ def _nan_to_none(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
 
 
+def side_of(examples: Sequence[dict[str, Any]], side: str) -> tuple[list[Any], list[str], list[bool]]:
+    """Prompts, answers and finished flags of one side of the examples: ``"chosen"`` or
+    ``"rejected"`` of pairs, ``"completion"`` of thumbs."""
+    flag = "finished" if side == "completion" else f"{side}_finished"
+    return [ex["prompt"] for ex in examples], [ex[side] for ex in examples], [ex.get(flag, True) for ex in examples]
+
+
+def encode_side(rm: RewardModel, examples: Sequence[dict[str, Any]], side: str) -> list[list[int]]:
+    return rm.encode(*side_of(examples, side))
+
+
 def _batches(n: int, size: int, generator: torch.Generator) -> list[list[int]]:
     order = torch.randperm(n, generator=generator).tolist()
     return [order[i : i + size] for i in range(0, n, size)]
@@ -118,15 +129,10 @@ def evaluate(
     """Pairwise accuracy and mean margin on pairs, sign accuracy on thumbs (raw scores),
     keyed by their :class:`RewardMetrics` names; None where there is nothing to measure."""
     n = len(pair_examples)
-    prompts = [ex["prompt"] for ex in pair_examples] * 2
-    texts = [ex["chosen"] for ex in pair_examples] + [ex["rejected"] for ex in pair_examples]
-    r = rm.score(prompts, texts, normalized=False, batch_size=batch_size)
-    t = rm.score(
-        [ex["prompt"] for ex in thumb_examples],
-        [ex["completion"] for ex in thumb_examples],
-        normalized=False,
-        batch_size=batch_size,
-    )
+    (p1, c1, f1), (p2, c2, f2) = side_of(pair_examples, "chosen"), side_of(pair_examples, "rejected")
+    r = rm.score(p1 + p2, c1 + c2, normalized=False, batch_size=batch_size, finished=f1 + f2)
+    prompts, texts, finished = side_of(thumb_examples, "completion")
+    t = rm.score(prompts, texts, normalized=False, batch_size=batch_size, finished=finished)
     labels = torch.tensor([bool(ex["label"]) for ex in thumb_examples], dtype=torch.bool)
     return {
         "pairwise_accuracy": _nan_to_none(pairwise_accuracy(r[:n], r[n:])),
@@ -149,9 +155,8 @@ def _fit(
     time budget)``."""
     generator = torch.Generator().manual_seed(config.seed)  # shuffling order
     # Tokenize once; steps only pad and forward.
-    chosen_ids = rm.encode([ex["prompt"] for ex in train_pairs], [ex["chosen"] for ex in train_pairs])
-    rejected_ids = rm.encode([ex["prompt"] for ex in train_pairs], [ex["rejected"] for ex in train_pairs])
-    thumb_ids = rm.encode([ex["prompt"] for ex in train_thumbs], [ex["completion"] for ex in train_thumbs])
+    chosen_ids, rejected_ids = (encode_side(rm, train_pairs, side) for side in ("chosen", "rejected"))
+    thumb_ids = encode_side(rm, train_thumbs, "completion")
     thumb_labels = torch.tensor([bool(ex["label"]) for ex in train_thumbs], dtype=torch.bool)
 
     bs = config.batch_size
@@ -242,8 +247,8 @@ def train_reward_model(
 
     # Normalizer: raw scores of the training answers, so PPO sees ~N(0, 1).
     eval_bs = 2 * config.batch_size
-    ref_prompts, ref_texts = _reference_answers(train_pairs, train_thumbs, config.normalizer_samples)
-    rm.mean, rm.std = fit_normalizer(rm.score(ref_prompts, ref_texts, normalized=False, batch_size=eval_bs))
+    ref_prompts, ref_texts, ref_finished = _reference_answers(train_pairs, train_thumbs, config.normalizer_samples)
+    rm.mean, rm.std = fit_normalizer(rm.score(ref_prompts, ref_texts, normalized=False, batch_size=eval_bs, finished=ref_finished))
 
     metrics = RewardMetrics(
         **evaluate(rm, holdout_pairs, holdout_thumbs, batch_size=eval_bs),

@@ -508,11 +508,13 @@ class FeedbackStore:
     # -- training data -------------------------------------------------------------
 
     def preference_pairs(self) -> list[dict[str, Any]]:
-        """Decisive A/B votes as prompt/chosen/rejected, oldest first (no ties)."""
+        """Decisive A/B votes as prompt/chosen/rejected, oldest first (no ties); with
+        ``chosen_finished``/``rejected_finished``: False for an answer cut at the length limit."""
         rows = self._query(
             """
             SELECT p.prompt_json, p.outcome, p.session_id, p.ip_key,
-                   a.text AS a_text, b.text AS b_text
+                   a.text AS a_text, b.text AS b_text,
+                   a.finish_reason != 'length' AS a_ended, b.finish_reason != 'length' AS b_ended
             FROM preferences p
             JOIN responses a ON a.id = p.response_a_id
             JOIN responses b ON b.id = p.response_b_id
@@ -525,6 +527,8 @@ class FeedbackStore:
                 "prompt": json.loads(row["prompt_json"]),
                 "chosen": row["a_text"] if row["outcome"] == "A" else row["b_text"],
                 "rejected": row["b_text"] if row["outcome"] == "A" else row["a_text"],
+                "chosen_finished": bool(row["a_ended"] if row["outcome"] == "A" else row["b_ended"]),
+                "rejected_finished": bool(row["b_ended"] if row["outcome"] == "A" else row["a_ended"]),
                 "session_id": row["session_id"],
                 "ip_key": row["ip_key"],
             }
@@ -549,19 +553,21 @@ class FeedbackStore:
         )
 
     def thumb_examples(self) -> list[dict[str, Any]]:
-        """Thumbs as prompt/completion/label; a both-bad vote gives two bad examples."""
+        """Thumbs as prompt/completion/label (+ ``finished``: False for an answer cut at the
+        length limit); a both-bad vote gives two bad examples."""
         rows = self._query(
             """
             SELECT r.updated_at AS t, r.rowid AS k, r.session_id, r.ip_key, x.prompt_json,
-                   x.text, r.value = 1 AS label
+                   x.text, x.finish_reason != 'length' AS ended, r.value = 1 AS label
             FROM ratings r JOIN responses x ON x.id = r.response_id
             UNION ALL
-            SELECT p.updated_at, 2 * p.rowid, p.session_id, p.ip_key, x.prompt_json, x.text, 0
+            SELECT p.updated_at, 2 * p.rowid, p.session_id, p.ip_key, x.prompt_json, x.text,
+                   x.finish_reason != 'length', 0
             FROM preferences p JOIN responses x ON x.id = p.response_a_id
             WHERE p.outcome = 'both_bad'
             UNION ALL
             SELECT p.updated_at, 2 * p.rowid + 1, p.session_id, p.ip_key, x.prompt_json,
-                   x.text, 0
+                   x.text, x.finish_reason != 'length', 0
             FROM preferences p JOIN responses x ON x.id = p.response_b_id
             WHERE p.outcome = 'both_bad'
             ORDER BY t, k
@@ -571,6 +577,7 @@ class FeedbackStore:
             {
                 "prompt": json.loads(row["prompt_json"]),
                 "completion": row["text"],
+                "finished": bool(row["ended"]),
                 "label": bool(row["label"]),
                 "session_id": row["session_id"],
                 "ip_key": row["ip_key"],

@@ -113,8 +113,8 @@ def run_cycle(
             model = attach_new_adapter(model, POLICY, settings.lora)
         loaded.model = model
 
-        def reward_fn(batch_prompts: list, completions: list[str]) -> Any:
-            return rm.score(batch_prompts, completions, normalized=True)
+        def reward_fn(batch_prompts: list, completions: list[str], finished: list[bool]) -> Any:
+            return rm.score(batch_prompts, completions, normalized=True, finished=finished)
 
         trainer = PPOTrainer(model, loaded.tokenizer, reward_fn, training.ppo, policy_adapter=POLICY)
 
