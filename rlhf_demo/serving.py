@@ -27,7 +27,7 @@ from rlhf_demo.modeling.adapters import (
     lora_shapes_match,
     read_lora_config,
 )
-from rlhf_demo.modeling.loading import LoadedModel
+from rlhf_demo.modeling.loading import LoadedModel, eos_token_ids
 
 log = logging.getLogger(__name__)
 BASE_VERSION = "base"
@@ -426,9 +426,10 @@ class PolicyServer:
     ) -> Generation:
         prompt_len = ids["input_ids"].shape[1]
         new_tokens = output[prompt_len:].tolist()
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        if eos in new_tokens:
-            new_tokens = new_tokens[: new_tokens.index(eos)]
+        eos, pad = set(eos_token_ids(self.model, self.tokenizer)), self.tokenizer.pad_token_id
+        ends = [i for i, token in enumerate(new_tokens) if token in eos]
+        if ends:  # the one EOS rule, shared with PPO (eos_token_ids)
+            new_tokens = new_tokens[: ends[0]]
             reason = "stop"
         else:
             reason = "cancelled" if cancel is not None and cancel.event.is_set() else "length"

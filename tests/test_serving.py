@@ -219,3 +219,17 @@ def test_concurrent_loads_of_one_version_take_one_slot(runtime, tiny_loaded, set
         t.join()
     assert server.loaded_versions.count("v1") == 1
     assert sum(held == "v1" for held in server._slots.values()) == 1, "a second slot was filled with v1 and leaked"
+
+
+def test_an_answer_ends_at_any_eos_id_of_the_generation_config(runtime, tiny_loaded):
+    """One EOS rule for serving and PPO (modeling.loading.eos_token_ids): chat models list
+    their end-of-turn token in the generation config beside the tokenizer's EOS."""
+    full = greedy(runtime.server, n=12)
+    assert full.finish_reason == "length"
+    tok, model = tiny_loaded.tokenizer, runtime.server.model
+    _, ids = runtime.server.encode(PROMPT)
+    with model.disable_adapter():  # v0 is the identity: the base's greedy tokens are the answer's
+        written = model.generate(**ids, do_sample=False, max_new_tokens=12)[0, ids["input_ids"].shape[1] :].tolist()
+    model.generation_config.eos_token_id = [tok.eos_token_id, written[3]]
+    cut = greedy(runtime.server, n=12)
+    assert cut.finish_reason == "stop" and full.text.startswith(cut.text) and len(cut.text) < len(full.text)
