@@ -21,6 +21,7 @@ from rlhf_demo.config import LoraSettings, SamplingBounds
 from rlhf_demo.modeling.adapters import (
     BASE_ADAPTER,
     AdapterError,
+    adapter_parameters,
     attach_new_adapter,
     check_adapter_folder,
     lora_config,
@@ -223,7 +224,7 @@ class PolicyServer:
         """
         import torch
 
-        targets = {name: p for name, p in self.model.named_parameters() if f".{slot}." in name or name.endswith(f".{slot}")}
+        targets = adapter_parameters(self.model, slot)
         weights = {slot_key(key, slot): tensor for key, tensor in saved.items()}
         if set(weights) != set(targets):
             odd = sorted(set(weights) ^ set(targets))[:3]

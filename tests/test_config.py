@@ -1,0 +1,53 @@
+"""Settings: one dataclass tree, every field settable from the environment at any depth."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf_demo.config import GateConfig, PPOConfig, RewardConfig, SettingError, TrainingSettings, load_settings
+
+
+def test_the_training_tree_holds_each_default_once():
+    training = load_settings(env={}).training
+    assert isinstance(training.ppo, PPOConfig) and isinstance(training.reward, RewardConfig) and isinstance(training.gate, GateConfig)
+    assert training == TrainingSettings()  # no second copy of a default anywhere on the way
+    assert training.ppo.kl_stop < training.gate.max_kl  # PPO hands the gate a candidate it can accept
+
+
+def test_nested_settings_come_from_the_environment_typed_by_their_annotation():
+    env = {
+        "RLHF_DEMO_TRAINING__EVERY_VOTES": "20",
+        "RLHF_DEMO_TRAINING__PPO__LEARNING_RATE": "5e-4",
+        "RLHF_DEMO_TRAINING__PPO__KL_STOP": "none",
+        "RLHF_DEMO_TRAINING__PPO__ADVANTAGE": "gae",
+        "RLHF_DEMO_TRAINING__PPO__SAMPLES_PER_PROMPT": "1",
+        "RLHF_DEMO_TRAINING__REWARD__EPOCHS": "2",
+        "RLHF_DEMO_TRAINING__GATE__CONFIDENCE": "0.9",
+        "RLHF_DEMO_LORA__TARGET_MODULES": "q_proj, v_proj",
+        "RLHF_DEMO_WORKER": "off",
+    }
+    s = load_settings(env=env)
+    assert s.training.every_votes == 20 and s.training.ppo.learning_rate == 5e-4 and s.training.ppo.kl_stop is None
+    assert s.training.ppo.advantage == "gae" and s.training.reward.epochs == 2 and s.training.gate.confidence == 0.9
+    assert s.lora.target_modules == ("q_proj", "v_proj") and s.worker is False
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("RLHF_DEMO_TRAINING__EVERY_VOTES", "abc"),
+        ("RLHF_DEMO_TRAINING__PPO__LEARNING_RATE", "nan"),
+        ("RLHF_DEMO_TRAINING__PPO__LEARNING_RATE", "fast"),
+        ("RLHF_DEMO_WORKER", "maybe"),
+        ("RLHF_DEMO_PORT", "http"),
+        ("PORT", "80a"),
+    ],
+)
+def test_a_bad_value_names_the_variable(key, value):
+    with pytest.raises(SettingError, match=key):
+        load_settings(env={key: value})
+
+
+def test_an_inconsistent_nested_setting_names_its_group():
+    with pytest.raises(SettingError, match="RLHF_DEMO_TRAINING__PPO__"):
+        load_settings(env={"RLHF_DEMO_TRAINING__PPO__SAMPLES_PER_PROMPT": "3"})  # does not divide the batch
