@@ -174,6 +174,31 @@ def test_undo_and_retry(handlers, runtime):
     assert table_count(runtime, "responses") == 2  # the first answer stays stored
 
 
+def test_retry_with_the_user_message_index_as_gradio_sends_it(handlers, runtime):
+    """Gradio 6's Chatbot retry sends the index of the *user* message (gr.RetryData.index)."""
+    state = ChatState()
+    first = chat_once(handlers, state, "Question one")
+    second = chat_once(handlers, state, "Question two", chat=first)
+    *_, again = handlers.retry(SESSION, second, state, 2, temperature=0.7, max_new_tokens=6)
+    assert [m["role"] for m in again] == ["user", "assistant", "user", "assistant"]
+    assert again[2]["content"] == "Question two" and "adapter v0" in again[3]["content"]
+    assert set(state.response_ids) == {1, 3} and table_count(runtime, "responses") == 3
+    *_, first_again = handlers.retry(SESSION, again, state, 0, temperature=0.7, max_new_tokens=6)
+    assert [m["content"] for m in first_again[:1]] == ["Question one"] and len(first_again) == 2
+    assert set(state.response_ids) == {1}
+    *_, more = handlers.chat(SESSION, "Question three", first_again, state, 0.7, 0.9, 4)  # the record still matches
+    assert len(more) == 4
+
+
+@pytest.mark.parametrize("index", [-1, 9, 1.5, "0", True, None])
+def test_retry_refuses_bad_indexes(handlers, runtime, index):
+    state = ChatState()
+    first = chat_once(handlers, state, "Question one")
+    with pytest.raises(UserError):
+        list(handlers.retry(SESSION, first, state, index))
+    assert table_count(runtime, "responses") == 1
+
+
 def test_export_with_session_ids_needs_admin(handlers, runtime):
     with pytest.raises(UserError, match="admin"):
         handlers.export("preferences", include_session_ids=True, admin_token="guess")

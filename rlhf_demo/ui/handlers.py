@@ -272,10 +272,17 @@ class Handlers:
         yield from self._answer(visitor, chat, [*record, {"role": "user", "content": text}], parent, state, sampling)
 
     def retry(self, visitor: Visitor | str, chat: Any, state: ChatState, index: Any, **sampling: Any) -> Iterator[list[dict[str, Any]]]:
-        """Drop the answer at ``index`` (and what followed) and answer the same question again."""
+        """Answer a question again: drop its answer (and what followed) and generate anew.
+
+        ``index`` is the question's position, as Gradio 6's Chatbot sends it
+        (``gr.RetryData.index`` is the *user* message), or the answer's position."""
         visitor = self.check_visitor(visitor)
         checked = self.check_sampling(**sampling)
-        chat = check_chat(chat, 2 * self.limits.max_turns + 2)[: check_index(index)]
+        chat = check_chat(chat, 2 * self.limits.max_turns + 2)
+        position = check_index(index)
+        if position >= len(chat):
+            raise UserError("Nothing to retry.")
+        chat = chat[: position + 1] if chat[position]["role"] == "user" else chat[:position]
         if not chat or chat[-1]["role"] != "user":
             raise UserError("Nothing to retry.")
         text = self.check_message(message_text(chat[-1]["content"]))
