@@ -28,6 +28,9 @@ from rlhf_demo.worker.supervisor import WorkerSupervisor
 
 log = logging.getLogger(__name__)
 GENERIC_ERROR = "The server could not complete this request; please try again."
+# Toasts are page-wide in Gradio: short-lived, so that they neither pile up ("Error (2)") nor
+# follow the visitor to another tab for long.
+TOAST_SECONDS = 5
 # Store errors whose messages are written for people; others may carry SQLite's text.
 PLAIN_STORE_ERRORS = (InvalidInputError, UnknownIdError, StoreBusyError)
 
@@ -38,12 +41,12 @@ def translate(exc: Exception, where: str) -> gr.Error:
     that is a bug)."""
     if isinstance(exc, UserError) or isinstance(exc, PLAIN_STORE_ERRORS):
         log.info("refused %s: %s", where, str(exc)[:200])
-        return gr.Error(str(exc), print_exception=False)
+        return gr.Error(str(exc), duration=TOAST_SECONDS, print_exception=False)
     if isinstance(exc, StoreError):
         log.warning("store error in %s: %s", where, str(exc)[:200])
     else:
         log.error("unexpected error in %s", where, exc_info=exc)
-    return gr.Error(GENERIC_ERROR, print_exception=False)
+    return gr.Error(GENERIC_ERROR, duration=TOAST_SECONDS, print_exception=False)
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
