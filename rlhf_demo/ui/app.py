@@ -283,8 +283,15 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
         with gr.Tab("Dashboard"):
             worker_md = gr.Markdown()
             sync_md = gr.Markdown()
-            curves = gr.Plot(label="Learning curves")
-            gr.Markdown("**Human win-rate of each version vs its predecessor** (Compare tab, *active vs previous* votes; Bradley–Terry rating with 95 % bootstrap interval)")
+            next_training = gr.Markdown(elem_id="dashboard-next-training")
+            gr.Markdown("**Learning curves**")
+            curves_md = gr.Markdown()
+            curves = gr.Plot(show_label=False)  # its floating label covered the first plot's title
+            gr.Markdown(
+                "**Leaderboard: human votes between versions** (every Compare match between two different versions; "
+                "Bradley–Terry rating on the Elo scale, oldest version = 1000, with a 95 % bootstrap interval)"
+            )
+            board_md = gr.Markdown()
             board = gr.Dataframe(headers=dashboard.LEADERBOARD_COLUMNS, interactive=False)
             gr.Markdown("**Versions**")
             versions = gr.Dataframe(headers=dashboard.VERSION_COLUMNS, interactive=False)
@@ -300,14 +307,26 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
                 return dashboard.status_markdown(status, process), sync
 
             def tables() -> tuple[Any, ...]:
-                return dashboard.curves_figure(store), dashboard.leaderboard_rows(store), dashboard.versions_rows(store), dashboard.run_rows(store)
+                board_rows = dashboard.leaderboard_rows(store)
+                return (
+                    dashboard.training_markdown(store, runtime.settings.training),
+                    dashboard.curves_note(store),
+                    dashboard.curves_figure(store),
+                    dashboard.leaderboard_note(board_rows),
+                    board_rows,
+                    dashboard.versions_rows(store),
+                    dashboard.run_rows(store),
+                )
+
+            table_outputs = [next_training, curves_md, curves, board_md, board, versions, runs]
 
             timer = gr.Timer(5)
             timer.tick(worker_markdown, None, [worker_md, sync_md], show_progress="hidden", api_visibility="private")
             timer.tick(h.model_markdown, None, model_info, show_progress="hidden", api_visibility="private")  # its active adapter changes
-            refresh_dash.click(tables, None, [curves, board, versions, runs], api_visibility="private")
+            timer.tick(lambda: dashboard.training_markdown(store, runtime.settings.training), None, next_training, show_progress="hidden", api_visibility="private")
+            refresh_dash.click(tables, None, table_outputs, api_visibility="private")
             demo.load(worker_markdown, None, [worker_md, sync_md], api_visibility="private")
-            demo.load(tables, None, [curves, board, versions, runs], api_visibility="private")
+            demo.load(tables, None, table_outputs, api_visibility="private")
     return demo
 
 
