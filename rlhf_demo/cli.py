@@ -72,6 +72,7 @@ def serve(settings: Settings) -> None:
     from rlhf_demo.hub_sync import hub_target, restore_from_hub, start_sync
     from rlhf_demo.runtime import Runtime, StartupError
     from rlhf_demo.ui.app import build_app, launch_options
+    from rlhf_demo.ui.loading import LoadingPage
     from rlhf_demo.worker.supervisor import WorkerSupervisor
 
     stop_on_sigterm()
@@ -80,10 +81,16 @@ def serve(settings: Settings) -> None:
     scheduler = None
     demo = None
     try:
-        target = hub_target()
-        if target:
-            restore_from_hub(settings.db_path, *target)
-        runtime = Runtime(settings)
+        # A visitor sees "the model is loading" instead of a refused connection meanwhile.
+        try:
+            page = LoadingPage(settings.host, settings.port, settings.model)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+        with page:
+            target = hub_target()
+            if target:
+                restore_from_hub(settings.db_path, *target)
+            runtime = Runtime(settings)
         scheduler = start_sync(settings.data_dir, settings.db_path, *target) if target else None
         log.info("model: %s", runtime.loaded.describe())
         log.info("data directory: %s (database %s)", settings.data_dir.resolve(), settings.db_path.resolve())
