@@ -1,4 +1,4 @@
-"""Human win-rates between adapter versions from Compare-tab votes, arena style.
+"""Human win-rates between adapter versions from all Compare-tab votes, arena style.
 
 Ratings are a Bradley–Terry fit (reported on the Elo scale, 400·log10 odds, anchored at
 1000 for ``v0``/the base) with a bootstrap interval over votes, as Chatbot-Arena-style
@@ -60,29 +60,46 @@ class VersionRow:
     rating: float
     low: float
     high: float
-    vs_previous: str  # predecessor it was compared with
-    win_rate: float | None  # share of decisive+tie score vs that predecessor
-    votes: int
+    opponents: str  # the versions it was compared with, in version order
+    win_rate: float | None  # its score over all its matches (a tie counts half)
+    votes: int  # the matches it played (every Compare vote between it and another version)
+    rank: int = 0  # 1 = best rating
+
+    @property
+    def vs_previous(self) -> str:  # the old name, from when only predecessors were compared
+        return self.opponents
 
 
 def leaderboard(matches: Sequence[Match], rounds: int = 200, seed: int = 0) -> list[VersionRow]:
-    """Ratings with 95 % bootstrap intervals and each version's win-rate vs its predecessor."""
+    """Every version that played, from all Compare matches between any two versions: a
+    Bradley–Terry rating (anchored at the oldest version = 1000), a 95 % bootstrap interval,
+    its matches and win-rate, in version order with its rank by rating.
+
+    Each bootstrap fit is shifted to the point fit's mean rating before it is read, so the
+    interval is the uncertainty against the field; anchoring it at the oldest version gave
+    that version a zero-width interval (1000–1000) however few votes it had."""
     if not matches:
         return []
     point = bradley_terry(matches)
+    anchor = min(point, key=_order)
+    mean = sum(point.values()) / len(point)
     rng = random.Random(seed)
     samples: dict[str, list[float]] = defaultdict(list)
     for _ in range(rounds):
         resampled = [matches[rng.randrange(len(matches))] for _ in matches]
-        for p, r in bradley_terry(resampled, iterations=60, anchor=min(point, key=_order)).items():
-            samples[p].append(r)
+        fit = bradley_terry(resampled, iterations=60, anchor=anchor)
+        shift = mean - sum(fit.values()) / len(fit) if len(fit) == len(point) else 0.0
+        for p, r in fit.items():
+            samples[p].append(r + shift)
     ordered = sorted(point, key=_order)
+    ranks = {p: i + 1 for i, p in enumerate(sorted(point, key=lambda p: -point[p]))}
     rows = []
-    for i, p in enumerate(ordered):
-        prev = ordered[i - 1] if i else ""
-        pair = [(a, b, s) for a, b, s in matches if {a, b} == {p, prev}]
-        score = sum(s if a == p else 1 - s for a, b, s in pair)
+    for p in ordered:
+        played = [(a, b, s) for a, b, s in matches if p in (a, b)]
+        score = sum(s if a == p else 1 - s for a, b, s in played)
+        opponents = sorted({b if a == p else a for a, b, _ in played}, key=_order)
         values = sorted(samples[p]) or [point[p]]
         lo, hi = values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))]
-        rows.append(VersionRow(p, point[p], lo, hi, prev, score / len(pair) if pair else None, len(pair)))
+        lo, hi = min(lo, point[p]), max(hi, point[p])
+        rows.append(VersionRow(p, point[p], lo, hi, ", ".join(opponents), score / len(played) if played else None, len(played), ranks[p]))
     return rows

@@ -9,29 +9,51 @@ import sys
 import threading
 from pathlib import Path
 
-from rlhf_demo.config import QUANTIZATIONS, Settings, load_settings
+from rlhf_demo.config import COMPUTE_DTYPES, QUANTIZATIONS, SettingError, Settings, load_settings
 
 log = logging.getLogger("rlhf_demo")
+
+
+def _default(field: str) -> str:
+    """The built-in default of a setting and the variable that overrides it, for ``--help``."""
+    return f"default: {getattr(Settings(), field)}; env RLHF_DEMO_{field.upper()}"
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", help=f"hub id, local folder, or 'tiny' ({_default('model')})")
+    common.add_argument("--data-dir", type=Path, help=f"where the DB, adapters and exports live ({_default('data_dir')})")
+    common.add_argument("--quantization", choices=QUANTIZATIONS, help=f"precision of the base weights ({_default('quantization')})")
+    common.add_argument(
+        "--compute-dtype", choices=COMPUTE_DTYPES, help=f"compute precision; auto: bfloat16 on CUDA or with bf16 weights, else float32 ({_default('compute_dtype')})"
+    )
+    common.add_argument("--device", help=f"auto | cpu | cuda | cuda:N ({_default('device')})")
+    return common
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help=f"address to listen on; 0.0.0.0 for every interface ({_default('host')}, or GRADIO_SERVER_NAME)")
+    parser.add_argument("--port", type=int, help=f"TCP port ({_default('port')}, or GRADIO_SERVER_PORT / PORT)")
+    parser.add_argument("--no-worker", action="store_true", help="do not start the training worker (default: start it)")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf_demo", description="A live RLHF chat that learns from votes.")
     sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", help="hub id, local folder, or 'tiny' (env RLHF_DEMO_MODEL)")
-    common.add_argument("--data-dir", type=Path, help="where the DB, adapters and exports live (env RLHF_DEMO_DATA_DIR)")
-    common.add_argument("--quantization", choices=QUANTIZATIONS, help="base precision (env RLHF_DEMO_QUANTIZATION)")
-    common.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"))
-    common.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    serve = sub.add_parser("serve", parents=[common], help="run the web app")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--no-worker", action="store_true", help="do not start the training worker")
+    common = _common()
+    _add_serve_arguments(sub.add_parser("serve", parents=[common], help="run the web app"))
     sub.add_parser("worker", parents=[common], help="run the training worker against a data directory")
     sub.add_parser("train-once", parents=[common], help="run one training cycle now (if there are votes) and exit")
     export = sub.add_parser("export", parents=[common], help="write TRL-format JSONL exports")
-    export.add_argument("--kind", choices=("preferences", "unpaired"), default="preferences")
-    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--kind", choices=("preferences", "unpaired"), default="preferences", help="preferences: prompt/chosen/rejected; unpaired: prompt/completion/label (default: preferences)")
+    export.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    return parser
+
+
+def serve_parser(prog: str = "app.py") -> argparse.ArgumentParser:
+    """The parser of ``python app.py``: the ``serve`` flags under the script's own name."""
+    parser = argparse.ArgumentParser(prog=prog, parents=[_common()], description="Run the rlhf-demo web app (and its training worker).")
+    _add_serve_arguments(parser)
     return parser
 
 
@@ -50,6 +72,7 @@ def serve(settings: Settings) -> None:
     from rlhf_demo.hub_sync import hub_target, restore_from_hub, start_sync
     from rlhf_demo.runtime import Runtime, StartupError
     from rlhf_demo.ui.app import build_app, launch_options
+    from rlhf_demo.ui.loading import LoadingPage
     from rlhf_demo.worker.supervisor import WorkerSupervisor
 
     stop_on_sigterm()
@@ -58,10 +81,16 @@ def serve(settings: Settings) -> None:
     scheduler = None
     demo = None
     try:
-        target = hub_target()
-        if target:
-            restore_from_hub(settings.db_path, *target)
-        runtime = Runtime(settings)
+        # A visitor sees "the model is loading" instead of a refused connection meanwhile.
+        try:
+            page = LoadingPage(settings.host, settings.port, settings.model)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+        with page:
+            target = hub_target()
+            if target:
+                restore_from_hub(settings.db_path, *target)
+            runtime = Runtime(settings)
         scheduler = start_sync(settings.data_dir, settings.db_path, *target) if target else None
         log.info("model: %s", runtime.loaded.describe())
         log.info("data directory: %s (database %s)", settings.data_dir.resolve(), settings.db_path.resolve())
@@ -101,17 +130,53 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, interrupt)
 
 
+class CliError(Exception):
+    """A command cannot run as asked; the message says what is wrong (exit status 2)."""
+
+
+def existing_database(settings: Settings) -> Path:
+    """The data directory's database, which a read-only command must not create."""
+    if not settings.data_dir.is_dir():
+        raise CliError(f"data directory {settings.data_dir} does not exist (set --data-dir or RLHF_DEMO_DATA_DIR)")
+    if not settings.db_path.is_file():
+        raise CliError(f"no feedback database in {settings.data_dir} (expected {settings.db_path}): nothing to export")
+    return settings.db_path
+
+
 def export(settings: Settings, kind: str, out: Path) -> None:
     from rlhf_demo.store import FeedbackStore, export_preferences, export_unpaired
 
-    store = FeedbackStore(settings.db_path)
-    count = (export_preferences if kind == "preferences" else export_unpaired)(store, out)
+    store = FeedbackStore(existing_database(settings))
+    try:
+        count = (export_preferences if kind == "preferences" else export_unpaired)(store, out)
+    finally:
+        store.close()
     print(f"wrote {count} rows to {out}")
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except (SettingError, CliError) as exc:
+        parser.exit(2, f"{parser.prog} {args.command}: error: {exc}\n")
+
+
+def serve_main(argv: list[str] | None = None, prog: str = "app.py") -> None:
+    """``python app.py [flags]``: the ``serve`` command under the script's own name."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = serve_parser(prog)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args.command = "serve"
+    try:
+        run(args)
+    except (SettingError, CliError) as exc:
+        parser.exit(2, f"{prog}: error: {exc}\n")
+
+
+def run(args: argparse.Namespace) -> None:
     settings = settings_from(args)
     if args.command == "serve":
         serve(settings)

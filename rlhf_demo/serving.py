@@ -9,10 +9,11 @@ new version does not take it: weights are copied into a slot that no request can
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,10 +104,54 @@ class Generation:
 
 @dataclass
 class _Cancel:
+    """A stopping criterion: the consumer went away (``event``) or asked to stop (``should_stop``,
+    the visitor's Stop button), checked after every decoded token."""
+
     event: threading.Event = field(default_factory=threading.Event)
+    should_stop: Callable[[], bool] | None = None
+
+    def is_set(self) -> bool:
+        if not self.event.is_set() and self.should_stop is not None and self.should_stop():
+            self.event.set()
+        return self.event.is_set()
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
-        return self.event.is_set()
+        return self.is_set()
+
+
+class _PairStreamer:
+    """A ``generate`` streamer for a batch of two: the decoded text of each row so far, as a
+    queue of ``(text_a, text_b)``; ``None`` marks the end. (TextIteratorStreamer takes one row.)"""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[list[int]] = [[], []]
+        self.done = [False, False]
+        self.queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate() first hands over the prompt
+            self._prompt_seen = True
+            return
+        step = value.reshape(-1).tolist()
+        eos = self.tokenizer.eos_token_id
+        for row, token in enumerate(step[:2]):
+            if self.done[row]:
+                continue
+            if token == eos:
+                self.done[row] = True
+            else:
+                self.tokens[row].append(token)
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in self.tokens]
+        self.queue.put((texts[0], texts[1]))
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        while (item := self.queue.get()) is not None:
+            yield item
 
 
 _FILLING = "<filling>"  # a slot whose weights are being copied in; no request can name it
@@ -334,14 +379,18 @@ class PolicyServer:
         temperature: float | None = None,
         top_p: float | None = None,
         max_new_tokens: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[str | Generation]:
-        """Yield the answer text so far as it grows, then the finished :class:`Generation`."""
+        """Yield the answer text so far as it grows, then the finished :class:`Generation`.
+
+        ``should_stop`` (checked after every token) ends the answer early: it is still
+        returned, with ``finish_reason="cancelled"``."""
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         sampling = Sampling.clamp(self.bounds, temperature, top_p, max_new_tokens)
         prompt, ids = self.encode(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancel = _Cancel()
+        cancel = _Cancel(should_stop=should_stop)
         outcome: dict[str, Any] = {}
 
         def run() -> None:
@@ -402,6 +451,54 @@ class PolicyServer:
             for version in versions:
                 self._hold(version, -1)
         return [self._finish(output[i], ids, versions[i], prompt, sampling, started, None) for i in range(2)]
+
+    def stream_pair(
+        self,
+        messages: list[dict[str, str]],
+        versions: tuple[str, str],
+        temperature: float | None = None,
+        top_p: float | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Iterator[tuple[str, str] | list[Generation]]:
+        """:meth:`generate_pair`, streamed: ``(text_a, text_b)`` as both grow, then the two
+        finished :class:`Generation` objects (one batched call, as before)."""
+        from transformers import StoppingCriteriaList
+
+        sampling = Sampling.clamp(self.bounds, temperature, top_p, max_new_tokens)
+        prompt, ids = self.encode(messages)
+        batch = {key: value.repeat(2, 1) for key, value in ids.items()}
+        streamer = _PairStreamer(self.tokenizer)
+        cancel = _Cancel()
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                with self._lock:
+                    outcome["output"] = self._generate(batch, list(versions), sampling, streamer=streamer, stopping_criteria=StoppingCriteriaList([cancel]))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
+                outcome["error"] = exc
+                streamer.end()
+
+        for version in versions:
+            self._hold(version, +1)
+        started = time.perf_counter()
+        thread = threading.Thread(target=run, name="generate-pair", daemon=True)
+        thread.start()
+        finished = False
+        try:
+            for texts in streamer:
+                yield (strip_control(texts[0]).strip(), strip_control(texts[1]).strip())
+            thread.join()
+            finished = True
+        finally:
+            if not finished:
+                cancel.event.set()  # consumer gone: stop decoding early
+                thread.join()
+            for version in versions:
+                self._hold(version, -1)
+        if "error" in outcome:
+            raise outcome["error"]
+        yield [self._finish(outcome["output"][i], ids, versions[i], prompt, sampling, started, cancel) for i in range(2)]
 
     def _generate(self, ids: Any, versions: list[str], sampling: Sampling, **extra: Any) -> Any:
         import torch

@@ -1,4 +1,5 @@
-"""A real browser (Debian's chromium via Playwright) drives the app: chat + 👍, A/B vote, Data tab, XSS.
+"""A real browser (Debian's chromium via Playwright) drives the app: chat + 👍, Retry, Undo, Stop, Clear,
+A/B vote (locked after the vote, New round), Data tab, XSS. Any error toast fails a test.
 
 The app is launched on 127.0.0.1 only, and the browser is kept off every other host (DNS
 rules plus a request filter). Screenshots of each step go to ``test-artifacts/browser/``.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,19 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "browser"
 TIMEOUT_MS = 30_000  # generous: the CPU may be shared with other jobs
+GENERATION_TIMEOUT_S = 120  # a whole answer, when this (niced) test shares the CPU with a benchmark
 ANSWER_DONE = "written by adapter v0"
+# Every error toast the page shows is recorded (toasts vanish after a few seconds, so a check at
+# the end alone would miss them).
+RECORD_ERROR_TOASTS = """
+window.__errorToasts = [];
+new MutationObserver(() => {
+  for (const el of document.querySelectorAll('[data-testid="toast-body"].error:not([data-seen])')) {
+    el.setAttribute('data-seen', '1');
+    window.__errorToasts.push(el.innerText.replace(/\\s+/g, ' ').trim());
+  }
+}).observe(document, {childList: true, subtree: true});
+"""
 
 
 def _missing(reason: str) -> None:
@@ -84,6 +98,7 @@ class Tab:
         self.dialogs: list[str] = []
         self.page_errors: list[str] = []
         self.context.route("**/*", self._only_localhost)
+        self.context.add_init_script(RECORD_ERROR_TOASTS)
         self.page = self.context.new_page()
         self.page.set_default_timeout(TIMEOUT_MS)
         self.page.on("dialog", self._on_dialog)
@@ -100,6 +115,9 @@ class Tab:
     def _on_dialog(self, dialog: Any) -> None:
         self.dialogs.append(f"{dialog.type}: {dialog.message}")
         dialog.dismiss()
+
+    def error_toasts(self) -> list[str]:
+        return self.page.evaluate("window.__errorToasts || []")
 
     def shot(self, name: str) -> None:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -122,6 +140,14 @@ def tab(browser) -> Iterator[Tab | None]:
         t.close()
 
 
+@pytest.fixture
+def settings(settings):
+    """Short answers (the default length in the slider): the CPU may be shared with other jobs."""
+    import dataclasses
+
+    return dataclasses.replace(settings, sampling=dataclasses.replace(settings.sampling, max_new_tokens=24))
+
+
 def send_chat(page: Any, text: str, done: str | re.Pattern[str] = ANSWER_DONE) -> Any:
     """Type ``text`` on the Chat tab, press Send, and return the chatbot log once the answer is final
     (the version tag ``done`` is added to an answer only when it is complete)."""
@@ -132,7 +158,7 @@ def send_chat(page: Any, text: str, done: str | re.Pattern[str] = ANSWER_DONE) -
     page.get_by_placeholder("Ask anything…").fill(text)
     page.get_by_role("button", name="Send", exact=True).click()
     expect(log.get_by_test_id("bot")).to_have_count(answers_before + 1)
-    expect(log.get_by_test_id("bot").last).to_contain_text(done)
+    expect(log.get_by_test_id("bot").last).to_contain_text(done, timeout=GENERATION_TIMEOUT_S * 1000)
     return log
 
 
@@ -162,17 +188,29 @@ def test_chat_like_compare_vote_and_data_in_a_real_browser(tab: Tab, app_url: st
     page.get_by_role("tab", name="Compare").click()
     page.get_by_label("Prompt").fill("Which colour is the sky?")
     page.get_by_role("button", name="Generate two answers").click()
-    expect(page.get_by_text("Which answer is better?")).to_be_visible()
+    expect(page.get_by_text("Which answer is better?")).to_be_visible(timeout=GENERATION_TIMEOUT_S * 1000)
     for side in ("A", "B"):
         answer = page.get_by_test_id("markdown").filter(has=page.locator(f'p:first-child > strong:text-is("{side}")'))
         expect(answer).to_have_count(1)
         expect(answer).to_contain_text(re.compile(rf"^\s*{side}\s*\S"))  # the header plus a non-empty answer
     tab.shot("04-compare-answers")
 
+    votes = [page.get_by_role("button", name=label, exact=True) for label in ("A is better", "B is better", "Tie", "Both bad")]
+    for button in votes:
+        expect(button).to_be_enabled()
     page.get_by_role("button", name="A is better", exact=True).click()
     expect(page.get_by_text(re.compile(r"Vote recorded\. A was written by v0, B by v0\."))).to_be_visible()
     wait_until(lambda: runtime.store.counts()["preferences"] == 1, what="one preference row")
+    for button in votes:  # locked after the vote, as in Chatbot Arena
+        expect(button).to_be_disabled()
     tab.shot("05-compare-voted")
+
+    page.get_by_role("button", name="New round", exact=True).click()
+    expect(page.get_by_label("Prompt")).to_have_value("")
+    expect(page.get_by_text(re.compile(r"A was written by"))).to_have_count(0)
+    expect(page.get_by_role("button", name="New round", exact=True)).to_be_hidden()
+    for button in votes:
+        expect(button).to_be_disabled()
 
     # Data: the counts are visible; Refresh shows this session's votes.
     page.get_by_role("tab", name="Data").click()
@@ -188,6 +226,7 @@ def test_chat_like_compare_vote_and_data_in_a_real_browser(tab: Tab, app_url: st
     final = runtime.store.counts()
     assert (final["responses"], final["thumbs_up"], final["preferences"]) == (3, 1, 1)
     assert tab.dialogs == [] and tab.page_errors == []
+    assert tab.error_toasts() == []
     assert tab.blocked == [], f"the page tried to reach other hosts: {tab.blocked}"
 
 
@@ -212,3 +251,81 @@ def test_chat_html_is_sanitized(tab: Tab, app_url: str, runtime) -> None:
     assert log.locator("script").count() == 0
     assert log.locator("[onerror]").count() == 0
     assert runtime.store.counts()["responses"] == 1  # the message went through and was answered
+
+
+def hold_generation_until_stopped(runtime, monkeypatch) -> None:
+    """Make every chat answer wait after its first token until the visitor presses Stop (or 30 s
+    pass), so the test can press Stop while the answer is still being written."""
+    original = runtime.server.stream
+
+    def stream(*args: Any, should_stop: Any = None, **kwargs: Any) -> Any:
+        def held() -> bool:
+            deadline = time.monotonic() + 30
+            while not should_stop() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return should_stop()
+
+        return original(*args, should_stop=held if should_stop else None, **kwargs)
+
+    monkeypatch.setattr(runtime.server, "stream", stream)
+
+
+def test_every_chat_control_in_a_real_browser(tab: Tab, app_url: str, runtime, monkeypatch) -> None:
+    """Send, 👍, 👎, Retry, Undo, Stop and Clear, each clicked; no error toast anywhere."""
+    require_browser()
+    from playwright.sync_api import expect
+
+    page = tab.page
+    page.goto(app_url)
+    log = send_chat(page, "First question")
+    bot = log.get_by_test_id("bot")
+    log.get_by_role("button", name="Dislike", exact=True).last.click()
+    expect(page.get_by_text("👎 recorded.")).to_be_visible()
+    wait_until(lambda: runtime.store.counts()["thumbs_down"] == 1, what="a -1 rating row")
+
+    # Retry: Gradio sends the question's index; the answer is replaced by a new one.
+    log.get_by_role("button", name="Retry").last.click()
+    wait_until(lambda: runtime.store.counts()["responses"] == 2, timeout=GENERATION_TIMEOUT_S, what="the retried answer in SQLite")
+    expect(bot).to_have_count(1)
+    expect(bot.last).to_contain_text(ANSWER_DONE)
+    expect(log.get_by_test_id("user")).to_have_text("First question")
+    tab.shot("10-chat-retried")
+    log.get_by_role("button", name="Like", exact=True).last.click()  # the new answer is rateable
+    expect(page.get_by_text("👍 recorded.")).to_be_visible()
+
+    # Undo: the exchange leaves the chat, the question returns to the textbox.
+    log.get_by_role("button", name="Undo").last.click()
+    expect(bot).to_have_count(0)
+    expect(page.get_by_placeholder("Ask anything…")).to_have_value("First question")
+    tab.shot("11-chat-undone")
+
+    # Stop: shown instead of Send while an answer streams; the answer so far is kept and recorded.
+    hold_generation_until_stopped(runtime, monkeypatch)
+    page.get_by_placeholder("Ask anything…").fill("A long story, please")
+    page.get_by_role("button", name="Send", exact=True).click()
+    stop = page.get_by_role("button", name="Stop", exact=True)
+    expect(stop).to_be_visible()
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_hidden()
+    tab.shot("12-chat-streaming")
+    stop.click()
+    expect(bot.last).to_contain_text(ANSWER_DONE)
+    expect(stop).to_be_hidden()
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
+    wait_until(lambda: runtime.store.counts()["responses"] == 3, timeout=GENERATION_TIMEOUT_S, what="the stopped answer in SQLite")
+    stopped = runtime.store.db.execute("select finish_reason, conversation_id from responses order by rowid desc limit 1").fetchone()
+    assert stopped[0] == "cancelled"
+    tab.shot("13-chat-stopped")
+    monkeypatch.undo()
+
+    # The chat goes on after Stop (the record matches), then Clear starts a new conversation.
+    send_chat(page, "Go on")
+    page.get_by_role("button", name="Clear", exact=True).click()
+    expect(log.get_by_test_id("bot")).to_have_count(0)
+    send_chat(page, "A new topic")
+    rows = runtime.store.db.execute("select conversation_id from responses order by rowid desc limit 3").fetchall()
+    assert rows[1][0] == rows[2][0] == stopped[1] and rows[0][0] != stopped[1], "Clear must start a new conversation"
+    tab.shot("14-chat-cleared")
+
+    assert tab.error_toasts() == [], f"error toasts: {tab.error_toasts()}"
+    assert tab.dialogs == [] and tab.page_errors == []
+    assert tab.blocked == []

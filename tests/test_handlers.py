@@ -79,6 +79,25 @@ def test_compare_vote_lands_in_db_and_reveals_versions(handlers, runtime):
     assert table_count(runtime, "preferences") == 1
 
 
+def test_compare_streams_both_answers_and_refuses_a_vote_until_they_are_recorded(handlers, runtime):
+    stream = handlers.compare_stream(SESSION, "Say hi", "Two samples of the active policy", max_new_tokens=12)
+    a, b, state = next(stream)
+    assert state.generating and isinstance(a, str) and isinstance(b, str)
+    with pytest.raises(UserError, match="Wait until both answers"):
+        handlers.vote_pair(SESSION, state, "A is better")
+    progress = [next(stream)]
+    progress.extend(stream)
+    final_a, final_b, state = progress[-1]
+    assert not state.generating and state.versions == ("v0", "v0") and table_count(runtime, "responses") == 2
+    assert [runtime.store.get_response(i)["text"] for i in state.response_ids] == [final_a, final_b]
+    assert handlers.vote_pair(SESSION, state, "Tie")[0].startswith("Vote recorded.")
+    fresh = handlers.new_round(state)
+    assert fresh.response_ids is None and not fresh.voted
+    with pytest.raises(UserError, match="Generate a pair first"):
+        handlers.vote_pair(SESSION, fresh, "A is better")
+    assert table_count(runtime, "preferences") == 1
+
+
 def test_compare_versions_needs_a_previous_version(handlers):
     with pytest.raises(UserError, match="no previous version"):
         handlers.compare(SESSION, "Hi", "Active vs previous version")
@@ -172,6 +191,51 @@ def test_undo_and_retry(handlers, runtime):
     *_, again = handlers.retry(SESSION, first, state, 1, temperature=0.7, max_new_tokens=6)
     assert again[0]["content"] == "Question one" and 1 in state.response_ids
     assert table_count(runtime, "responses") == 2  # the first answer stays stored
+
+
+def test_retry_with_the_user_message_index_as_gradio_sends_it(handlers, runtime):
+    """Gradio 6's Chatbot retry sends the index of the *user* message (gr.RetryData.index)."""
+    state = ChatState()
+    first = chat_once(handlers, state, "Question one")
+    second = chat_once(handlers, state, "Question two", chat=first)
+    *_, again = handlers.retry(SESSION, second, state, 2, temperature=0.7, max_new_tokens=6)
+    assert [m["role"] for m in again] == ["user", "assistant", "user", "assistant"]
+    assert again[2]["content"] == "Question two" and "adapter v0" in again[3]["content"]
+    assert set(state.response_ids) == {1, 3} and table_count(runtime, "responses") == 3
+    *_, first_again = handlers.retry(SESSION, again, state, 0, temperature=0.7, max_new_tokens=6)
+    assert [m["content"] for m in first_again[:1]] == ["Question one"] and len(first_again) == 2
+    assert set(state.response_ids) == {1}
+    *_, more = handlers.chat(SESSION, "Question three", first_again, state, 0.7, 0.9, 4)  # the record still matches
+    assert len(more) == 4
+
+
+def test_stop_keeps_the_answer_so_far_recorded_and_the_chat_goes_on(handlers, runtime):
+    state = ChatState()
+    stream = handlers.chat(SESSION, "Tell me a long story", [], state, 0.7, 0.9, 200)
+    next(stream)  # the question is shown; the visitor presses Stop before the first words arrive
+    assert handlers.stop(state) == ""
+    *_, final = stream
+    assert "adapter v0" in final[-1]["content"]
+    stored = runtime.store.get_response(state.response_ids[1])
+    assert stored["finish_reason"] == "cancelled" and stored["completion_tokens"] < 200
+    assert handlers.like(SESSION, state, 1, False) == "👎 recorded."
+    more = chat_once(handlers, state, "Go on", chat=final)  # the next answer is not stopped
+    assert runtime.store.get_response(state.response_ids[3])["finish_reason"] != "cancelled"
+    assert len(more) == 4
+
+
+def test_stop_refuses_a_forged_state(handlers):
+    with pytest.raises(UserError):
+        handlers.stop({"stop_requested": True})
+
+
+@pytest.mark.parametrize("index", [-1, 9, 1.5, "0", True, None])
+def test_retry_refuses_bad_indexes(handlers, runtime, index):
+    state = ChatState()
+    first = chat_once(handlers, state, "Question one")
+    with pytest.raises(UserError):
+        list(handlers.retry(SESSION, first, state, index))
+    assert table_count(runtime, "responses") == 1
 
 
 def test_export_with_session_ids_needs_admin(handlers, runtime):

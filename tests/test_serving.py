@@ -50,6 +50,35 @@ def test_mixed_adapter_pair_equals_per_adapter_generation(runtime, tiny_loaded, 
     assert a.text != b.text
 
 
+def test_streamed_pair_grows_and_ends_with_the_batched_pair(runtime, tiny_loaded, settings):
+    runtime.server.load_version("v1", write_random_adapter(tiny_loaded, settings, "v1", seed=2))
+    items = list(runtime.server.stream_pair(PROMPT, ("v1", BASE_VERSION), temperature=0, max_new_tokens=12))
+    progress, final = items[:-1], items[-1]
+    assert len(progress) >= 3, "both answers must arrive incrementally"
+    assert all(isinstance(t, tuple) and len(t) == 2 for t in progress)
+    for side in (0, 1):
+        assert all(b[side].startswith(a[side]) for a, b in zip(progress, progress[1:], strict=False))
+    a, b = final
+    assert (a.version, b.version) == ("v1", BASE_VERSION)
+    expected = runtime.server.generate_pair(PROMPT, ("v1", BASE_VERSION), temperature=0, max_new_tokens=12)
+    assert (a.text, b.text) == (expected[0].text, expected[1].text)
+    assert progress[-1] == (a.text, b.text)
+
+
+def test_should_stop_ends_the_answer_early_and_still_returns_it(runtime):
+    stop = threading.Event()
+    items = []
+    for item in runtime.server.stream(PROMPT, temperature=0, max_new_tokens=40, should_stop=stop.is_set):
+        items.append(item)
+        stop.set()  # the visitor presses Stop once the first words are shown
+    result = items[-1]
+    assert isinstance(result, Generation) and result.finish_reason == "cancelled"
+    assert 0 < result.completion_tokens < 40
+    assert runtime.server.generate(PROMPT, temperature=0, max_new_tokens=40).finish_reason != "cancelled"
+    *_, at_once = runtime.server.stream(PROMPT, temperature=0, max_new_tokens=40, should_stop=lambda: True)
+    assert at_once.finish_reason == "cancelled" and at_once.completion_tokens == 1
+
+
 def test_swaps_during_concurrent_generations_never_mix_adapters(runtime, tiny_loaded, settings):
     server = runtime.server
     server.load_version("v1", write_random_adapter(tiny_loaded, settings, "v1", seed=3))

@@ -231,6 +231,17 @@ def test_training_data_says_which_answers_were_cut_at_the_length_limit(store: Fe
     assert (thumb["completion"], thumb["finished"], thumb["label"]) == ("The sky is blue because", False, False)
 
 
+def test_an_answer_stopped_by_the_visitor_is_not_finished(store: FeedbackStore) -> None:
+    """Stop ends an answer without an end-of-turn marker, like the length limit."""
+    stopped = respond(store, "Once upon a", finish_reason="cancelled")
+    store.rate("s1", stopped, 1)
+    (thumb,) = store.thumb_examples()
+    assert (thumb["completion"], thumb["finished"]) == ("Once upon a", False)
+    store.prefer(session_id="s1", response_a_id=stopped, response_b_id=respond(store, "Blue."), outcome="A", source="two_samples")
+    (pair,) = store.preference_pairs()
+    assert (pair["chosen_finished"], pair["rejected_finished"]) == (False, True)
+
+
 def test_prefer_round_trip_and_training_data(store: FeedbackStore) -> None:
     a, b = respond(store, "Blue."), respond(store, "I cannot answer.")
     store.prefer(

@@ -514,7 +514,7 @@ class FeedbackStore:
             """
             SELECT p.prompt_json, p.outcome, p.session_id, p.ip_key,
                    a.text AS a_text, b.text AS b_text,
-                   a.finish_reason != 'length' AS a_ended, b.finish_reason != 'length' AS b_ended
+                   a.finish_reason NOT IN ('length', 'cancelled') AS a_ended, b.finish_reason NOT IN ('length', 'cancelled') AS b_ended
             FROM preferences p
             JOIN responses a ON a.id = p.response_a_id
             JOIN responses b ON b.id = p.response_b_id
@@ -558,16 +558,16 @@ class FeedbackStore:
         rows = self._query(
             """
             SELECT r.updated_at AS t, r.rowid AS k, r.session_id, r.ip_key, x.prompt_json,
-                   x.text, x.finish_reason != 'length' AS ended, r.value = 1 AS label
+                   x.text, x.finish_reason NOT IN ('length', 'cancelled') AS ended, r.value = 1 AS label
             FROM ratings r JOIN responses x ON x.id = r.response_id
             UNION ALL
             SELECT p.updated_at, 2 * p.rowid, p.session_id, p.ip_key, x.prompt_json, x.text,
-                   x.finish_reason != 'length', 0
+                   x.finish_reason NOT IN ('length', 'cancelled'), 0
             FROM preferences p JOIN responses x ON x.id = p.response_a_id
             WHERE p.outcome = 'both_bad'
             UNION ALL
             SELECT p.updated_at, 2 * p.rowid + 1, p.session_id, p.ip_key, x.prompt_json,
-                   x.text, x.finish_reason != 'length', 0
+                   x.text, x.finish_reason NOT IN ('length', 'cancelled'), 0
             FROM preferences p JOIN responses x ON x.id = p.response_b_id
             WHERE p.outcome = 'both_bad'
             ORDER BY t, k

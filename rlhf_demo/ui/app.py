@@ -28,6 +28,9 @@ from rlhf_demo.worker.supervisor import WorkerSupervisor
 
 log = logging.getLogger(__name__)
 GENERIC_ERROR = "The server could not complete this request; please try again."
+# Toasts are page-wide in Gradio: short-lived, so that they neither pile up ("Error (2)") nor
+# follow the visitor to another tab for long.
+TOAST_SECONDS = 5
 # Store errors whose messages are written for people; others may carry SQLite's text.
 PLAIN_STORE_ERRORS = (InvalidInputError, UnknownIdError, StoreBusyError)
 
@@ -38,12 +41,12 @@ def translate(exc: Exception, where: str) -> gr.Error:
     that is a bug)."""
     if isinstance(exc, UserError) or isinstance(exc, PLAIN_STORE_ERRORS):
         log.info("refused %s: %s", where, str(exc)[:200])
-        return gr.Error(str(exc), print_exception=False)
+        return gr.Error(str(exc), duration=TOAST_SECONDS, print_exception=False)
     if isinstance(exc, StoreError):
         log.warning("store error in %s: %s", where, str(exc)[:200])
     else:
         log.error("unexpected error in %s", where, exc_info=exc)
-    return gr.Error(GENERIC_ERROR, print_exception=False)
+    return gr.Error(GENERIC_ERROR, duration=TOAST_SECONDS, print_exception=False)
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -107,7 +110,9 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
     # my data" does not leave them behind for long.
     with gr.Blocks(title="rlhf-demo: a chat that learns from your votes", delete_cache=(1800, 3600)) as demo:
         gr.Markdown("# rlhf-demo\nChat, rate answers with 👍/👎, compare two answers, and watch the model learn.")
-        model_info = gr.Markdown(h.model_markdown)
+        model_info = gr.Markdown()
+        # fresh on every page load (a callable value would be listed as an API endpoint)
+        demo.load(h.model_markdown, None, model_info, api_visibility="private")
 
         with gr.Tab("Chat"):
             chat_state = gr.State(ChatState())
@@ -115,12 +120,12 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
             with gr.Row():
                 message = gr.Textbox(placeholder="Ask anything…", show_label=False, scale=5, max_lines=8)
                 send = gr.Button("Send", variant="primary", scale=1)
+                stop = gr.Button("Stop", variant="stop", scale=1, visible=False)
             vote_status = gr.Markdown(elem_id="chat-vote-status")
             with gr.Accordion("Settings", open=False):
                 temperature = gr.Slider(bounds.min_temperature, bounds.max_temperature, bounds.temperature, step=0.05, label="Temperature (0 = greedy)")
                 top_p = gr.Slider(bounds.min_top_p, 1.0, bounds.top_p, step=0.05, label="Top-p")
                 max_new = gr.Slider(1, bounds.max_max_new_tokens, bounds.max_new_tokens, step=1, label="Max new tokens")
-            clear = gr.Button("Clear")
 
             @_friendly
             def on_chat(msg: str, chat: list, state: ChatState, t: float, p: float, n: int, request: gr.Request) -> Iterator[Any]:
@@ -145,12 +150,29 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
                 payload = check_event(data, ("index",))
                 return h.like(_session(request), state, payload["index"], payload.get("liked", True))
 
+            def writing() -> tuple[Any, Any]:  # Stop replaces Send while an answer streams
+                return gr.Button(visible=False), gr.Button(visible=True)
+
+            def idle() -> tuple[Any, Any]:
+                return gr.Button(visible=True), gr.Button(visible=False)
+
             chat_inputs = [message, chatbot, chat_state, temperature, top_p, max_new]
-            for trigger in (message.submit, send.click):
-                trigger(on_chat, chat_inputs, [chatbot, message, chat_state], api_name="chat" if trigger == send.click else False)
-            chatbot.retry(on_retry, [chatbot, chat_state, temperature, top_p, max_new], [chatbot, chat_state])
-            chatbot.undo(on_undo, [chatbot, chat_state], [chatbot, message, chat_state])
-            chatbot.like(on_like, [chat_state], [vote_status])
+            retry_inputs = [chatbot, chat_state, temperature, top_p, max_new]
+            for trigger, fn, inputs, outputs, api_name in (
+                (send.click, on_chat, chat_inputs, [chatbot, message, chat_state], "chat"),
+                (message.submit, on_chat, chat_inputs, [chatbot, message, chat_state], False),
+                (chatbot.retry, on_retry, retry_inputs, [chatbot, chat_state], False),
+            ):
+                trigger(writing, None, [send, stop], queue=False, api_visibility="private")
+                trigger(fn, inputs, outputs, api_name=api_name).then(idle, None, [send, stop], queue=False, api_visibility="private")
+            # Stop: the answer ends at its next token and is kept (recorded, rateable); not Gradio's
+            # `cancels`, which would leave a half answer the server has no record of.
+            stop.click(_friendly(h.stop), [chat_state], [vote_status], queue=False, api_visibility="private")
+            chatbot.undo(on_undo, [chatbot, chat_state], [chatbot, message, chat_state], api_visibility="private")
+            chatbot.like(on_like, [chat_state], [vote_status], api_visibility="private")
+            # The Chatbot's own trash button is the one Clear: it empties the chat in the browser,
+            # this starts a new conversation on the server.
+            chatbot.clear(h.clear, [chat_state], [chatbot, chat_state], api_visibility="private")
 
             # The same vote for API clients (gradio_client cannot send LikeData): index + liked.
             api_index = gr.Number(visible=False, precision=0)
@@ -162,10 +184,10 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
                 return h.rate_api(_session(request), state, index, liked)  # no bool(): "Dislike" is truthy
 
             api_rate.click(on_api_rate, [chat_state, api_index, api_liked], [vote_status], api_name="rate")
-            clear.click(h.clear, [chat_state], [chatbot, chat_state])
 
         with gr.Tab("Compare"):
             pair_state = gr.State(PairState())
+            gr.Markdown("Two anonymous answers to your prompt, side by side. Vote for the better one; who wrote each is revealed after your vote.")
             with gr.Row():
                 prompt = gr.Textbox(label="Prompt", scale=4)
                 source = gr.Radio(list(SOURCES), value=next(iter(SOURCES)), label="Compare", scale=2)
@@ -174,25 +196,48 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
                 answer_a = gr.Markdown(container=True, elem_id="compare-answer-a")
                 answer_b = gr.Markdown(container=True, elem_id="compare-answer-b")
             with gr.Row():
-                vote_buttons = [gr.Button(label) for label in OUTCOMES]
+                vote_buttons = [gr.Button(label, interactive=False) for label in OUTCOMES]
             reveal = gr.Markdown(elem_id="compare-reveal")
+            new_round = gr.Button("New round", visible=False)
 
             @_friendly
-            def on_compare(text: str, src: str, t: float, p: float, n: int, request: gr.Request) -> tuple[Any, ...]:
-                a, b, state = h.compare(_session(request), text, src, temperature=t, top_p=p, max_new_tokens=n)
-                return f"**A**\n\n{a}", f"**B**\n\n{b}", state, "Which answer is better?"
+            def on_compare(text: str, src: str, t: float, p: float, n: int, request: gr.Request) -> Iterator[Any]:
+                for a, b, state in h.compare_stream(_session(request), text, src, temperature=t, top_p=p, max_new_tokens=n):
+                    cursor = " ▌" if state.generating else ""
+                    yield f"**A**\n\n{a}{cursor}", f"**B**\n\n{b}{cursor}", state, "Writing both answers…" if state.generating else "Which answer is better?"
 
-            generate.click(on_compare, [prompt, source, temperature, top_p, max_new], [answer_a, answer_b, pair_state, reveal], api_name="compare")
+            def vote_controls(state: PairState) -> list[Any]:
+                """Votes open once both answers are recorded and lock after the vote (as in Chatbot
+                Arena); "New round" appears after the vote. Display only: the handler checks again."""
+                ready = isinstance(state, PairState) and state.response_ids is not None and not state.generating
+                voted = ready and state.voted
+                return [*(gr.Button(interactive=ready and not voted) for _ in vote_buttons), gr.Button(visible=bool(voted))]
+
+            def locked() -> list[Any]:
+                return [*(gr.Button(interactive=False) for _ in vote_buttons), gr.Button(visible=False)]
+
+            def on_new_round() -> tuple[Any, ...]:
+                return "", "", "", "", h.new_round(), *locked()
+
+            vote_controls_out = [*vote_buttons, new_round]
+            generate.click(locked, None, vote_controls_out, queue=False, api_visibility="private")
+            generate.click(on_compare, [prompt, source, temperature, top_p, max_new], [answer_a, answer_b, pair_state, reveal], api_name="compare").then(
+                vote_controls, [pair_state], vote_controls_out, queue=False, api_visibility="private"
+            )
             for button in vote_buttons:
 
                 @_friendly
                 def on_vote(state: PairState, request: gr.Request, label: str = button.value) -> tuple[Any, ...]:
                     return h.vote_pair(_session(request), state, label)
 
-                button.click(on_vote, [pair_state], [reveal, pair_state], api_name=f"vote_{OUTCOMES[button.value]}")
+                button.click(on_vote, [pair_state], [reveal, pair_state], api_name=f"vote_{OUTCOMES[button.value]}").then(
+                    vote_controls, [pair_state], vote_controls_out, queue=False, api_visibility="private"
+                )
+            new_round.click(on_new_round, None, [prompt, answer_a, answer_b, reveal, pair_state, *vote_controls_out], queue=False, api_visibility="private")
 
         with gr.Tab("Data") as data_tab:
-            counts = gr.Markdown(h.counts_markdown, elem_id="data-counts")  # a callable: fresh on every page load
+            counts = gr.Markdown(elem_id="data-counts")
+            demo.load(h.counts_markdown, None, counts, api_visibility="private")  # fresh on every page load
             gr.Markdown(persistence_note(runtime.settings.db_path.resolve()))
             refresh = gr.Button("Refresh counts")
             with gr.Row():
@@ -206,7 +251,7 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
                 cancel_delete = gr.Button("Cancel")
             delete_status = gr.Markdown()
             for event in (refresh.click, data_tab.select):
-                event(lambda: (h.counts_markdown(), h.model_markdown()), None, [counts, model_info])
+                event(lambda: (h.counts_markdown(), h.model_markdown()), None, [counts, model_info], api_visibility="private")
             export_pref.click(_friendly(lambda: h.export("preferences")), None, export_file, api_name="export_preferences")
             export_kto.click(_friendly(lambda: h.export("unpaired")), None, export_file, api_name="export_unpaired")
 
@@ -229,17 +274,24 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
                         train = gr.Button("Train now")
                         raw_export = gr.Button("Raw export (with session ids)")
                     admin_status = gr.Markdown()
-                    rollback.click(_friendly(h.rollback), [version, token], admin_status)
-                    reset.click(_friendly(h.reset_to_base), [token], admin_status)
-                    train.click(_friendly(h.train_now), [token], admin_status)
-                    raw_export.click(_friendly(lambda t: h.export("preferences", include_session_ids=True, admin_token=t)), [token], export_file)
-                    version.focus(lambda: gr.Dropdown(choices=[v["version"] for v in store.list_versions() if v["status"] != "rejected"]), None, version)
+                    rollback.click(_friendly(h.rollback), [version, token], admin_status, api_visibility="private")
+                    reset.click(_friendly(h.reset_to_base), [token], admin_status, api_visibility="private")
+                    train.click(_friendly(h.train_now), [token], admin_status, api_visibility="private")
+                    raw_export.click(_friendly(lambda t: h.export("preferences", include_session_ids=True, admin_token=t)), [token], export_file, api_visibility="private")
+                    version.focus(lambda: gr.Dropdown(choices=[v["version"] for v in store.list_versions() if v["status"] != "rejected"]), None, version, api_visibility="private")
 
         with gr.Tab("Dashboard"):
             worker_md = gr.Markdown()
             sync_md = gr.Markdown()
-            curves = gr.Plot(label="Learning curves")
-            gr.Markdown("**Human win-rate of each version vs its predecessor** (Compare tab, *active vs previous* votes; Bradley–Terry rating with 95 % bootstrap interval)")
+            next_training = gr.Markdown(elem_id="dashboard-next-training")
+            gr.Markdown("**Learning curves**")
+            curves_md = gr.Markdown()
+            curves = gr.Plot(show_label=False)  # its floating label covered the first plot's title
+            gr.Markdown(
+                "**Leaderboard: human votes between versions** (every Compare match between two different versions; "
+                "Bradley–Terry rating on the Elo scale, oldest version = 1000, with a 95 % bootstrap interval)"
+            )
+            board_md = gr.Markdown()
             board = gr.Dataframe(headers=dashboard.LEADERBOARD_COLUMNS, interactive=False)
             gr.Markdown("**Versions**")
             versions = gr.Dataframe(headers=dashboard.VERSION_COLUMNS, interactive=False)
@@ -255,14 +307,26 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
                 return dashboard.status_markdown(status, process), sync
 
             def tables() -> tuple[Any, ...]:
-                return dashboard.curves_figure(store), dashboard.leaderboard_rows(store), dashboard.versions_rows(store), dashboard.run_rows(store)
+                board_rows = dashboard.leaderboard_rows(store)
+                return (
+                    dashboard.training_markdown(store, runtime.settings.training),
+                    dashboard.curves_note(store),
+                    dashboard.curves_figure(store),
+                    dashboard.leaderboard_note(board_rows),
+                    board_rows,
+                    dashboard.versions_rows(store),
+                    dashboard.run_rows(store),
+                )
+
+            table_outputs = [next_training, curves_md, curves, board_md, board, versions, runs]
 
             timer = gr.Timer(5)
-            timer.tick(worker_markdown, None, [worker_md, sync_md], show_progress="hidden")
-            timer.tick(h.model_markdown, None, model_info, show_progress="hidden")  # its active adapter changes
-            refresh_dash.click(tables, None, [curves, board, versions, runs])
-            demo.load(worker_markdown, None, [worker_md, sync_md])
-            demo.load(tables, None, [curves, board, versions, runs])
+            timer.tick(worker_markdown, None, [worker_md, sync_md], show_progress="hidden", api_visibility="private")
+            timer.tick(h.model_markdown, None, model_info, show_progress="hidden", api_visibility="private")  # its active adapter changes
+            timer.tick(lambda: dashboard.training_markdown(store, runtime.settings.training), None, next_training, show_progress="hidden", api_visibility="private")
+            refresh_dash.click(tables, None, table_outputs, api_visibility="private")
+            demo.load(worker_markdown, None, [worker_md, sync_md], api_visibility="private")
+            demo.load(tables, None, table_outputs, api_visibility="private")
     return demo
 
 

@@ -15,7 +15,11 @@ from rlhf_demo.store import FeedbackStore
 from rlhf_demo.worker.status import WorkerStatus
 
 VERSION_COLUMNS = ["version", "created", "parent", "status", "gate"]
-LEADERBOARD_COLUMNS = ["version", "rating (Elo scale)", "95% interval", "vs previous", "win-rate vs previous", "votes"]
+LEADERBOARD_COLUMNS = ["version", "rating (Elo scale)", "95% interval", "played against", "win-rate", "votes", "rank"]
+NO_MATCHES = (
+    "*No Compare votes between two different versions yet.* Once the worker has published a trained version, "
+    "choose **Active vs previous version** on the Compare tab: every such vote is a match here."
+)
 
 
 def progress_bar(step: int, total: int, width: int = 20) -> str:
@@ -64,11 +68,36 @@ def gate_summary(gate: dict[str, Any]) -> str:
 
 
 def leaderboard_rows(store: FeedbackStore) -> list[list[Any]]:
+    """All versions from all Compare matches (see :func:`rlhf_demo.analytics.leaderboard`)."""
     rows = []
     for r in leaderboard(matches_from_votes(store.version_votes())):
         win = "" if r.win_rate is None else f"{r.win_rate:.0%}"
-        rows.append([r.version, round(r.rating), f"{r.low:.0f}–{r.high:.0f}", r.vs_previous, win, r.votes])
+        rows.append([r.version, round(r.rating), f"{r.low:.0f}–{r.high:.0f}", r.opponents, win, r.votes, r.rank])
     return rows
+
+
+def leaderboard_note(rows: list[list[Any]]) -> str:
+    return "" if rows else NO_MATCHES
+
+
+def votes_until_training(store: FeedbackStore, training: Any) -> int:
+    """How many more votes the worker waits for before its next cycle (the vote rule of
+    :func:`rlhf_demo.worker.loop.due`: at least ``min_votes`` in all, ``every_votes`` new)."""
+    counts = store.counts()
+    total = counts["thumbs_up"] + counts["thumbs_down"] + counts["preferences"] + counts["both_bad"]
+    runs = [r for r in store.list_runs(limit=20) if r["kind"] == "cycle"]
+    since = store.count_votes_since(runs[0]["started_at"] if runs else None)
+    return max(training.min_votes - total, training.every_votes - since, 0)
+
+
+def training_markdown(store: FeedbackStore, training: Any) -> str:
+    """ "N more votes until the next training", for the Dashboard's first line."""
+    left = votes_until_training(store, training)
+    if left == 0:
+        return "**Enough new votes for the next training:** it starts on the worker's next poll (or when the current cycle ends)."
+    plural = "vote" if left == 1 else "votes"
+    also = f" (or {training.every_minutes:g} min after the last cycle, if a vote came since)" if store.list_runs(limit=1) else ""
+    return f"**{left} more {plural} until the next training**{also}. 👍/👎 in Chat and A/B votes in Compare all count."
 
 
 def _metric_series(store: FeedbackStore, run_id: int, phase: str, name: str) -> tuple[list[int], list[float]]:
@@ -77,7 +106,8 @@ def _metric_series(store: FeedbackStore, run_id: int, phase: str, name: str) -> 
 
 
 def curves_figure(store: FeedbackStore) -> Any:
-    """RM held-out accuracy per run, reward and KL per PPO step of the last run, gate decisions."""
+    """RM held-out accuracy per run, reward and KL per PPO step of the last run, gate decisions.
+    Before the first run each panel says so instead of showing blank axes (−0.04…0.04)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,6 +115,15 @@ def curves_figure(store: FeedbackStore) -> Any:
 
     runs = list(reversed([r for r in store.list_runs(limit=50) if r["kind"] == "cycle"]))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    if not runs:
+        for ax, title in zip(axes, ("Reward model held-out accuracy", "Mean reward per PPO step", "KL to reference per PPO step"), strict=True):
+            ax.set_title(title)
+            ax.text(0.5, 0.5, "no training run yet", ha="center", va="center", color="gray", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.tight_layout()
+        plt.close(fig)
+        return fig
     # a run summary's "reward" is RewardMetrics.as_dict(): read its accuracies by their field names
     for key, label in zip(RewardMetrics.ACCURACIES, ("A/B pairs", "thumbs"), strict=True):
         acc = [(r["id"], (r.get("summary") or {}).get("reward", {}).get(key)) for r in runs]
@@ -107,6 +146,12 @@ def curves_figure(store: FeedbackStore) -> Any:
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def curves_note(store: FeedbackStore) -> str:
+    if any(r["kind"] == "cycle" for r in store.list_runs(limit=50)):
+        return ""
+    return "*No training run yet:* the learning curves appear after the first one (see the vote count above)."
 
 
 def run_rows(store: FeedbackStore, limit: int = 10) -> list[list[Any]]:

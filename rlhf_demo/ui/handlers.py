@@ -51,6 +51,7 @@ class ChatState:
 
     conversation_id: str | None = None
     response_ids: dict[int, str] = field(default_factory=dict)  # chat index -> response id
+    stop_requested: bool = False  # the Stop button: the answer being written ends at the next token
 
 
 @dataclass
@@ -61,6 +62,7 @@ class PairState:
     versions: tuple[str, str] | None = None
     source: str = "two_samples"
     voted: bool = False
+    generating: bool = False  # answers are still streaming: no vote yet
 
 
 def tag_version(text: str, version: str) -> str:
@@ -268,19 +270,28 @@ class Handlers:
             raise UserError(f"This conversation reached {self.limits.max_turns} turns; press Clear to start a new one.")
         record, parent = self.recorded_history(visitor, chat, state)
         chat.append({"role": "user", "content": text})
+        state.stop_requested = False
         yield chat
         yield from self._answer(visitor, chat, [*record, {"role": "user", "content": text}], parent, state, sampling)
 
     def retry(self, visitor: Visitor | str, chat: Any, state: ChatState, index: Any, **sampling: Any) -> Iterator[list[dict[str, Any]]]:
-        """Drop the answer at ``index`` (and what followed) and answer the same question again."""
+        """Answer a question again: drop its answer (and what followed) and generate anew.
+
+        ``index`` is the question's position, as Gradio 6's Chatbot sends it
+        (``gr.RetryData.index`` is the *user* message), or the answer's position."""
         visitor = self.check_visitor(visitor)
         checked = self.check_sampling(**sampling)
-        chat = check_chat(chat, 2 * self.limits.max_turns + 2)[: check_index(index)]
+        chat = check_chat(chat, 2 * self.limits.max_turns + 2)
+        position = check_index(index)
+        if position >= len(chat):
+            raise UserError("Nothing to retry.")
+        chat = chat[: position + 1] if chat[position]["role"] == "user" else chat[:position]
         if not chat or chat[-1]["role"] != "user":
             raise UserError("Nothing to retry.")
         text = self.check_message(message_text(chat[-1]["content"]))
         record, parent = self.recorded_history(visitor, chat[:-1], state)
         self._forget_from(state, len(chat))
+        state.stop_requested = False
         yield chat
         yield from self._answer(visitor, chat, [*record, {"role": "user", "content": text}], parent, state, checked)
 
@@ -300,6 +311,15 @@ class Handlers:
         return [], ChatState()
 
     @staticmethod
+    def stop(state: Any) -> str:
+        """Stop the answer being written: it ends at its next token and is kept (and recorded,
+        so it can be rated and the conversation goes on)."""
+        if not isinstance(state, ChatState):
+            raise UserError("Nothing to stop.")
+        state.stop_requested = True
+        return ""
+
+    @staticmethod
     def _forget_from(state: ChatState, index: int) -> None:
         for key in [k for k in state.response_ids if k >= index]:
             del state.response_ids[key]
@@ -315,7 +335,10 @@ class Handlers:
     ) -> Iterator[list[dict[str, Any]]]:
         """Generate from the server's ``prompt`` (never the browser's chat) and record it."""
         result: Generation | None = None
-        for item in self.runtime.server.stream(prompt, None, sampling["temperature"], sampling["top_p"], sampling["max_new_tokens"]):
+        stream = self.runtime.server.stream(
+            prompt, None, sampling["temperature"], sampling["top_p"], sampling["max_new_tokens"], should_stop=lambda: state.stop_requested
+        )
+        for item in stream:
             if isinstance(item, Generation):
                 result = item
             else:
@@ -374,6 +397,12 @@ class Handlers:
     # ----- compare ----------------------------------------------------------------------
     def compare(self, visitor: Visitor | str, message: Any, source_label: Any, **sampling: Any) -> tuple[str, str, PairState]:
         """Two answers to one prompt from one batched call; which version wrote which stays hidden."""
+        *_, (a, b, state) = self.compare_stream(visitor, message, source_label, **sampling)
+        return a, b, state
+
+    def compare_stream(self, visitor: Visitor | str, message: Any, source_label: Any, **sampling: Any) -> Iterator[tuple[str, str, PairState]]:
+        """:meth:`compare`, streamed: ``(a, b, state)`` as both answers grow (``state.generating``
+        until both are finished and recorded; no vote before that)."""
         visitor = self.check_visitor(visitor)
         text = self.check_message(message)
         checked = {k: v for k, v in self.check_sampling(**sampling).items() if v is not None}
@@ -389,10 +418,21 @@ class Handlers:
             random.shuffle(versions)  # blind: position must not reveal the version
         else:
             versions = [active, active]
-        results = self.runtime.server.generate_pair([{"role": "user", "content": text}], (versions[0], versions[1]), **checked)
+        state = PairState(source=source, generating=True)
+        results: list[Generation] = []
+        for item in self.runtime.server.stream_pair([{"role": "user", "content": text}], (versions[0], versions[1]), **checked):
+            if isinstance(item, list):
+                results = item
+            else:
+                yield item[0], item[1], state
         ids = tuple(self._log(visitor, r, None) for r in results)
-        state = PairState(response_ids=(ids[0], ids[1]), versions=(versions[0], versions[1]), source=source)
-        return results[0].text, results[1].text, state
+        state.response_ids, state.versions, state.generating = (ids[0], ids[1]), (versions[0], versions[1]), False
+        yield results[0].text, results[1].text, state
+
+    @staticmethod
+    def new_round(state: Any = None) -> PairState:
+        """A fresh pair: the previous one stays recorded (and voted, or not)."""
+        return PairState()
 
     def previous_version(self, active: str) -> str | None:
         """The version that was served before ``active`` and is still loadable."""
@@ -415,6 +455,8 @@ class Handlers:
         outcome = OUTCOMES.get(outcome_label, outcome_label) if isinstance(outcome_label, str) else None
         if outcome not in OUTCOMES.values():
             raise UserError(f"Unknown outcome {str(outcome_label)[:40]!r}.")
+        if isinstance(state, PairState) and state.generating:
+            raise UserError("Wait until both answers are finished.")
         if not isinstance(state, PairState) or state.response_ids is None or state.versions is None:
             raise UserError("Generate a pair first.")
         a, b = state.response_ids
