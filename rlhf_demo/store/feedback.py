@@ -49,12 +49,16 @@ from .validate import (
     VERSION_STATUSES,
     check_choice,
     check_count,
+    check_key,
     check_seconds,
     check_str,
     check_version,
     encode_json,
     encode_prompt,
+    is_finite_number,
+    kind_of,
     normalize_ts,
+    shown,
     utc_now,
 )
 
@@ -185,14 +189,11 @@ class FeedbackStore:
     def _get(
         db: sqlite_utils.Database, table: str, key: object, what: str
     ) -> dict[str, Any]:
-        if not isinstance(key, (str, int)) or isinstance(key, bool):
-            raise InvalidInputError(
-                f"{what} id must be a string or integer, got {key!r}"
-            )
+        key = check_key(what, key)  # SQLite could not bind a huge int or a lone surrogate
         try:
             return db.table(table).get(key)
         except NotFoundError:
-            raise UnknownIdError(f"unknown {what}: {key!r}") from None
+            raise UnknownIdError(f"unknown {what}: {shown(key)}") from None
 
     # -- chat history -------------------------------------------------------------
 
@@ -262,7 +263,7 @@ class FeedbackStore:
             "adapter_version": check_str(
                 "adapter_version", adapter_version, MAX_ID_BYTES
             ),
-            "sampling_json": encode_json("sampling", sampling),
+            "sampling_json": encode_json("sampling", sampling, finite=True),
             "prompt_tokens": check_count("prompt_tokens", prompt_tokens),
             "completion_tokens": check_count("completion_tokens", completion_tokens),
             "latency_s": check_seconds("latency_s", latency_s),
@@ -271,7 +272,9 @@ class FeedbackStore:
         }
         with self._write() as db:
             if conversation_id is not None:
-                self._get(db, "conversations", conversation_id, "conversation")
+                conversation = self._get(db, "conversations", conversation_id, "conversation")
+                if conversation["session_id"] != session_id:
+                    raise InvalidInputError("that conversation belongs to another visitor")
             if parent_id is not None:
                 recorded = self._recorded_turns(db, parent_id, session_id)
                 forged = [m for m in prompt[:-1] if (m["role"], m["content"]) not in recorded]
@@ -332,7 +335,7 @@ class FeedbackStore:
         ):
             raise InvalidInputError(
                 "a rating must be 1 (thumbs up), -1 (thumbs down) or None; "
-                f"got {value!r}"
+                f"got {shown(value)}"
             )
         with self._write() as db:
             self._get(db, "responses", response_id, "response")
@@ -750,15 +753,17 @@ class FeedbackStore:
         step = check_count("step", step)
         if not isinstance(metrics, dict):
             raise InvalidInputError(
-                f"metrics must be a dict, got {type(metrics).__name__}"
+                f"metrics must be a dict, got {kind_of(metrics)}"
             )
         now = utc_now()
         rows: list[dict[str, Any]] = []
         for name, value in metrics.items():
             check_str("metric name", name, MAX_ID_BYTES)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+                not is_finite_number(value) and isinstance(value, numbers.Integral)
+            ):  # NaN and infinity are results (stored as NULL / inf); an int past a float is not
                 raise InvalidInputError(
-                    f"metric {name!r} must be a number, got {value!r}"
+                    f"metric {shown(name)} must be a number, got {shown(value)}"
                 )
             rows.append(
                 {

@@ -17,6 +17,18 @@ from .errors import InvalidInputError
 MAX_TEXT_BYTES = 64 * 1024  # one message or one response
 MAX_PROMPT_BYTES = 256 * 1024  # a whole chat history, JSON-encoded
 MAX_ID_BYTES = 200  # session ids, kinds, names
+MAX_INTEGER = 2**63 - 1  # SQLite's INTEGER; Python would raise OverflowError past it
+_TYPE_WORDS = {
+    type(None): "None",
+    bool: "true/false",
+    int: "a number",
+    float: "a number",
+    str: "text",
+    bytes: "bytes",
+    list: "a list",
+    tuple: "a list",
+    dict: "a mapping",
+}
 ROLES = ("system", "user", "assistant")
 OUTCOMES = ("A", "B", "tie", "both_bad")
 SOURCES = ("two_samples", "two_versions")
@@ -25,6 +37,17 @@ SERVABLE_STATUSES = ("active", "retired", "published")  # passed the gate, not b
 FINISHED_RUN_STATUSES = ("succeeded", "failed", "rejected")
 PHASES = ("reward", "ppo", "gate")
 _VERSION_RE = re.compile(r"^v(0|[1-9][0-9]*)$")
+
+
+def kind_of(value: object) -> str:
+    """A value's type in words for a message (never "NoneType")."""
+    return _TYPE_WORDS.get(type(value), "an object")
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a refusal must not echo a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def utc_now() -> str:
@@ -37,7 +60,7 @@ def normalize_ts(iso_ts: str) -> str:
     try:
         parsed = datetime.fromisoformat(iso_ts)
     except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"not an ISO-8601 timestamp: {iso_ts!r}") from exc
+        raise InvalidInputError(f"not an ISO-8601 timestamp: {shown(iso_ts)}") from exc
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC).isoformat(timespec="microseconds")
@@ -47,7 +70,7 @@ def check_str(
     name: str, value: object, max_bytes: int, allow_empty: bool = False
 ) -> str:
     if not isinstance(value, str):
-        raise InvalidInputError(f"{name} must be a string, got {type(value).__name__}")
+        raise InvalidInputError(f"{name} must be a string, got {kind_of(value)}")
     if not allow_empty and not value.strip():
         raise InvalidInputError(f"{name} must not be empty")
     if "\x00" in value:
@@ -66,41 +89,61 @@ def check_str(
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise InvalidInputError(
-            f"{name} must be one of {', '.join(choices)}; got {value!r}"
+            f"{name} must be one of {', '.join(choices)}; got {shown(value)}"
         )
     return value
 
 
 def check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise InvalidInputError(f"{name} must be a non-negative integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_INTEGER:
+        raise InvalidInputError(f"{name} must be a whole number from 0 to {MAX_INTEGER}, got {shown(value)}")
     return int(value)
 
 
+def is_finite_number(value: object) -> bool:
+    """A real number a float can hold (an int too large for one is not: OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_seconds(name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise InvalidInputError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not is_finite_number(value) or value < 0:
+        raise InvalidInputError(f"{name} must be a finite number >= 0, got {shown(value)}")
     return float(value)
+
+
+def check_key(what: str, key: object) -> str | int:
+    """An id to look up: text of at most MAX_ID_BYTES, or an integer SQLite can hold."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        if not -MAX_INTEGER - 1 <= key <= MAX_INTEGER:
+            raise InvalidInputError(f"{what} id {shown(key)} is larger than any id")
+        return key
+    if not isinstance(key, str):
+        raise InvalidInputError(f"{what} id must be a string or integer, got {shown(key)}")
+    return check_str(f"{what} id", key, MAX_ID_BYTES)
 
 
 def check_version(name: str, value: object) -> str:
     if not isinstance(value, str) or not _VERSION_RE.match(value):
-        raise InvalidInputError(f"{name} must look like 'v0', 'v12'; got {value!r}")
+        raise InvalidInputError(f"{name} must look like 'v0', 'v12'; got {shown(value)}")
     return value
 
 
-def encode_json(name: str, value: object) -> str:
+def encode_json(name: str, value: object, finite: bool = False) -> str:
+    """``value`` (a dict) as JSON. ``finite``: NaN and infinity are refused (they are not
+    JSON; Python writes them anyway). Worker summaries keep them: a NaN loss is a result."""
     if not isinstance(value, dict):
-        raise InvalidInputError(f"{name} must be a dict, got {type(value).__name__}")
+        raise InvalidInputError(f"{name} must be a dict, got {kind_of(value)}")
     try:
-        text = json.dumps(value, sort_keys=True, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"{name} is not JSON-serialisable: {exc}") from exc
+        text = json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=not finite)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInputError(
+            f"{name} must hold only text, finite numbers, true/false, None, lists and mappings"
+        ) from exc
     return check_str(name, text, MAX_PROMPT_BYTES)
 
 

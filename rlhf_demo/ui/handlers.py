@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import random
 import re
 import time
@@ -26,6 +25,7 @@ from typing import Any
 from rlhf_demo.runtime import Runtime
 from rlhf_demo.serving import Generation, strip_control
 from rlhf_demo.store import StoreError, export_preferences, export_unpaired
+from rlhf_demo.store.validate import is_finite_number  # also False for a JSON integer too large for a float
 from rlhf_demo.visitors import Visitor
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,11 @@ def message_text(content: Any) -> str:
     return str(content)
 
 
+def _text_part(part: Any) -> bool:
+    """A piece of list-shaped message content: text, or a dict whose ``text`` (if any) is text."""
+    return isinstance(part, str) or (isinstance(part, dict) and isinstance(part.get("text", ""), str))
+
+
 def check_chat(chat: Any, max_messages: int) -> list[dict[str, Any]]:
     """The browser's chat value as a list of user/assistant messages, or a clear refusal."""
     if chat is None:
@@ -95,9 +100,17 @@ def check_chat(chat: Any, max_messages: int) -> list[dict[str, Any]]:
     for message in chat:
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant") or "content" not in message:
             raise UserError("The chat history may hold only your messages and the model's answers; press Clear.")
-        if not isinstance(message["content"], (str, list)):
+        content = message["content"]
+        if not isinstance(content, (str, list)) or (isinstance(content, list) and not all(_text_part(p) for p in content)):
             raise UserError("The chat history is malformed; press Clear to start a new one.")
     return list(chat)
+
+
+def check_chat_state(state: Any) -> ChatState:
+    """The page's chat state (held by the server, but never trusted to be whole)."""
+    if not isinstance(state, ChatState) or not isinstance(state.response_ids, dict):
+        raise UserError("This page lost its chat state; reload the page.")
+    return state
 
 
 def check_index(value: Any, what: str = "message") -> int:
@@ -105,7 +118,7 @@ def check_index(value: Any, what: str = "message") -> int:
     NaN or text. Gradio's like events may send ``[index]`` or ``[row, col]``."""
     if isinstance(value, (list, tuple)) and 1 <= len(value) <= 2:
         value = value[0]
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value != int(value) or value < 0:
+    if not is_finite_number(value) or value != int(value) or value < 0:
         raise UserError(f"That {what} position is not valid.")
     return int(value)
 
@@ -162,6 +175,11 @@ class RateLimiter:
         self.record(key)
 
 
+def _two(value: Any) -> bool:
+    """A pair state's ids or versions: exactly two strings."""
+    return isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, str) for v in value)
+
+
 class Handlers:
     """The UI's verbs over one :class:`Runtime`."""
 
@@ -175,6 +193,10 @@ class Handlers:
     def check_message(self, message: Any) -> str:
         if not isinstance(message, str):
             raise UserError("A message must be text.")
+        try:
+            message.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): the tokenizer and the store refuse it
+            raise UserError("The message holds characters that are not valid text; please send plain text.") from None
         if "\x00" in message:
             raise UserError("The message contains a NUL byte; please send plain text.")
         text = strip_control(message).strip()
@@ -204,7 +226,7 @@ class Handlers:
             if value is None:
                 checked[name] = None
                 continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            if not is_finite_number(value):
                 raise UserError(f"{label} must be a finite number, got {str(value)[:20]!r}.")
             if name == "max_new_tokens":
                 if value != int(value):
@@ -265,6 +287,7 @@ class Handlers:
         visitor = self.check_visitor(visitor)
         text = self.check_message(message)
         sampling = self.check_sampling(temperature, top_p, max_new_tokens)
+        state = check_chat_state(state)
         chat = check_chat(chat, 2 * self.limits.max_turns + 2)
         if sum(1 for m in chat if m["role"] == "user") >= self.limits.max_turns:
             raise UserError(f"This conversation reached {self.limits.max_turns} turns; press Clear to start a new one.")
@@ -281,6 +304,7 @@ class Handlers:
         (``gr.RetryData.index`` is the *user* message), or the answer's position."""
         visitor = self.check_visitor(visitor)
         checked = self.check_sampling(**sampling)
+        state = check_chat_state(state)
         chat = check_chat(chat, 2 * self.limits.max_turns + 2)
         position = check_index(index)
         if position >= len(chat):
@@ -298,8 +322,11 @@ class Handlers:
     def undo(self, chat: Any, state: ChatState, index: Any) -> tuple[list[dict[str, Any]], str]:
         """Remove the last exchange from the chat; its stored answer and votes stay (the data is kept)."""
         chat = check_chat(chat, 2 * self.limits.max_turns + 2)
+        state = check_chat_state(state)
         cut = check_index(index)
-        if cut < len(chat) and chat[cut]["role"] == "assistant":
+        if cut >= len(chat):
+            raise UserError("That message position is not valid.")
+        if chat[cut]["role"] == "assistant":
             cut -= 1  # undoing an answer also removes the question that led to it
         self._forget_from(state, max(cut, 0))
         removed = chat[max(cut, 0) :]
@@ -369,6 +396,7 @@ class Handlers:
         """👍/👎 on the answer at chat ``index``; one vote per answer per visitor (a second
         thumb changes it); None removes it."""
         visitor = self.check_visitor(visitor)
+        state = check_chat_state(state)
         if isinstance(index, float) or isinstance(index, str) or index is None:
             raise UserError("That message is not a rated answer (wait until it has finished).")
         position = check_index(index)
@@ -457,10 +485,11 @@ class Handlers:
             raise UserError(f"Unknown outcome {str(outcome_label)[:40]!r}.")
         if isinstance(state, PairState) and state.generating:
             raise UserError("Wait until both answers are finished.")
-        if not isinstance(state, PairState) or state.response_ids is None or state.versions is None:
+        if not isinstance(state, PairState) or not _two(state.response_ids) or not _two(state.versions):
             raise UserError("Generate a pair first.")
         a, b = state.response_ids
         self._own_response(visitor, a)
+        self._own_response(visitor, b)  # both: a pair must not mix in another visitor's answer
         self._check_vote_rate(visitor)
         result = self.runtime.store.record_preference(
             session_id=visitor.id, response_a_id=a, response_b_id=b, outcome=outcome, source=state.source, ip_key=visitor.ip_key
@@ -489,7 +518,7 @@ class Handlers:
         """Write a TRL-format JSONL into the exports folder and return its path."""
         if include_session_ids:
             self.require_admin(admin_token)
-        if kind not in EXPORT_WRITERS:
+        if not isinstance(kind, str) or kind not in EXPORT_WRITERS:
             raise UserError(f"Unknown export {str(kind)[:40]!r}.")
         folder = self.runtime.settings.exports_dir
         folder.mkdir(parents=True, exist_ok=True)
@@ -502,7 +531,8 @@ class Handlers:
         expected = self.runtime.settings.admin_token
         import hmac
 
-        if not expected or not isinstance(token, str) or not hmac.compare_digest(token.encode(), expected.encode()):
+        # surrogatepass: a token holding a lone surrogate (JSON "\udc80") is just a wrong token
+        if not expected or not isinstance(token, str) or not hmac.compare_digest(token.encode("utf-8", "surrogatepass"), expected.encode()):
             raise UserError("This action needs the admin token.")
 
     # ----- admin (each needs the token; the UI renders these only when one is configured) ---
