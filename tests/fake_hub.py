@@ -71,6 +71,7 @@ class FakeHub:
         self.repos: dict[tuple[str, str], FakeRepo] = {}
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str]] = []  # (method, path), for tests that assert what was called
+        self.commits: list[tuple[str, list[str]]] = []  # (repo id, paths added), for tests that assert what was sent
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -203,12 +204,13 @@ class FakeHub:
         return 200, {}, {"url": url, "name": repo_id}
 
     def _commit(self, repo: FakeRepo, body: bytes) -> tuple[int, dict[str, str], Any]:
-        files = dict(repo.head[1])
+        files, added = dict(repo.head[1]), []
         for line in body.splitlines():
             item = json.loads(line)
             key, value = item["key"], item["value"]
             if key == "file":
                 files[value["path"]] = base64.b64decode(value["content"])
+                added.append(value["path"])
             elif key == "deletedFile":
                 files.pop(value["path"], None)
             elif key == "deletedFolder":
@@ -217,6 +219,7 @@ class FakeHub:
             elif key == "lfsFile":
                 return _error(400, "fake hub: LFS uploads are not supported (preupload answers 'regular')")
         sha = self._new_commit(repo, files)
+        self.commits.append((repo.repo_id, added))
         url = f"{self.endpoint}/{_PREFIX[repo.repo_type]}{repo.repo_id}/commit/{sha}"
         return 200, {}, {"commitUrl": url, "commitOid": sha, "pullRequestUrl": None, "success": True}
 
