@@ -199,8 +199,8 @@ def start_sync(data_dir: Path, db_path: Path, repo_id: str, token: str, every_mi
     class SnapshotScheduler(CommitScheduler):
         def push_to_hub(self) -> Any:
             with self.lock:
-                snapshot_database(db_path, folder / "snapshot" / SNAPSHOT_NAME)
-                stage_models(data_dir, db_path, folder, remote)
+                snapshot = snapshot_database(db_path, folder / "snapshot" / SNAPSHOT_NAME)
+                stage_models(data_dir, snapshot, folder, remote)  # the registry as snapshotted: adapters match the DB
                 store = FeedbackStore(db_path)
                 try:
                     export_preferences(store, folder / "exports" / "preferences.jsonl")

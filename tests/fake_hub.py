@@ -253,8 +253,9 @@ def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHu
     """A running fake Hub that huggingface_hub talks to instead of huggingface.co, with HF_TOKEN set.
 
     ``constants`` are read when the library is imported (conftest sets HF_HUB_OFFLINE=1), so the
-    fixture patches them: the endpoint, online mode, xet off, a per-test cache."""
-    from huggingface_hub import constants
+    fixture patches them: the endpoint *and* the download URL template (``hf_hub_url`` formats
+    ``HUGGINGFACE_CO_URL_TEMPLATE``, not ``ENDPOINT``), online mode, xet off, a per-test cache."""
+    from huggingface_hub import constants, hf_api
 
     hub = FakeHub().start()
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
@@ -267,6 +268,9 @@ def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHu
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    # The module-level helpers (``huggingface_hub.file_exists``, used by PEFT) are bound to an HfApi
+    # made at import time, with the real endpoint: without this they would go to huggingface.co.
+    monkeypatch.setattr(hf_api.api, "endpoint", hub.endpoint)
     try:
         yield hub
     finally:

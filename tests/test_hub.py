@@ -94,7 +94,7 @@ def test_push_uploads_an_adapter_peft_loads_with_the_hub_base_and_a_card(fake_hu
         assert figure in card, figure
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(local))
+    model = PeftModel.from_pretrained(base, "user/smol-rlhf", token=TOKEN)  # straight from the (fake) Hub
     original = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), str(folder))
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
