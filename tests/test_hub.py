@@ -164,11 +164,14 @@ def test_push_data_makes_a_dataset_with_two_configs_and_no_visitor_ids(fake_hub,
     meta = front_matter((local / "README.md").read_text())
     configs = {c["config_name"]: c["data_files"][0]["path"] for c in meta["configs"]}
     assert set(configs) == {"preferences", "unpaired"} and meta["license"] == "apache-2.0"
-    prefs = datasets.load_dataset("json", data_files=str(local / configs["preferences"]), split="train")
-    unpaired = datasets.load_dataset("json", data_files=str(local / configs["unpaired"]), split="train")
+    prefs = datasets.load_dataset("json", data_files=str(local / configs["preferences"]), split="train", cache_dir=str(tmp_path / "ds-cache"))
+    unpaired = datasets.load_dataset("json", data_files=str(local / configs["unpaired"]), split="train", cache_dir=str(tmp_path / "ds-cache"))
     assert prefs.column_names == ["prompt", "chosen", "rejected"] and len(prefs) == 1
     assert prefs[0]["chosen"] == [{"role": "assistant", "content": "Hi there!"}]
     assert sorted(unpaired.column_names) == ["completion", "label", "prompt"] and sorted(unpaired["label"]) == [False, True]
+    # The card's ``configs:`` as the datasets library reads them (a downloaded repo folder, like the Hub's).
+    assert datasets.load_dataset(str(local), "preferences", split="train", cache_dir=str(tmp_path / "ds-cache"))[0] == prefs[0]
+    assert len(datasets.load_dataset(str(local), "unpaired", split="train", cache_dir=str(tmp_path / "ds-cache"))) == 2
 
 
 # ----- Spaces sync: the models survive a restart ---------------------------------------------
