@@ -62,7 +62,7 @@ def restore_from_hub(db_path: Path, repo_id: str, token: str, data_dir: Path | N
         try:
             restore_models(data_dir, db_path, repo_id, token)
         except Exception as exc:  # noqa: BLE001 - serve what we have (the server falls back), say so
-            log.error("could not restore the models from %s: %s", repo_id, str(exc).splitlines()[0])
+            log.warning("could not restore the models from %s: %s", repo_id, str(exc).splitlines()[0])
     return restored
 
 
