@@ -47,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", parents=[common], help="write TRL-format JSONL exports")
     export.add_argument("--kind", choices=("preferences", "unpaired"), default="preferences", help="preferences: prompt/chosen/rejected; unpaired: prompt/completion/label (default: preferences)")
     export.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    push = sub.add_parser("push", parents=[common], help="upload a published adapter version to a Hub model repo (token: HF_TOKEN)")
+    push.add_argument("--version", required=True, help="the version to upload, e.g. v3 (active or retired)")
+    push.add_argument("--base-model", help="hub id of the base, when --model is a local folder (default: --model)")
+    push_data = sub.add_parser("push-data", parents=[common], help="upload the feedback as a Hub dataset repo (token: HF_TOKEN)")
+    for command in (push, push_data):
+        command.add_argument("--repo", required=True, help="the Hub repo id, owner/name (created if missing)")
+        command.add_argument("--private", action="store_true", help="create the repo private (default: public)")
+        command.add_argument("--license", default="apache-2.0", help="license id for the card (default: apache-2.0)")
     return parser
 
 
@@ -89,7 +97,7 @@ def serve(settings: Settings) -> None:
         with page:
             target = hub_target()
             if target:
-                restore_from_hub(settings.db_path, *target)
+                restore_from_hub(settings.db_path, *target, data_dir=settings.data_dir)
             runtime = Runtime(settings)
         scheduler = start_sync(settings.data_dir, settings.db_path, *target) if target else None
         log.info("model: %s", runtime.loaded.describe())
@@ -154,6 +162,26 @@ def export(settings: Settings, kind: str, out: Path) -> None:
     print(f"wrote {count} rows to {out}")
 
 
+def push(settings: Settings, args: argparse.Namespace) -> None:
+    """``push`` / ``push-data``: refuse early (token, version) before opening any connection."""
+    from rlhf_demo.hub_push import HubError, hub_token, push_adapter, push_dataset
+    from rlhf_demo.store import FeedbackStore
+
+    try:
+        token = hub_token()
+        store = FeedbackStore(existing_database(settings))
+        try:
+            if args.command == "push":
+                url = push_adapter(store, settings.model, args.version, args.repo, token, args.private, args.base_model, args.license)
+            else:
+                url = push_dataset(store, args.repo, token, args.private, args.license)
+        finally:
+            store.close()
+    except HubError as exc:
+        raise CliError(str(exc)) from None
+    print(f"pushed to {args.repo}: {url}")
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = _parser()
@@ -192,3 +220,5 @@ def run(args: argparse.Namespace) -> None:
         print(worker.run_once(manual=True) or "nothing to train on yet")
     elif args.command == "export":
         export(settings, args.kind, args.out)
+    elif args.command in ("push", "push-data"):
+        push(settings, args)

@@ -5,6 +5,13 @@ restart. When ``HF_TOKEN`` and ``RLHF_DEMO_HUB_DATASET`` are set, a
 ``huggingface_hub.CommitScheduler`` pushes a consistent SQLite snapshot (``sqlite3``'s
 online backup, safe while votes are being written) plus the TRL exports every few minutes,
 and a fresh start restores the last snapshot before opening the store.
+
+The DB alone is not enough: its registry names an active adapter version whose files live in
+``adapters/vN``, and the worker warm-starts from ``reward/run-N``. Without them a restored Space
+serves the base model and retrains the reward model from scratch. So the snapshot also carries
+every served adapter version (immutable: each is uploaded once, hard-linked into the sync
+folder, never re-sent) and the latest reward model, and the restore brings them back before
+the server loads.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 SNAPSHOT_NAME = "feedback.db"
+SYNCED_STATUSES = ("active", "retired")  # versions that may be served again; rejected/broken ones are not carried
+REWARD_DIR = "reward"
 
 
 def hub_target(env: dict[str, str] | None = None) -> tuple[str, str] | None:
@@ -44,8 +53,20 @@ def snapshot_database(db_path: Path, target: Path) -> Path:
     return target
 
 
-def restore_from_hub(db_path: Path, repo_id: str, token: str) -> bool:
-    """Download the last snapshot when the local DB is missing (fresh Space container)."""
+def restore_from_hub(db_path: Path, repo_id: str, token: str, data_dir: Path | None = None) -> bool:
+    """Download the last snapshot when the local DB is missing (fresh Space container); with
+    ``data_dir``, also the adapter versions the registry may serve and the latest reward model
+    that are missing locally. Returns whether the DB was restored."""
+    restored = _restore_database(db_path, repo_id, token)
+    if data_dir is not None and db_path.exists():
+        try:
+            restore_models(data_dir, db_path, repo_id, token)
+        except Exception as exc:  # noqa: BLE001 - serve what we have (the server falls back), say so
+            log.warning("could not restore the models from %s: %s", repo_id, str(exc).splitlines()[0])
+    return restored
+
+
+def _restore_database(db_path: Path, repo_id: str, token: str) -> bool:
     if db_path.exists():
         return False
     from huggingface_hub import hf_hub_download
@@ -61,18 +82,125 @@ def restore_from_hub(db_path: Path, repo_id: str, token: str) -> bool:
     return True
 
 
+def _registry(db_path: Path) -> list[tuple[str, str, str]]:
+    """(version, path, status) of every registered adapter, read-only (the store may not be open yet)."""
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return [tuple(row) for row in con.execute("SELECT version, path, status FROM adapter_versions")]
+    except sqlite3.OperationalError:  # a DB from before the registry existed
+        return []
+    finally:
+        con.close()
+
+
+def _relocate(db_path: Path, version: str, path: Path) -> None:
+    """Point a restored registry row at where its files now are (the snapshot may come from another
+    data directory). Runs before the store opens: nothing else holds the database."""
+    con = sqlite3.connect(db_path)
+    try:
+        with con:
+            con.execute("UPDATE adapter_versions SET path = ? WHERE version = ?", [str(path), version])
+    finally:
+        con.close()
+
+
+def _download_folder(repo_id: str, token: str, files: list[str], prefix: str, target: Path) -> None:
+    """Download every file under ``prefix`` into ``target``, whole or not at all (staging folder, rename)."""
+    from huggingface_hub import hf_hub_download
+
+    staging = target.with_name(f".{target.name}.restore")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in files:
+        if name.startswith(prefix):
+            cached = hf_hub_download(repo_id, name, repo_type="dataset", token=token)
+            dest = staging / name[len(prefix):]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cached, dest)
+    staging.replace(target)
+
+
+def _run_number(name: str) -> int:
+    return int(name[4:]) if name.startswith("run-") and name[4:].isdigit() else -1
+
+
+def restore_models(data_dir: Path, db_path: Path, repo_id: str, token: str) -> list[str]:
+    """Bring back the servable adapter versions and the latest reward model missing locally; returns what came back."""
+    from huggingface_hub import HfApi
+
+    files = HfApi(token=token).list_repo_files(repo_id, repo_type="dataset")
+    restored = []
+    for version, path, status in _registry(db_path):
+        target = data_dir / "adapters" / version
+        prefix = f"adapters/{version}/"
+        if status not in SYNCED_STATUSES or not any(f.startswith(prefix) for f in files):
+            continue
+        if not target.is_dir():
+            _download_folder(repo_id, token, files, prefix, target)
+            restored.append(f"adapters/{version}")
+        if Path(path).resolve() != target.resolve():
+            _relocate(db_path, version, target)
+    runs = sorted({f.split("/")[1] for f in files if f.startswith(f"{REWARD_DIR}/") and f.endswith("/head.safetensors")}, key=_run_number)
+    local_runs = [p.name for p in (data_dir / REWARD_DIR).glob("run-*") if (p / "head.safetensors").exists()]
+    if runs and not local_runs:
+        _download_folder(repo_id, token, files, f"{REWARD_DIR}/{runs[-1]}/", data_dir / REWARD_DIR / runs[-1])
+        restored.append(f"{REWARD_DIR}/{runs[-1]}")
+    if restored:
+        log.info("restored %s from the Hub dataset %s", ", ".join(restored), repo_id)
+    return restored
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Hard-link (copy where links fail) ``source``'s files into ``target``: no second copy on disk,
+    and the source's mtime, so the scheduler sees an unchanged file as already uploaded."""
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    for item in source.rglob("*"):
+        if item.is_file():
+            dest = staging / item.relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(item, dest)
+            except OSError:
+                shutil.copy2(item, dest)
+    staging.replace(target)
+
+
+def stage_models(data_dir: Path, db_path: Path, folder: Path, remote: set[str]) -> list[str]:
+    """Put the servable adapter versions and the latest reward model into the sync folder, skipping
+    what the Hub repo already holds (``remote``: its file names) or what is staged already."""
+    staged = []
+    for version, path, status in _registry(db_path):
+        source, target = Path(path), folder / "adapters" / version
+        if status in SYNCED_STATUSES and source.is_dir() and not target.exists() and f"adapters/{version}/adapter_config.json" not in remote:
+            _link_tree(source, target)
+            staged.append(f"adapters/{version}")
+    runs = sorted((p for p in (data_dir / REWARD_DIR).glob("run-*") if (p / "head.safetensors").exists()), key=lambda p: _run_number(p.name))
+    if runs and f"{REWARD_DIR}/{runs[-1].name}/head.safetensors" not in remote and not (folder / REWARD_DIR / runs[-1].name).exists():
+        for old in (folder / REWARD_DIR).glob("run-*"):  # uploaded already; only the latest is restored
+            shutil.rmtree(old, ignore_errors=True)
+        _link_tree(runs[-1], folder / REWARD_DIR / runs[-1].name)
+        staged.append(f"{REWARD_DIR}/{runs[-1].name}")
+    return staged
+
+
 def start_sync(data_dir: Path, db_path: Path, repo_id: str, token: str, every_minutes: float = 10.0) -> Any:
     """Start the background pusher; returns the scheduler (``.stop()`` on shutdown)."""
-    from huggingface_hub import CommitScheduler
+    from huggingface_hub import CommitScheduler, HfApi
 
     from rlhf_demo.store import FeedbackStore, export_preferences, export_unpaired
 
     folder = data_dir / "hub-sync"
+    try:  # what a previous container uploaded already: not sent again
+        remote = set(HfApi(token=token).list_repo_files(repo_id, repo_type="dataset"))
+    except Exception:  # noqa: BLE001 - a new repo (created below), or no access yet: stage everything
+        remote = set()
 
     class SnapshotScheduler(CommitScheduler):
         def push_to_hub(self) -> Any:
             with self.lock:
-                snapshot_database(db_path, folder / "snapshot" / SNAPSHOT_NAME)
+                snapshot = snapshot_database(db_path, folder / "snapshot" / SNAPSHOT_NAME)
+                stage_models(data_dir, snapshot, folder, remote)  # the registry as snapshotted: adapters match the DB
                 store = FeedbackStore(db_path)
                 try:
                     export_preferences(store, folder / "exports" / "preferences.jsonl")
