@@ -123,9 +123,10 @@ class _PairStreamer:
     """A ``generate`` streamer for a batch of two: the decoded text of each row so far, as a
     queue of ``(text_a, text_b)``; ``None`` marks the end. (TextIteratorStreamer takes one row.)"""
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Any, eos_ids: list[int]) -> None:
+        self.tokenizer, self.eos_ids = tokenizer, set(eos_ids)
         self.tokens: list[list[int]] = [[], []]
+        self.texts = ["", ""]
         self.done = [False, False]
         self.queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._prompt_seen = False
@@ -135,16 +136,17 @@ class _PairStreamer:
             self._prompt_seen = True
             return
         step = value.reshape(-1).tolist()
-        eos = self.tokenizer.eos_token_id
         for row, token in enumerate(step[:2]):
             if self.done[row]:
                 continue
-            if token == eos:
+            if token in self.eos_ids:
                 self.done[row] = True
-            else:
-                self.tokens[row].append(token)
-        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in self.tokens]
-        self.queue.put((texts[0], texts[1]))
+                continue
+            self.tokens[row].append(token)
+            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # half a UTF-8 character: wait for the rest (as TextIteratorStreamer)
+                self.texts[row] = text
+        self.queue.put((self.texts[0], self.texts[1]))
 
     def end(self) -> None:
         self.queue.put(None)
@@ -467,7 +469,7 @@ class PolicyServer:
         sampling = Sampling.clamp(self.bounds, temperature, top_p, max_new_tokens)
         prompt, ids = self.encode(messages)
         batch = {key: value.repeat(2, 1) for key, value in ids.items()}
-        streamer = _PairStreamer(self.tokenizer)
+        streamer = _PairStreamer(self.tokenizer, eos_token_ids(self.model, self.tokenizer))
         cancel = _Cancel()
         outcome: dict[str, Any] = {}
 

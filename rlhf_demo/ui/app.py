@@ -160,11 +160,14 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
             retry_inputs = [chatbot, chat_state, temperature, top_p, max_new]
             for trigger, fn, inputs, outputs, api_name in (
                 (send.click, on_chat, chat_inputs, [chatbot, message, chat_state], "chat"),
-                (message.submit, on_chat, chat_inputs, [chatbot, message, chat_state], False),
-                (chatbot.retry, on_retry, retry_inputs, [chatbot, chat_state], False),
+                (message.submit, on_chat, chat_inputs, [chatbot, message, chat_state], None),
+                (chatbot.retry, on_retry, retry_inputs, [chatbot, chat_state], None),
             ):
                 trigger(writing, None, [send, stop], queue=False, api_visibility="private")
-                trigger(fn, inputs, outputs, api_name=api_name).then(idle, None, [send, stop], queue=False, api_visibility="private")
+                visibility = "public" if api_name else "private"
+                trigger(fn, inputs, outputs, api_name=api_name, api_visibility=visibility).then(
+                    idle, None, [send, stop], queue=False, api_visibility="private"
+                )
             # Stop: the answer ends at its next token and is kept (recorded, rateable); not Gradio's
             # `cancels`, which would leave a half answer the server has no record of.
             stop.click(_friendly(h.stop), [chat_state], [vote_status], queue=False, api_visibility="private")
