@@ -373,25 +373,9 @@ class FeedbackStore:
             )
             return VoteResult("created", str(_inserted_id(table)))
 
-    def prefer(
-        self,
-        *,
-        session_id: str,
-        response_a_id: str,
-        response_b_id: str,
-        outcome: str,
-        source: str,
-        ip_key: str | None = None,
-    ) -> str:
-        """An A/B vote between two answers to one prompt; returns the preference id."""
-        result = self.record_preference(
-            session_id=session_id,
-            response_a_id=response_a_id,
-            response_b_id=response_b_id,
-            outcome=outcome,
-            source=source,
-            ip_key=ip_key,
-        )
+    def prefer(self, **vote: Any) -> str:
+        """:meth:`record_preference` (same keyword arguments), returning the preference id."""
+        result = self.record_preference(**vote)
         assert result.id is not None
         return result.id
 
