@@ -110,7 +110,10 @@ def serve(settings: Settings) -> None:
             log.info("training worker disabled (--no-worker); run `python -m rlhf_demo worker` elsewhere to train")
         demo = build_app(runtime, supervisor)
         demo.queue(default_concurrency_limit=settings.limits.max_concurrent_generations)
-        demo.launch(server_name=settings.host, server_port=settings.port, **launch_options(runtime))
+        demo.launch(server_name=settings.host, server_port=settings.port, prevent_thread_lock=True, **launch_options(runtime))
+        while not STOP.wait(0.5):  # serve until a signal; the wait is interruptible
+            pass
+        raise KeyboardInterrupt("signal")
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         raise SystemExit(2) from None
@@ -127,15 +130,24 @@ def serve(settings: Settings) -> None:
             runtime.close()
 
 
+STOP = threading.Event()  # set by SIGTERM / Ctrl+C; serve() ends once it is set
+
+
 def stop_on_sigterm() -> None:
     """``docker stop``, Spaces and ``kill`` send SIGTERM: shut down like on Ctrl+C (Gradio closes,
-    the ``finally`` stops the worker) instead of dying on the spot and orphaning it."""
+    the ``finally`` stops the worker) instead of dying on the spot and orphaning it.
+
+    The signal also sets :data:`STOP`: an interrupt raised inside Gradio's start-up can be
+    swallowed there (seen: SIGTERM right after the worker started left the app serving), and
+    ``serve`` waits on the event, not on Gradio."""
 
     def interrupt(signum: int, frame: object) -> None:
+        STOP.set()
         raise KeyboardInterrupt(f"signal {signum}")
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGINT, interrupt)
 
 
 class CliError(Exception):

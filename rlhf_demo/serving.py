@@ -149,6 +149,9 @@ class _PairStreamer:
         self.queue.put((self.texts[0], self.texts[1]))
 
     def end(self) -> None:
+        """The last item is each row's whole text, a trailing half character included."""
+        self.texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in self.tokens]
+        self.queue.put((self.texts[0], self.texts[1]))
         self.queue.put(None)
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
