@@ -442,20 +442,11 @@ class PolicyServer:
         top_p: float | None = None,
         max_new_tokens: int | None = None,
     ) -> list[Generation]:
-        """Two answers to one prompt from one batched call (PEFT mixed-adapter batch)."""
-        sampling = Sampling.clamp(self.bounds, temperature, top_p, max_new_tokens)
-        prompt, ids = self.encode(messages)
-        batch = {key: value.repeat(2, 1) for key, value in ids.items()}
-        for version in versions:
-            self._hold(version, +1)
-        try:
-            started = time.perf_counter()
-            with self._lock:
-                output = self._generate(batch, list(versions), sampling)
-        finally:
-            for version in versions:
-                self._hold(version, -1)
-        return [self._finish(output[i], ids, versions[i], prompt, sampling, started, None) for i in range(2)]
+        """Two answers to one prompt from one batched call (PEFT mixed-adapter batch); the
+        non-streaming convenience over :meth:`stream_pair`."""
+        *_, result = self.stream_pair(messages, versions, temperature, top_p, max_new_tokens)
+        assert isinstance(result, list)
+        return result
 
     def stream_pair(
         self,
