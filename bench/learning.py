@@ -56,7 +56,7 @@ from rlhf_demo.worker.cycle import run_cycle  # noqa: E402
 log = logging.getLogger("bench.learning")
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 SESSIONS = 16  # the rater stands for a crowd: votes rotate over this many session ids
-EVAL_ADAPTER, EVAL_REWARD = "bench_eval", "bench_reward"
+EVAL_ADAPTER = "bench_eval"
 
 
 # ── inputs ───────────────────────────────────────────────────────────────────────────
@@ -237,8 +237,7 @@ def rm_agreement(
     keep = [i for i, (a, b) in enumerate(zip(active["scores"], base["scores"], strict=True)) if a != b]
     if not keep or not folder.is_dir():
         return {"rm_eval_accuracy": None, "rm_eval_pairs": 0}
-    rm = RewardModel.load(loaded.model, loaded.tokenizer, folder, name=EVAL_REWARD)
-    loaded.model = rm.model
+    rm = RewardModel.load(loaded.model, loaded.tokenizer, folder)
     ps = [prompts[i] for i in keep]
     r_active = rm.score(ps, [active["texts"][i] for i in keep], normalized=False, batch_size=16, finished=[bool(active["eos"][i]) for i in keep])
     r_base = rm.score(ps, [base["texts"][i] for i in keep], normalized=False, batch_size=16, finished=[bool(base["eos"][i]) for i in keep])
@@ -246,10 +245,6 @@ def rm_agreement(
         (float(ra) > float(rb)) == (active["scores"][i] > base["scores"][i]) if float(ra) != float(rb) else 0.5
         for ra, rb, i in zip(r_active, r_base, keep, strict=True)
     ]
-    if len(loaded.model.peft_config) > 1:
-        loaded.model.delete_adapter(EVAL_REWARD)
-    for p in loaded.model.parameters():
-        p.requires_grad_(False)
     return {"rm_eval_accuracy": statistics.fmean(float(a) for a in agree), "rm_eval_pairs": len(keep)}
 
 
@@ -307,7 +302,7 @@ def make_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
             "learning_rate": args.ppo_lr,
             "init_kl_coef": args.kl_coef,
         },
-        "reward": {"epochs": args.rm_epochs, "warm_epochs": args.rm_epochs_later},
+        "reward": {"l2": args.rm_l2, "layer": args.rm_layer},
         "gate": {"prompts": args.gate_prompts, "samples_per_prompt": args.gate_samples, "confidence": args.gate_confidence},
     }
     parts = {
@@ -395,12 +390,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "votes": total_votes,
             "cast": cast,
             "votes_used": rm.get("votes_used"),
-            "rm_accuracy": rm.get("pairwise_accuracy"),
+            "rm_accuracy": rm.get("agreement"),
             "rm_thumb_accuracy": rm.get("thumb_accuracy"),
-            "rm_train_pairs": rm.get("train_pairs"),
-            "rm_holdout_pairs": rm.get("holdout_pairs"),
-            "rm_steps": rm.get("steps"),
-            "rm_timed_out": rm.get("timed_out"),
+            "rm_agreement": rm.get("agreement"),
+            "rm_agreement_lower_bound": rm.get("agreement_lower_bound"),
+            "rm_judged": rm.get("judged"),
+            "rm_pairs": rm.get("pairs"),
+            "rm_thumbs": rm.get("thumbs"),
             "decision": summary["decision"],
             "version": summary["version"],
             "served": served,
@@ -608,8 +604,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     library.add_argument("--advantage", choices=("rloo", "gae"), help="PPOConfig.advantage")
     library.add_argument("--ppo-lr", type=float, help="PPOConfig.learning_rate")
     library.add_argument("--kl-coef", type=float, help="PPOConfig.init_kl_coef")
-    library.add_argument("--rm-epochs", type=int, help="RewardConfig.epochs (first cycle)")
-    library.add_argument("--rm-epochs-later", type=int, help="RewardConfig.warm_epochs (later cycles, warm-started)")
+    library.add_argument("--rm-l2", type=float, help="RewardConfig.l2")
+    library.add_argument("--rm-layer", type=int, help="RewardConfig.layer")
     library.add_argument("--gate-prompts", type=int, help="GateConfig.prompts")
     library.add_argument("--gate-samples", type=int, help="GateConfig.samples_per_prompt")
     library.add_argument("--gate-confidence", type=float, help="GateConfig.confidence")

@@ -7,8 +7,8 @@ online backup, safe while votes are being written) plus the TRL exports every fe
 and a fresh start restores the last snapshot before opening the store.
 
 The DB alone is not enough: its registry names an active adapter version whose files live in
-``adapters/vN``, and the worker warm-starts from ``reward/run-N``. Without them a restored Space
-serves the base model and retrains the reward model from scratch. So the snapshot also carries
+``adapters/vN``, and ``reward/run-N`` is the reward model the last cycles optimised against.
+Without them a restored Space serves the base model. So the snapshot also carries
 every served adapter version (immutable: each is uploaded once, hard-linked into the sync
 folder, never re-sent) and the latest reward model, and the restore brings them back before
 the server loads.
@@ -22,6 +22,8 @@ import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
+
+from rlhf_demo.reward.model import PROBE_FILE
 
 log = logging.getLogger(__name__)
 SNAPSHOT_NAME = "feedback.db"
@@ -140,8 +142,8 @@ def restore_models(data_dir: Path, db_path: Path, repo_id: str, token: str) -> l
             restored.append(f"adapters/{version}")
         if Path(path).resolve() != target.resolve():
             _relocate(db_path, version, target)
-    runs = sorted({f.split("/")[1] for f in files if f.startswith(f"{REWARD_DIR}/") and f.endswith("/head.safetensors")}, key=_run_number)
-    local_runs = [p.name for p in (data_dir / REWARD_DIR).glob("run-*") if (p / "head.safetensors").exists()]
+    runs = sorted({f.split("/")[1] for f in files if f.startswith(f"{REWARD_DIR}/") and f.endswith(f"/{PROBE_FILE}")}, key=_run_number)
+    local_runs = [p.name for p in (data_dir / REWARD_DIR).glob("run-*") if (p / PROBE_FILE).exists()]
     if runs and not local_runs:
         _download_folder(repo_id, token, files, f"{REWARD_DIR}/{runs[-1]}/", data_dir / REWARD_DIR / runs[-1])
         restored.append(f"{REWARD_DIR}/{runs[-1]}")
@@ -175,8 +177,8 @@ def stage_models(data_dir: Path, db_path: Path, folder: Path, remote: set[str]) 
         if status in SYNCED_STATUSES and source.is_dir() and not target.exists() and f"adapters/{version}/adapter_config.json" not in remote:
             _link_tree(source, target)
             staged.append(f"adapters/{version}")
-    runs = sorted((p for p in (data_dir / REWARD_DIR).glob("run-*") if (p / "head.safetensors").exists()), key=lambda p: _run_number(p.name))
-    if runs and f"{REWARD_DIR}/{runs[-1].name}/head.safetensors" not in remote and not (folder / REWARD_DIR / runs[-1].name).exists():
+    runs = sorted((p for p in (data_dir / REWARD_DIR).glob("run-*") if (p / PROBE_FILE).exists()), key=lambda p: _run_number(p.name))
+    if runs and f"{REWARD_DIR}/{runs[-1].name}/{PROBE_FILE}" not in remote and not (folder / REWARD_DIR / runs[-1].name).exists():
         for old in (folder / REWARD_DIR).glob("run-*"):  # uploaded already; only the latest is restored
             shutil.rmtree(old, ignore_errors=True)
         _link_tree(runs[-1], folder / REWARD_DIR / runs[-1].name)

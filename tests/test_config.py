@@ -21,14 +21,15 @@ def test_nested_settings_come_from_the_environment_typed_by_their_annotation():
         "RLHF_DEMO_TRAINING__PPO__KL_STOP": "none",
         "RLHF_DEMO_TRAINING__PPO__ADVANTAGE": "gae",
         "RLHF_DEMO_TRAINING__PPO__SAMPLES_PER_PROMPT": "1",
-        "RLHF_DEMO_TRAINING__REWARD__EPOCHS": "2",
+        "RLHF_DEMO_TRAINING__REWARD__L2": "0.1",
+        "RLHF_DEMO_TRAINING__REWARD__LAYER": "12",
         "RLHF_DEMO_TRAINING__GATE__CONFIDENCE": "0.9",
         "RLHF_DEMO_LORA__TARGET_MODULES": "q_proj, v_proj",
         "RLHF_DEMO_WORKER": "off",
     }
     s = load_settings(env=env)
     assert s.training.every_votes == 20 and s.training.ppo.learning_rate == 5e-4 and s.training.ppo.kl_stop is None
-    assert s.training.ppo.advantage == "gae" and s.training.reward.epochs == 2 and s.training.gate.confidence == 0.9
+    assert s.training.ppo.advantage == "gae" and s.training.reward.l2 == 0.1 and s.training.reward.layer == 12 and s.training.gate.confidence == 0.9
     assert s.lora.target_modules == ("q_proj", "v_proj") and s.worker is False
 
 

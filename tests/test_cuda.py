@@ -79,9 +79,9 @@ def test_reward_model_trains_on_cuda(cuda_settings):
     pairs = [
         {"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": f"good answer {i}", "rejected": f"bad {i}"} for i in range(24)
     ]
-    config = dataclasses.replace(cuda_settings.training.reward, epochs=2, learning_rate=5e-3, max_length=64)
-    rm, metrics = train_reward_model(loaded.model, loaded.tokenizer, pairs, [], config, cuda_settings.lora)
-    assert metrics.steps > 0 and math.isfinite(metrics.final_loss)
+    config = dataclasses.replace(cuda_settings.training.reward, max_length=64)
+    rm, metrics = train_reward_model(loaded.model, loaded.tokenizer, pairs, [], config)
+    assert metrics.pairs == 24 and metrics.agreement is not None and math.isfinite(metrics.reward_std)
     scores = rm.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
     assert torch.isfinite(scores).all()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_demo.config import Settings
+from rlhf_demo.reward.model import PROBE_FILE
 from rlhf_demo.store import FeedbackStore
 from tests import fake_hub as fake_hub_module
 from tests.conftest import write_random_adapter
@@ -184,7 +185,7 @@ def test_sync_round_trip_restores_the_active_version_and_reward_model_after_a_wi
     store, folder = published
     reward = settings.data_dir / "reward" / "run-7"
     reward.mkdir(parents=True)
-    (reward / "head.safetensors").write_bytes(b"head")
+    (reward / PROBE_FILE).write_bytes(b"probe")
     (reward / "normalizer.json").write_text('{"mean": 0, "std": 1}')
     original = {p.name: p.read_bytes() for p in folder.iterdir()}
     store.close()
@@ -196,14 +197,14 @@ def test_sync_round_trip_restores_the_active_version_and_reward_model_after_a_wi
     finally:
         scheduler.stop()
     files = fake_hub.files("user/space-data", "dataset")
-    assert {"snapshot/feedback.db", "adapters/v1/adapter_model.safetensors", "reward/run-7/head.safetensors"} <= set(files)
+    assert {"snapshot/feedback.db", "adapters/v1/adapter_model.safetensors", f"reward/run-7/{PROBE_FILE}"} <= set(files)
     sent = [path for _, paths in fake_hub.commits for path in paths]
     assert sent.count("adapters/v1/adapter_model.safetensors") == 1 and sent.count("snapshot/feedback.db") >= 2
 
     shutil.rmtree(settings.data_dir)  # a fresh Space container
     assert restore_from_hub(settings.db_path, "user/space-data", TOKEN, data_dir=settings.data_dir)
     assert {p.name: p.read_bytes() for p in (settings.adapters_dir / "v1").iterdir()} == original
-    assert (settings.data_dir / "reward" / "run-7" / "head.safetensors").read_bytes() == b"head"
+    assert (settings.data_dir / "reward" / "run-7" / PROBE_FILE).read_bytes() == b"probe"
 
     runtime = Runtime(settings, tiny_loaded)
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,11 +13,10 @@ import torch
 
 from rlhf_demo.config import LoraSettings, load_settings
 from rlhf_demo.modeling import load_model
-from rlhf_demo.modeling.adapters import ADAPTER_CONFIG, AdapterError, attach_new_adapter, is_adapter_parameter, use_adapter
-from rlhf_demo.modeling.heads import HEAD_FILE
+from rlhf_demo.modeling.adapters import AdapterError, attach_new_adapter, is_adapter_parameter
 from rlhf_demo.reward import RewardConfig, RewardMetrics, RewardModel, build_examples, split_holdout, train_reward_model
 from rlhf_demo.reward.losses import example_key
-from rlhf_demo.reward.model import NORMALIZER_FILE, chat_text
+from rlhf_demo.reward.model import NORMALIZER_FILE, PROBE_FILE, chat_text
 
 # ── synthetic feedback ───────────────────────────────────────────────────────────────
 
@@ -133,8 +131,7 @@ def test_split_holdout_is_stable_as_data_grows():
 
 # ── training on the tiny model ───────────────────────────────────────────────────────
 
-# Tiny random model: a high LR and a few epochs learn the rule in ~2 s (seed fixed).
-FAST = RewardConfig(learning_rate=5e-3, epochs=4, batch_size=16, max_length=64, seed=0, normalizer_samples=256)
+FAST = RewardConfig(batch_size=16, max_length=64)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -163,54 +160,41 @@ def assert_unchanged(saved) -> None:
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
-    """One base with a "policy" adapter; a reward model trained beside it."""
+    """One base with a trainable "policy" adapter; a reward model fitted beside it."""
     loaded = load_tiny(tiny_model_dir, tmp_path_factory.mktemp("rm"), quantization="fp32")
     base = loaded.model
-    base_tensors = {n: p for n, p in base.named_parameters()}
     peft = attach_new_adapter(base, "policy", LoraSettings())
     with torch.no_grad():  # a non-trivial policy (fresh LoRA B is 0)
         for n, p in peft.named_parameters():
             if is_adapter_parameter(n, "policy"):
-                p.normal_(std=0.02)
+                p.normal_(std=0.05)
     policy_flags = {n: p.requires_grad for n, p in peft.named_parameters()}
+    peft.train()
     before = snapshot(peft)
-    grads_at_step_1: list[str] = []
-
-    def progress(step, total, metrics):
-        assert 1 <= step <= total and math.isfinite(metrics["loss"])
-        if step == 1:
-            grads_at_step_1.extend(n for n, p in peft.named_parameters() if p.grad is not None)
-
+    calls: list[tuple[int, int]] = []
     pairs, thumbs = synthetic_pairs(200), synthetic_thumbs(30)
-    rm, metrics = train_reward_model(peft, loaded.tokenizer, pairs, thumbs, FAST, LoraSettings(), progress=progress)
-    return SimpleNamespace(
-        loaded=loaded,
-        base=base,
-        base_tensors=base_tensors,
-        peft=peft,
-        before=before,
-        policy_flags=policy_flags,
-        grads_at_step_1=grads_at_step_1,
-        rm=rm,
-        metrics=metrics,
-        pairs=pairs,
-        thumbs=thumbs,
-    )
+    rm, metrics = train_reward_model(peft, loaded.tokenizer, pairs, thumbs, FAST, progress=lambda done, total, m: calls.append((done, total)))
+    return SimpleNamespace(loaded=loaded, base=base, peft=peft, before=before, policy_flags=policy_flags, calls=calls, rm=rm, metrics=metrics, pairs=pairs, thumbs=thumbs)
 
 
 def test_learns_a_synthetic_preference(trained):
     m = trained.metrics
     assert isinstance(m, RewardMetrics)
-    assert m.holdout_pairs >= 15 and m.train_pairs >= 150
-    assert m.pairwise_accuracy >= 0.9, m
-    assert m.mean_margin > 0
-    assert m.holdout_thumbs > 0 and m.thumb_accuracy >= 0.75, m
-    assert m.pairs_from_thumbs > 0
-    assert m.steps == len(m.loss_curve) > 0 and not m.timed_out
-    assert m.final_loss < m.loss_curve[0]
+    assert m.pairs >= 200 and m.thumbs == 60 and m.pairs_from_thumbs > 0
+    # every pair judged once by a probe fitted without its prompt; thumbs by ranking, as many
+    # judgements as disjoint (👍, 👎) combinations (each prompt here has one of each)
+    assert m.judged == m.pairs + m.thumbs // 2
+    assert m.pairwise_accuracy >= 0.85 and m.thumb_accuracy >= 0.7 and m.mean_margin > 0, m
+    assert m.agreement >= 0.85 and 0.5 < m.agreement_lower_bound < m.agreement, m
+    assert trained.calls and trained.calls[-1] == (m.answers, m.answers) and m.answers_left_out == 0
     stored = json.loads(json.dumps(m.as_dict(), allow_nan=False))  # plain numbers, None where undefined
-    assert stored == dataclasses.asdict(m) and stored["votes_used"] == 0 and stored["warm_start"] is None
-    assert m.accuracies() == {"pairwise_accuracy": m.pairwise_accuracy, "thumb_accuracy": m.thumb_accuracy}
+    assert stored == dataclasses.asdict(m) and stored["votes_used"] == 0
+    assert m.accuracies() == {"pairwise_accuracy": m.pairwise_accuracy, "thumb_accuracy": m.thumb_accuracy, "agreement": m.agreement}
+    # new answers, never voted on, follow the rule
+    rng = random.Random(9)
+    good = trained.rm.score([user("describe tea")] * 20, [answer(rng, "tea", True) for _ in range(20)])
+    bad = trained.rm.score([user("describe tea")] * 20, [answer(rng, "tea", False) for _ in range(20)])
+    assert (good > bad).float().mean() >= 0.9
     # normalizer: training answers come out ~N(0, 1)
     prompts, texts = [p["prompt"] for p in trained.pairs[:40]] * 2, [p["chosen"] for p in trained.pairs[:40]]
     texts += [p["rejected"] for p in trained.pairs[:40]]
@@ -221,10 +205,34 @@ def test_learns_a_synthetic_preference(trained):
     torch.testing.assert_close(normalized, (raw - m.reward_mean) / m.reward_std)
 
 
+def test_thumbs_that_only_teach_the_base_rate_are_not_trusted(trained):
+    """Two 👍 among 40 thumbs: "always 👎" is 95 % right by sign, but says nothing about which
+    answer is better. Judged by ranking, such a probe rests on 2 comparisons and is not
+    trusted."""
+    rng = random.Random(5)
+    thumbs = [{"prompt": user(f"q {i}"), "completion": answer(rng, "tea", i < 2), "label": i < 2} for i in range(40)]
+    _, m = train_reward_model(trained.peft, trained.loaded.tokenizer, [], thumbs, FAST)
+    assert m.judged <= 2 and m.agreement_lower_bound < 0.5, m
+
+
+def test_votes_without_a_rule_are_not_trusted(trained):
+    """Labels drawn at random: cross-validation must say the probe predicts nothing, so the
+    worker does not spend PPO on it (GateConfig.min_reward_agreement)."""
+    rng = random.Random(3)
+    pairs = []
+    for p in synthetic_pairs(200, seed=11):
+        if rng.random() < 0.5:
+            p = {**p, "chosen": p["rejected"], "rejected": p["chosen"]}
+        pairs.append(p)
+    _, m = train_reward_model(trained.peft, trained.loaded.tokenizer, pairs, [], FAST)
+    assert m.judged == m.pairs >= 190
+    assert abs(m.agreement - 0.5) < 0.1 and m.agreement_lower_bound < 0.5, m
+
+
 def test_reward_model_sees_whether_an_answer_was_cut_off(tiny_model_dir, tmp_path):
     """A rater who dislikes answers cut at the length limit: the texts alone carry no sign of
     it (chosen and rejected come from the same random words), only the missing end-of-turn
-    does. Before the reward model read that, this preference could not be learned at all."""
+    does."""
     loaded = load_tiny(tiny_model_dir, tmp_path, quantization="fp32")
     tok = loaded.tokenizer
     cut = chat_text(tok, user("q"), "some words", finished=False)
@@ -239,130 +247,80 @@ def test_reward_model_sees_whether_an_answer_was_cut_off(tiny_model_dir, tmp_pat
         {"prompt": user(f"question {i}"), "chosen": answer(), "rejected": answer(), "chosen_finished": True, "rejected_finished": False}
         for i in range(160)
     ]
-    rm, metrics = train_reward_model(loaded.model, tok, pairs, [], FAST, LoraSettings())
-    assert metrics.holdout_pairs >= 10 and metrics.pairwise_accuracy >= 0.9, metrics
+    rm, metrics = train_reward_model(loaded.model, tok, pairs, [], FAST)
+    assert metrics.pairwise_accuracy >= 0.8, metrics
     texts = [answer() for _ in range(20)]
     ended = rm.score([user("new")] * 20, texts, finished=[True] * 20)
     cut_off = rm.score([user("new")] * 20, texts, finished=[False] * 20)
-    assert (ended > cut_off).float().mean() >= 0.9
+    assert (ended > cut_off).float().mean() >= 0.8
 
 
-def test_gradients_reach_only_reward_lora_and_head(trained):
-    names = trained.grads_at_step_1
-    assert names and all(is_adapter_parameter(n, "reward") for n in names), names
-    assert len(names) == sum(is_adapter_parameter(n, "reward") for n, _ in trained.peft.named_parameters())
-    # base and policy weights are untouched, bit for bit
-    assert_unchanged(trained.before)
-
-    def given_back_as_found() -> None:  # policy active (for PEFT's wrapper too), its flags kept, reward frozen
-        assert trained.peft.active_adapters == ["policy"] and trained.peft.active_adapter == "policy"
-        for n, p in trained.peft.named_parameters():
-            assert p.requires_grad == trained.policy_flags.get(n, False), n
-
-    given_back_as_found()
-    assert any(trained.policy_flags.values())  # the policy is trainable: scoring must not freeze it
-    rm = trained.rm
-    rm.score([user("hi")], ["great!"])  # as PPO's reward_fn does between its steps
-    given_back_as_found()
-    with pytest.raises(AdapterError, match="not active"):  # never scores with the policy by mistake
-        rm.raw_scores([user("hi")], ["great!"])
-    # a training forward: gradients into the reward LoRA and the head only
+def test_reads_with_the_base_and_gives_the_policy_back_as_found(trained):
+    """PPO calls ``score`` between its own steps with the policy adapter active and
+    trainable: the reward must not depend on the policy's weights, and the policy must come
+    back with its adapter, flags and train mode."""
+    peft, rm = trained.peft, trained.rm
+    assert_unchanged(trained.before)  # fitting touched no weight, base or policy
+    assert rm.model is peft and peft.active_adapters == ["policy"]
+    prompts, texts = [user("hi"), user("tell me about rain")], ["great!", "rain is fine"]
+    first = rm.score(prompts, texts)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if is_adapter_parameter(n, "policy"):
+                p.add_(0.5)
     try:
-        with use_adapter(rm.model, rm.name, trainable=True):
-            rm.raw_scores([user("hi")], ["great!"]).sum().backward()
-        got = {n for n, p in trained.peft.named_parameters() if p.grad is not None}
-        assert got and all(is_adapter_parameter(n, "reward") for n in got)
-        assert all(p.grad is not None for p in rm.head.parameters())
+        assert torch.equal(rm.score(prompts, texts), first)  # the policy moved, the reward did not
     finally:
-        trained.peft.zero_grad(set_to_none=True)
-        rm.head.zero_grad(set_to_none=True)
-    given_back_as_found()
-
-
-def test_process_holds_one_base(trained):
-    rm = trained.rm
-    assert rm.model is trained.peft and rm.model.get_base_model() is trained.base
-    wrapped = {p.data_ptr(): p for p in rm.model.parameters()}
-    for n, p in trained.base_tensors.items():  # the same tensors, not copies
-        assert wrapped.get(p.data_ptr()) is p, n
-    non_lora = [p for n, p in rm.model.named_parameters() if "lora_" not in n]
-    assert len(non_lora) == len(trained.base_tensors)
-    assert rm.head.linear.weight.device == trained.base.get_input_embeddings().weight.device
+        with torch.no_grad():
+            for n, p in peft.named_parameters():
+                if is_adapter_parameter(n, "policy"):
+                    p.sub_(0.5)
+    assert peft.training and peft.active_adapters == ["policy"]
+    assert {n: p.requires_grad for n, p in peft.named_parameters()} == trained.policy_flags
+    with peft.disable_adapter():  # the same numbers as reading the bare base
+        bare = rm.score(prompts, texts)
+    torch.testing.assert_close(bare, first)
 
 
 def test_save_load_round_trip_gives_identical_scores(trained, tmp_path, tiny_model_dir):
     rm, tok = trained.rm, trained.loaded.tokenizer
     folder = rm.save(tmp_path / "rm-v1")
-    assert {ADAPTER_CONFIG, HEAD_FILE, NORMALIZER_FILE} <= {f.name for f in folder.iterdir()}
+    assert {f.name for f in folder.iterdir()} == {PROBE_FILE, NORMALIZER_FILE}
     assert not list(tmp_path.glob(".*"))  # no temp folder left behind
     with pytest.raises(AdapterError):
         rm.save(folder)  # versions are immutable
     prompts = [p["prompt"] for p in trained.pairs[:12]]
     texts = [p["chosen"] for p in trained.pairs[:12]]
     expected = rm.score(prompts, texts)
-
-    copy = RewardModel.load(rm.model, tok, folder, name="reward_copy")  # beside the original
-    assert copy.model is rm.model and (copy.mean, copy.std) == (rm.mean, rm.std)
+    copy = RewardModel.load(rm.model, tok, folder)
+    assert (copy.mean, copy.std, copy.layer) == (rm.mean, rm.std, rm.layer)
     assert torch.equal(copy.score(prompts, texts), expected)
-    again = RewardModel.load(rm.model, tok, folder, name="reward_copy")  # replaces its namesake
-    assert torch.equal(again.score(prompts, texts), expected)
-    assert trained.peft.active_adapters == ["policy"]
-
-    other = load_tiny(tiny_model_dir, tmp_path / "other", quantization="fp32")  # a fresh process's base
-    fresh = RewardModel.load(other.model, other.tokenizer, folder)  # bare base -> PeftModel
-    assert fresh.model.get_base_model() is other.model
-    assert not any(p.requires_grad for p in fresh.model.parameters())  # PEFT froze the base, load the adapter
+    other = load_tiny(tiny_model_dir, tmp_path / "other", quantization="fp32")  # a fresh process's bare base
+    fresh = RewardModel.load(other.model, other.tokenizer, folder)
     torch.testing.assert_close(fresh.score(prompts, texts), expected, rtol=0, atol=1e-5)
-
-
-def test_warm_start_continues_from_saved_weights(trained, tmp_path):
-    rm, tok = trained.rm, trained.loaded.tokenizer
-    folder = rm.save(tmp_path / "rm-v1")
-    pairs = trained.pairs[:64]
-    prompts, texts = [p["prompt"] for p in pairs[:8]], [p["rejected"] for p in pairs[:8]]
-    cfg = RewardConfig(
-        learning_rate=5e-3, epochs=0, batch_size=16, max_length=64, adapter_name="reward_warm", normalizer_samples=32
-    )
-    same, m0 = train_reward_model(rm.model, tok, pairs, [], cfg, warm_start=folder)
-    assert m0.steps == 0 and m0.warm_start == str(folder)
-    assert torch.equal(same.score(prompts, texts, normalized=False), rm.score(prompts, texts, normalized=False))
-    # one more epoch starts where the first run ended, not from scratch
-    cfg = dataclasses.replace(cfg, epochs=1)
-    _, m1 = train_reward_model(rm.model, tok, pairs, [], cfg, warm_start=folder)
-    assert m1.steps > 0 and m1.loss_curve[0] < 0.5 * trained.metrics.loss_curve[0]
-    assert trained.peft.active_adapters == ["policy"]
+    with pytest.raises(AdapterError, match="not a reward model folder"):
+        RewardModel.load(other.model, other.tokenizer, tmp_path / "other")
 
 
 def test_time_budget_and_empty_feedback(trained):
     tok = trained.loaded.tokenizer
-    cfg = RewardConfig(max_seconds=0.0, adapter_name="reward_budget", max_length=64)
-    _, m = train_reward_model(trained.peft, tok, trained.pairs[:40], [], cfg)
-    assert m.steps == 0 and m.timed_out and m.thumb_accuracy is None
+    with pytest.raises(TimeoutError, match="time budget"):
+        train_reward_model(trained.peft, tok, trained.pairs[:40], [], dataclasses.replace(FAST, max_seconds=0.0))
     with pytest.raises(ValueError, match="no usable feedback"):
-        train_reward_model(trained.peft, tok, [], [], cfg)
+        train_reward_model(trained.peft, tok, [], [], FAST)
 
 
-@pytest.mark.filterwarnings("error:.*autograd kernel was not registered")  # grads through bnb's inference kernel
 def test_trains_on_an_nf4_base(tiny_model_dir, tmp_path):
-    """bitsandbytes NF4 storage, bfloat16 compute (the CUDA recipe), here on the CPU,
-    after an eval forward (which lets bitsandbytes repack CPU weights for inference)."""
+    """bitsandbytes NF4 storage, bfloat16 compute (the CUDA recipe), here on the CPU."""
     try:
         loaded = load_tiny(tiny_model_dir, tmp_path, quantization="nf4", compute_dtype="bfloat16", device="cpu")
     except Exception as exc:  # noqa: BLE001 - a bitsandbytes build without CPU 4-bit
         pytest.skip(f"NF4 unavailable here: {exc}")
     ids = loaded.tokenizer("hello great", return_tensors="pt").input_ids
     with torch.no_grad():
-        loaded.model.eval()(ids)  # as serving / rollouts would
-    pairs = synthetic_pairs(32, seed=7)
-    cfg = RewardConfig(learning_rate=5e-3, epochs=2, batch_size=16, max_length=64, holdout_fraction=0.0, normalizer_samples=32)
-    rm, m = train_reward_model(loaded.model, loaded.tokenizer, pairs, [], cfg)
-    assert m.steps == 4 and m.final_loss < m.loss_curve[0]
-    assert all(math.isfinite(x) for x in m.loss_curve) and m.pairwise_accuracy is None
-    assert rm.head.linear.weight.dtype == torch.float32
-    assert not any(p.requires_grad for n, p in rm.model.named_parameters() if "lora_" not in n)
-    # the quantized base stays exactly as it was through another training run
-    with torch.no_grad(), rm.model.disable_adapter():
-        base_logits = rm.model(ids).logits
-    train_reward_model(rm.model, loaded.tokenizer, pairs, [], dataclasses.replace(cfg, epochs=1, adapter_name="reward2"))
-    with torch.no_grad(), rm.model.disable_adapter():
-        assert torch.equal(rm.model(ids).logits, base_logits)
+        base_logits = loaded.model.eval()(ids).logits
+    rm, m = train_reward_model(loaded.model, loaded.tokenizer, synthetic_pairs(120, seed=7), [], FAST)
+    assert m.pairwise_accuracy >= 0.8, m
+    assert rm.weight.dtype == torch.float32 and torch.isfinite(rm.weight).all()
+    with torch.no_grad():  # the quantized base stays exactly as it was
+        assert torch.equal(loaded.model(ids).logits, base_logits)

@@ -34,7 +34,6 @@ def small_training(training, steps: int = 2):
     return dataclasses.replace(
         training,
         min_votes=4,
-        reward=dataclasses.replace(training.reward, epochs=1),
         ppo=dataclasses.replace(training.ppo, steps=steps, batch_size=4, mini_batch_size=2, samples_per_prompt=2, max_new_tokens=8),
         gate=dataclasses.replace(training.gate, prompts=2, samples_per_prompt=2),
     )
@@ -81,13 +80,13 @@ def test_full_cycle_publishes_and_server_swaps(runtime, settings):
     for axis in figure.axes[1:]:
         (line,) = axis.get_lines()
         assert list(line.get_xdata()) == [0, 1], f"{axis.get_title()}: no curve for the 2 PPO steps"
-    # ... and the RM's held-out accuracy (prompt 8 of cast_votes is held out: 1 pair, 2 thumbs)
+    # ... and the RM's cross-validated accuracy
     plotted = {line.get_label(): list(line.get_ydata()) for line in figure.axes[0].get_lines() if len(line.get_xdata()) and not line.get_label().startswith("_")}
-    assert set(plotted) == {"A/B pairs", "thumbs"}, "RM accuracy plot is empty"
+    assert set(plotted) == {"A/B pairs", "thumbs", "all votes"}, "RM accuracy plot is empty"
     assert all(0 <= y <= 1 for ys in plotted.values() for y in ys)
     # the published version carries the same numbers, under the same names
     reward = next(v for v in runtime.store.list_versions() if v["version"] == "v1")["metrics"]["reward"]
-    assert reward == {k: summary["reward"][k] for k in ("pairwise_accuracy", "thumb_accuracy")}
+    assert reward == {k: summary["reward"][k] for k in ("pairwise_accuracy", "thumb_accuracy", "agreement")}
     assert None not in reward.values()
 
 

@@ -139,20 +139,4 @@ def split_holdout(
     return train, holdout
 
 
-def _reference_answers(
-    pair_examples: Sequence[dict[str, Any]], thumb_examples: Sequence[dict[str, Any]], cap: int
-) -> tuple[list[Any], list[str], list[bool]]:
-    """Distinct (prompt, answer, finished) of the training data, at most ``cap``, chosen by
-    key order (deterministic, no RNG): the answers the score normalizer is fitted on, so
-    PPO sees ~N(0, 1) on answers like the voted ones."""
-    answers: dict[str, tuple[Any, str, bool]] = {}
-    for ex in pair_examples:
-        for text, ended in ((ex["chosen"], ex.get("chosen_finished", True)), (ex["rejected"], ex.get("rejected_finished", True))):
-            answers.setdefault(example_key(ex["prompt"], text), (ex["prompt"], text, ended))
-    for ex in thumb_examples:
-        answers.setdefault(ex["key"], (ex["prompt"], ex["completion"], ex.get("finished", True)))
-    picked = [answers[k] for k in sorted(answers)[: max(0, cap)]]
-    return [p for p, _, _ in picked], [t for _, t, _ in picked], [f for _, _, f in picked]
-
-
 __all__ = ["build_examples", "split_holdout"]

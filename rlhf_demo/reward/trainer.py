@@ -1,51 +1,48 @@
-"""Reward-model training: fit the reward adapter + head to the votes, then measure it.
-
-Training minimises Bradley-Terry on A/B pairs plus ``thumb_weight`` times the logistic
-loss on thumbs; only the reward adapter's LoRA matrices and the head receive gradients
-(``use_adapter(..., trainable=True)``), so the shared base never changes.
+"""Reward-model training: fit the probe to the votes and measure how far to trust it.
 
 Data flow::
 
     store.preference_pairs(), store.thumb_examples()
         -> build_examples()          dedup, majority vote, 👍 x 👎 on one prompt -> pairs   (data.py)
-        -> split_holdout()           by prompt hash: stable as data grows, no shared text  (data.py)
-        -> train_reward_model()      AdamW, clip 1.0, linear decay, time budget
-        -> (RewardModel, RewardMetrics)  held-out accuracy, margin, normalizer, loss curve
+        -> RewardModel.features()    each distinct answer read once by the frozen base    (model.py)
+        -> cross_validate()          k folds by prompt: agreement with votes not fitted on
+        -> fit_probe()               Bradley-Terry on pairs + thumb_weight x logistic on thumbs + L2,
+                                     full batch L-BFGS, on all votes
+        -> (RewardModel, RewardMetrics)
 
-The model and its scoring live in :mod:`rlhf_demo.reward.model`; losses, metrics, the
-normalizer and the hash split in :mod:`rlhf_demo.reward.losses`.
+The agreement's lower bound is what the worker checks before it spends a PPO phase on the
+reward model (``GateConfig.min_reward_agreement``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from rlhf_demo.config import LoraSettings, RewardConfig
-from rlhf_demo.modeling.adapters import use_adapter
-from rlhf_demo.reward.data import _reference_answers, build_examples, split_holdout
+from rlhf_demo.config import RewardConfig
+from rlhf_demo.modeling.heads import hidden_size
+from rlhf_demo.reward.data import build_examples
 from rlhf_demo.reward.losses import (
     bradley_terry_loss,
+    example_key,
     fit_normalizer,
     mean_margin,
     pairwise_accuracy,
     thumb_accuracy,
     thumb_loss,
 )
-from rlhf_demo.reward.model import RewardModel
+from rlhf_demo.reward.model import RewardModel, default_layer
 
 log = logging.getLogger(__name__)
-
-
-# ── configuration ────────────────────────────────────────────────────────────────────
 
 
 # ── results ──────────────────────────────────────────────────────────────────────────
@@ -53,33 +50,39 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RewardMetrics:
-    """What one reward-model training run measured; typed so that the worker, the
-    dashboard and the benchmarks read the same names. Accuracies and margin are on the
-    held-out split, None where it has nothing of that kind."""
+    """What one reward-model fit measured; typed so that the worker, the dashboard and the
+    benchmarks read the same names. Accuracies, margin and agreement are cross-validated
+    (each vote judged by a probe fitted without its prompt), None where nothing of that
+    kind could be judged."""
 
-    ACCURACIES: ClassVar[tuple[str, ...]] = ("pairwise_accuracy", "thumb_accuracy")
-    """The held-out accuracies a published version keeps (see :meth:`accuracies`)."""
+    ACCURACIES: ClassVar[tuple[str, ...]] = ("pairwise_accuracy", "thumb_accuracy", "agreement")
+    """The accuracies a published version keeps (see :meth:`accuracies`)."""
 
     pairwise_accuracy: float | None
-    mean_margin: float | None
     thumb_accuracy: float | None
-    train_pairs: int
-    train_thumbs: int
-    holdout_pairs: int
-    holdout_thumbs: int
+    """Share of (👍, 👎) answer pairs ranked right (AUC, within folds)."""
+    mean_margin: float | None
+    agreement: float | None
+    """Share of held-out judgements (pairs and thumbs together) the probe got right."""
+    agreement_lower_bound: float | None
+    """One-sided lower confidence bound (Wilson, ``RewardConfig.confidence``) on ``agreement``,
+    with one right and one wrong judgement added (a uniform prior)."""
+    judged: int
+    """Held-out judgements behind ``agreement``: pairs, plus ``min(#👍, #👎)`` per fold."""
+    pairs: int
+    thumbs: int
     pairs_from_thumbs: int
-    """Training + held-out pairs made from 👍 x 👎 answers to one prompt."""
-    steps: int
-    timed_out: bool
+    """Pairs made from 👍 x 👎 answers to one prompt (part of ``pairs``)."""
+    prompts: int
+    answers: int
+    """Distinct answers read by the base."""
+    answers_left_out: int
+    """Answers not read within the time budget; their votes were not used."""
+    layer: int
     seconds: float
-    final_loss: float | None
-    loss_curve: list[float]
+    feature_seconds: float
     reward_mean: float
     reward_std: float
-    normalizer_samples: int
-    """Training answers the normalizer was fitted on."""
-    warm_start: str | None
-    """The folder training continued from; None: a fresh adapter and head."""
     votes_used: int = 0
     """Votes (A/B + thumbs) handed to training, after the per-session cap; set by the worker."""
 
@@ -88,121 +91,202 @@ class RewardMetrics:
         return dataclasses.asdict(self)
 
     def accuracies(self) -> dict[str, float | None]:
-        """The held-out accuracies by field name: what a version's metrics keep under
-        ``"reward"`` and what the dashboard plots."""
+        """The accuracies by field name: what a version's metrics keep under ``"reward"``
+        and what the dashboard plots."""
         return {name: getattr(self, name) for name in self.ACCURACIES}
 
 
-# ── training ─────────────────────────────────────────────────────────────────────────
-
-
 Progress = Callable[[int, int, dict[str, float]], None]
-"""``progress(step, total, metrics)``: called after every optimizer step."""
+"""``progress(done, total, metrics)``: called after every batch of answers read."""
 
 
-def _nan_to_none(x: float) -> float | None:
-    return None if math.isnan(x) else float(x)
+# ── the data the probe sees ──────────────────────────────────────────────────────────
 
 
-def side_of(examples: Sequence[dict[str, Any]], side: str) -> tuple[list[Any], list[str], list[bool]]:
-    """Prompts, answers and finished flags of one side of the examples: ``"chosen"`` or
-    ``"rejected"`` of pairs, ``"completion"`` of thumbs."""
-    flag = "finished" if side == "completion" else f"{side}_finished"
-    return [ex["prompt"] for ex in examples], [ex[side] for ex in examples], [ex.get(flag, True) for ex in examples]
+@dataclass
+class ProbeData:
+    """Feature rows of the votes: pairs as (chosen, rejected), thumbs with their labels,
+    and each vote's prompt group (the unit of cross-validation)."""
+
+    chosen: torch.Tensor  # (P, H)
+    rejected: torch.Tensor  # (P, H)
+    pair_groups: list[str]
+    thumbs: torch.Tensor  # (T, H)
+    labels: torch.Tensor  # (T,) +1 / -1
+    thumb_groups: list[str]
+    answers: torch.Tensor  # (A, H) every distinct answer: the standardisation and the normalizer
+
+    def subset(self, pair_rows: list[int], thumb_rows: list[int]) -> ProbeData:
+        return ProbeData(
+            self.chosen[pair_rows],
+            self.rejected[pair_rows],
+            [self.pair_groups[i] for i in pair_rows],
+            self.thumbs[thumb_rows],
+            self.labels[thumb_rows],
+            [self.thumb_groups[i] for i in thumb_rows],
+            self.answers,
+        )
 
 
-def encode_side(rm: RewardModel, examples: Sequence[dict[str, Any]], side: str) -> list[list[int]]:
-    return rm.encode(*side_of(examples, side))
+def _answer_key(prompt: Any, text: str, finished: bool) -> str:
+    return example_key(prompt, text) + ("" if finished else ":cut")
 
 
-def _batches(n: int, size: int, generator: torch.Generator) -> list[list[int]]:
-    order = torch.randperm(n, generator=generator).tolist()
-    return [order[i : i + size] for i in range(0, n, size)]
-
-
-def evaluate(
+def read_features(
     rm: RewardModel,
     pair_examples: Sequence[dict[str, Any]],
     thumb_examples: Sequence[dict[str, Any]],
-    batch_size: int = 16,
-) -> dict[str, float | None]:
-    """Pairwise accuracy and mean margin on pairs, sign accuracy on thumbs (raw scores),
-    keyed by their :class:`RewardMetrics` names; None where there is nothing to measure."""
-    n = len(pair_examples)
-    (p1, c1, f1), (p2, c2, f2) = side_of(pair_examples, "chosen"), side_of(pair_examples, "rejected")
-    r = rm.score(p1 + p2, c1 + c2, normalized=False, batch_size=batch_size, finished=f1 + f2)
-    prompts, texts, finished = side_of(thumb_examples, "completion")
-    t = rm.score(prompts, texts, normalized=False, batch_size=batch_size, finished=finished)
-    labels = torch.tensor([bool(ex["label"]) for ex in thumb_examples], dtype=torch.bool)
+    config: RewardConfig,
+    progress: Progress | None = None,
+) -> tuple[ProbeData, int]:
+    """Each distinct answer of the examples read once by the base; returns the data and how
+    many answers the time budget left unread (their examples are dropped)."""
+    answers: dict[str, tuple[Any, str, bool]] = {}
+    for ex in pair_examples:
+        for side in ("chosen", "rejected"):
+            finished = ex.get(f"{side}_finished", True)
+            answers.setdefault(_answer_key(ex["prompt"], ex[side], finished), (ex["prompt"], ex[side], finished))
+    for ex in thumb_examples:
+        finished = ex.get("finished", True)
+        answers.setdefault(_answer_key(ex["prompt"], ex["completion"], finished), (ex["prompt"], ex["completion"], finished))
+    keys = list(answers)
+    deadline = None if config.max_seconds is None else time.monotonic() + config.max_seconds
+    rows: dict[str, torch.Tensor] = {}
+    step = max(1, config.batch_size) * 4
+    for first in range(0, len(keys), step):
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        chunk = keys[first : first + step]
+        prompts, texts, finished = zip(*(answers[k] for k in chunk), strict=True)
+        feats = rm.features(list(prompts), list(texts), list(finished), config.batch_size)
+        rows.update(zip(chunk, feats, strict=True))
+        if progress is not None:
+            progress(len(rows), len(keys), {"answers_read": float(len(rows))})
+
+    def row(prompt: Any, text: str, finished: bool) -> torch.Tensor | None:
+        return rows.get(_answer_key(prompt, text, finished))
+
+    size = rm.weight.shape[0]
+    chosen, rejected, pair_groups = [], [], []
+    for ex in pair_examples:
+        c, r = row(ex["prompt"], ex["chosen"], ex.get("chosen_finished", True)), row(ex["prompt"], ex["rejected"], ex.get("rejected_finished", True))
+        if c is not None and r is not None:
+            chosen.append(c), rejected.append(r), pair_groups.append(ex["group"])
+    thumbs, labels, thumb_groups = [], [], []
+    for ex in thumb_examples:
+        t = row(ex["prompt"], ex["completion"], ex.get("finished", True))
+        if t is not None:
+            thumbs.append(t), labels.append(1.0 if ex["label"] else -1.0), thumb_groups.append(ex["group"])
+
+    def stack(xs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(xs) if xs else torch.zeros(0, size)
+
+    data = ProbeData(stack(chosen), stack(rejected), pair_groups, stack(thumbs), torch.tensor(labels), thumb_groups, stack(list(rows.values())))
+    return data, len(keys) - len(rows)
+
+
+# ── fitting ──────────────────────────────────────────────────────────────────────────
+
+
+def fit_probe(data: ProbeData, config: RewardConfig) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+    """``(weight, bias, feature_mean, feature_std)`` minimising Bradley-Terry on the pairs
+    + ``thumb_weight`` x logistic loss on the thumbs + ``l2`` x |w|², over features
+    standardised by every distinct answer. Full batch L-BFGS: convex, so the fit is the
+    same whatever the order of the votes."""
+    mean = data.answers.mean(0) if len(data.answers) else torch.zeros(data.chosen.shape[1])
+    std = data.answers.std(0, correction=0) + 1e-4 if len(data.answers) > 1 else torch.ones_like(mean)
+    diff = (data.chosen - data.rejected) / std  # the mean cancels in a pair
+    thumbs = (data.thumbs - mean) / std
+    weight = torch.zeros(mean.shape[0], dtype=torch.float32, requires_grad=True)
+    bias = torch.zeros((), requires_grad=True)
+    use_thumbs = config.thumb_weight > 0 and len(thumbs) > 0
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=config.max_iterations, line_search_fn="strong_wolfe")
+
+    def loss_fn() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = config.l2 * weight.square().sum()
+        if len(diff):
+            margin = diff @ weight
+            loss = loss + bradley_terry_loss(margin, torch.zeros_like(margin))
+        if use_thumbs:
+            loss = loss + config.thumb_weight * thumb_loss(thumbs @ weight + bias, data.labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(loss_fn)
+    return weight.detach(), float(bias.detach()) if use_thumbs else 0.0, mean, std
+
+
+def _scores(probe: tuple[torch.Tensor, float, torch.Tensor, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+    weight, bias, mean, std = probe
+    return ((features - mean) / std) @ weight + bias
+
+
+def _fold(group: str, folds: int) -> int:
+    return int(hashlib.sha256(group.encode()).hexdigest()[:8], 16) % folds
+
+
+def cross_validate(data: ProbeData, config: RewardConfig) -> dict[str, Any]:
+    """Each vote judged by a probe fitted on the other folds (folds by prompt, so no answer
+    is both fitted and judged). Returns accuracies, margin, pooled agreement and its
+    one-sided Wilson lower bound, and how many judgements it rests on.
+
+    Thumbs are judged by ranking, not by sign: within a fold, the share of (👍, 👎) answer
+    combinations scored in the right order (AUC). A sign accuracy would trust a probe that
+    only learned the base rate (with 2 👍 among 44 thumbs, "always 👎" is 95 % right), while
+    PPO only uses the ranking. The fold's AUC counts as ``min(#👍, #👎)`` judgements: the
+    number of disjoint (👍, 👎) comparisons, so two 👍 cannot look like forty votes."""
+    folds = min(config.folds, len(set(data.pair_groups) | set(data.thumb_groups)))
+    margins: list[torch.Tensor] = []
+    thumb_right = thumb_judged = 0.0
+    if folds >= 2:
+        pair_fold = [_fold(g, folds) for g in data.pair_groups]
+        thumb_fold = [_fold(g, folds) for g in data.thumb_groups]
+        for k in range(folds):
+            test_p = [i for i, f in enumerate(pair_fold) if f == k]
+            test_t = [i for i, f in enumerate(thumb_fold) if f == k]
+            train_p = [i for i, f in enumerate(pair_fold) if f != k]
+            train_t = [i for i, f in enumerate(thumb_fold) if f != k]
+            if not (test_p or test_t) or not (train_p or train_t):
+                continue
+            probe = fit_probe(data.subset(train_p, train_t), config)
+            margins.append(_scores(probe, data.chosen[test_p]) - _scores(probe, data.rejected[test_p]))
+            scores, labels = _scores(probe, data.thumbs[test_t]), data.labels[test_t]
+            up, down = scores[labels > 0], scores[labels < 0]
+            if len(up) and len(down):
+                auc = pairwise_accuracy(up[:, None].expand(-1, len(down)).reshape(-1), down.repeat(len(up)))
+                thumb_right += auc * min(len(up), len(down))
+                thumb_judged += min(len(up), len(down))
+    margin = torch.cat(margins) if margins else torch.zeros(0)
+    right = float(((margin > 0).float() + 0.5 * (margin == 0).float()).sum()) + thumb_right
+    judged = len(margin) + thumb_judged
+    agreement = right / judged if judged else None
     return {
-        "pairwise_accuracy": _nan_to_none(pairwise_accuracy(r[:n], r[n:])),
-        "mean_margin": _nan_to_none(mean_margin(r[:n], r[n:])),
-        "thumb_accuracy": _nan_to_none(thumb_accuracy(t, labels)),
+        "pairwise_accuracy": _none_if_nan(pairwise_accuracy(margin, torch.zeros_like(margin))),
+        "thumb_accuracy": thumb_right / thumb_judged if thumb_judged else None,
+        "mean_margin": _none_if_nan(mean_margin(margin, torch.zeros_like(margin))),
+        "agreement": agreement,
+        # plus one right and one wrong judgement (a uniform prior): two lucky comparisons
+        # must not earn the trust that PPO is then spent on
+        "agreement_lower_bound": None if agreement is None else wilson_lower_bound((right + 1) / (judged + 2), int(judged) + 2, config.confidence),
+        "judged": int(judged),
     }
 
 
-def _fit(
-    rm: RewardModel,
-    params: Sequence[torch.nn.Parameter],
-    train_pairs: Sequence[dict[str, Any]],
-    train_thumbs: Sequence[dict[str, Any]],
-    config: RewardConfig,
-    deadline: float | None,
-    progress: Progress | None,
-) -> tuple[list[float], bool]:
-    """The optimisation loop over ``params`` (the reward LoRA, made trainable and active by
-    the caller's ``use_adapter``, then the head); returns ``(loss per step, stopped by the
-    time budget)``."""
-    generator = torch.Generator().manual_seed(config.seed)  # shuffling order
-    # Tokenize once; steps only pad and forward.
-    chosen_ids, rejected_ids = (encode_side(rm, train_pairs, side) for side in ("chosen", "rejected"))
-    thumb_ids = encode_side(rm, train_thumbs, "completion")
-    thumb_labels = torch.tensor([bool(ex["label"]) for ex in train_thumbs], dtype=torch.bool)
+def wilson_lower_bound(rate: float, n: int, confidence: float) -> float:
+    """One-sided Wilson score lower bound of a proportion ``rate`` seen over ``n`` trials."""
+    z = statistics.NormalDist().inv_cdf(confidence)
+    centre = rate + z * z / (2 * n)
+    spread = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)
 
-    bs = config.batch_size
-    # Each step takes one batch of pairs AND one of thumbs (while they last), so the
-    # step loss is the weighted sum of both objectives.
-    steps_per_epoch = max(math.ceil(len(chosen_ids) / bs), math.ceil(len(thumb_ids) / bs))
-    total = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    # linear decay to 0 over the planned steps (the transformers/TRL default schedule)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(1, total)))
 
-    curve: list[float] = []
-    for _epoch in range(config.epochs):
-        pair_batches = _batches(len(chosen_ids), bs, generator)
-        thumb_batches = _batches(len(thumb_ids), bs, generator)
-        for i in range(steps_per_epoch):
-            if deadline is not None and time.monotonic() >= deadline:
-                return curve, True
-            pb = pair_batches[i] if i < len(pair_batches) else []
-            tb = thumb_batches[i] if i < len(thumb_batches) else []
-            optimizer.zero_grad(set_to_none=True)  # at the start, so grads stay inspectable
-            # one forward over [chosen; rejected; thumbs]
-            r = rm.forward_ids([chosen_ids[j] for j in pb] + [rejected_ids[j] for j in pb] + [thumb_ids[j] for j in tb])
-            r_chosen, r_rejected, r_thumbs = r[: len(pb)], r[len(pb) : 2 * len(pb)], r[2 * len(pb) :]
-            loss = r.new_zeros(())
-            metrics: dict[str, float] = {}
-            if pb:
-                # Bradley-Terry on pairs (+ TRL's optional centering term)
-                bt = bradley_terry_loss(r_chosen, r_rejected, config.center_rewards_coefficient)
-                loss = loss + bt
-                metrics["bt_loss"] = bt.item()
-                metrics["batch_accuracy"] = pairwise_accuracy(r_chosen, r_rejected)
-            if tb:
-                # logistic loss on thumbs, -log sigmoid(y * r)
-                tl = thumb_loss(r_thumbs, thumb_labels[tb].to(r_thumbs.device))
-                loss = loss + config.thumb_weight * tl
-                metrics["thumb_loss"] = tl.item()
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)  # clip 1.0
-            optimizer.step()
-            scheduler.step()
-            curve.append(loss.item())
-            metrics.update(loss=curve[-1], grad_norm=float(grad_norm), lr=float(scheduler.get_last_lr()[0]))
-            if progress is not None:
-                progress(len(curve), total, metrics)
-    return curve, False
+def _none_if_nan(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+# ── training ─────────────────────────────────────────────────────────────────────────
 
 
 def train_reward_model(
@@ -211,70 +295,84 @@ def train_reward_model(
     pairs: Sequence[dict[str, Any]],
     thumbs: Sequence[dict[str, Any]],
     config: RewardConfig | None = None,
-    lora_settings: LoraSettings | None = None,
-    warm_start: Path | None = None,
     *,
     progress: Progress | None = None,
 ) -> tuple[RewardModel, RewardMetrics]:
-    """Fit the reward adapter + head to the votes; return it and its metrics.
+    """Fit the probe to the votes on the process's base ``model`` (bare or a PeftModel; its
+    adapters are switched off while reading and given back as found); return it and its
+    cross-validated metrics.
 
-    ``model``: the process's base, bare or already a PeftModel (use the returned
-    ``RewardModel.model`` afterwards). ``pairs`` / ``thumbs``: the store's rows.
-    ``warm_start``: a folder from :meth:`RewardModel.save` to continue from; else a
-    fresh adapter and head. ``progress(step, total, metrics)`` is called after every
-    optimizer step. The model is given back as found (active adapter, ``requires_grad``
-    flags, train/eval mode); the reward adapter ends frozen.
-    """
+    ``pairs`` / ``thumbs``: the store's rows. ``progress(done, total, metrics)`` is called
+    after every batch of answers read."""
     config = config or RewardConfig()
     started = time.monotonic()
-    deadline = None if config.max_seconds is None else started + config.max_seconds
-
     pair_examples, thumb_examples = build_examples(pairs, thumbs, config.max_thumb_pairs_per_prompt)
     if not pair_examples and not thumb_examples:
         raise ValueError("no usable feedback: need at least one decisive A/B vote or thumb")
-    train_pairs, holdout_pairs = split_holdout(pair_examples, config.holdout_fraction)
-    train_thumbs, holdout_thumbs = split_holdout(thumb_examples, config.holdout_fraction)
+    layer = config.layer if config.layer is not None else default_layer(model)
+    rm = RewardModel(model, tokenizer, layer, torch.zeros(hidden_size(model)), max_length=config.max_length)
+    data, left_out = read_features(rm, pair_examples, thumb_examples, config, progress)
+    feature_seconds = time.monotonic() - started
+    if not len(data.chosen) and not len(data.thumbs):
+        raise TimeoutError("the reward model's time budget ran out before any vote was read")
 
-    torch.manual_seed(config.seed)  # adapter (LoRA A) and head init
-    if warm_start is not None:
-        rm = RewardModel.load(model, tokenizer, Path(warm_start), config.adapter_name, config.max_length)
-    else:
-        rm = RewardModel.new(model, tokenizer, lora_settings, config.adapter_name, config.max_length)
-    with use_adapter(rm.model, rm.name, trainable=True) as lora:
-        used_thumbs = train_thumbs if config.thumb_weight > 0 else []
-        params = lora + list(rm.head.parameters())
-        curve, timed_out = _fit(rm, params, train_pairs, used_thumbs, config, deadline, progress)
-
-    # Normalizer: raw scores of the training answers, so PPO sees ~N(0, 1).
-    eval_bs = 2 * config.batch_size
-    ref_prompts, ref_texts, ref_finished = _reference_answers(train_pairs, train_thumbs, config.normalizer_samples)
-    rm.mean, rm.std = fit_normalizer(rm.score(ref_prompts, ref_texts, normalized=False, batch_size=eval_bs, finished=ref_finished))
+    held_out = cross_validate(data, config)
+    rm.weight, rm.bias, rm.feature_mean, rm.feature_std = fit_probe(data, config)
+    rm.mean, rm.std = fit_normalizer(rm.score_features(data.answers))
 
     metrics = RewardMetrics(
-        **evaluate(rm, holdout_pairs, holdout_thumbs, batch_size=eval_bs),
-        train_pairs=len(train_pairs),
-        train_thumbs=len(train_thumbs),
-        holdout_pairs=len(holdout_pairs),
-        holdout_thumbs=len(holdout_thumbs),
+        **held_out,
+        pairs=len(data.chosen),
+        thumbs=len(data.thumbs),
         pairs_from_thumbs=sum(ex["source"] == "thumbs" for ex in pair_examples),
-        steps=len(curve),
-        timed_out=timed_out,
+        prompts=len(set(data.pair_groups) | set(data.thumb_groups)),
+        answers=len(data.answers),
+        answers_left_out=left_out,
+        layer=layer,
         seconds=time.monotonic() - started,
-        final_loss=curve[-1] if curve else None,
-        loss_curve=curve,
+        feature_seconds=feature_seconds,
         reward_mean=rm.mean,
         reward_std=rm.std,
-        normalizer_samples=len(ref_texts),
-        warm_start=None if warm_start is None else str(warm_start),
     )
     log.info(
-        "reward model: %d steps in %.1fs, held-out pair accuracy %s, thumb accuracy %s",
-        metrics.steps,
-        metrics.seconds,
-        metrics.pairwise_accuracy,
-        metrics.thumb_accuracy,
+        "reward model: %d pairs, %d thumbs, %d answers read in %.1fs; held-out agreement %s (lower bound %s over %d)",
+        metrics.pairs,
+        metrics.thumbs,
+        metrics.answers,
+        feature_seconds,
+        metrics.agreement,
+        metrics.agreement_lower_bound,
+        metrics.judged,
     )
     return rm, metrics
 
 
-__all__ = ["Progress", "RewardConfig", "RewardMetrics", "evaluate", "train_reward_model"]
+def evaluate(
+    rm: RewardModel,
+    pair_examples: Sequence[dict[str, Any]],
+    thumb_examples: Sequence[dict[str, Any]],
+    batch_size: int = 16,
+) -> dict[str, float | None]:
+    """Pairwise accuracy and mean margin on pairs, sign accuracy on thumbs (raw scores) of
+    a fitted reward model on other examples; None where there is nothing to measure."""
+    n = len(pair_examples)
+    prompts = [ex["prompt"] for ex in pair_examples] * 2
+    texts = [ex["chosen"] for ex in pair_examples] + [ex["rejected"] for ex in pair_examples]
+    finished = [ex.get("chosen_finished", True) for ex in pair_examples] + [ex.get("rejected_finished", True) for ex in pair_examples]
+    r = rm.score(prompts, texts, normalized=False, batch_size=batch_size, finished=finished)
+    t = rm.score(
+        [ex["prompt"] for ex in thumb_examples],
+        [ex["completion"] for ex in thumb_examples],
+        normalized=False,
+        batch_size=batch_size,
+        finished=[ex.get("finished", True) for ex in thumb_examples],
+    )
+    labels = torch.tensor([1.0 if ex["label"] else -1.0 for ex in thumb_examples])
+    return {
+        "pairwise_accuracy": _none_if_nan(pairwise_accuracy(r[:n], r[n:])),
+        "mean_margin": _none_if_nan(mean_margin(r[:n], r[n:])),
+        "thumb_accuracy": _none_if_nan(thumb_accuracy(t, labels)),
+    }
+
+
+__all__ = ["ProbeData", "Progress", "RewardConfig", "RewardMetrics", "cross_validate", "evaluate", "fit_probe", "train_reward_model", "wilson_lower_bound"]

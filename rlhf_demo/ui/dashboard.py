@@ -125,9 +125,9 @@ def curves_figure(store: FeedbackStore) -> Any:
         plt.close(fig)
         return fig
     # a run summary's "reward" is RewardMetrics.as_dict(): read its accuracies by their field names
-    for key, label in zip(RewardMetrics.ACCURACIES, ("A/B pairs", "thumbs"), strict=True):
+    for key, label in zip(RewardMetrics.ACCURACIES, ("A/B pairs", "thumbs", "all votes"), strict=True):
         acc = [(r["id"], (r.get("summary") or {}).get("reward", {}).get(key)) for r in runs]
-        acc = [(i, a) for i, a in acc if a is not None]  # None: no held-out votes of that kind yet
+        acc = [(i, a) for i, a in acc if a is not None]  # None: no votes of that kind judged yet
         axes[0].plot([i for i, _ in acc], [a for _, a in acc], "o-", label=label)
     axes[0].legend(loc="lower right", fontsize=8)
     axes[0].set(title="Reward model held-out accuracy", xlabel="run", ylim=(0, 1.05))

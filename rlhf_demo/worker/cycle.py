@@ -12,7 +12,6 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from rlhf_demo.config import GateConfig, Settings
@@ -51,31 +50,40 @@ def split_prompts(prompts: list[list[dict[str, str]]], eval_count: int) -> tuple
     return train, held[:eval_count]
 
 
-def _latest_reward_folder(reward_dir: Path) -> Path | None:
-    runs = sorted((p for p in reward_dir.glob("run-*") if (p / "head.safetensors").exists()), key=lambda p: int(p.name[4:]))
-    return runs[-1] if runs else None
-
-
 def train_reward(settings: Settings, store: FeedbackStore, loaded: LoadedModel, run_id: int, report: Report, budget_s: float) -> tuple[RewardModel, RewardMetrics]:
+    """Refit the reward model on every vote (after the per-voter cap) and keep it beside the
+    run: the last two stay on disk (and in the Hub snapshot) for inspection."""
     reward_dir = settings.data_dir / "reward"
-    warm = _latest_reward_folder(reward_dir)
     report(phase="reward", step=0, total=0, started_at=time.time())
 
-    def progress(step: int, total: int, metrics: dict[str, float]) -> None:
-        store.log_metrics(run_id, "reward", step, numeric(metrics))
-        report(step=step, total=total)
+    def progress(done: int, total: int, metrics: dict[str, float]) -> None:
+        store.log_metrics(run_id, "reward", done, numeric(metrics))
+        report(step=done, total=total)
 
-    config = settings.training.reward
-    config = dataclasses.replace(config, max_seconds=budget_s, epochs=config.warm_epochs if warm else config.epochs)
+    config = dataclasses.replace(settings.training.reward, max_seconds=budget_s)
     cap = settings.training.max_votes_per_session
     pairs, thumbs = (cap_per_voter(rows, settings.limits.max_training_share, cap) for rows in (store.preference_pairs(), store.thumb_examples()))
-    rm, metrics = train_reward_model(loaded.model, loaded.tokenizer, pairs, thumbs, config, settings.lora, warm_start=warm, progress=progress)
+    rm, metrics = train_reward_model(loaded.model, loaded.tokenizer, pairs, thumbs, config, progress=progress)
     metrics.votes_used = len(pairs) + len(thumbs)
-    loaded.model = rm.model
     rm.save(reward_dir / f"run-{run_id}")
     for old in sorted(reward_dir.glob("run-*"), key=lambda p: int(p.name[4:]))[:-2]:
-        shutil.rmtree(old, ignore_errors=True)  # keep the last two for warm starts
+        shutil.rmtree(old, ignore_errors=True)
     return rm, metrics
+
+
+def untrusted_reward(metrics: RewardMetrics, gate: GateConfig) -> str | None:
+    """Why PPO must not run on this reward model yet (None: it may): its cross-validated
+    agreement with votes it was not fitted on is not above ``min_reward_agreement`` with
+    confidence. Optimising such a model moves the policy at random (docs/learning.md)."""
+    bound = metrics.agreement_lower_bound
+    if bound is not None and bound > gate.min_reward_agreement:
+        return None
+    if metrics.agreement is None:
+        return f"reward model not trusted yet: votes on {metrics.prompts} prompt(s) leave nothing to check it on; waiting for more votes"
+    return (
+        f"reward model not trusted yet: it agrees with {metrics.agreement:.0%} of {metrics.judged} held-out votes "
+        f"(lower bound {bound:.0%}, needs > {gate.min_reward_agreement:.0%}); waiting for more decisive votes"
+    )
 
 
 def run_cycle(
@@ -101,6 +109,12 @@ def run_cycle(
 
         rm, rm_metrics = train_reward(settings, store, loaded, run_id, report, budget_s=0.3 * training.time_budget_s)
         summary["reward"] = rm_metrics.as_dict()
+        reason = untrusted_reward(rm_metrics, gate_config)
+        if reason is not None:
+            summary.update(decision="rejected", version=None, gate={"passed": False, "reasons": [reason]})
+            store.finish_run(run_id, "rejected", summary=summary)
+            log.info("cycle %d: no PPO (%s)", run_id, reason)
+            return summary
         model = loaded.model
 
         # The candidate starts from the active version (or fresh when only the base is served).
@@ -112,6 +126,7 @@ def run_cycle(
                 model.delete_adapter(POLICY)
             model = attach_new_adapter(model, POLICY, settings.lora)
         loaded.model = model
+        rm.model = model  # the reward model reads through the PeftModel, which can switch its adapters off
 
         def reward_fn(batch_prompts: list, completions: list[str], finished: list[bool]) -> Any:
             return rm.score(batch_prompts, completions, normalized=True, finished=finished)
