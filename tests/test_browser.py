@@ -165,6 +165,12 @@ def send_chat(page: Any, text: str, done: str | re.Pattern[str] = ANSWER_DONE) -
     return log
 
 
+def shortcut(page: Any, key: str) -> None:
+    """Press ``key`` with nothing focused, as a visitor who is not typing would."""
+    page.evaluate("document.activeElement && document.activeElement.blur()")
+    page.keyboard.press(key)
+
+
 def test_chat_like_compare_vote_and_data_in_a_real_browser(tab: Tab, app_url: str, runtime) -> None:
     require_browser()
     from playwright.sync_api import expect
@@ -173,6 +179,9 @@ def test_chat_like_compare_vote_and_data_in_a_real_browser(tab: Tab, app_url: st
     page.goto(app_url)
     expect(page.get_by_role("tab", name="Chat")).to_be_visible()
     tab.shot("01-loaded")
+    page.locator("#chat-guidelines").get_by_text("Rater guidelines").click()  # the owner's text, folded by default
+    expect(page.locator("#chat-guidelines")).to_contain_text("What to reward.")
+    tab.shot("01b-guidelines")
 
     # Chat: send, wait for the final answer, 👍 it through the Chatbot's own feedback button.
     log = send_chat(page, "Hello from a real browser")
@@ -206,7 +215,31 @@ def test_chat_like_compare_vote_and_data_in_a_real_browser(tab: Tab, app_url: st
     wait_until(lambda: runtime.store.counts()["preferences"] == 1, what="one preference row")
     for button in votes:  # locked after the vote, as in Chatbot Arena
         expect(button).to_be_disabled()
+    # Why: reason tags and a comment, offered after the vote.
+    why = page.locator("#compare-reasons")
+    expect(why).to_be_visible()
+    why.get_by_label("too long", exact=True).check()
+    why.get_by_label("unhelpful", exact=True).check()
+    why.get_by_label("Comment (optional)").fill("B wanders off.")
+    why.get_by_role("button", name="Send reasons").click()
+    expect(why.get_by_text("your reasons were saved")).to_be_visible()
+    stored = runtime.store.db.execute("select reasons, comment from preferences").fetchone()
+    assert stored == ('["unhelpful", "too long"]', "B wanders off.")
     tab.shot("05-compare-voted")
+
+    # Keyboard: N starts a new round, T votes Tie (keys are ignored while typing in a box).
+    shortcut(page, "n")
+    expect(page.get_by_label("Prompt")).to_have_value("")
+    page.get_by_label("Prompt").fill("Name a fruit")
+    page.get_by_role("button", name="Generate two answers").click()
+    expect(page.get_by_text("Which answer is better?")).to_be_visible(timeout=GENERATION_TIMEOUT_S * 1000)
+    page.get_by_label("Prompt").press("t")  # typing: no vote
+    expect(page.get_by_text(re.compile(r"A was written by"))).to_have_count(0)
+    shortcut(page, "t")
+    expect(page.get_by_text(re.compile(r"Vote recorded\. A was written by"))).to_be_visible()
+    wait_until(lambda: runtime.store.counts()["ties"] == 1, what="a tie from the T key")
+    expect(why).to_be_visible()
+    expect(why.get_by_label("too long", exact=True)).not_to_be_checked()  # each vote gets an empty "why"
 
     page.get_by_role("button", name="New round", exact=True).click()
     expect(page.get_by_label("Prompt")).to_have_value("")
@@ -221,13 +254,13 @@ def test_chat_like_compare_vote_and_data_in_a_real_browser(tab: Tab, app_url: st
     expect(counts).to_be_visible()
     tab.shot("06-data-before-refresh")
     page.get_by_role("button", name="Refresh counts").click()
-    expect(counts).to_contain_text(re.compile(r"Responses\s*3\b"))
+    expect(counts).to_contain_text(re.compile(r"Responses\s*5\b"))
     expect(counts).to_contain_text(re.compile(r"👍\s*1\b"))
     expect(counts).to_contain_text(re.compile(r"A/B pairs\s*1\b"))
     tab.shot("07-data-refreshed")
 
     final = runtime.store.counts()
-    assert (final["responses"], final["thumbs_up"], final["preferences"]) == (3, 1, 1)
+    assert (final["responses"], final["thumbs_up"], final["preferences"], final["ties"]) == (5, 1, 1, 1)
     assert tab.dialogs == [] and tab.page_errors == []
     assert tab.error_toasts() == []
     assert tab.blocked == [], f"the page tried to reach other hosts: {tab.blocked}"
@@ -294,6 +327,13 @@ def test_every_chat_control_in_a_real_browser(tab: Tab, app_url: str, runtime, m
     log.get_by_role("button", name="Dislike", exact=True).last.click()
     expect(page.get_by_text("👎 recorded.")).to_be_visible()
     wait_until(lambda: runtime.store.counts()["thumbs_down"] == 1, what="a -1 rating row")
+    why = page.locator("#chat-reasons")  # offered after a 👎
+    why.get_by_label("wrong", exact=True).check()
+    why.get_by_label("Comment (optional)").fill("Not an answer.")
+    why.get_by_role("button", name="Send reasons").click()
+    expect(why.get_by_text("your reasons were saved")).to_be_visible()
+    assert runtime.store.db.execute("select reasons, comment from ratings").fetchone() == ('["wrong"]', "Not an answer.")
+    tab.shot("09-chat-disliked-with-reasons")
 
     # Retry: Gradio sends the question's index; the answer is replaced by a new one.
     log.get_by_role("button", name="Retry").last.click()
@@ -304,6 +344,7 @@ def test_every_chat_control_in_a_real_browser(tab: Tab, app_url: str, runtime, m
     tab.shot("10-chat-retried")
     log.get_by_role("button", name="Like", exact=True).last.click()  # the new answer is rateable
     expect(page.get_by_text("👍 recorded.")).to_be_visible()
+    expect(why).to_be_hidden()  # a 👍 takes no reasons
 
     # Undo: the exchange leaves the chat, the question returns to the textbox.
     log.get_by_role("button", name="Undo").last.click()
