@@ -47,9 +47,9 @@ def test_rater_guidelines_come_from_the_env_else_the_data_dir_file_else_the_defa
         by_id = {c["id"]: c for c in config["components"]}
         children = {node["id"]: node.get("children", []) for node in _walk(config["layout"])}
         accordions = [i for i, c in by_id.items() if str(c.get("props", {}).get("elem_id", "")).endswith("-guidelines")]
-        return [by_id[child["id"]]["props"]["value"] for i in accordions for child in children[i]]
+        return [by_id[child["id"]]["props"]["value"].strip() for i in accordions for child in children[i]]  # Gradio trims it
 
-    assert shown_texts() == [DEFAULT_GUIDELINES] * 2
+    assert shown_texts() == [DEFAULT_GUIDELINES.strip()] * 2
     runtime.settings.data_dir.mkdir(parents=True, exist_ok=True)
     (runtime.settings.data_dir / GUIDELINES_FILE).write_text("From the file.", encoding="utf-8")
     assert shown_texts() == ["From the file."] * 2

@@ -1,5 +1,5 @@
-"""A real browser (Debian's chromium via Playwright) drives the app: chat + 👍, Retry, Undo, Stop, Clear,
-A/B vote (locked after the vote, New round), Data tab, XSS. Any error toast fails a test.
+"""A real browser (Debian's chromium via Playwright) drives the app: chat + 👍, 👎 with reason tags, Retry, Undo, Stop, Clear,
+A/B vote (locked after the vote, reasons, keyboard shortcuts, New round), rater guidelines, Data tab, XSS. Any error toast fails a test.
 
 The app is launched on 127.0.0.1 only, and the browser is kept off every other host (DNS
 rules plus a request filter). Screenshots of each step go to ``test-artifacts/browser/``.
