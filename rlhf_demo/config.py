@@ -216,6 +216,14 @@ class TrainingSettings:
 
 
 @dataclass(frozen=True)
+class UiSettings:
+    """What the Space owner says to visitors: ``RLHF_DEMO_UI__GUIDELINES`` (Markdown) wins over
+    a ``guidelines.md`` in the data dir; with neither, a default text (rlhf_demo/ui/guidelines.py)."""
+
+    guidelines: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the app, the worker and the CLI need to know."""
 
@@ -235,6 +243,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
+    ui: UiSettings = field(default_factory=UiSettings)
 
     @property
     def db_path(self) -> Path:

@@ -20,6 +20,7 @@ from typing import Any
 from rlhf_demo.config import TINY_MODEL
 from rlhf_demo.modeling.adapters import ADAPTER_CONFIG, AdapterError, check_adapter_folder
 from rlhf_demo.store import FeedbackStore, export_preferences, export_unpaired
+from rlhf_demo.store.validate import REASON_TAGS
 
 PUBLISHABLE = ("active", "retired")  # what served visitors; rejected, broken and candidate versions did not
 DATA_CONFIGS = {"preferences": "preferences/train.jsonl", "unpaired": "unpaired/train.jsonl"}
@@ -166,6 +167,8 @@ def dataset_card(repo_id: str, rows: dict[str, int], counts: dict[str, int], lic
         f"| `preferences` | conversational preference: `prompt`, `chosen`, `rejected` (decisive A/B votes) | {rows['preferences']} |",
         f"| `unpaired` | unpaired preference (KTO): `prompt`, `completion`, `label` (thumbs, both-bad) | {rows['unpaired']} |",
         "",
+        f"Both configs also carry `reasons` (the rater's optional tags on a 👎 or an A/B vote: {', '.join(REASON_TAGS)}; "
+        "a list, empty when none) and `comment` (the rater's optional note, \"\" when none); TRL's trainers ignore them.\n",
         f"Votes behind them: {counts.get('preferences', 0)} A/B, {counts.get('ties', 0)} ties, {counts.get('both_bad', 0)} both-bad, "
         f"{counts.get('thumbs_up', 0)} thumbs up, {counts.get('thumbs_down', 0)} thumbs down, from {counts.get('sessions', 0)} sessions.\n",
         "```python",

@@ -32,3 +32,32 @@ def test_admin_endpoints_are_not_listed_either(runtime):
     demo = build_app(runtime)
     assert "Admin token" in str(demo.config)
     assert set(demo.get_api_info()["named_endpoints"]) == PUBLIC
+
+
+def test_rater_guidelines_come_from_the_env_else_the_data_dir_file_else_the_default(runtime):
+    """Shown on the Chat and Compare tabs; the Space owner sets the text."""
+    import dataclasses
+
+    from rlhf_demo.config import load_settings
+    from rlhf_demo.ui.guidelines import DEFAULT_GUIDELINES, GUIDELINES_FILE
+
+    def shown_texts() -> list[str]:
+        """The Markdown inside each guidelines accordion, in page order."""
+        config = build_app(runtime).config
+        by_id = {c["id"]: c for c in config["components"]}
+        children = {node["id"]: node.get("children", []) for node in _walk(config["layout"])}
+        accordions = [i for i, c in by_id.items() if str(c.get("props", {}).get("elem_id", "")).endswith("-guidelines")]
+        return [by_id[child["id"]]["props"]["value"].strip() for i in accordions for child in children[i]]  # Gradio trims it
+
+    assert shown_texts() == [DEFAULT_GUIDELINES.strip()] * 2
+    runtime.settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (runtime.settings.data_dir / GUIDELINES_FILE).write_text("From the file.", encoding="utf-8")
+    assert shown_texts() == ["From the file."] * 2
+    env = {"RLHF_DEMO_UI__GUIDELINES": "Reward **brevity**."}
+    from_env = load_settings(env=env, model=str(runtime.settings.model), data_dir=runtime.settings.data_dir, quantization="fp32")
+    runtime.settings = dataclasses.replace(runtime.settings, ui=from_env.ui)
+    assert shown_texts() == ["Reward **brevity**."] * 2
+
+
+def _walk(node: dict) -> list[dict]:
+    return [node, *(n for child in node.get("children", []) for n in _walk(child))]

@@ -1,5 +1,5 @@
-"""A real browser (Debian's chromium via Playwright) drives the app: chat + 👍, Retry, Undo, Stop, Clear,
-A/B vote (locked after the vote, New round), Data tab, XSS. Any error toast fails a test.
+"""A real browser (Debian's chromium via Playwright) drives the app: chat + 👍, 👎 with reason tags, Retry, Undo, Stop, Clear,
+A/B vote (locked after the vote, reasons, keyboard shortcuts, New round), rater guidelines, Data tab, XSS. Any error toast fails a test.
 
 The app is launched on 127.0.0.1 only, and the browser is kept off every other host (DNS
 rules plus a request filter). Screenshots of each step go to ``test-artifacts/browser/``.
@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from conftest import wait_until
@@ -33,6 +32,8 @@ CHROMIUM_ARGS = [
     "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",  # no name resolves: only 127.0.0.1 is reachable
 ]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "browser"
+# Every URL whose host is not 127.0.0.1 (a JavaScript-compatible regex: Playwright matches it in the browser).
+OTHER_HOSTS = re.compile(r"^(?![a-z]+://127\.0\.0\.1(?::\d+)?(?:/|$))")
 TIMEOUT_MS = 30_000  # generous: the CPU may be shared with other jobs
 GENERATION_TIMEOUT_S = 120  # a whole answer, when this (niced) test shares the CPU with a benchmark
 ANSWER_DONE = "written by adapter v0"
@@ -97,20 +98,20 @@ class Tab:
         self.blocked: list[str] = []
         self.dialogs: list[str] = []
         self.page_errors: list[str] = []
-        self.context.route("**/*", self._only_localhost)
+        # Only requests to other hosts are routed (the pattern is matched inside the browser): a
+        # route handler runs on this thread, and only while the test is inside a Playwright call,
+        # so routing every request froze the app's own requests while the test slept in
+        # wait_until (the Retry click's queue/join waited there until the test timed out).
+        self.context.route(OTHER_HOSTS, self._block)
         self.context.add_init_script(RECORD_ERROR_TOASTS)
         self.page = self.context.new_page()
         self.page.set_default_timeout(TIMEOUT_MS)
         self.page.on("dialog", self._on_dialog)
         self.page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
 
-    def _only_localhost(self, route: Any) -> None:
-        url = route.request.url
-        if urlsplit(url).hostname == "127.0.0.1":
-            route.continue_()
-        else:
-            self.blocked.append(url)
-            route.abort()
+    def _block(self, route: Any) -> None:
+        self.blocked.append(route.request.url)
+        route.abort()
 
     def _on_dialog(self, dialog: Any) -> None:
         self.dialogs.append(f"{dialog.type}: {dialog.message}")
@@ -136,8 +137,10 @@ def tab(browser) -> Iterator[Tab | None]:
     t = Tab(browser)
     try:
         yield t
+        toasts = t.error_toasts()  # every test: an error toast anywhere is a failure
     finally:
         t.close()
+    assert toasts == [], f"error toasts: {toasts}"
 
 
 @pytest.fixture
@@ -162,6 +165,12 @@ def send_chat(page: Any, text: str, done: str | re.Pattern[str] = ANSWER_DONE) -
     return log
 
 
+def shortcut(page: Any, key: str) -> None:
+    """Press ``key`` with nothing focused, as a visitor who is not typing would."""
+    page.evaluate("document.activeElement && document.activeElement.blur()")
+    page.keyboard.press(key)
+
+
 def test_chat_like_compare_vote_and_data_in_a_real_browser(tab: Tab, app_url: str, runtime) -> None:
     require_browser()
     from playwright.sync_api import expect
@@ -170,6 +179,9 @@ def test_chat_like_compare_vote_and_data_in_a_real_browser(tab: Tab, app_url: st
     page.goto(app_url)
     expect(page.get_by_role("tab", name="Chat")).to_be_visible()
     tab.shot("01-loaded")
+    page.locator("#chat-guidelines").get_by_text("Rater guidelines").click()  # the owner's text, folded by default
+    expect(page.locator("#chat-guidelines")).to_contain_text("What to reward.")
+    tab.shot("01b-guidelines")
 
     # Chat: send, wait for the final answer, 👍 it through the Chatbot's own feedback button.
     log = send_chat(page, "Hello from a real browser")
@@ -203,7 +215,31 @@ def test_chat_like_compare_vote_and_data_in_a_real_browser(tab: Tab, app_url: st
     wait_until(lambda: runtime.store.counts()["preferences"] == 1, what="one preference row")
     for button in votes:  # locked after the vote, as in Chatbot Arena
         expect(button).to_be_disabled()
+    # Why: reason tags and a comment, offered after the vote.
+    why = page.locator("#compare-reasons")
+    expect(why).to_be_visible()
+    why.get_by_label("too long", exact=True).check()
+    why.get_by_label("unhelpful", exact=True).check()
+    why.get_by_label("Comment (optional)").fill("B wanders off.")
+    why.get_by_role("button", name="Send reasons").click()
+    expect(why.get_by_text("your reasons were saved")).to_be_visible()
+    stored = runtime.store.db.execute("select reasons, comment from preferences").fetchone()
+    assert stored == ('["unhelpful", "too long"]', "B wanders off.")
     tab.shot("05-compare-voted")
+
+    # Keyboard: N starts a new round, T votes Tie (keys are ignored while typing in a box).
+    shortcut(page, "n")
+    expect(page.get_by_label("Prompt")).to_have_value("")
+    page.get_by_label("Prompt").fill("Name a fruit")
+    page.get_by_role("button", name="Generate two answers").click()
+    expect(page.get_by_text("Which answer is better?")).to_be_visible(timeout=GENERATION_TIMEOUT_S * 1000)
+    page.get_by_label("Prompt").press("t")  # typing: no vote
+    expect(page.get_by_text(re.compile(r"A was written by"))).to_have_count(0)
+    shortcut(page, "t")
+    expect(page.get_by_text(re.compile(r"Vote recorded\. A was written by"))).to_be_visible()
+    wait_until(lambda: runtime.store.counts()["ties"] == 1, what="a tie from the T key")
+    expect(why).to_be_visible()
+    expect(why.get_by_label("too long", exact=True)).not_to_be_checked()  # each vote gets an empty "why"
 
     page.get_by_role("button", name="New round", exact=True).click()
     expect(page.get_by_label("Prompt")).to_have_value("")
@@ -218,13 +254,13 @@ def test_chat_like_compare_vote_and_data_in_a_real_browser(tab: Tab, app_url: st
     expect(counts).to_be_visible()
     tab.shot("06-data-before-refresh")
     page.get_by_role("button", name="Refresh counts").click()
-    expect(counts).to_contain_text(re.compile(r"Responses\s*3\b"))
+    expect(counts).to_contain_text(re.compile(r"Responses\s*5\b"))
     expect(counts).to_contain_text(re.compile(r"👍\s*1\b"))
     expect(counts).to_contain_text(re.compile(r"A/B pairs\s*1\b"))
     tab.shot("07-data-refreshed")
 
     final = runtime.store.counts()
-    assert (final["responses"], final["thumbs_up"], final["preferences"]) == (3, 1, 1)
+    assert (final["responses"], final["thumbs_up"], final["preferences"], final["ties"]) == (5, 1, 1, 1)
     assert tab.dialogs == [] and tab.page_errors == []
     assert tab.error_toasts() == []
     assert tab.blocked == [], f"the page tried to reach other hosts: {tab.blocked}"
@@ -253,6 +289,15 @@ def test_chat_html_is_sanitized(tab: Tab, app_url: str, runtime) -> None:
     assert runtime.store.counts()["responses"] == 1  # the message went through and was answered
 
 
+def test_the_browser_reaches_only_127_0_0_1(tab: Tab, app_url: str) -> None:
+    require_browser()
+    page = tab.page
+    page.goto(app_url)
+    outcome = page.evaluate("fetch('http://example.com/probe').then(() => 'reached', () => 'refused')")
+    assert outcome == "refused"
+    assert tab.blocked == ["http://example.com/probe"]
+
+
 def hold_generation_until_stopped(runtime, monkeypatch) -> None:
     """Make every chat answer wait after its first token until the visitor presses Stop (or 30 s
     pass), so the test can press Stop while the answer is still being written."""
@@ -270,11 +315,6 @@ def hold_generation_until_stopped(runtime, monkeypatch) -> None:
     monkeypatch.setattr(runtime.server, "stream", stream)
 
 
-@pytest.mark.xfail(
-    reason="known defect (2026-11-26, issue 12): after merging the integrity and Hub work, a click on the Chatbot's "
-    "Retry in Chromium reaches no handler (no toast, no page error, no new answer); handler-level Retry tests pass",
-    strict=False,
-)
 def test_every_chat_control_in_a_real_browser(tab: Tab, app_url: str, runtime, monkeypatch) -> None:
     """Send, 👍, 👎, Retry, Undo, Stop and Clear, each clicked; no error toast anywhere."""
     require_browser()
@@ -287,6 +327,13 @@ def test_every_chat_control_in_a_real_browser(tab: Tab, app_url: str, runtime, m
     log.get_by_role("button", name="Dislike", exact=True).last.click()
     expect(page.get_by_text("👎 recorded.")).to_be_visible()
     wait_until(lambda: runtime.store.counts()["thumbs_down"] == 1, what="a -1 rating row")
+    why = page.locator("#chat-reasons")  # offered after a 👎
+    why.get_by_label("wrong", exact=True).check()
+    why.get_by_label("Comment (optional)").fill("Not an answer.")
+    why.get_by_role("button", name="Send reasons").click()
+    expect(why.get_by_text("your reasons were saved")).to_be_visible()
+    assert runtime.store.db.execute("select reasons, comment from ratings").fetchone() == ('["wrong"]', "Not an answer.")
+    tab.shot("09-chat-disliked-with-reasons")
 
     # Retry: Gradio sends the question's index; the answer is replaced by a new one.
     log.get_by_role("button", name="Retry").last.click()
@@ -297,6 +344,7 @@ def test_every_chat_control_in_a_real_browser(tab: Tab, app_url: str, runtime, m
     tab.shot("10-chat-retried")
     log.get_by_role("button", name="Like", exact=True).last.click()  # the new answer is rateable
     expect(page.get_by_text("👍 recorded.")).to_be_visible()
+    expect(why).to_be_hidden()  # a 👍 takes no reasons
 
     # Undo: the exchange leaves the chat, the question returns to the textbox.
     log.get_by_role("button", name="Undo").last.click()

@@ -64,6 +64,34 @@ def test_like_lands_in_db_changes_and_is_removed(handlers, runtime):
     assert table_count(runtime, "ratings") == 0
 
 
+def test_reasons_go_with_the_last_thumbs_down_and_land_in_the_db(handlers, runtime):
+    state = ChatState()
+    with pytest.raises(UserError, match="Vote 👎 on an answer first"):
+        handlers.thumb_reasons(SESSION, state, ["wrong"], "")
+    chat_once(handlers, state)
+    handlers.like(SESSION, state, 1, "Dislike")
+    assert handlers.thumb_reasons(SESSION, state, ["too long", "wrong"], "Off topic.").startswith("Thanks")
+    (example,) = runtime.store.thumb_examples()
+    assert (example["label"], example["reasons"], example["comment"]) == (False, ["wrong", "too long"], "Off topic.")
+    with pytest.raises(StoreError, match="unknown reason 'lol'"):
+        handlers.thumb_reasons(SESSION, state, ["lol"], "")
+    handlers.like(SESSION, state, 1, True)  # a 👍 takes no reasons
+    with pytest.raises(UserError, match="Vote 👎 on an answer first"):
+        handlers.thumb_reasons(SESSION, state, ["wrong"], "")
+    with pytest.raises(StoreError, match="vote 👎 on this answer first"):
+        handlers.thumb_reasons("someone-else", ChatState(disliked=state.response_ids[1]), ["wrong"], "")
+
+
+def test_pair_reasons_need_the_vote_and_land_in_the_db(handlers, runtime):
+    _, _, state = handlers.compare(SESSION, "Say hi", "Two samples of the active policy", max_new_tokens=4)
+    with pytest.raises(UserError, match="Vote on a pair first"):
+        handlers.pair_reasons(SESSION, state, ["rude"], "")
+    _, state = handlers.vote_pair(SESSION, state, "Both bad")
+    handlers.pair_reasons(SESSION, state, ["rude", "unsafe"], "Both are curt.")
+    assert {(tuple(e["reasons"]), e["comment"]) for e in runtime.store.thumb_examples()} == {(("unsafe", "rude"), "Both are curt.")}
+    assert handlers.pair_reasons(SESSION, state, [], "") == "Reasons removed from your vote."
+
+
 def test_compare_vote_lands_in_db_and_reveals_versions(handlers, runtime):
     a, b, state = handlers.compare(SESSION, "Say hi", "Two samples of the active policy", max_new_tokens=8)
     assert isinstance(a, str) and isinstance(b, str)

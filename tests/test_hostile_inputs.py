@@ -130,6 +130,12 @@ class World:
     def vote(self, state: Any = OWN, button: str = "vote_B") -> Any:
         return self.ui[button](own(state, self.pair_me), FakeRequest(self.me.id))
 
+    def thumb_why(self, tags: Any = ("wrong",), comment: Any = "", state: Any = OWN) -> Any:
+        return self.ui["on_thumb_reasons"](own(state, self.state_me), tags, comment, FakeRequest(self.me.id))
+
+    def pair_why(self, tags: Any = ("wrong",), comment: Any = "", state: Any = OWN) -> Any:
+        return self.ui["on_pair_reasons"](own(state, self.pair_me), tags, comment, FakeRequest(self.me.id))
+
     def rollback(self, version: Any = "v0", token: Any = TOKEN) -> Any:
         return self.ui["rollback"](version, token)
 
@@ -557,6 +563,30 @@ CASES: list[tuple[str, C]] = [
     ("store.prefer/source-none", lambda w: w.prefer("prefer", source=None)),
     ("store.prefer/a-none", lambda w: w.prefer("prefer", response_a_id=None)),
     ("store.prefer/both-ids-none", lambda w: w.prefer("prefer", response_a_id=None, response_b_id=None)),
+    # ----- reasons: tags and a comment after a 👎 or an A/B vote ----------------------------------
+    ("reasons/thumb-without-a-thumbs-down", lambda w: w.thumb_why()),  # my vote on that answer is a 👍
+    ("reasons/thumb-forged-state-on-a-thumbs-up", lambda w: w.thumb_why(state=ChatState(w.state_me.conversation_id, {1: w.answer_me}, disliked=w.answer_me))),
+    ("reasons/thumb-other-visitors-answer", lambda w: w.thumb_why(state=ChatState(disliked=w.answer_other))),
+    ("reasons/thumb-state-none", lambda w: w.thumb_why(state=None)),
+    ("reasons/pair-not-voted", lambda w: w.pair_why(state=PairState(response_ids=w.pair_me.response_ids, versions=("v0", "v0")))),
+    ("reasons/pair-other-visitors-pair", lambda w: w.pair_why(state=PairState(response_ids=w.pair_other.response_ids, versions=("v0", "v0"), voted=True))),
+    ("reasons/pair-state-none", lambda w: w.pair_why(state=None)),
+    ("reasons/tag-unknown", lambda w: w.pair_why(tags=["great"])),
+    ("reasons/tag-sql", lambda w: w.pair_why(tags=[SQL])),
+    ("reasons/tag-int", lambda w: w.pair_why(tags=[5])),
+    ("reasons/tag-nested-list", lambda w: w.pair_why(tags=[["wrong"]])),
+    ("reasons/tags-string", lambda w: w.pair_why(tags="wrong")),
+    ("reasons/tags-dict", lambda w: w.pair_why(tags={"wrong": True})),
+    ("reasons/tags-too-many", lambda w: w.pair_why(tags=["wrong"] * 1000)),
+    ("reasons/comment-1MB", lambda w: w.pair_why(comment="x" * 1_000_000)),
+    ("reasons/comment-501-chars", lambda w: w.pair_why(comment="é" * 501)),
+    ("reasons/comment-nul", lambda w: w.pair_why(comment="a\x00b")),
+    ("reasons/comment-surrogate", lambda w: w.pair_why(comment=SURROGATE)),
+    ("reasons/comment-int", lambda w: w.pair_why(comment=5)),
+    ("reasons/comment-list", lambda w: w.pair_why(comment=["hi"])),
+    ("store.annotate_rating/on-a-thumbs-up", lambda w: w.store.annotate_rating(ME_ID, w.answer_me, ["wrong"], "")),
+    ("store.annotate_rating/response-huge-int", lambda w: w.store.annotate_rating(ME_ID, HUGE, ["wrong"], "")),
+    ("store.annotate_preference/session-none", lambda w: w.store.annotate_preference(None, *w.pair_me.response_ids, ["wrong"], "")),
     # ----- store: conversations, registry, runs, deletion ----------------------------------------
     ("store.new_conversation/session-none", lambda w: w.store.new_conversation(None)),
     ("store.new_conversation/session-nul", lambda w: w.store.new_conversation("s\x00")),

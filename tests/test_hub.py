@@ -38,6 +38,8 @@ def add_feedback(store: FeedbackStore) -> None:
     store.rate("secret-session", ids[1], -1, ip_key="secret-ip")
     store.record_preference(session_id="other-secret", response_a_id=ids[0], response_b_id=ids[1], outcome="A",
                             source="two_samples", ip_key="secret-ip-2")
+    store.annotate_rating("secret-session", ids[1], ["rude"], "Not friendly.")
+    store.annotate_preference("other-secret", ids[0], ids[1], ["unhelpful", "rude"], "B refuses.")
 
 
 @pytest.fixture
@@ -167,9 +169,12 @@ def test_push_data_makes_a_dataset_with_two_configs_and_no_visitor_ids(fake_hub,
     assert set(configs) == {"preferences", "unpaired"} and meta["license"] == "apache-2.0"
     prefs = datasets.load_dataset("json", data_files=str(local / configs["preferences"]), split="train", cache_dir=str(tmp_path / "ds-cache"))
     unpaired = datasets.load_dataset("json", data_files=str(local / configs["unpaired"]), split="train", cache_dir=str(tmp_path / "ds-cache"))
-    assert prefs.column_names == ["prompt", "chosen", "rejected"] and len(prefs) == 1
+    assert prefs.column_names == ["prompt", "chosen", "rejected", "reasons", "comment"] and len(prefs) == 1
     assert prefs[0]["chosen"] == [{"role": "assistant", "content": "Hi there!"}]
-    assert sorted(unpaired.column_names) == ["completion", "label", "prompt"] and sorted(unpaired["label"]) == [False, True]
+    assert (prefs[0]["reasons"], prefs[0]["comment"]) == (["unhelpful", "rude"], "B refuses.")  # why, as the rater said
+    assert sorted(unpaired.column_names) == ["comment", "completion", "label", "prompt", "reasons"] and sorted(unpaired["label"]) == [False, True]
+    assert sorted(unpaired["comment"]) == ["", "Not friendly."]
+    assert "`reasons`" in (local / "README.md").read_text()
     # The card's ``configs:`` as the datasets library reads them (a downloaded repo folder, like the Hub's).
     assert datasets.load_dataset(str(local), "preferences", split="train", cache_dir=str(tmp_path / "ds-cache"))[0] == prefs[0]
     assert len(datasets.load_dataset(str(local), "unpaired", split="train", cache_dir=str(tmp_path / "ds-cache"))) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -284,6 +285,8 @@ def test_prefer_round_trip_and_training_data(store: FeedbackStore) -> None:
             "rejected_finished": True,
             "session_id": "s1",
             "ip_key": None,
+            "reasons": [],
+            "comment": "",
         },
         {
             "prompt": PROMPT,
@@ -293,6 +296,8 @@ def test_prefer_round_trip_and_training_data(store: FeedbackStore) -> None:
             "rejected_finished": True,
             "session_id": "s2",
             "ip_key": None,
+            "reasons": [],
+            "comment": "",
         },
     ]
     thumbs = store.thumb_examples()
@@ -395,7 +400,7 @@ def test_migration_from_v1_keeps_data(db_path: Path) -> None:
     db.close()
 
     with FeedbackStore(db_path) as store:
-        assert schema_version(store.db) == LATEST_VERSION == 3
+        assert schema_version(store.db) == LATEST_VERSION == 4
         assert "idx_ratings_response_id" in {
             i.name for i in store.db.table("ratings").indexes
         }
@@ -623,7 +628,7 @@ def test_exports_load_with_datasets(voted_store: FeedbackStore, tmp_path: Path) 
     prefs = datasets.load_dataset(
         "json", data_files=str(pref_path), split="train", cache_dir=cache
     )
-    assert sorted(prefs.column_names) == ["chosen", "prompt", "rejected"]
+    assert sorted(prefs.column_names) == ["chosen", "comment", "prompt", "reasons", "rejected"]
     assert prefs[0]["prompt"] == PROMPT
     assert prefs[0]["chosen"] == [{"role": "assistant", "content": "Blue."}]
     assert prefs[1]["rejected"] == [{"role": "assistant", "content": "Apple."}]
@@ -631,15 +636,77 @@ def test_exports_load_with_datasets(voted_store: FeedbackStore, tmp_path: Path) 
     kto = datasets.load_dataset(
         "json", data_files=str(kto_path), split="train", cache_dir=cache
     )
-    assert sorted(kto.column_names) == ["completion", "label", "prompt"]
+    assert sorted(kto.column_names) == ["comment", "completion", "label", "prompt", "reasons"]
     assert kto["label"] == [False, False, True]
     assert kto[2]["completion"] == [{"role": "assistant", "content": "Blue."}]
 
     export_preferences(voted_store, pref_path, include_session_ids=True)
     export_unpaired(voted_store, kto_path, include_session_ids=True)
     first = json.loads(pref_path.read_text().splitlines()[0])
-    assert set(first) == {"prompt", "chosen", "rejected", "session_id"}
+    assert set(first) == {"prompt", "chosen", "rejected", "reasons", "comment", "session_id"}
     assert json.loads(kto_path.read_text().splitlines()[0])["session_id"] == "s3"
+
+
+def test_reasons_and_comment_land_in_the_db_and_in_both_exports(voted_store: FeedbackStore, tmp_path: Path) -> None:
+    """Reasons on a 👎 and on an A/B vote: stored (tags in the fixed order), exported as the
+    extra columns ``reasons`` and ``comment``; a changed vote drops them."""
+    datasets = pytest.importorskip("datasets")
+    store = voted_store
+    blue = store.preference_pairs()[0]
+    a, b = store.db.execute("SELECT response_a_id, response_b_id FROM preferences WHERE session_id = 's1'").fetchone()
+    assert blue["reasons"] == [] and blue["comment"] == ""
+    store.annotate_preference("s1", b, a, ["too long", "wrong"], "  B rambles.  ")  # either order names the pair
+    store.rate("s9", b, -1)
+    store.annotate_rating("s9", b, ("rude",), "Curt.")
+    assert store.db.execute("SELECT reasons, comment FROM preferences WHERE session_id = 's1'").fetchone() == ('["wrong", "too long"]', "B rambles.")
+    assert store.db.execute("SELECT reasons, comment FROM ratings WHERE session_id = 's9'").fetchone() == ('["rude"]', "Curt.")
+
+    pref_path, kto_path = tmp_path / "prefs.jsonl", tmp_path / "kto.jsonl"
+    export_preferences(store, pref_path)
+    export_unpaired(store, kto_path)
+    cache = str(tmp_path / "hf-cache")
+    prefs = datasets.load_dataset("json", data_files=str(pref_path), split="train", cache_dir=cache)
+    assert (prefs[0]["reasons"], prefs[0]["comment"]) == (["wrong", "too long"], "B rambles.")
+    assert (prefs[1]["reasons"], prefs[1]["comment"]) == ([], "")
+    kto = [json.loads(line) for line in kto_path.read_text().splitlines()]
+    assert [(r["reasons"], r["comment"]) for r in kto if r["comment"]] == [(["rude"], "Curt.")]
+
+    store.rate("s9", b, 1)  # the 👎 became a 👍: its reasons explained the old vote
+    assert store.db.execute("SELECT reasons, comment FROM ratings WHERE session_id = 's9'").fetchone() == (None, None)
+    store.prefer(session_id="s1", response_a_id=a, response_b_id=b, outcome="B", source="two_samples")
+    assert store.preference_pairs()[-1]["reasons"] == []
+    store.annotate_preference("s1", a, b, ["unsafe"], "")
+    assert store.annotate_preference("s1", a, b, [], "  ").change == "removed"
+    assert store.db.execute("SELECT reasons, comment FROM preferences WHERE session_id = 's1'").fetchone() == (None, None)
+
+
+@pytest.mark.parametrize(
+    "tags, comment, message",
+    [
+        (["great"], "", "unknown reason 'great'"),
+        (["wrong", 5], "", "unknown reason 5"),
+        ("wrong", "", "reasons must be a list"),
+        (["wrong"] * 6, "", "at most 5 reasons"),
+        ([], "x" * 501, "over the limit of 500"),
+        ([], "a\x00b", "NUL"),
+        ([], 42, "comment must be a string"),
+    ],
+)
+def test_bad_reasons_are_refused_with_a_clear_message(voted_store: FeedbackStore, tags: Any, comment: Any, message: str) -> None:
+    a, b = voted_store.db.execute("SELECT response_a_id, response_b_id FROM preferences WHERE session_id = 's1'").fetchone()
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        voted_store.annotate_preference("s1", a, b, tags, comment)
+    assert voted_store.db.execute("SELECT reasons, comment FROM preferences WHERE session_id = 's1'").fetchone() == (None, None)
+
+
+def test_reasons_need_the_voters_own_thumbs_down_or_pair_vote(voted_store: FeedbackStore) -> None:
+    a, b = voted_store.db.execute("SELECT response_a_id, response_b_id FROM preferences WHERE session_id = 's1'").fetchone()
+    with pytest.raises(InvalidInputError, match="vote 👎 on this answer first"):
+        voted_store.annotate_rating("s1", a, ["wrong"], "")  # s1's thumb on it is a 👍
+    with pytest.raises(InvalidInputError, match="vote 👎 on this answer first"):
+        voted_store.annotate_rating("nobody", a, ["wrong"], "")
+    with pytest.raises(InvalidInputError, match="vote on this pair first"):
+        voted_store.annotate_preference("nobody", a, b, ["wrong"], "")
 
 
 def test_export_disk_full_leaves_no_partial_file(

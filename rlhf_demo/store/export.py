@@ -5,6 +5,10 @@
 - ``export_unpaired``: KTO's unpaired format (prompt / completion / label), from thumbs
   and both-bad votes.
 
+Both carry two extra columns that TRL's trainers ignore: ``reasons`` (the rater's tags, a
+list, empty when none) and ``comment`` ("" when none), so a dataset user can filter or study
+why a vote went that way.
+
 Files are written to a temporary file beside the target and renamed over it, so a
 crash or a full disk never leaves a half-written dataset.
 """
@@ -63,6 +67,8 @@ def export_preferences(
             "prompt": pair["prompt"],
             "chosen": _assistant(pair["chosen"]),
             "rejected": _assistant(pair["rejected"]),
+            "reasons": pair["reasons"],
+            "comment": pair["comment"],
         }
         if include_session_ids:
             row["session_id"] = pair["session_id"]
@@ -80,6 +86,8 @@ def export_unpaired(
             "prompt": example["prompt"],
             "completion": _assistant(example["completion"]),
             "label": example["label"],
+            "reasons": example["reasons"],
+            "comment": example["comment"],
         }
         if include_session_ids:
             row["session_id"] = example["session_id"]

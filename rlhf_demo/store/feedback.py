@@ -50,6 +50,7 @@ from .validate import (
     check_choice,
     check_count,
     check_key,
+    check_reasons,
     check_seconds,
     check_str,
     check_version,
@@ -70,6 +71,11 @@ def _decode(row: dict[str, Any], *fields: str) -> dict[str, Any]:
         raw = out.pop(f"{field}_json")
         out[field] = None if raw is None else json.loads(raw)
     return out
+
+
+def _reasons(row: dict[str, Any]) -> dict[str, Any]:
+    """A vote's reason tags (a list, empty when none) and comment ("" when none)."""
+    return {"reasons": json.loads(row["reasons"]) if row["reasons"] else [], "comment": row["comment"] or ""}
 
 
 def _inserted_id(table: sqlite_utils.db.Table) -> int:
@@ -356,9 +362,10 @@ class FeedbackStore:
             if existing:
                 if existing[0]["value"] == value:
                     return VoteResult("unchanged", str(existing[0]["id"]))
+                # the reasons explained the old vote: a changed vote drops them
                 ratings.update(
                     existing[0]["id"],
-                    {"value": value, "updated_at": now, "ip_key": ip_key},
+                    {"value": value, "updated_at": now, "ip_key": ip_key, "reasons": None, "comment": None},
                 )
                 return VoteResult("updated", str(existing[0]["id"]))
             table = ratings.insert(
@@ -425,6 +432,8 @@ class FeedbackStore:
                         "source": source,
                         "ip_key": ip_key,
                         "updated_at": now,
+                        "reasons": None,  # they explained the old vote
+                        "comment": None,
                     },
                 )
                 return VoteResult("updated", old["id"])
@@ -444,6 +453,40 @@ class FeedbackStore:
                 }
             )
         return VoteResult("created", preference_id)
+
+    def annotate_rating(self, session_id: str, response_id: str, reasons: Any, comment: Any) -> VoteResult:
+        """Reason tags and a comment on this voter's 👎 of a response (empty ones clear
+        them); only a 👎 takes reasons, and only the voter's own."""
+        check_str("session_id", session_id, MAX_ID_BYTES)
+        tags, text = check_reasons(reasons, comment)
+        with self._write() as db:
+            rows = list(db.table("ratings").rows_where("session_id = ? AND response_id = ?", [session_id, check_key("response", response_id)], limit=1))
+            if not rows or rows[0]["value"] != -1:
+                raise InvalidInputError("reasons go with a 👎 vote: vote 👎 on this answer first")
+            return self._annotate(db, "ratings", rows[0]["id"], tags, text)
+
+    def annotate_preference(self, session_id: str, response_a_id: str, response_b_id: str, reasons: Any, comment: Any) -> VoteResult:
+        """Reason tags and a comment on this voter's A/B vote on a pair (empty ones clear them)."""
+        check_str("session_id", session_id, MAX_ID_BYTES)
+        tags, text = check_reasons(reasons, comment)
+        a, b = check_key("response A", response_a_id), check_key("response B", response_b_id)
+        with self._write() as db:
+            rows = list(
+                db.query(
+                    f"SELECT id FROM preferences WHERE session_id = ? AND ({PAIR_KEY_SQL}) = (min(?, ?), max(?, ?))",
+                    [session_id, a, b, a, b],
+                )
+            )
+            if not rows:
+                raise InvalidInputError("reasons go with a vote: vote on this pair first")
+            return self._annotate(db, "preferences", rows[0]["id"], tags, text)
+
+    @staticmethod
+    def _annotate(db: sqlite_utils.Database, table: str, vote_id: Any, tags: list[str], text: str) -> VoteResult:
+        """Store checked reasons on one vote row; NULLs when both are empty."""
+        values = {"reasons": json.dumps(tags) if tags else None, "comment": text or None}
+        db.table(table).update(vote_id, values)
+        return VoteResult("updated" if tags or text else "removed", str(vote_id))
 
     # -- dashboard numbers -------------------------------------------------------
 
@@ -499,7 +542,7 @@ class FeedbackStore:
         ``chosen_finished``/``rejected_finished``: False for an answer cut at the length limit."""
         rows = self._query(
             """
-            SELECT p.prompt_json, p.outcome, p.session_id, p.ip_key,
+            SELECT p.prompt_json, p.outcome, p.session_id, p.ip_key, p.reasons, p.comment,
                    a.text AS a_text, b.text AS b_text,
                    a.finish_reason NOT IN ('length', 'cancelled') AS a_ended, b.finish_reason NOT IN ('length', 'cancelled') AS b_ended
             FROM preferences p
@@ -518,6 +561,7 @@ class FeedbackStore:
                 "rejected_finished": bool(row["b_ended"] if row["outcome"] == "A" else row["a_ended"]),
                 "session_id": row["session_id"],
                 "ip_key": row["ip_key"],
+                **_reasons(row),
             }
             for row in rows
         ]
@@ -545,16 +589,17 @@ class FeedbackStore:
         rows = self._query(
             """
             SELECT r.updated_at AS t, r.rowid AS k, r.session_id, r.ip_key, x.prompt_json,
-                   x.text, x.finish_reason NOT IN ('length', 'cancelled') AS ended, r.value = 1 AS label
+                   x.text, x.finish_reason NOT IN ('length', 'cancelled') AS ended, r.value = 1 AS label,
+                   r.reasons, r.comment
             FROM ratings r JOIN responses x ON x.id = r.response_id
             UNION ALL
             SELECT p.updated_at, 2 * p.rowid, p.session_id, p.ip_key, x.prompt_json, x.text,
-                   x.finish_reason NOT IN ('length', 'cancelled'), 0
+                   x.finish_reason NOT IN ('length', 'cancelled'), 0, p.reasons, p.comment
             FROM preferences p JOIN responses x ON x.id = p.response_a_id
             WHERE p.outcome = 'both_bad'
             UNION ALL
             SELECT p.updated_at, 2 * p.rowid + 1, p.session_id, p.ip_key, x.prompt_json,
-                   x.text, x.finish_reason NOT IN ('length', 'cancelled'), 0
+                   x.text, x.finish_reason NOT IN ('length', 'cancelled'), 0, p.reasons, p.comment
             FROM preferences p JOIN responses x ON x.id = p.response_b_id
             WHERE p.outcome = 'both_bad'
             ORDER BY t, k
@@ -568,6 +613,7 @@ class FeedbackStore:
                 "label": bool(row["label"]),
                 "session_id": row["session_id"],
                 "ip_key": row["ip_key"],
+                **_reasons(row),
             }
             for row in rows
         ]

@@ -223,11 +223,19 @@ def _m3_integrity(db: sqlite_utils.Database) -> None:
     db.table("preferences").create_index(["updated_at"])
 
 
+def _m4_reasons(db: sqlite_utils.Database) -> None:
+    """Why a vote went that way, optional: ``reasons`` (a JSON list of tags from a fixed
+    list) and a short ``comment`` on ratings (👎) and A/B votes; NULL when not given."""
+    for table in ("ratings", "preferences"):
+        db.table(table).add_column("reasons", str)
+        db.table(table).add_column("comment", str)
+
+
 # The unordered pair {a, b}: a vote on (b, a) is a vote on the same pair as (a, b).
 PAIR_KEY_SQL = "min(response_a_id, response_b_id), max(response_a_id, response_b_id)"
 PAIR_VOTE_INDEX = "idx_preferences_one_vote_per_pair"
 
-MIGRATIONS: list[Migration] = [_m1_initial, _m2_indexes, _m3_integrity]
+MIGRATIONS: list[Migration] = [_m1_initial, _m2_indexes, _m3_integrity, _m4_reasons]
 LATEST_VERSION = len(MIGRATIONS)
 
 

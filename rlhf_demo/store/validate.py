@@ -36,6 +36,9 @@ VERSION_STATUSES = ("active", "retired", "rejected", "candidate", "published", "
 SERVABLE_STATUSES = ("active", "retired", "published")  # passed the gate, not broken
 FINISHED_RUN_STATUSES = ("succeeded", "failed", "rejected")
 PHASES = ("reward", "ppo", "gate")
+# Why a 👎 or an A/B vote went that way: a fixed list, so the tags can be counted and filtered.
+REASON_TAGS = ("wrong", "unhelpful", "unsafe", "too long", "rude")
+MAX_COMMENT_CHARS = 500  # a rater's note, not an essay (the UI's textbox has the same cap)
 _VERSION_RE = re.compile(r"^v(0|[1-9][0-9]*)$")
 
 
@@ -168,3 +171,23 @@ def encode_prompt(prompt: object) -> str:
     return check_str(
         "prompt", json.dumps(messages, ensure_ascii=False), MAX_PROMPT_BYTES
     )
+
+
+def check_reasons(tags: object, comment: object) -> tuple[list[str], str]:
+    """Reason tags (from :data:`REASON_TAGS` only, in that order, no repeats) and a short
+    comment (whitespace trimmed; empty means none), both optional."""
+    if tags is None:
+        tags = []
+    if not isinstance(tags, (list, tuple)):
+        raise InvalidInputError(f"reasons must be a list of tags, got {kind_of(tags)}")
+    if len(tags) > len(REASON_TAGS):
+        raise InvalidInputError(f"at most {len(REASON_TAGS)} reasons, got {len(tags)}")
+    for tag in tags:
+        if not isinstance(tag, str) or tag not in REASON_TAGS:
+            raise InvalidInputError(f"unknown reason {shown(tag, 40)}; the reasons are: {', '.join(REASON_TAGS)}")
+    if comment is None:
+        comment = ""
+    text = check_str("comment", comment, 4 * MAX_COMMENT_CHARS, allow_empty=True).strip()
+    if len(text) > MAX_COMMENT_CHARS:
+        raise InvalidInputError(f"the comment is {len(text)} characters, over the limit of {MAX_COMMENT_CHARS}")
+    return [t for t in REASON_TAGS if t in tags], text

@@ -21,7 +21,9 @@ from rlhf_demo.hub_sync import persistence_note
 from rlhf_demo.runtime import Runtime
 from rlhf_demo.store import InvalidInputError, StoreBusyError, StoreError, UnknownIdError
 from rlhf_demo.ui import dashboard
+from rlhf_demo.ui.guidelines import guidelines_markdown
 from rlhf_demo.ui.handlers import OUTCOMES, SOURCES, ChatState, Handlers, PairState, UserError, check_event
+from rlhf_demo.ui.reasons import reasons_panel
 from rlhf_demo.visitors import Visitor, VisitorMiddleware, identify
 from rlhf_demo.worker.status import read_status
 from rlhf_demo.worker.supervisor import WorkerSupervisor
@@ -31,6 +33,22 @@ GENERIC_ERROR = "The server could not complete this request; please try again."
 # Toasts are page-wide in Gradio: short-lived, so that they neither pile up ("Error (2)") nor
 # follow the visitor to another tab for long.
 TOAST_SECONDS = 5
+# Keyboard shortcuts on the Compare tab (A, B, T = tie, X = both bad, N = new round), ignored while
+# typing; each presses the visible, enabled button with that id, so the server's checks apply.
+KEYBOARD_JS = """
+() => {
+  const keys = {a: "vote-A", b: "vote-B", t: "vote-tie", x: "vote-both_bad", n: "compare-new-round"};
+  document.addEventListener("keydown", (event) => {
+    const target = event.target;
+    if (event.ctrlKey || event.metaKey || event.altKey || target.closest("input, textarea, select, [contenteditable]")) return;
+    const button = document.getElementById(keys[event.key.toLowerCase()]);
+    if (button && button.offsetParent !== null && !button.disabled) { event.preventDefault(); button.click(); }
+  });
+}
+"""
+# Toasts are page-wide in Gradio: switching tabs dismisses the open ones, so an error on one tab
+# does not follow the visitor to the next.
+DISMISS_TOASTS_JS = "() => document.querySelectorAll('[data-testid=\"toast-close\"]').forEach((b) => b.click())"
 # Store errors whose messages are written for people; others may carry SQLite's text.
 PLAIN_STORE_ERRORS = (InvalidInputError, UnknownIdError, StoreBusyError)
 
@@ -87,6 +105,7 @@ def launch_options(runtime: Runtime) -> dict[str, Any]:
         "app_kwargs": {"middleware": [Middleware(VisitorMiddleware, signer=runtime.signer, secure=runtime.settings.trust_proxy)]},
         "max_file_size": runtime.settings.limits.max_upload_size,
         "show_error": False,
+        "js": KEYBOARD_JS,
     }
 
 
@@ -101,6 +120,7 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
     h = Handlers(runtime)
     store = runtime.store
     bounds = runtime.settings.sampling
+    guidelines = guidelines_markdown(runtime.settings)
 
     def _session(request: gr.Request | None) -> Visitor:
         """The visitor behind a request (the name is historical: it is not the session)."""
@@ -114,7 +134,9 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
         # fresh on every page load (a callable value would be listed as an API endpoint)
         demo.load(h.model_markdown, None, model_info, api_visibility="private")
 
-        with gr.Tab("Chat"):
+        with gr.Tab("Chat") as chat_tab:
+            with gr.Accordion("Rater guidelines: what to reward", open=False, elem_id="chat-guidelines"):
+                gr.Markdown(guidelines)
             chat_state = gr.State(ChatState())
             chatbot = gr.Chatbot(label="Chat", height=460, feedback_options=("Like", "Dislike"))
             with gr.Row():
@@ -122,6 +144,7 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
                 send = gr.Button("Send", variant="primary", scale=1)
                 stop = gr.Button("Stop", variant="stop", scale=1, visible=False)
             vote_status = gr.Markdown(elem_id="chat-vote-status")
+            thumb_why = reasons_panel("chat-reasons", "What was wrong with this answer? (optional)")
             with gr.Accordion("Settings", open=False):
                 temperature = gr.Slider(bounds.min_temperature, bounds.max_temperature, bounds.temperature, step=0.05, label="Temperature (0 = greedy)")
                 top_p = gr.Slider(bounds.min_top_p, 1.0, bounds.top_p, step=0.05, label="Top-p")
@@ -146,9 +169,17 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
                 return new_chat, last, state
 
             @_friendly
-            def on_like(state: ChatState, data: gr.EventData, request: gr.Request) -> str:
+            def on_like(state: ChatState, data: gr.EventData, request: gr.Request) -> tuple[Any, ...]:
                 payload = check_event(data, ("index",))
-                return h.like(_session(request), state, payload["index"], payload.get("liked", True))
+                said = h.like(_session(request), state, payload["index"], payload.get("liked", True))
+                return said, state, *thumb_why.shown(state.disliked is not None)  # reasons after a 👎
+
+            @_friendly
+            def on_thumb_reasons(state: ChatState, tags: Any, comment: Any, request: gr.Request) -> str:
+                return h.thumb_reasons(_session(request), state, tags, comment)
+
+            def on_clear(state: ChatState) -> tuple[Any, ...]:
+                return *h.clear(state), *thumb_why.shown(False)
 
             def writing() -> tuple[Any, Any]:  # Stop replaces Send while an answer streams
                 return gr.Button(visible=False), gr.Button(visible=True)
@@ -172,10 +203,12 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
             # `cancels`, which would leave a half answer the server has no record of.
             stop.click(_friendly(h.stop), [chat_state], [vote_status], queue=False, api_visibility="private")
             chatbot.undo(on_undo, [chatbot, chat_state], [chatbot, message, chat_state], api_visibility="private")
-            chatbot.like(on_like, [chat_state], [vote_status], api_visibility="private")
+            thumb_why_out = [thumb_why.box, thumb_why.tags, thumb_why.comment, thumb_why.status]
+            chatbot.like(on_like, [chat_state], [vote_status, chat_state, *thumb_why_out], api_visibility="private")
+            thumb_why.send.click(on_thumb_reasons, [chat_state, thumb_why.tags, thumb_why.comment], [thumb_why.status], api_visibility="private")
             # The Chatbot's own trash button is the one Clear: it empties the chat in the browser,
             # this starts a new conversation on the server.
-            chatbot.clear(h.clear, [chat_state], [chatbot, chat_state], api_visibility="private")
+            chatbot.clear(on_clear, [chat_state], [chatbot, chat_state, *thumb_why_out], api_visibility="private")
 
             # The same vote for API clients (gradio_client cannot send LikeData): index + liked.
             api_index = gr.Number(visible=False, precision=0)
@@ -188,9 +221,14 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
 
             api_rate.click(on_api_rate, [chat_state, api_index, api_liked], [vote_status], api_name="rate")
 
-        with gr.Tab("Compare"):
+        with gr.Tab("Compare") as compare_tab:
             pair_state = gr.State(PairState())
-            gr.Markdown("Two anonymous answers to your prompt, side by side. Vote for the better one; who wrote each is revealed after your vote.")
+            gr.Markdown(
+                "Two anonymous answers to your prompt, side by side. Vote for the better one; who wrote each is revealed after your vote. "
+                "Keys: **A**, **B**, **T** (tie), **X** (both bad), **N** (new round)."
+            )
+            with gr.Accordion("Rater guidelines: what to reward", open=False, elem_id="compare-guidelines"):
+                gr.Markdown(guidelines)
             with gr.Row():
                 prompt = gr.Textbox(label="Prompt", scale=4)
                 source = gr.Radio(list(SOURCES), value=next(iter(SOURCES)), label="Compare", scale=2)
@@ -199,9 +237,10 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
                 answer_a = gr.Markdown(container=True, elem_id="compare-answer-a")
                 answer_b = gr.Markdown(container=True, elem_id="compare-answer-b")
             with gr.Row():
-                vote_buttons = [gr.Button(label, interactive=False) for label in OUTCOMES]
+                vote_buttons = [gr.Button(label, interactive=False, elem_id=f"vote-{outcome}") for label, outcome in OUTCOMES.items()]
             reveal = gr.Markdown(elem_id="compare-reveal")
-            new_round = gr.Button("New round", visible=False)
+            pair_why = reasons_panel("compare-reasons", "What was wrong with the worse answer (or both)? (optional)")
+            new_round = gr.Button("New round", visible=False, elem_id="compare-new-round")
 
             @_friendly
             def on_compare(text: str, src: str, t: float, p: float, n: int, request: gr.Request) -> Iterator[Any]:
@@ -214,15 +253,20 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
                 Arena); "New round" appears after the vote. Display only: the handler checks again."""
                 ready = isinstance(state, PairState) and state.response_ids is not None and not state.generating
                 voted = ready and state.voted
-                return [*(gr.Button(interactive=ready and not voted) for _ in vote_buttons), gr.Button(visible=bool(voted))]
+                # the "why" panel: shown empty after each vote
+                return [*(gr.Button(interactive=ready and not voted) for _ in vote_buttons), gr.Button(visible=bool(voted)), *pair_why.shown(bool(voted))]
 
             def locked() -> list[Any]:
-                return [*(gr.Button(interactive=False) for _ in vote_buttons), gr.Button(visible=False)]
+                return [*(gr.Button(interactive=False) for _ in vote_buttons), gr.Button(visible=False), *pair_why.shown(False)]
 
             def on_new_round() -> tuple[Any, ...]:
                 return "", "", "", "", h.new_round(), *locked()
 
-            vote_controls_out = [*vote_buttons, new_round]
+            @_friendly
+            def on_pair_reasons(state: PairState, tags: Any, comment: Any, request: gr.Request) -> str:
+                return h.pair_reasons(_session(request), state, tags, comment)
+
+            vote_controls_out = [*vote_buttons, new_round, pair_why.box, pair_why.tags, pair_why.comment, pair_why.status]
             generate.click(locked, None, vote_controls_out, queue=False, api_visibility="private")
             generate.click(on_compare, [prompt, source, temperature, top_p, max_new], [answer_a, answer_b, pair_state, reveal], api_name="compare").then(
                 vote_controls, [pair_state], vote_controls_out, queue=False, api_visibility="private"
@@ -236,6 +280,7 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
                 button.click(on_vote, [pair_state], [reveal, pair_state], api_name=f"vote_{OUTCOMES[button.value]}").then(
                     vote_controls, [pair_state], vote_controls_out, queue=False, api_visibility="private"
                 )
+            pair_why.send.click(on_pair_reasons, [pair_state, pair_why.tags, pair_why.comment], [pair_why.status], api_visibility="private")
             new_round.click(on_new_round, None, [prompt, answer_a, answer_b, reveal, pair_state, *vote_controls_out], queue=False, api_visibility="private")
 
         with gr.Tab("Data") as data_tab:
@@ -283,7 +328,7 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
                     raw_export.click(_friendly(lambda t: h.export("preferences", include_session_ids=True, admin_token=t)), [token], export_file, api_visibility="private")
                     version.focus(lambda: gr.Dropdown(choices=[v["version"] for v in store.list_versions() if v["status"] != "rejected"]), None, version, api_visibility="private")
 
-        with gr.Tab("Dashboard"):
+        with gr.Tab("Dashboard") as dashboard_tab:
             worker_md = gr.Markdown()
             sync_md = gr.Markdown()
             next_training = gr.Markdown(elem_id="dashboard-next-training")
@@ -330,6 +375,8 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
             refresh_dash.click(tables, None, table_outputs, api_visibility="private")
             demo.load(worker_markdown, None, [worker_md, sync_md], api_visibility="private")
             demo.load(tables, None, table_outputs, api_visibility="private")
+        for each_tab in (chat_tab, compare_tab, data_tab, dashboard_tab):
+            each_tab.select(None, None, None, js=DISMISS_TOASTS_JS, queue=False, api_visibility="private")
     return demo
 
 

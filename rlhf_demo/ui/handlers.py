@@ -42,6 +42,7 @@ class UserError(ValueError):
 
 
 CHAT_MISMATCH = "This chat does not match the server's record of your conversation; press Clear to start a new one."
+REASONS_SAID = {"updated": "Thanks: your reasons were saved with your vote.", "removed": "Reasons removed from your vote."}
 EXPORT_WRITERS = {"preferences": export_preferences, "unpaired": export_unpaired}
 
 
@@ -52,6 +53,7 @@ class ChatState:
     conversation_id: str | None = None
     response_ids: dict[int, str] = field(default_factory=dict)  # chat index -> response id
     stop_requested: bool = False  # the Stop button: the answer being written ends at the next token
+    disliked: str | None = None  # the response this page last voted 👎: the one reasons go to
 
 
 @dataclass
@@ -407,6 +409,7 @@ class Handlers:
         self._own_response(visitor, response_id)
         self._check_vote_rate(visitor)
         result = self.runtime.store.rate(visitor.id, response_id, value, ip_key=visitor.ip_key)
+        state.disliked = response_id if value == -1 else None
         thumb = {1: "👍", -1: "👎", None: ""}[value]
         return {
             "created": f"{thumb} recorded.",
@@ -415,6 +418,17 @@ class Handlers:
             "removed": "Vote removed.",
             "absent": "There was no vote to remove.",
         }[result.change]
+
+    def thumb_reasons(self, visitor: Visitor | str, state: ChatState, tags: Any, comment: Any) -> str:
+        """Reason tags and a comment for the answer this page last voted 👎 (the store checks
+        them: tags from the fixed list, a short comment)."""
+        visitor = self.check_visitor(visitor)
+        state = check_chat_state(state)
+        if state.disliked is None:
+            raise UserError("Vote 👎 on an answer first; the reasons go with that vote.")
+        self._check_vote_rate(visitor)
+        result = self.runtime.store.annotate_rating(visitor.id, state.disliked, tags, comment)
+        return REASONS_SAID[result.change]
 
     def rate_api(self, visitor: Visitor | str, state: ChatState, index: Any, liked: Any) -> str:
         """The same vote for API clients: ``index`` may be an integral float (gr.Number)."""
@@ -497,6 +511,16 @@ class Handlers:
         state.voted = True
         said = {"created": "Vote recorded.", "updated": "Vote changed.", "unchanged": "That vote was already recorded."}[result.change]
         return f"{said} A was written by **{state.versions[0]}**, B by **{state.versions[1]}**.", state
+
+    def pair_reasons(self, visitor: Visitor | str, state: PairState, tags: Any, comment: Any) -> str:
+        """Reason tags and a comment for this page's vote on the current pair."""
+        visitor = self.check_visitor(visitor)
+        if not isinstance(state, PairState) or not _two(state.response_ids) or not state.voted:
+            raise UserError("Vote on a pair first; the reasons go with that vote.")
+        self._check_vote_rate(visitor)
+        a, b = state.response_ids
+        result = self.runtime.store.annotate_preference(visitor.id, a, b, tags, comment)
+        return REASONS_SAID[result.change]
 
     # ----- data -------------------------------------------------------------------------
     def counts_markdown(self) -> str:
