@@ -27,6 +27,7 @@ from transformers import TextIteratorStreamer  # noqa: E402
 from rlhf_demo.config import DEFAULT_MODEL, load_settings  # noqa: E402
 from rlhf_demo.modeling import load_model  # noqa: E402
 from rlhf_demo.runtime import Runtime  # noqa: E402
+from rlhf_demo.serving import Sampling  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 PRECISIONS = {"fp32": ("fp32", "float32"), "bf16": ("bf16", "bfloat16"), "nf4": ("nf4", "float32"), "nf4-bf16": ("nf4", "bfloat16")}
@@ -54,7 +55,7 @@ def time_plain(loaded, tokens: int) -> tuple[float, float]:
 
 def time_server(runtime: Runtime, tokens: int) -> tuple[float, float]:
     start, first, result = time.perf_counter(), None, None
-    for item in runtime.server.stream(PROMPT, temperature=0, max_new_tokens=tokens):
+    for item in runtime.server.stream(PROMPT, sampling=Sampling(0.0, 1.0, tokens)):
         first = first or time.perf_counter()  # first yielded text = first decoded token(s)
         result = item
     total = time.perf_counter() - start
