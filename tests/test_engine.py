@@ -110,7 +110,11 @@ def test_a_cancelled_stream_stops_without_touching_its_neighbour(two_versions):
     checks: list[int] = []
     leaver = threading.Thread(target=leave)
     leaver.start()
-    stopper = consume(results, "stopped", server.stream(SHORT, BASE_VERSION, greedy(30), should_stop=lambda: checks.append(1) or len(checks) >= 3))
+    stopper = consume(
+        results,
+        "stopped",
+        server.stream(SHORT, BASE_VERSION, greedy(30), should_stop=lambda: checks.append(1) or len(checks) >= 3),
+    )
     pinned(server, 3)
     gate.opened.set()
     for thread in (runner, leaver, stopper):
@@ -161,7 +165,10 @@ def test_a_long_history_is_trimmed_from_the_oldest_turns_in_few_tokenizer_passes
     server.budget = PromptBudget(max_tokens=200, max_messages=64, max_chars=48_000)
     history = []
     for i in range(30):
-        history += [{"role": "user", "content": f"question {i} " + "word " * 20}, {"role": "assistant", "content": f"answer {i} " + "word " * 20}]
+        history += [
+            {"role": "user", "content": f"question {i} " + "word " * 20},
+            {"role": "assistant", "content": f"answer {i} " + "word " * 20},
+        ]
     history.append({"role": "user", "content": "the last question"})
     calls = []
     original = server.tokenizer.apply_chat_template

@@ -142,7 +142,15 @@ class Engine:
         kwargs: dict[str, Any] = {}
         if hasattr(model, "peft_config"):
             kwargs["adapter_names"] = adapters
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
         return out.logits[:, -1, :].float()
 
     def _prefill(self, rows: list[Request]) -> _Batch | None:
@@ -238,7 +246,12 @@ class Engine:
         width = max(running.mask.shape[1], new.mask.shape[1])
         layers = []
         for a, b in zip(running.cache.layers, new.cache.layers, strict=True):
-            layers.append((torch.cat([_pad_left(a.keys, width, 2), _pad_left(b.keys, width, 2)]), torch.cat([_pad_left(a.values, width, 2), _pad_left(b.values, width, 2)])))
+            layers.append(
+                (
+                    torch.cat([_pad_left(a.keys, width, 2), _pad_left(b.keys, width, 2)]),
+                    torch.cat([_pad_left(a.values, width, 2), _pad_left(b.values, width, 2)]),
+                )
+            )
         mask = torch.cat([_pad_left(running.mask, width, 1), _pad_left(new.mask, width, 1)])
         return _Batch(running.rows + new.rows, DynamicCache(layers), mask, torch.cat([running.next_ids, new.next_ids]))
 

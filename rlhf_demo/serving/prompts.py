@@ -32,7 +32,9 @@ def _checked(messages: Any, budget: PromptBudget) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise PromptRefused("The conversation is empty or malformed.")
     if len(messages) > budget.max_messages:
-        raise PromptRefused(f"The conversation has {len(messages)} messages; the limit is {budget.max_messages}. Press Clear to start a new one.")
+        raise PromptRefused(
+            f"The conversation has {len(messages)} messages; the limit is {budget.max_messages}. Press Clear to start a new one."
+        )
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise PromptRefused("The conversation may hold only text messages from system, user and assistant.")
@@ -81,4 +83,6 @@ def encode(tokenizer: Any, messages: Any, budget: PromptBudget) -> tuple[list[di
         ids = _template(tokenizer, kept)
         if ids["input_ids"].shape[1] <= budget.max_tokens:
             return kept, ids
-    raise PromptRefused(f"The message is too long for the model: {int(ids['input_ids'].shape[1])} tokens, the limit is {budget.max_tokens}.")
+    raise PromptRefused(
+        f"The message is too long for the model: {int(ids['input_ids'].shape[1])} tokens, the limit is {budget.max_tokens}."
+    )

@@ -81,7 +81,9 @@ class PolicyServer:
         self.engine.close()
 
     # ----- requests -------------------------------------------------------------------
-    def sampling(self, temperature: float | None = None, top_p: float | None = None, max_new_tokens: int | None = None) -> Sampling:
+    def sampling(
+        self, temperature: float | None = None, top_p: float | None = None, max_new_tokens: int | None = None
+    ) -> Sampling:
         """Loose values (None: the default) as a :class:`Sampling` within the configured bounds."""
         return Sampling.clamp(self.bounds, temperature, top_p, max_new_tokens)
 
@@ -104,7 +106,9 @@ class PolicyServer:
         for item in self._stream_rows(messages, [version], sampling, should_stop):
             yield item[0] if isinstance(item, tuple) else item  # type: ignore[misc]
 
-    def generate(self, messages: list[dict[str, str]], version: str | None = None, sampling: Sampling | None = None) -> Generation:
+    def generate(
+        self, messages: list[dict[str, str]], version: str | None = None, sampling: Sampling | None = None
+    ) -> Generation:
         """Non-streaming convenience over :meth:`stream`."""
         *_, result = self.stream(messages, version, sampling)
         assert isinstance(result, Generation)
@@ -117,7 +121,9 @@ class PolicyServer:
         the two finished :class:`Generation` objects. Both rows share the engine's batch."""
         yield from self._stream_rows(messages, list(versions), sampling, None)  # type: ignore[misc]
 
-    def generate_pair(self, messages: list[dict[str, str]], versions: tuple[str, str], sampling: Sampling | None = None) -> list[Generation]:
+    def generate_pair(
+        self, messages: list[dict[str, str]], versions: tuple[str, str], sampling: Sampling | None = None
+    ) -> list[Generation]:
         """The non-streaming form of :meth:`stream_pair`."""
         *_, result = self.stream_pair(messages, versions, sampling)
         assert isinstance(result, list)

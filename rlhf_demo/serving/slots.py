@@ -123,7 +123,12 @@ class AdapterPool:
         self.last_prepare_ms = 1000 * (time.perf_counter() - started)
         log.info(
             "loaded adapter %s from %s into %s (%s) in %.0f ms, %.0f ms of it under the decode lock",
-            version, path, slot, mode, self.last_prepare_ms, locked_ms,
+            version,
+            path,
+            slot,
+            mode,
+            self.last_prepare_ms,
+            locked_ms,
         )
 
     def _claim_slot(self, config: Any) -> str | None:
@@ -159,7 +164,9 @@ class AdapterPool:
             raise AdapterError(f"adapter at {path} does not fit this model's LoRA layout (e.g. {odd})")
         for key, tensor in weights.items():
             if tuple(tensor.shape) != tuple(targets[key].shape):
-                raise AdapterError(f"adapter at {path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(targets[key].shape)}")
+                raise AdapterError(
+                    f"adapter at {path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(targets[key].shape)}"
+                )
         with torch.no_grad():
             for key, tensor in weights.items():
                 targets[key].copy_(tensor)
