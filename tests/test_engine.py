@@ -88,8 +88,10 @@ def test_a_request_joining_a_running_batch_changes_neither_answer(two_versions):
 def test_generate_many_decodes_together_and_equals_each_alone(two_versions):
     server = two_versions
     prompts = [SHORT, LONG, [{"role": "user", "content": "Name three colours."}]]
-    expected = [alone(server, p, "v1").text for p in prompts]
-    assert [g.text for g in server.generate_many(prompts, "v1", greedy(20))] == expected
+    expected = [alone(server, p, "v1") for p in prompts]
+    together = server.generate_many(prompts, "v1", greedy(20))
+    assert [(g.text, g.token_ids) for g in together] == [(g.text, g.token_ids) for g in expected]
+    assert all(g.token_ids and g.prompt_tokens for g in together)
 
 
 def test_a_cancelled_stream_stops_without_touching_its_neighbour(two_versions):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,16 +51,6 @@ class Request:
         if not self._cancel.is_set() and self.should_stop is not None and self.should_stop():
             self._cancel.set()
         return self._cancel.is_set()
-
-    def follow(self) -> Iterator[list[int]]:
-        """The tokens so far after each new one, until the answer ends (errors re-raised)."""
-        while True:
-            _, item = self.events.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield self.tokens
 
 
 @dataclass

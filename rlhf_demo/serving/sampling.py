@@ -60,3 +60,4 @@ class Generation:
     completion_tokens: int
     latency_s: float
     finish_reason: str  # "stop" (EOS) | "length" | "cancelled"
+    token_ids: tuple[int, ...] = ()  # the answer's tokens (no EOS): what rollouts score and train on

@@ -217,4 +217,5 @@ class PolicyServer:
             completion_tokens=len(request.tokens),
             latency_s=time.perf_counter() - started,
             finish_reason=request.finish_reason,
+            token_ids=tuple(request.tokens),
         )
