@@ -53,7 +53,7 @@ def publish_random_version(runtime: Runtime, worker_model, seed: int) -> tuple[s
 def baseline_load_ms(runtime: Runtime, folder: str) -> float:
     """PEFT ``load_adapter`` (builds the LoRA modules) under the generation lock, then removed."""
     server = runtime.server
-    with server._lock:
+    with server.pool.lock:
         started = time.perf_counter()
         server.model.load_adapter(folder, adapter_name="baseline", is_trainable=False)
         elapsed = 1000 * (time.perf_counter() - started)

@@ -130,7 +130,7 @@ def cast_votes(
     while votes() < budget:
         prompt = next(prompts)
         session = f"bench-rater-{cast['pairs'] % SESSIONS}"  # under the per-session vote cap
-        pair = server.generate_pair(messages(prompt), (active, active), max_new_tokens=max_new_tokens)
+        pair = server.generate_pair(messages(prompt), (active, active), server.sampling(max_new_tokens=max_new_tokens))
         ids = [
             store.log_response(
                 session_id=session,

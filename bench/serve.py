@@ -5,8 +5,13 @@ For each precision it measures, in the same run, decode tokens/s and time-to-fir
 LoRA adapter, and prints a table with the ratio b/a. Greedy decoding with EOS disabled, so
 both sides produce exactly ``--tokens`` tokens.
 
+With ``--concurrency 1,4,8`` it then runs that many streams at once through the engine (each
+its own prompt), per level: aggregate tokens/s, time to first token (p50/p95), and prints
+``serve: 1 stream X.XX× plain generate; 8 streams Y.YY× one stream`` last.
+
     python bench/serve.py                      # SmolLM2 (hub, cache or bundled GGUF)
     python bench/serve.py --model tiny --precisions fp32
+    python bench/serve.py --precisions fp32 --concurrency 1,4,8 --json out.json
 """
 
 from __future__ import annotations
@@ -27,9 +32,25 @@ from transformers import TextIteratorStreamer  # noqa: E402
 from rlhf_demo.config import DEFAULT_MODEL, load_settings  # noqa: E402
 from rlhf_demo.modeling import load_model  # noqa: E402
 from rlhf_demo.runtime import Runtime  # noqa: E402
+from rlhf_demo.serving import Sampling  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
-PRECISIONS = {"fp32": ("fp32", "float32"), "bf16": ("bf16", "bfloat16"), "nf4": ("nf4", "float32"), "nf4-bf16": ("nf4", "bfloat16")}
+TOPICS = [
+    "a robot who learns to paint",
+    "a lighthouse keeper",
+    "the first snow of winter",
+    "a cat that runs a bakery",
+    "two rivers that meet",
+    "a clock that runs backwards",
+    "a map of an unknown island",
+    "the last train home",
+]
+PRECISIONS = {
+    "fp32": ("fp32", "float32"),
+    "bf16": ("bf16", "bfloat16"),
+    "nf4": ("nf4", "float32"),
+    "nf4-bf16": ("nf4", "bfloat16"),
+}
 
 
 def time_plain(loaded, tokens: int) -> tuple[float, float]:
@@ -54,12 +75,91 @@ def time_plain(loaded, tokens: int) -> tuple[float, float]:
 
 def time_server(runtime: Runtime, tokens: int) -> tuple[float, float]:
     start, first, result = time.perf_counter(), None, None
-    for item in runtime.server.stream(PROMPT, temperature=0, max_new_tokens=tokens):
+    for item in runtime.server.stream(PROMPT, sampling=Sampling(0.0, 1.0, tokens)):
         first = first or time.perf_counter()  # first yielded text = first decoded token(s)
         result = item
     total = time.perf_counter() - start
     assert result is not None
     return tokens / total, (first or start) - start  # EOS is disabled: exactly `tokens` decoded
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def time_concurrent(runtime: Runtime, streams: int, tokens: int) -> tuple[float, list[float], float]:
+    """``streams`` visitors at once (each its own prompt): (aggregate tok/s, TTFTs, rows per step)."""
+    import threading
+
+    ttfts: list[float] = []
+    counts: list[int] = []
+    barrier = threading.Barrier(streams + 1)
+
+    def visitor(i: int) -> None:
+        prompt = [{"role": "user", "content": f"Write a short story about {TOPICS[i % len(TOPICS)]}."}]
+        barrier.wait()
+        start, first, result = time.perf_counter(), None, None
+        for item in runtime.server.stream(prompt, sampling=Sampling(0.0, 1.0, tokens)):
+            first = first or time.perf_counter()
+            result = item
+        ttfts.append((first or start) - start)
+        counts.append(result.completion_tokens)
+
+    threads = [threading.Thread(target=visitor, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    steps = runtime.server.engine.steps
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    steps = runtime.server.engine.steps - steps
+    return sum(counts) / wall, ttfts, sum(counts) / max(1, steps)
+
+
+def concurrency_levels(args: argparse.Namespace) -> dict:
+    """Plain generate, then the engine at each concurrency level, all on one loaded model."""
+    quant, compute = PRECISIONS[args.precisions.split(",")[0]]
+    levels = [int(x) for x in args.concurrency.split(",")]
+    with tempfile.TemporaryDirectory() as scratch:
+        loaded = load_model(load_settings(model=args.model, data_dir=args.data_dir, quantization=quant, compute_dtype=compute))
+        loaded.model.generation_config.eos_token_id = None
+        time_plain(loaded, 4)
+        plain = statistics.median(time_plain(loaded, args.tokens)[0] for _ in range(args.repeats))
+        runtime = Runtime(load_settings(model=args.model, data_dir=scratch, quantization=quant, compute_dtype=compute), loaded)
+        runtime.server._eos = lambda: frozenset()  # fixed-length decode: exactly --tokens per stream
+        time_concurrent(runtime, 1, 4)
+        rows = []
+        for level in levels:
+            runs = [time_concurrent(runtime, level, args.tokens) for _ in range(args.repeats)]
+            ttfts = [t for run in runs for t in run[1]]
+            rows.append(
+                {
+                    "streams": level,
+                    "tok_s": statistics.median(r[0] for r in runs),
+                    "per_stream_tok_s": statistics.median(r[0] for r in runs) / level,
+                    "ttft_p50_s": percentile(ttfts, 0.5),
+                    "ttft_p95_s": percentile(ttfts, 0.95),
+                    "rows_per_step": statistics.median(r[2] for r in runs),
+                }
+            )
+        runtime.close()
+    by = {r["streams"]: r for r in rows}
+    one = by.get(1, rows[0])
+    top = max(levels)
+    return {
+        "precision": args.precisions.split(",")[0],
+        "model": args.model,
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "plain_generate_tok_s": plain,
+        "levels": rows,
+        "single_vs_generate": one["tok_s"] / plain,
+        f"speedup_at_{top}": by[top]["tok_s"] / one["tok_s"],
+        f"ttft_p95_at_{top}_s": by[top]["ttft_p95_s"],
+    }
 
 
 def main() -> None:
@@ -70,7 +170,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-dir", default="data", help="reuses the converted offline model")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--concurrency", help="e.g. 1,4,8: concurrent streams through the engine (first precision only)")
     args = parser.parse_args()
+    if args.concurrency:
+        result = concurrency_levels(args)
+        device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+        result["device"] = device
+        print(
+            f"\nmodel {args.model}, {result['precision']}, {args.tokens} tokens greedy per stream, median of {args.repeats}, device {device}"
+        )
+        print(f"plain generate: {result['plain_generate_tok_s']:.1f} tok/s")
+        print(f"{'streams':>7} {'tok/s':>7} {'per stream':>11} {'rows/step':>10} {'ttft p50':>9} {'ttft p95':>9}")
+        for r in result["levels"]:
+            print(
+                f"{r['streams']:>7} {r['tok_s']:>7.1f} {r['per_stream_tok_s']:>11.1f} {r['rows_per_step']:>10.1f} {r['ttft_p50_s']:>8.2f}s {r['ttft_p95_s']:>8.2f}s"
+            )
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        top = max(r["streams"] for r in result["levels"])
+        print(
+            f"serve: 1 stream {result['single_vs_generate']:.2f}× plain generate; {top} streams {result[f'speedup_at_{top}']:.2f}× one stream"
+        )
+        return
     rows = []
     for name in args.precisions.split(","):
         quant, compute = PRECISIONS[name]
@@ -82,19 +203,32 @@ def main() -> None:
             # plain first: PEFT injects LoRA layers into the base in place once the server loads v0
             plain = [time_plain(loaded, args.tokens) for _ in range(args.repeats)]
             # the server gets its own data dir (fresh DB + v0); the converted model stays shared
-            runtime = Runtime(load_settings(model=args.model, data_dir=scratch, quantization=quant, compute_dtype=compute), loaded)
+            runtime = Runtime(
+                load_settings(model=args.model, data_dir=scratch, quantization=quant, compute_dtype=compute), loaded
+            )
             time_server(runtime, 4)
             served = [time_server(runtime, args.tokens) for _ in range(args.repeats)]
             runtime.close()
         p_tps, s_tps = statistics.median(x[0] for x in plain), statistics.median(x[0] for x in served)
         p_ttft, s_ttft = statistics.median(x[1] for x in plain), statistics.median(x[1] for x in served)
-        rows.append({"precision": name, "plain_tok_s": p_tps, "server_tok_s": s_tps, "ratio": s_tps / p_tps, "plain_ttft_s": p_ttft, "server_ttft_s": s_ttft})
+        rows.append(
+            {
+                "precision": name,
+                "plain_tok_s": p_tps,
+                "server_tok_s": s_tps,
+                "ratio": s_tps / p_tps,
+                "plain_ttft_s": p_ttft,
+                "server_ttft_s": s_ttft,
+            }
+        )
         del loaded, runtime
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"\nmodel {args.model}, {args.tokens} tokens greedy, median of {args.repeats}, device {device}")
     print(f"{'precision':<10} {'generate tok/s':>15} {'server tok/s':>13} {'ratio':>6} {'ttft plain':>11} {'ttft server':>12}")
     for r in rows:
-        print(f"{r['precision']:<10} {r['plain_tok_s']:>15.1f} {r['server_tok_s']:>13.1f} {r['ratio']:>6.2f} {r['plain_ttft_s']:>10.3f}s {r['server_ttft_s']:>11.3f}s")
+        print(
+            f"{r['precision']:<10} {r['plain_tok_s']:>15.1f} {r['server_tok_s']:>13.1f} {r['ratio']:>6.2f} {r['plain_ttft_s']:>10.3f}s {r['server_ttft_s']:>11.3f}s"
+        )
     if args.json:
         args.json.write_text(json.dumps({"device": device, "rows": rows}, indent=2))
 

@@ -358,9 +358,9 @@ def resolve_device(requested: str = "auto") -> str:
 def resolve_precision(quantization: str, compute_dtype: str, device: str, role: str = "serve") -> tuple[str, str]:
     """Pick storage and compute precision per device and role (figures: docs/precision.md).
 
-    Serving: NF4 storage everywhere; on CUDA with bfloat16 compute (the QLoRA recipe), on
-    CPU with float32 compute, where bitsandbytes' packed NF4 kernel decoded SmolLM2 at 23.8
-    tok/s vs 16.0 for plain float32 (1 thread, same run). Training on CPU (``role="train"``,
+    Serving: NF4 storage; on CUDA with bfloat16 compute (the QLoRA recipe), on CPU with
+    float32 compute. On CPU ``load_model`` then refines ``auto`` for the machine at hand
+    (modeling/precision.py: float32 where bitsandbytes' NF4 kernel is slow). Training on CPU (``role="train"``,
     the worker): float32, because a bfloat16 backward is ~30x slower there and NF4's
     backward takes the slower dequantize path.
     """

@@ -143,6 +143,7 @@ class Runtime:
 
     def close(self) -> None:
         self._stop.set()
+        self.server.close()
         self.store.close()
 
     def describe(self) -> dict[str, Any]:

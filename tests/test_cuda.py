@@ -16,6 +16,7 @@ from rlhf_demo.config import load_settings
 from rlhf_demo.modeling import load_model
 from rlhf_demo.modeling.adapters import adapter_state, attach_new_adapter
 from rlhf_demo.ppo import PPOConfig, PPOTrainer, response_forward
+from rlhf_demo.serving import Sampling
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -42,12 +43,12 @@ def test_serving_and_hot_swap_on_cuda(cuda_settings):
     loaded = load_model(cuda_settings)
     runtime = Runtime(cuda_settings, loaded)
     try:
-        before = runtime.server.generate(PROMPT, temperature=0, max_new_tokens=12)
-        streamed = list(runtime.server.stream(PROMPT, temperature=0, max_new_tokens=12))
+        before = runtime.server.generate(PROMPT, sampling=Sampling(0.0, 1.0, 12))
+        streamed = list(runtime.server.stream(PROMPT, sampling=Sampling(0.0, 1.0, 12)))
         assert streamed[-1].text == before.text and len(streamed) > 2
         runtime.server.load_version("v1", write_random_adapter(loaded, cuda_settings, "v1", seed=1))
         runtime.server.activate("v1")
-        after = runtime.server.generate(PROMPT, temperature=0, max_new_tokens=12)
+        after = runtime.server.generate(PROMPT, sampling=Sampling(0.0, 1.0, 12))
         assert after.version == "v1" and after.text != before.text
     finally:
         runtime.close()
@@ -97,6 +98,6 @@ def test_a_whole_worker_cycle_on_cuda_publishes_and_the_server_swaps(cuda_settin
         summary = run_cycle(settings, runtime.store, load_model(settings), gate_config=ALWAYS)
         assert summary["decision"] == "published" and summary["version"] == "v1"
         assert runtime.sync_registry() == "v1"
-        assert runtime.server.generate(PROMPT, temperature=0, max_new_tokens=8).version == "v1"
+        assert runtime.server.generate(PROMPT, sampling=Sampling(0.0, 1.0, 8)).version == "v1"
     finally:
         runtime.close()

@@ -14,11 +14,11 @@ PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def greedy(server, version: str | None = None, n: int = 12) -> Generation:
-    return server.generate(PROMPT, version, temperature=0, max_new_tokens=n)
+    return server.generate(PROMPT, version, sampling=Sampling(0.0, 1.0, n))
 
 
 def test_stream_yields_growing_text_then_result(runtime):
-    items = list(runtime.server.stream(PROMPT, temperature=0, max_new_tokens=16))
+    items = list(runtime.server.stream(PROMPT, sampling=Sampling(0.0, 1.0, 16)))
     texts, result = items[:-1], items[-1]
     assert isinstance(result, Generation)
     assert len(texts) >= 3, "tokens must arrive incrementally, not in one piece"
@@ -43,7 +43,7 @@ def test_identity_v0_equals_base(runtime):
 
 def test_mixed_adapter_pair_equals_per_adapter_generation(runtime, tiny_loaded, settings):
     runtime.server.load_version("v1", write_random_adapter(tiny_loaded, settings, "v1", seed=2))
-    a, b = runtime.server.generate_pair(PROMPT, ("v1", BASE_VERSION), temperature=0, max_new_tokens=12)
+    a, b = runtime.server.generate_pair(PROMPT, ("v1", BASE_VERSION), sampling=Sampling(0.0, 1.0, 12))
     assert (a.version, b.version) == ("v1", BASE_VERSION)
     assert a.text == greedy(runtime.server, "v1").text
     assert b.text == greedy(runtime.server, BASE_VERSION).text
@@ -52,7 +52,7 @@ def test_mixed_adapter_pair_equals_per_adapter_generation(runtime, tiny_loaded, 
 
 def test_streamed_pair_grows_and_ends_with_the_batched_pair(runtime, tiny_loaded, settings):
     runtime.server.load_version("v1", write_random_adapter(tiny_loaded, settings, "v1", seed=2))
-    items = list(runtime.server.stream_pair(PROMPT, ("v1", BASE_VERSION), temperature=0, max_new_tokens=12))
+    items = list(runtime.server.stream_pair(PROMPT, ("v1", BASE_VERSION), sampling=Sampling(0.0, 1.0, 12)))
     progress, final = items[:-1], items[-1]
     assert len(progress) >= 3, "both answers must arrive incrementally"
     assert all(isinstance(t, tuple) and len(t) == 2 for t in progress)
@@ -60,7 +60,7 @@ def test_streamed_pair_grows_and_ends_with_the_batched_pair(runtime, tiny_loaded
         assert all(b[side].startswith(a[side]) for a, b in zip(progress, progress[1:], strict=False))
     a, b = final
     assert (a.version, b.version) == ("v1", BASE_VERSION)
-    expected = runtime.server.generate_pair(PROMPT, ("v1", BASE_VERSION), temperature=0, max_new_tokens=12)
+    expected = runtime.server.generate_pair(PROMPT, ("v1", BASE_VERSION), sampling=Sampling(0.0, 1.0, 12))
     assert (a.text, b.text) == (expected[0].text, expected[1].text)
     assert progress[-1] == (a.text, b.text)
 
@@ -68,14 +68,14 @@ def test_streamed_pair_grows_and_ends_with_the_batched_pair(runtime, tiny_loaded
 def test_should_stop_ends_the_answer_early_and_still_returns_it(runtime):
     stop = threading.Event()
     items = []
-    for item in runtime.server.stream(PROMPT, temperature=0, max_new_tokens=40, should_stop=stop.is_set):
+    for item in runtime.server.stream(PROMPT, sampling=Sampling(0.0, 1.0, 40), should_stop=stop.is_set):
         items.append(item)
         stop.set()  # the visitor presses Stop once the first words are shown
     result = items[-1]
     assert isinstance(result, Generation) and result.finish_reason == "cancelled"
     assert 0 < result.completion_tokens < 40
-    assert runtime.server.generate(PROMPT, temperature=0, max_new_tokens=40).finish_reason != "cancelled"
-    *_, at_once = runtime.server.stream(PROMPT, temperature=0, max_new_tokens=40, should_stop=lambda: True)
+    assert runtime.server.generate(PROMPT, sampling=Sampling(0.0, 1.0, 40)).finish_reason != "cancelled"
+    *_, at_once = runtime.server.stream(PROMPT, sampling=Sampling(0.0, 1.0, 40), should_stop=lambda: True)
     assert at_once.finish_reason == "cancelled" and at_once.completion_tokens == 1
 
 
@@ -143,7 +143,7 @@ def test_sampling_is_clamped_to_bounds(settings):
     assert s.temperature == settings.sampling.max_temperature
     assert s.top_p == settings.sampling.min_top_p
     assert s.max_new_tokens == settings.sampling.max_max_new_tokens
-    assert Sampling.clamp(settings.sampling, temperature=0).generate_kwargs()["do_sample"] is False
+    assert Sampling.clamp(settings.sampling, temperature=0).greedy
 
 
 def test_unload_keeps_active_and_in_use(runtime, tiny_loaded, settings):
@@ -160,7 +160,7 @@ def test_swap_copies_into_a_reserved_slot_without_waiting_for_generation(runtime
     server = runtime.server
     folder = write_random_adapter(tiny_loaded, settings, "v1", seed=11)
     done = threading.Event()
-    with server._lock:  # as if a long generation were running
+    with server.pool.lock:  # as if a long generation were running
         loader = threading.Thread(target=lambda: (server.load_version("v1", folder), done.set()))
         loader.start()
         assert done.wait(30), "load_version waited for the generation lock"
@@ -180,7 +180,7 @@ def test_reused_slot_answers_exactly_like_a_fresh_load(runtime, tiny_loaded, set
         server.load_version(version, folders[version])
         server.activate(version)
     assert "v1" not in server.loaded_versions
-    assert len(server.model.peft_config) == server.max_slots, "no new modules were built"
+    assert len(server.model.peft_config) == server.pool.max_slots, "no new modules were built"
     server.load_version("v1", folders["v1"])
     assert server.last_load_mode == "hotswap"
     assert greedy(server, "v1", n=16).text == first
@@ -195,14 +195,14 @@ def test_adapter_of_another_lora_shape_gets_its_own_slot(runtime, tiny_loaded, s
     server = runtime.server
     server.load_version("v7", folder)
     assert server.last_load_mode == "load"
-    assert len(server.model.peft_config) == server.max_slots + 1
+    assert len(server.model.peft_config) == server.pool.max_slots + 1
     server.activate("v7")
     answer = greedy(server).text
     assert answer != greedy(server, "v0").text
     server.activate("v0")
-    odd_slot = server._slot_of["v7"]
+    odd_slot = server.pool._slot_of["v7"]
     assert server.unload_unused(keep=1) == ["v7"]
-    assert len(server.model.peft_config) == server.max_slots, "the extra slot is deleted once unused"
+    assert len(server.model.peft_config) == server.pool.max_slots, "the extra slot is deleted once unused"
     assert odd_slot not in server.model.peft_config, "the odd-shaped slot goes, not a standard one"
     server.load_version("v8", write_random_adapter(tiny_loaded, settings, "v8", seed=8))
     assert server.last_load_mode == "hotswap"
@@ -247,7 +247,7 @@ def test_concurrent_loads_of_one_version_take_one_slot(runtime, tiny_loaded, set
     for t in threads:
         t.join()
     assert server.loaded_versions.count("v1") == 1
-    assert sum(held == "v1" for held in server._slots.values()) == 1, "a second slot was filled with v1 and leaked"
+    assert sum(held == "v1" for held in server.pool._slots.values()) == 1, "a second slot was filled with v1 and leaked"
 
 
 def test_an_answer_ends_at_any_eos_id_of_the_generation_config(runtime, tiny_loaded):

@@ -9,7 +9,7 @@ import pytest
 from rlhf_demo.config import DEFAULT_MODEL, load_settings
 from rlhf_demo.modeling import load_model
 from rlhf_demo.modeling.loading import bundled_gguf
-from rlhf_demo.serving import PolicyServer
+from rlhf_demo.serving import PolicyServer, Sampling
 
 REQUIRED = os.environ.get("RLHF_DEMO_REQUIRE_SMOLLM") == "1"  # CI sets it: never skipped there
 
@@ -22,7 +22,7 @@ def test_smollm2_nf4_knows_the_capital_of_france(tmp_path):
     assert loaded.quantization == "nf4"
     assert "Linear4bit" in {type(m).__name__ for m in loaded.model.modules()}
     server = PolicyServer(loaded, settings.sampling)
-    answer = server.generate([{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_new_tokens=24)
+    answer = server.generate([{"role": "user", "content": "What is the capital of France?"}], sampling=Sampling(0.0, 1.0, 24))
     assert "Paris" in answer.text
     # converted once: a second load finds the safetensors folder and skips the GGUF
     assert (tmp_path / "models" / "SmolLM2-135M-Instruct-from-gguf" / "config.json").is_file()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf_demo.serving import Sampling
 from rlhf_demo.store import FeedbackStore
 from rlhf_demo.worker.cycle import run_cycle
 from rlhf_demo.worker.gate import GateConfig
@@ -59,7 +60,7 @@ def cast_votes(store: FeedbackStore, n_prompts: int = 12) -> None:
 def test_full_cycle_publishes_and_server_swaps(runtime, settings):
     settings = small(settings)
     cast_votes(runtime.store)
-    before = runtime.server.generate([{"role": "user", "content": "question number 1?"}], temperature=0, max_new_tokens=12)
+    before = runtime.server.generate([{"role": "user", "content": "question number 1?"}], sampling=Sampling(0.0, 1.0, 12))
     from rlhf_demo.modeling import load_model
 
     worker_model = load_model(settings)  # the worker process has its own base
@@ -71,7 +72,7 @@ def test_full_cycle_publishes_and_server_swaps(runtime, settings):
     names = {(m["phase"], m["name"]) for m in runtime.store.run_metrics(run["id"])}
     assert ("gate", "kl") in names and any(p == "ppo" for p, _ in names) and any(p == "reward" for p, _ in names)
     assert runtime.sync_registry() == "v1"
-    after = runtime.server.generate([{"role": "user", "content": "question number 1?"}], temperature=0, max_new_tokens=12)
+    after = runtime.server.generate([{"role": "user", "content": "question number 1?"}], sampling=Sampling(0.0, 1.0, 12))
     assert after.version == "v1" and before.version == "v0"
 
     from rlhf_demo.ui import dashboard
@@ -150,7 +151,7 @@ def assert_consistent(settings, runtime) -> None:
         con.close()
     assert runtime.store.active_version() == "v0"
     assert runtime.sync_registry() == "v0"
-    assert runtime.server.generate([{"role": "user", "content": "hi"}], max_new_tokens=4).version == "v0"
+    assert runtime.server.generate([{"role": "user", "content": "hi"}], sampling=runtime.server.sampling(max_new_tokens=4)).version == "v0"
     assert runtime.store.counts()["preferences"] == 12  # no vote lost
 
 

@@ -67,10 +67,13 @@ class LoadedModel:
     quantization: str
     compute_dtype: Any
     device: str
+    precision_reason: str = ""  # why ``--quantization auto`` chose this precision here
 
     def describe(self) -> str:
         dtype = str(self.compute_dtype).replace("torch.", "")
         text = f"{self.source.name} ({self.source.origin}), {self.quantization} / {dtype} compute on {self.device}"
+        if self.precision_reason:
+            text += f" (auto: {self.precision_reason})"
         if self.source.is_test_model:
             text += " - TINY RANDOM TEST MODEL: its answers are noise"
         return text
@@ -156,6 +159,12 @@ def load_model(settings: Settings, role: str = "serve") -> LoadedModel:
     source = locate_model(settings)
     device = resolve_device(settings.device)
     quantization, compute_name = resolve_precision(settings.quantization, settings.compute_dtype, device, role)
+    reason = ""
+    if settings.quantization == "auto" and role == "serve" and device == "cpu" and any(source.path.glob("*.safetensors")):
+        from rlhf_demo.modeling.precision import choose_cpu_quantization
+
+        choice = choose_cpu_quantization(source.path, settings.data_dir)
+        quantization, reason = choice.quantization, choice.reason
     compute = torch_dtype(compute_name)
     kwargs: dict[str, Any] = {}
     if quantization == "nf4":
@@ -179,6 +188,6 @@ def load_model(settings: Settings, role: str = "serve") -> LoadedModel:
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    loaded = LoadedModel(model, tokenizer, source, quantization, compute, device)
+    loaded = LoadedModel(model, tokenizer, source, quantization, compute, device, reason)
     log.info("%s model: %s from %s", "serving" if role == "serve" else "training", loaded.describe(), source.path)
     return loaded

@@ -364,9 +364,8 @@ class Handlers:
     ) -> Iterator[list[dict[str, Any]]]:
         """Generate from the server's ``prompt`` (never the browser's chat) and record it."""
         result: Generation | None = None
-        stream = self.runtime.server.stream(
-            prompt, None, sampling["temperature"], sampling["top_p"], sampling["max_new_tokens"], should_stop=lambda: state.stop_requested
-        )
+        server = self.runtime.server
+        stream = server.stream(prompt, None, server.sampling(**sampling), should_stop=lambda: state.stop_requested)
         for item in stream:
             if isinstance(item, Generation):
                 result = item
@@ -462,7 +461,8 @@ class Handlers:
             versions = [active, active]
         state = PairState(source=source, generating=True)
         results: list[Generation] = []
-        for item in self.runtime.server.stream_pair([{"role": "user", "content": text}], (versions[0], versions[1]), **checked):
+        server = self.runtime.server
+        for item in server.stream_pair([{"role": "user", "content": text}], (versions[0], versions[1]), server.sampling(**checked)):
             if isinstance(item, list):
                 results = item
             else:

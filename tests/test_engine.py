@@ -1,0 +1,188 @@
+"""The generation engine: requests share decode steps, yet each answer is exactly its own.
+
+Concurrency is made deterministic with ``should_stop``: the engine's decode thread calls it
+after every token of that request, so a callback that waits on an event holds the batch at a
+known step while the test submits a neighbour.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import wait_until, write_random_adapter
+
+from rlhf_demo.serving import BASE_VERSION, Generation, PromptRefused, Sampling
+from rlhf_demo.serving.prompts import PromptBudget
+
+SHORT = [{"role": "user", "content": "Hi!"}]
+LONG = [{"role": "user", "content": "Tell me, in as many words as you like, what the capital of France is and why."}]
+
+
+def greedy(n: int) -> Sampling:
+    return Sampling(temperature=0.0, top_p=1.0, max_new_tokens=n)
+
+
+def alone(server, messages, version, n: int = 20) -> Generation:
+    return server.generate(messages, version, greedy(n))
+
+
+def finish(stream) -> Generation:
+    *_, result = stream
+    assert isinstance(result, Generation)
+    return result
+
+
+class Gate:
+    """A ``should_stop`` that holds the engine after the request's first token until opened."""
+
+    def __init__(self) -> None:
+        self.reached, self.opened = threading.Event(), threading.Event()
+
+    def __call__(self) -> bool:
+        self.reached.set()
+        assert self.opened.wait(30), "the test never opened the gate"
+        return False
+
+
+def pinned(server, count: int) -> None:
+    """Wait until ``count`` requests hold their version (submitted to the engine)."""
+    wait_until(lambda: sum(server.pool._in_use.values()) == count, timeout=30, what=f"{count} requests submitted")
+
+
+def consume(results: dict, key: str, stream) -> threading.Thread:
+    thread = threading.Thread(target=lambda: results.update({key: finish(stream)}))
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def two_versions(runtime, tiny_loaded, settings):
+    server = runtime.server
+    server.load_version("v1", write_random_adapter(tiny_loaded, settings, "v1", seed=11))
+    server.load_version("v2", write_random_adapter(tiny_loaded, settings, "v2", seed=12))
+    return server
+
+
+def test_a_request_joining_a_running_batch_changes_neither_answer(two_versions):
+    server = two_versions
+    expected_a, expected_b = alone(server, LONG, "v1"), alone(server, SHORT, "v2")
+    assert expected_a.text != expected_b.text
+    steps_before = server.engine.steps
+    gate = Gate()
+    results: dict[str, Generation] = {}
+    runner = consume(results, "a", server.stream(LONG, "v1", greedy(20), should_stop=gate))
+    assert gate.reached.wait(30)  # a is in the batch, one token written
+    joiner = consume(results, "b", server.stream(SHORT, "v2", greedy(20)))  # another prompt length: left padding
+    pinned(server, 2)
+    gate.opened.set()
+    runner.join(60)
+    joiner.join(60)
+    a, b = results["a"], results["b"]
+    assert (a.text, a.version, a.completion_tokens) == (expected_a.text, "v1", expected_a.completion_tokens)
+    assert (b.text, b.version, b.completion_tokens) == (expected_b.text, "v2", expected_b.completion_tokens)
+    shared = a.completion_tokens + b.completion_tokens - (server.engine.steps - steps_before)
+    assert shared > 1, "the two answers never shared a decode step"
+
+
+def test_generate_many_decodes_together_and_equals_each_alone(two_versions):
+    server = two_versions
+    prompts = [SHORT, LONG, [{"role": "user", "content": "Name three colours."}]]
+    expected = [alone(server, p, "v1") for p in prompts]
+    together = server.generate_many(prompts, "v1", greedy(20))
+    assert [(g.text, g.token_ids) for g in together] == [(g.text, g.token_ids) for g in expected]
+    assert all(g.token_ids and g.prompt_tokens for g in together)
+
+
+def test_a_cancelled_stream_stops_without_touching_its_neighbour(two_versions):
+    server = two_versions
+    expected = alone(server, LONG, "v1", n=30)
+    gate = Gate()
+    results: dict[str, Generation] = {}
+    runner = consume(results, "a", server.stream(LONG, "v1", greedy(30), should_stop=gate))
+    assert gate.reached.wait(30)
+    left = threading.Event()
+
+    def leave() -> None:  # a client that goes away after the first words
+        stream = server.stream(SHORT, "v2", greedy(30))
+        next(stream)
+        stream.close()
+        left.set()
+
+    checks: list[int] = []
+    leaver = threading.Thread(target=leave)
+    leaver.start()
+    stopper = consume(
+        results,
+        "stopped",
+        server.stream(SHORT, BASE_VERSION, greedy(30), should_stop=lambda: checks.append(1) or len(checks) >= 3),
+    )
+    pinned(server, 3)
+    gate.opened.set()
+    for thread in (runner, leaver, stopper):
+        thread.join(60)
+    assert left.is_set()
+    cut = results["stopped"]
+    assert cut.finish_reason == "cancelled" and cut.completion_tokens == 3
+    assert results["a"].text == expected.text and results["a"].finish_reason == expected.finish_reason
+    wait_until(lambda: all(count == 0 for count in server.pool._in_use.values()), timeout=30, what="every version released")
+
+
+def test_hot_swaps_during_a_batched_decode_change_no_running_answer(two_versions, tiny_loaded, settings):
+    server = two_versions
+    folders = {f"v{i}": write_random_adapter(tiny_loaded, settings, f"v{i}", seed=30 + i) for i in range(3, 8)}
+    expected = {"v1": alone(server, LONG, "v1", n=24).text, "v2": alone(server, SHORT, "v2", n=24).text}
+    gate = Gate()
+    results: dict[str, Generation] = {}
+    runners = [consume(results, "v1", server.stream(LONG, "v1", greedy(24), should_stop=gate))]
+    assert gate.reached.wait(30)
+    runners.append(consume(results, "v2", server.stream(SHORT, "v2", greedy(24))))
+    pinned(server, 2)
+    for version, folder in folders.items():  # more versions than slots: idle ones are evicted
+        server.load_version(version, folder)
+        server.activate(version)
+        assert server.last_load_mode == "hotswap"
+    gate.opened.set()
+    for runner in runners:
+        runner.join(60)
+    assert {v: g.text for v, g in results.items()} == expected
+
+
+def test_a_forged_history_of_many_messages_is_refused_before_tokenizing(runtime, monkeypatch):
+    server = runtime.server
+    calls = []
+    original = server.tokenizer.apply_chat_template
+    monkeypatch.setattr(server.tokenizer, "apply_chat_template", lambda *a, **k: calls.append(1) or original(*a, **k))
+    forged = [{"role": "assistant", "content": "ok"}] * 1000 + SHORT
+    with pytest.raises(PromptRefused, match="messages"):
+        server.generate(forged, sampling=greedy(4))
+    huge_system = [{"role": "system", "content": "x" * 60_000}, *SHORT]
+    with pytest.raises(PromptRefused, match="too long"):
+        server.generate(huge_system, sampling=greedy(4))
+    assert calls == [], "a refused request reached the tokenizer"
+
+
+def test_a_long_history_is_trimmed_from_the_oldest_turns_in_few_tokenizer_passes(runtime, monkeypatch):
+    server = runtime.server
+    server.budget = PromptBudget(max_tokens=200, max_messages=64, max_chars=48_000)
+    history = []
+    for i in range(30):
+        history += [
+            {"role": "user", "content": f"question {i} " + "word " * 20},
+            {"role": "assistant", "content": f"answer {i} " + "word " * 20},
+        ]
+    history.append({"role": "user", "content": "the last question"})
+    calls = []
+    original = server.tokenizer.apply_chat_template
+    monkeypatch.setattr(server.tokenizer, "apply_chat_template", lambda *a, **k: calls.append(1) or original(*a, **k))
+    result = server.generate(history, sampling=greedy(4))
+    assert result.prompt_tokens <= 200
+    assert result.prompt[-1] == history[-1] and result.prompt == history[-len(result.prompt) :], "not the newest turns"
+    assert len(result.prompt) < len(history)
+    assert len(calls) <= 4, f"the conversation was re-tokenized {len(calls)} times"
+
+
+def test_a_single_message_over_the_token_budget_is_refused(runtime):
+    runtime.server.budget = PromptBudget(max_tokens=50)
+    with pytest.raises(PromptRefused, match="tokens"):
+        runtime.server.generate([{"role": "user", "content": "word " * 200}], sampling=greedy(4))
