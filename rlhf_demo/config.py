@@ -47,7 +47,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA shape shared by the policy and reward adapters (small: they are retrained often)."""
+    """LoRA shape of the policy adapters (small: they are retrained often)."""
 
     r: int = 8
     alpha: int = 16

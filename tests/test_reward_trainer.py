@@ -14,7 +14,7 @@ import torch
 from rlhf_demo.config import LoraSettings, load_settings
 from rlhf_demo.modeling import load_model
 from rlhf_demo.modeling.adapters import AdapterError, attach_new_adapter, is_adapter_parameter
-from rlhf_demo.reward import RewardConfig, RewardMetrics, RewardModel, build_examples, split_holdout, train_reward_model
+from rlhf_demo.reward import RewardConfig, RewardMetrics, RewardModel, build_examples, train_reward_model
 from rlhf_demo.reward.losses import example_key
 from rlhf_demo.reward.model import NORMALIZER_FILE, PROBE_FILE, chat_text
 
@@ -110,23 +110,6 @@ def test_examples_keep_whether_each_answer_was_cut_off():
     assert {e["completion"]: e["finished"] for e in thumb_ex} == {"also cut": False, "fine.": True}  # default: ended
     derived = next(e for e in pair_ex if e["source"] == "thumbs")
     assert (derived["chosen"], derived["chosen_finished"], derived["rejected"], derived["rejected_finished"]) == ("fine.", True, "also cut", False)
-
-
-def test_split_holdout_is_stable_as_data_grows():
-    old_pairs, old_thumbs = build_examples(synthetic_pairs(120, seed=3), synthetic_thumbs(20, seed=4))
-    new_pairs, new_thumbs = build_examples(
-        synthetic_pairs(120, seed=3) + synthetic_pairs(200, seed=5), synthetic_thumbs(20, seed=4) + synthetic_thumbs(40, seed=6)
-    )
-    for old, new in ((old_pairs, new_pairs), (old_thumbs, new_thumbs)):
-        old_train, old_hold = split_holdout(old)
-        new_train, new_hold = split_holdout(new)
-        assert 0 < len(old_hold) < len(old)
-        assert {e["key"] for e in old_hold} <= {e["key"] for e in new_hold}  # nobody moves
-        assert {e["key"] for e in old_train} <= {e["key"] for e in new_train}
-        assert len(new_hold) / len(new) == pytest.approx(0.15, abs=0.08)
-    # whole prompts on one side: no answer text is both trained on and evaluated
-    train, hold = split_holdout(new_pairs + new_thumbs)
-    assert not {e["group"] for e in train} & {e["group"] for e in hold}
 
 
 # ── training on the tiny model ───────────────────────────────────────────────────────

@@ -1,12 +1,12 @@
-"""Reward model: Bradley-Terry on A/B pairs, logistic on thumbs, held-out evaluation.
+"""Reward model: a linear probe on the frozen base, Bradley-Terry on A/B pairs, logistic on
+thumbs, cross-validated agreement.
 
-One module per job: :mod:`~rlhf_demo.reward.data` turns votes into examples and the
-held-out split, :mod:`~rlhf_demo.reward.model` is the adapter + head model and its
+One module per job: :mod:`~rlhf_demo.reward.data` turns votes into examples, :mod:`~rlhf_demo.reward.model` is the probe on the frozen base and its
 scoring, :mod:`~rlhf_demo.reward.trainer` fits and measures it; losses, metrics, score
 normalisation and the hash split live in :mod:`~rlhf_demo.reward.losses`.
 """
 
-from rlhf_demo.reward.data import build_examples, split_holdout
+from rlhf_demo.reward.data import build_examples
 from rlhf_demo.reward.losses import (
     bradley_terry_loss,
     example_key,
@@ -28,7 +28,6 @@ __all__ = [
     "build_examples",
     "chat_text",
     "evaluate",
-    "split_holdout",
     "train_reward_model",
     "bradley_terry_loss",
     "example_key",

@@ -11,7 +11,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from rlhf_demo.reward.losses import example_key, holdout_split
+from rlhf_demo.reward.losses import example_key
 
 
 def build_examples(
@@ -36,7 +36,7 @@ def build_examples(
     "rejected_finished", "key", "group", "source", "votes"}`` with source ``"ab"`` or
     ``"thumbs"``; thumb examples: ``{"prompt", "completion", "finished", "label" (bool),
     "key", "group", "votes"}``. ``group`` is the prompt's key (the unit of
-    :func:`split_holdout`). ``*finished`` (rows: ``chosen_finished``/``rejected_finished``,
+    :func:`rlhf_demo.reward.trainer.cross_validate` folds). ``*finished`` (rows: ``chosen_finished``/``rejected_finished``,
     ``finished``; default True): whether the answer ended, or was cut at the length limit.
     """
     finished: dict[str, bool] = {}  # by example_key(prompt, answer)
@@ -122,21 +122,4 @@ def _pair(prompt: Any, chosen: str, rejected: str, key: str, source: str, votes:
     }
 
 
-def split_holdout(
-    examples: Sequence[dict[str, Any]], fraction: float = 0.15
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``(train, holdout)`` by :func:`holdout_split` of each example's prompt key.
-
-    Whole prompts go to one side, so no answer text is trained on and also evaluated
-    (A/B answers recur in several pairs, thumbs reappear inside 👍 x 👎 pairs). The side
-    depends on the prompt alone: adding data never moves an old example.
-    """
-    train: list[dict[str, Any]] = []
-    holdout: list[dict[str, Any]] = []
-    for ex in examples:
-        group = ex.get("group") or example_key(ex["prompt"])
-        (holdout if holdout_split(group, fraction) else train).append(ex)
-    return train, holdout
-
-
-__all__ = ["build_examples", "split_holdout"]
+__all__ = ["build_examples"]

@@ -93,7 +93,7 @@ def thumb_accuracy(rewards: torch.Tensor, labels: torch.Tensor) -> float:
 
 def fit_normalizer(scores: torch.Tensor | Sequence[float]) -> tuple[float, float]:
     """``(mean, std)`` of reward-model scores over a reference batch (e.g. the held-out
-    responses), stored with the reward adapter so PPO sees scores around N(0, 1).
+    responses), stored with the reward model so PPO sees scores around N(0, 1).
 
     Population std. With fewer than 2 scores or a std below 1e-6 the std is 1.0 (shift
     only), so normalising never divides by ~0.
