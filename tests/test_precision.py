@@ -12,7 +12,7 @@ XEON = "model name\t: Intel Xeon Platinum 8480\nflags\t\t: fpu avx avx2 avx512f 
 
 def fake_proc(tmp_path, cpuinfo: str, free_kib: int):
     proc = tmp_path / "proc"
-    proc.mkdir(exist_ok=True)
+    proc.mkdir(parents=True, exist_ok=True)
     (proc / "cpuinfo").write_text(cpuinfo)
     (proc / "meminfo").write_text(f"MemTotal: {2 * free_kib} kB\nMemAvailable: {free_kib} kB\n")
     return proc

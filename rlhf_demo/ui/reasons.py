@@ -13,7 +13,7 @@ from rlhf_demo.store.validate import MAX_COMMENT_CHARS, REASON_TAGS
 
 @dataclass
 class ReasonsPanel:
-    box: gr.Group
+    box: gr.Column
     tags: gr.CheckboxGroup
     comment: gr.Textbox
     send: gr.Button
@@ -21,12 +21,12 @@ class ReasonsPanel:
 
     def shown(self, visible: bool) -> tuple[Any, Any, Any, Any]:
         """Updates for (box, tags, comment, status): shown empty after a vote, or hidden."""
-        return gr.Group(visible=visible), gr.CheckboxGroup(value=[]), gr.Textbox(value=""), ""
+        return gr.update(visible=visible), gr.CheckboxGroup(value=[]), gr.Textbox(value=""), ""
 
 
 def reasons_panel(elem_id: str, question: str) -> ReasonsPanel:
     """Build the (hidden) panel inside the current Blocks context."""
-    with gr.Group(visible=False, elem_id=elem_id) as box:
+    with gr.Column(visible=False, elem_id=elem_id) as box:
         tags = gr.CheckboxGroup(list(REASON_TAGS), label=question)
         with gr.Row():
             comment = gr.Textbox(
