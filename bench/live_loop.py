@@ -76,7 +76,7 @@ def clear_chat(page: Any) -> None:
     """Press the Chat tab's Clear button and wait until the conversation is empty."""
     from playwright.sync_api import expect
 
-    page.get_by_role("button", name="Clear", exact=True).filter(has_text="Clear").click()
+    page.get_by_role("button", name="Clear", exact=True).click()  # the Chatbot's own (the one Clear)
     expect(page.get_by_role("log", name="chatbot conversation").get_by_test_id("bot")).to_have_count(0)
 
 
