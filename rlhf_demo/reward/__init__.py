@@ -15,11 +15,11 @@ from rlhf_demo.reward.losses import (
     mean_margin,
     normalize_scores,
     pairwise_accuracy,
-    thumb_accuracy,
+    thumb_auc,
     thumb_loss,
 )
 from rlhf_demo.reward.model import RewardModel, chat_text
-from rlhf_demo.reward.trainer import RewardConfig, RewardMetrics, evaluate, train_reward_model
+from rlhf_demo.reward.trainer import RewardConfig, RewardMetrics, train_reward_model
 
 __all__ = [
     "RewardConfig",
@@ -27,7 +27,6 @@ __all__ = [
     "RewardModel",
     "build_examples",
     "chat_text",
-    "evaluate",
     "train_reward_model",
     "bradley_terry_loss",
     "example_key",
@@ -36,6 +35,6 @@ __all__ = [
     "mean_margin",
     "normalize_scores",
     "pairwise_accuracy",
-    "thumb_accuracy",
+    "thumb_auc",
     "thumb_loss",
 ]

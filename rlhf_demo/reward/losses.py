@@ -82,10 +82,12 @@ def mean_margin(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def thumb_accuracy(rewards: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of thumbs whose sign the reward matches (r > 0 for up, r < 0 for down).
-    r == 0 counts 1/2. NaN for no thumbs."""
-    return _agreement(_signs(labels).to(rewards.dtype) * rewards)
+def thumb_auc(rewards: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of (👍, 👎) answer combinations the reward ranks right (AUC; ties count 1/2).
+    A ranking, not a sign: a reward model that only learned "almost everything gets 👎"
+    scores 0.5, not 0.95. NaN without both kinds."""
+    up, down = rewards[labels > 0], rewards[~(labels > 0)]
+    return _agreement((up[:, None] - down[None, :]).reshape(-1))
 
 
 # ── score normalisation for PPO ──────────────────────────────────────────────────────

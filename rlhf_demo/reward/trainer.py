@@ -37,7 +37,7 @@ from rlhf_demo.reward.losses import (
     fit_normalizer,
     mean_margin,
     pairwise_accuracy,
-    thumb_accuracy,
+    thumb_auc,
     thumb_loss,
 )
 from rlhf_demo.reward.model import RewardModel, default_layer
@@ -171,12 +171,16 @@ def read_features(
     for ex in pair_examples:
         c, r = row(ex["prompt"], ex["chosen"], ex.get("chosen_finished", True)), row(ex["prompt"], ex["rejected"], ex.get("rejected_finished", True))
         if c is not None and r is not None:
-            chosen.append(c), rejected.append(r), pair_groups.append(ex["group"])
+            chosen.append(c)
+            rejected.append(r)
+            pair_groups.append(ex["group"])
     thumbs, labels, thumb_groups = [], [], []
     for ex in thumb_examples:
         t = row(ex["prompt"], ex["completion"], ex.get("finished", True))
         if t is not None:
-            thumbs.append(t), labels.append(1.0 if ex["label"] else -1.0), thumb_groups.append(ex["group"])
+            thumbs.append(t)
+            labels.append(1.0 if ex["label"] else -1.0)
+            thumb_groups.append(ex["group"])
 
     def stack(xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(xs) if xs else torch.zeros(0, size)
@@ -253,11 +257,10 @@ def cross_validate(data: ProbeData, config: RewardConfig) -> dict[str, Any]:
             probe = fit_probe(data.subset(train_p, train_t), config)
             margins.append(_scores(probe, data.chosen[test_p]) - _scores(probe, data.rejected[test_p]))
             scores, labels = _scores(probe, data.thumbs[test_t]), data.labels[test_t]
-            up, down = scores[labels > 0], scores[labels < 0]
-            if len(up) and len(down):
-                auc = pairwise_accuracy(up[:, None].expand(-1, len(down)).reshape(-1), down.repeat(len(up)))
-                thumb_right += auc * min(len(up), len(down))
-                thumb_judged += min(len(up), len(down))
+            comparisons = min(int((labels > 0).sum()), int((labels < 0).sum()))
+            if comparisons:
+                thumb_right += thumb_auc(scores, labels) * comparisons
+                thumb_judged += comparisons
     margin = torch.cat(margins) if margins else torch.zeros(0)
     right = float(((margin > 0).float() + 0.5 * (margin == 0).float()).sum()) + thumb_right
     judged = len(margin) + thumb_judged
@@ -347,32 +350,4 @@ def train_reward_model(
     return rm, metrics
 
 
-def evaluate(
-    rm: RewardModel,
-    pair_examples: Sequence[dict[str, Any]],
-    thumb_examples: Sequence[dict[str, Any]],
-    batch_size: int = 16,
-) -> dict[str, float | None]:
-    """Pairwise accuracy and mean margin on pairs, sign accuracy on thumbs (raw scores) of
-    a fitted reward model on other examples; None where there is nothing to measure."""
-    n = len(pair_examples)
-    prompts = [ex["prompt"] for ex in pair_examples] * 2
-    texts = [ex["chosen"] for ex in pair_examples] + [ex["rejected"] for ex in pair_examples]
-    finished = [ex.get("chosen_finished", True) for ex in pair_examples] + [ex.get("rejected_finished", True) for ex in pair_examples]
-    r = rm.score(prompts, texts, normalized=False, batch_size=batch_size, finished=finished)
-    t = rm.score(
-        [ex["prompt"] for ex in thumb_examples],
-        [ex["completion"] for ex in thumb_examples],
-        normalized=False,
-        batch_size=batch_size,
-        finished=[ex.get("finished", True) for ex in thumb_examples],
-    )
-    labels = torch.tensor([1.0 if ex["label"] else -1.0 for ex in thumb_examples])
-    return {
-        "pairwise_accuracy": _none_if_nan(pairwise_accuracy(r[:n], r[n:])),
-        "mean_margin": _none_if_nan(mean_margin(r[:n], r[n:])),
-        "thumb_accuracy": _none_if_nan(thumb_accuracy(t, labels)),
-    }
-
-
-__all__ = ["ProbeData", "Progress", "RewardConfig", "RewardMetrics", "cross_validate", "evaluate", "fit_probe", "train_reward_model", "wilson_lower_bound"]
+__all__ = ["ProbeData", "Progress", "RewardConfig", "RewardMetrics", "cross_validate", "fit_probe", "train_reward_model", "wilson_lower_bound"]

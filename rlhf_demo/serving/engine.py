@@ -17,6 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from transformers import DynamicCache, TopPLogitsWarper
+
 from rlhf_demo.serving.sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -96,8 +99,6 @@ class Engine:
 
     # ----- the decode thread ------------------------------------------------------------
     def _run(self) -> None:
-        import torch
-
         batch: _Batch | None = None
         while True:
             with self._cond:
@@ -145,9 +146,6 @@ class Engine:
 
     def _prefill(self, rows: list[Request]) -> _Batch | None:
         """Run the newcomers' prompts (left-padded, one forward) and sample their first tokens."""
-        import torch
-        from transformers import DynamicCache
-
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -162,8 +160,6 @@ class Engine:
 
     def _decode(self, batch: _Batch) -> _Batch | None:
         """One step for every row: feed its last token, sample the next."""
-        import torch
-
         positions = batch.mask.sum(-1, keepdim=True)  # the new token's position = real tokens before it
         mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=-1)
         logits = self._forward(batch.next_ids[:, None], mask, positions, batch.cache, [r.adapter for r in batch.rows])
@@ -172,8 +168,6 @@ class Engine:
 
     def _advance(self, batch: _Batch, logits: Any) -> _Batch | None:
         """Sample each row's next token, stream it, and drop the rows that ended."""
-        import torch
-
         tokens = self._sample(logits, [r.sampling for r in batch.rows])
         alive = [i for i, (row, token) in enumerate(zip(batch.rows, tokens.tolist(), strict=True)) if self._accept(row, token)]
         if not alive:
@@ -192,9 +186,6 @@ class Engine:
 
     @staticmethod
     def _sample(logits: Any, settings: list[Sampling]) -> Any:
-        import torch
-        from transformers import TopPLogitsWarper
-
         tokens = logits.argmax(dim=-1)
         for i, sampling in enumerate(settings):
             if sampling.greedy:
@@ -228,9 +219,6 @@ class Engine:
     @staticmethod
     def _merge(running: _Batch | None, new: _Batch | None) -> _Batch | None:
         """One batch of both: the shorter cache is left-padded to the longer one's length."""
-        import torch
-        from transformers import DynamicCache
-
         if running is None or new is None:
             return running or new
         width = max(running.mask.shape[1], new.mask.shape[1])
@@ -247,8 +235,6 @@ class Engine:
 
 
 def _pad_left(tensor: Any, width: int, dim: int) -> Any:
-    import torch
-
     missing = width - tensor.shape[dim]
     if missing <= 0:
         return tensor
