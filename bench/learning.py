@@ -310,6 +310,8 @@ def make_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
     }
     if args.cycle_budget is not None:
         parts["time_budget_s"] = args.cycle_budget
+    if args.restart_rejected:
+        parts["resume_rejected"] = False
     training = dataclasses.replace(training, **parts)
     return load_settings(model=args.model, data_dir=data_dir, quantization=args.quantization, training=training)
 
@@ -399,6 +401,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rm_thumbs": rm.get("thumbs"),
             "decision": summary["decision"],
             "version": summary["version"],
+            "trained_from": summary.get("trained_from"),
             "served": served,
             "gate": summary["gate"],
             "ppo": ppo_curve(runtime),
@@ -464,6 +467,7 @@ def record(result: dict[str, Any], args: argparse.Namespace) -> Path:
                 "votes": r["votes"],
                 "decision": r["decision"],
                 "served": r.get("served", "v0"),
+                "trained_from": r.get("trained_from"),
                 "rm_accuracy": r.get("rm_accuracy"),
                 "rm_eval_accuracy": r["eval"].get("rm_eval_accuracy"),
                 "gate": {k: r["gate"].get(k) for k in ("improvement", "lower_bound", "units", "kl", "reasons")} if r.get("gate") else None,
@@ -609,6 +613,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     library.add_argument("--gate-prompts", type=int, help="GateConfig.prompts")
     library.add_argument("--gate-samples", type=int, help="GateConfig.samples_per_prompt")
     library.add_argument("--gate-confidence", type=float, help="GateConfig.confidence")
+    library.add_argument("--restart-rejected", action="store_true", help="TrainingSettings.resume_rejected=False: PPO always starts from the served version")
     library.add_argument("--cycle-budget", type=float, help="TrainingSettings.time_budget_s per cycle")
     p.add_argument("--gate", choices=("default", "off"), default="default", help="off: publish every candidate (measurement only)")
     p.add_argument("--quick", action="store_true", help="tiny model, few votes: a smoke run under a minute")

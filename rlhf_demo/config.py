@@ -209,6 +209,7 @@ class TrainingSettings:
     time_budget_s: float = 900.0  # whole cycle; each phase stops early to respect it
     max_votes_per_session: int = 60  # per kind (pairs, thumbs): one visitor cannot dominate the RM
     nice: int = 10  # worker CPU priority, so chat stays responsive
+    resume_rejected: bool = True  # PPO continues from the last promising rejected candidate (worker/cycle.resume_point)
     poll_seconds: float = 5.0
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)

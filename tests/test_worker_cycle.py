@@ -238,3 +238,72 @@ def test_cycle_whose_first_update_passes_the_kl_stop_ends_without_a_candidate(ru
     run = runtime.store.list_runs(limit=1)[0]
     assert run["status"] == "rejected" and run["candidate_version"] is None
     assert [v["version"] for v in runtime.store.list_versions()] == ["v0"]
+
+
+# ----- training continues from a promising rejected candidate ------------------------------
+def finished_cycle(store: FeedbackStore, tmp_path: Path, status: str, version: str | None, gate: dict | None, trained: bool = True) -> None:
+    """A cycle run as run_cycle records it, with its candidate registered under ``version``."""
+    run_id = store.start_run("cycle")
+    if version is not None:
+        folder = tmp_path / version
+        folder.mkdir()
+        store.register_version(version, folder, store.active_version(), "active" if status == "succeeded" else "rejected", {"gate": gate or {}})
+    store.finish_run(run_id, status, summary={"ppo": {}} if trained else {"gate": {"passed": False}}, candidate_version=version)
+
+
+PROMISING = {"passed": False, "improvement": 0.04, "kl": 1.2, "degenerate_fraction": 0.0}
+
+
+def test_resume_point_is_the_last_promising_candidate(tmp_path):
+    from rlhf_demo.worker.cycle import resume_point
+
+    store = FeedbackStore(tmp_path / "db.sqlite")
+    (tmp_path / "v0").mkdir()
+    store.register_version("v0", tmp_path / "v0", None, "active", {})
+    gate = GateConfig()
+    assert resume_point(store, "v0", gate) is None  # nothing trained yet
+
+    finished_cycle(store, tmp_path, "rejected", "v1", PROMISING)
+    assert resume_point(store, "v0", gate)["version"] == "v1"
+    finished_cycle(store, tmp_path, "rejected", None, None, trained=False)  # reward model not trusted: no training
+    assert resume_point(store, "v0", gate)["version"] == "v1"
+
+    finished_cycle(store, tmp_path, "rejected", "v2", {**PROMISING, "improvement": -0.01})  # worse on its held-out answers
+    assert resume_point(store, "v0", gate) is None
+    finished_cycle(store, tmp_path, "rejected", "v3", {**PROMISING, "kl": gate.max_kl + 1})
+    assert resume_point(store, "v0", gate) is None
+    finished_cycle(store, tmp_path, "rejected", "v4", {**PROMISING, "degenerate_fraction": 0.9})
+    assert resume_point(store, "v0", gate) is None
+    finished_cycle(store, tmp_path, "rejected", "v5", PROMISING)
+    assert resume_point(store, "v0", gate)["version"] == "v5"
+
+    run_id = store.start_run("cycle")  # trained, but kept no update (KL budget spent): the chain ends
+    store.finish_run(run_id, "rejected", summary={"ppo": {"kept_updates": 0.0}})
+    assert resume_point(store, "v0", gate) is None
+
+    finished_cycle(store, tmp_path, "rejected", "v6", PROMISING)
+    finished_cycle(store, tmp_path, "succeeded", "v7", {"passed": True, "improvement": 0.2})
+    assert store.active_version() == "v7" and resume_point(store, "v7", gate) is None  # published since
+    store.close()
+
+
+def test_cycle_trains_on_from_a_promising_candidate(runtime, settings):
+    settings = small(settings)
+    cast_votes(runtime.store)
+    from rlhf_demo.modeling import load_model
+
+    loaded = load_model(settings)
+    first = run_cycle(settings, runtime.store, loaded, gate_config=NEVER)
+    assert first["trained_from"] == "v0" and first["decision"] == "rejected"
+    candidate = first["version"]
+    # Whatever the tiny model's gain was, make the gate's verdict "better, but not with confidence".
+    with sqlite3.connect(settings.db_path) as db:
+        metrics = json.loads(db.execute("SELECT metrics_json FROM adapter_versions WHERE version = ?", [candidate]).fetchone()[0])
+        metrics["gate"].update(improvement=0.05, kl=0.5, degenerate_fraction=0.0)
+        db.execute("UPDATE adapter_versions SET metrics_json = ? WHERE version = ?", [json.dumps(metrics), candidate])
+    second = run_cycle(settings, runtime.store, loaded, gate_config=NEVER)
+    assert second["trained_from"] == candidate
+    assert next(v for v in runtime.store.list_versions() if v["version"] == second["version"])["parent"] == "v0"
+    off = dataclasses.replace(settings, training=dataclasses.replace(settings.training, resume_rejected=False))
+    assert run_cycle(off, runtime.store, loaded, gate_config=NEVER)["trained_from"] == "v0"
+    assert runtime.store.active_version() == "v0"

@@ -390,6 +390,7 @@ class PPOTrainer:
         k = cfg.samples_per_prompt
         # detail: k answers per prompt, consecutive, so each prompt's group is one row block.
         r = self.rollout([p for p in prompts for _ in range(k)])
+        rollout_s = time.perf_counter() - started
         mask = r.response_mask
         kl_coef = self.kl_ctl.value
         # detail: per-token KL penalty with the current coefficient; score at the end.
@@ -404,6 +405,7 @@ class PPOTrainer:
             "entropy": masked_mean(r.entropy, mask).item(),
             "response_length": lengths.mean().item(),
             "has_eos": r.has_eos.float().mean().item(),
+            "rollout_s": rollout_s,
         }
         if kl_stop is not None and kl_per_answer > kl_stop:
             return {**stats, "kl_stop": 1.0, "updates": 0.0, "time_s": time.perf_counter() - started}

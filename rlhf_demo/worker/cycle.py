@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rlhf_demo.config import GateConfig, Settings
@@ -86,6 +88,35 @@ def untrusted_reward(metrics: RewardMetrics, gate: GateConfig) -> str | None:
     )
 
 
+def resume_point(store: FeedbackStore, active: str | None, gate: GateConfig) -> dict[str, Any] | None:
+    """The rejected candidate this cycle's PPO continues from, or None (start from the active version).
+
+    A candidate the gate turned down only for want of confidence (its held-out gain over the
+    active version was positive, its KL within bound, its answers sane) is promising but
+    unproven. Training it further, instead of starting again from the active version, lets
+    small steps add up across cycles: in stop 14 every cycle of the enthusiasm run began
+    again from the base and each fell short of the gate by noise. Only the latest cycle that
+    trained counts: when it kept nothing (its KL budget spent) or a version was published
+    since, the chain ends and training starts from what is served.
+    """
+    for run in store.list_runs(limit=50):
+        summary = run.get("summary") or {}
+        if run["kind"] != "cycle" or run["status"] not in ("succeeded", "rejected") or "ppo" not in summary:
+            continue  # not a cycle that trained (e.g. the reward model was not trusted yet)
+        version = run.get("candidate_version")
+        row = next((v for v in store.list_versions() if v["version"] == version), None)
+        if row is None or row["status"] != "rejected" or row["parent"] != active:
+            return None
+        verdict = (row.get("metrics") or {}).get("gate") or {}
+        promising = (
+            verdict.get("improvement", 0.0) > 0.0
+            and verdict.get("kl", float("inf")) <= gate.max_kl
+            and verdict.get("degenerate_fraction", 1.0) <= gate.max_degenerate_fraction
+        )
+        return row if promising and Path(row["path"]).is_dir() else None
+    return None
+
+
 def run_cycle(
     settings: Settings, store: FeedbackStore, loaded: LoadedModel, report: Report | None = None, gate_config: GateConfig | None = None
 ) -> dict[str, Any]:
@@ -117,14 +148,18 @@ def run_cycle(
             return summary
         model = loaded.model
 
-        # The candidate starts from the active version (or fresh when only the base is served).
-        if active_row is not None:
-            model = put_adapter(model, POLICY, active_row["path"], trainable=True)
-            model = put_adapter(model, ACTIVE, active_row["path"], trainable=False)
+        # The candidate starts from the last promising candidate, else from the active version
+        # (or fresh when only the base is served); the gate always compares with the active one.
+        start = resume_point(store, active, gate_config) if training.resume_rejected else None
+        summary["trained_from"] = (start or active_row or {}).get("version")
+        if start is not None or active_row is not None:
+            model = put_adapter(model, POLICY, (start or active_row)["path"], trainable=True)
         else:
             if POLICY in model.peft_config:
                 model.delete_adapter(POLICY)
             model = attach_new_adapter(model, POLICY, settings.lora)
+        if active_row is not None:
+            model = put_adapter(model, ACTIVE, active_row["path"], trainable=False)
         loaded.model = model
         rm.model = model  # the reward model reads through the PeftModel, which can switch its adapters off
 
@@ -132,6 +167,7 @@ def run_cycle(
             return rm.score(batch_prompts, completions, normalized=True, finished=finished)
 
         trainer = PPOTrainer(model, loaded.tokenizer, reward_fn, training.ppo, policy_adapter=POLICY)
+        random.Random(run_id).shuffle(train_prompts)  # each cycle starts on other prompts
 
         def on_step(step: int, total: int, stats: dict[str, Any]) -> None:
             store.log_metrics(run_id, "ppo", step - 1, numeric(stats))
