@@ -307,3 +307,22 @@ def test_trains_on_an_nf4_base(tiny_model_dir, tmp_path):
     assert rm.weight.dtype == torch.float32 and torch.isfinite(rm.weight).all()
     with torch.no_grad():  # the quantized base stays exactly as it was
         assert torch.equal(loaded.model(ids).logits, base_logits)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, "depth"])
+def test_hidden_state_at_equals_the_full_forwards(trained, layer):
+    """The probe reads its layer without running the layers above it: same numbers, and a
+    forward that stops early leaves no hook behind."""
+    from rlhf_demo.reward.model import hidden_state_at
+
+    model = trained.base
+    layer = model.config.num_hidden_layers if layer == "depth" else layer
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    blocks = model.get_base_model().get_decoder().layers if hasattr(model, "get_base_model") else model.get_decoder().layers
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[layer]
+        hooks = [len(block._forward_hooks) for block in blocks]  # transformers keeps its own recorders
+        early = hidden_state_at(model, layer, input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(early, full)
+    assert [len(block._forward_hooks) for block in blocks] == hooks
