@@ -211,3 +211,12 @@ def test_one_session_cannot_dominate_the_training_data():
     assert sum(r["session_id"] == "loud" for r in kept) == 10
     assert [r["i"] for r in kept][-11:] == [*range(90, 100), 100]  # newest kept, order preserved
     assert cap_per_session(rows, cap=0) == rows
+
+
+def test_dashboard_says_when_a_candidate_was_trained_on_from_an_unproven_one(runtime):
+    store = runtime.store
+    folder = runtime.settings.adapters_dir / "v0"
+    store.register_version("v1", folder, "v0", "rejected", {"gate": {"improvement": 0.02}, "trained_from": "v0"})
+    store.register_version("v2", folder, "v0", "rejected", {"gate": {"improvement": 0.03}, "trained_from": "v1"})
+    rows = {row[0]: row for row in dashboard.versions_rows(store)}
+    assert rows["v2"][4].startswith("trained on from v1") and "trained on" not in rows["v1"][4]

@@ -55,6 +55,9 @@ def versions_rows(store: FeedbackStore) -> list[list[Any]]:
             summary = gate_summary(gate)
             if gate.get("reasons"):
                 summary += " · " + "; ".join(gate["reasons"])
+        trained_from = metrics.get("trained_from") if isinstance(metrics, dict) else None
+        if trained_from and trained_from != v.get("parent"):  # PPO went on from an unproven candidate
+            summary = f"trained on from {trained_from} · {summary}"
         rows.append([v["version"], v["created_at"][:19], v.get("parent") or "", v["status"], summary])
     return rows
 

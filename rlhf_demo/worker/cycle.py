@@ -209,7 +209,7 @@ def run_cycle(
         )
 
         report(phase="publish", step=0, total=1)
-        metrics = {"gate": summary["gate"], "reward": rm_metrics.accuracies(), "run_id": run_id}
+        metrics = {"gate": summary["gate"], "reward": rm_metrics.accuracies(), "run_id": run_id, "trained_from": summary["trained_from"]}
 
         if gate.passed:
             version = publish(store, model, POLICY, settings.adapters_dir, active, metrics)
