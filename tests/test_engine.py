@@ -142,6 +142,17 @@ def test_sampling_draws_from_softmax_over_temperature_within_top_p():
     assert (tokens[5000:] == 0).all()
 
 
+def test_a_nucleus_wider_than_the_quick_cut_is_still_exact():
+    """A flat distribution: the nucleus holds hundreds of tokens; none outside it is ever drawn."""
+    torch.manual_seed(0)
+    logits = -0.001 * torch.arange(2000.0)  # token order = likelihood order
+    probs = torch.softmax(logits.double(), dim=-1)
+    inside = int(((probs.cumsum(0) - probs) < 0.5).sum())  # the top-p rule in float64
+    assert inside > 256
+    tokens = Engine._sample(logits.repeat(5000, 1), [Sampling(1.0, 0.5, 1)] * 5000)
+    assert inside - 20 <= int(tokens.max()) < inside
+
+
 def test_a_cancelled_stream_stops_without_touching_its_neighbour(two_versions):
     server = two_versions
     expected = alone(server, LONG, "v1", n=30)

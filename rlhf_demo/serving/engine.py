@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache, TopPLogitsWarper
+from transformers import DynamicCache
 
 from rlhf_demo.modeling.adapters import BASE_ADAPTER
 from rlhf_demo.serving.sampling import Sampling
@@ -268,11 +268,27 @@ class Engine:
 
 
 def _draw(logits: Any, temperature: float, top_p: float) -> Any:
-    """One token per row from softmax(logits / temperature) restricted to the top-p nucleus."""
-    scores = logits / temperature
+    """One token per row from softmax(logits / temperature) within the top-p nucleus, by inverse
+    CDF in float64: ``torch.multinomial`` draws a random number per vocabulary entry (49 ms a
+    step for 32 rows of SmolLM2 on one thread; this: 10 ms)."""
+    probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
-        scores = TopPLogitsWarper(top_p)(None, scores)
-    return torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0]
+        probs = _nucleus(probs, top_p)
+    cdf = probs.double().cumsum(dim=-1)  # unnormalised: the nucleus needs no renormalising
+    u = torch.rand((len(cdf), 1), dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
+
+
+def _nucleus(probs: Any, top_p: float) -> Any:
+    """``probs`` with every token outside the nucleus zeroed: a token stays while the tokens more
+    likely than it hold less than ``top_p`` (transformers' ``TopPLogitsWarper`` rule, the most
+    likely token always kept). Sorts only the top 256 unless a nucleus is wider than that."""
+    for k in (min(256, probs.shape[-1]), probs.shape[-1]):
+        top, index = probs.topk(k, dim=-1)
+        if k == probs.shape[-1] or bool((top.sum(dim=-1) >= top_p).all()):
+            break
+    kept = top.cumsum(dim=-1) - top < top_p
+    return torch.zeros_like(probs).scatter_(-1, index, top * kept)
 
 
 def _route(model: Any, adapters: list[str | None]) -> dict[str, Any]:
