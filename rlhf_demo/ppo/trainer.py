@@ -227,10 +227,9 @@ def sample(model: Any, tokenizer: Any, prompts: list[Messages], config: PPOConfi
     rows = [Request(ids[keep.bool()].tolist(), None, sampling, frozenset(eos_ids)) for ids, keep in zip(query_ids, query_mask, strict=True)]
     Engine(AsIs(model), pad_id, str(device)).run(rows)
     answers = [row.tokens + ([row.eos_token] if row.eos_token is not None else []) for row in rows]
-    output = torch.full((len(rows), max(map(len, answers))), pad_id, dtype=torch.long, device=device)
-    for i, answer in enumerate(answers):
-        output[i, : len(answer)] = torch.tensor(answer, device=device)
-    # detail: truncate each answer at its first EOS (kept as last token), mask after.
+    width = max(map(len, answers))
+    output = torch.tensor([answer + [pad_id] * (width - len(answer)) for answer in answers], device=device)
+    # detail: each answer ends at its first EOS (kept as last token), masked after.
     response_ids, response_mask, has_eos = truncate_at_eos(output, eos_ids, pad_id)
     completions = [
         tokenizer.decode(ids[keep], skip_special_tokens=True).strip() for ids, keep in zip(response_ids, response_mask, strict=True)

@@ -269,8 +269,8 @@ class Engine:
 
 def _draw(logits: Any, temperature: float, top_p: float) -> Any:
     """One token per row from softmax(logits / temperature) within the top-p nucleus, by inverse
-    CDF in float64: ``torch.multinomial`` draws a random number per vocabulary entry (49 ms a
-    step for 32 rows of SmolLM2 on one thread; this: 10 ms)."""
+    CDF in float64: ``torch.multinomial`` draws a random number per vocabulary entry (a step of
+    32 rows of SmolLM2 on one thread: 54 ms with it, 8 ms so; docs/serving.md)."""
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         probs = _nucleus(probs, top_p)
@@ -282,7 +282,7 @@ def _draw(logits: Any, temperature: float, top_p: float) -> Any:
 def _nucleus(probs: Any, top_p: float) -> Any:
     """``probs`` with every token outside the nucleus zeroed: a token stays while the tokens more
     likely than it hold less than ``top_p`` (transformers' ``TopPLogitsWarper`` rule, the most
-    likely token always kept). Sorts only the top 256 unless a nucleus is wider than that."""
+    likely token always kept). Sorts only the top 256 unless a row's nucleus is wider than that."""
     for k in (min(256, probs.shape[-1]), probs.shape[-1]):
         top, index = probs.topk(k, dim=-1)
         if k == probs.shape[-1] or bool((top.sum(dim=-1) >= top_p).all()):
