@@ -120,32 +120,40 @@ def time_concurrent(runtime: Runtime, streams: int, tokens: int) -> tuple[float,
 
 
 def concurrency_levels(args: argparse.Namespace) -> dict:
-    """Plain generate, then the engine at each concurrency level, all on one loaded model."""
+    """Plain generate and the engine at each concurrency level, interleaved per repeat (a CPU
+    shared with other work drifts; interleaving keeps the ratios fair). Plain generate runs on
+    its own bare copy of the base: the server's copy gets PEFT's LoRA layers injected."""
     quant, compute = PRECISIONS[args.precisions.split(",")[0]]
     levels = [int(x) for x in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as scratch:
+        bare = load_model(load_settings(model=args.model, data_dir=args.data_dir, quantization=quant, compute_dtype=compute))
+        bare.model.generation_config.eos_token_id = None
         loaded = load_model(load_settings(model=args.model, data_dir=args.data_dir, quantization=quant, compute_dtype=compute))
-        loaded.model.generation_config.eos_token_id = None
-        time_plain(loaded, 4)
-        plain = statistics.median(time_plain(loaded, args.tokens)[0] for _ in range(args.repeats))
         runtime = Runtime(load_settings(model=args.model, data_dir=scratch, quantization=quant, compute_dtype=compute), loaded)
         runtime.server._eos = lambda: frozenset()  # fixed-length decode: exactly --tokens per stream
+        time_plain(bare, 4)
         time_concurrent(runtime, 1, 4)
-        rows = []
-        for level in levels:
-            runs = [time_concurrent(runtime, level, args.tokens) for _ in range(args.repeats)]
-            ttfts = [t for run in runs for t in run[1]]
-            rows.append(
-                {
-                    "streams": level,
-                    "tok_s": statistics.median(r[0] for r in runs),
-                    "per_stream_tok_s": statistics.median(r[0] for r in runs) / level,
-                    "ttft_p50_s": percentile(ttfts, 0.5),
-                    "ttft_p95_s": percentile(ttfts, 0.95),
-                    "rows_per_step": statistics.median(r[2] for r in runs),
-                }
-            )
+        plain_runs: list[float] = []
+        runs: dict[int, list[tuple[float, list[float], float]]] = {level: [] for level in levels}
+        for _ in range(args.repeats):
+            plain_runs.append(time_plain(bare, args.tokens)[0])
+            for level in levels:
+                runs[level].append(time_concurrent(runtime, level, args.tokens))
         runtime.close()
+    plain = statistics.median(plain_runs)
+    rows = []
+    for level in levels:
+        ttfts = [t for run in runs[level] for t in run[1]]
+        rows.append(
+            {
+                "streams": level,
+                "tok_s": statistics.median(r[0] for r in runs[level]),
+                "per_stream_tok_s": statistics.median(r[0] for r in runs[level]) / level,
+                "ttft_p50_s": percentile(ttfts, 0.5),
+                "ttft_p95_s": percentile(ttfts, 0.95),
+                "rows_per_step": statistics.median(r[2] for r in runs[level]),
+            }
+        )
     by = {r["streams"]: r for r in rows}
     one = by.get(1, rows[0])
     top = max(levels)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 from conftest import wait_until, write_random_adapter
 
+from rlhf_demo.modeling.adapters import use_adapter
 from rlhf_demo.serving import BASE_VERSION, Generation, PromptRefused, Sampling
+from rlhf_demo.serving.engine import Engine
 from rlhf_demo.serving.prompts import PromptBudget
 
 SHORT = [{"role": "user", "content": "Hi!"}]
@@ -92,6 +95,62 @@ def test_generate_many_decodes_together_and_equals_each_alone(two_versions):
     together = server.generate_many(prompts, "v1", greedy(20))
     assert [(g.text, g.token_ids) for g in together] == [(g.text, g.token_ids) for g in expected]
     assert all(g.token_ids and g.prompt_tokens for g in together)
+
+
+def test_one_adapter_batches_skip_the_per_row_path_with_the_same_tokens(two_versions, monkeypatch):
+    """A batch whose rows share one adapter runs it as PEFT's active adapter (no ``adapter_names``):
+    its greedy tokens equal the per-row path's (a pair on two versions) and plain ``generate``'s."""
+    server = two_versions
+    model = server.model
+    forward, routes = model.forward, []
+    monkeypatch.setattr(model, "forward", lambda *a, **k: routes.append("adapter_names" in k) or forward(*a, **k))
+    fast = alone(server, LONG, "v1")
+    pair = server.generate_pair(LONG, ("v1", "v1"), greedy(20))
+    assert routes and not any(routes), "a one-adapter batch took the per-row path"
+    routes.clear()
+    mixed, other = server.generate_pair(LONG, ("v1", "v2"), greedy(20))
+    assert routes and all(routes)
+    _, ids = server.encode(LONG)
+    _, slot = server.pool.hold("v1")
+    try:
+        with server.pool.lock, use_adapter(model, slot), torch.inference_mode():  # the engine waits meanwhile
+            written = model.generate(**ids, do_sample=False, max_new_tokens=20, eos_token_id=sorted(server._eos()))
+    finally:
+        server.pool.release("v1")
+    plain = [t for t in written[0, ids["input_ids"].shape[1] :].tolist() if t not in server._eos()]
+    assert fast.token_ids == pair[0].token_ids == pair[1].token_ids == mixed.token_ids == tuple(plain)
+    assert other.token_ids != fast.token_ids
+
+
+def test_sampling_draws_from_softmax_over_temperature_within_top_p():
+    """Exactly the distribution PPO scores: softmax(logits / T) cut to the top-p nucleus, no top-k;
+    rows with other settings in the same batch (greedy, another T or top-p) keep theirs."""
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).repeat(6000, 1)
+    warm, nucleus = Sampling(0.5, 1.0, 1), Sampling(1.0, 0.7, 1)
+    tokens = Engine._sample(logits, [warm] * 3000 + [nucleus] * 2000 + [greedy(1)] * 1000)
+    alike = Engine._sample(logits[:3000], [warm] * 3000)  # one group: the whole batch in one draw
+
+    def frequencies(drawn: torch.Tensor) -> torch.Tensor:
+        return torch.bincount(drawn, minlength=4).float() / len(drawn)
+
+    expected = torch.softmax(logits[0] / 0.5, dim=-1)
+    assert torch.allclose(frequencies(tokens[:3000]), expected, atol=0.03)
+    assert torch.allclose(frequencies(alike), expected, atol=0.03)
+    # T = 1: [.64, .24, .09, .03]; top-p 0.7 keeps the two largest, renormalised
+    assert torch.allclose(frequencies(tokens[3000:5000]), torch.tensor([0.731, 0.269, 0.0, 0.0]), atol=0.03)
+    assert (tokens[5000:] == 0).all()
+
+
+def test_a_nucleus_wider_than_the_quick_cut_is_still_exact():
+    """A flat distribution: the nucleus holds hundreds of tokens; none outside it is ever drawn."""
+    torch.manual_seed(0)
+    logits = -0.001 * torch.arange(2000.0)  # token order = likelihood order
+    probs = torch.softmax(logits.double(), dim=-1)
+    inside = int(((probs.cumsum(0) - probs) < 0.5).sum())  # the top-p rule in float64
+    assert inside > 256
+    tokens = Engine._sample(logits.repeat(5000, 1), [Sampling(1.0, 0.5, 1)] * 5000)
+    assert inside - 20 <= int(tokens.max()) < inside
 
 
 def test_a_cancelled_stream_stops_without_touching_its_neighbour(two_versions):

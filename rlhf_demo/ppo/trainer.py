@@ -45,6 +45,8 @@ from rlhf_demo.ppo.core import (
     value_loss,
     whiten,
 )
+from rlhf_demo.serving.engine import AsIs, Engine, Request
+from rlhf_demo.serving.sampling import Sampling
 
 Messages = list[dict[str, str]]
 # reward_fn(prompts, completions, finished) -> (B,) scores; finished[i] is False when answer i
@@ -211,16 +213,24 @@ class Sampled:
 
 @torch.no_grad()
 def sample(model: Any, tokenizer: Any, prompts: list[Messages], config: PPOConfig) -> Sampled:
-    """One answer per prompt from whatever adapter state ``model`` is in, in one batch."""
+    """One answer per prompt from whatever adapter state ``model`` is in, decoded together by
+    the serving engine: an answer that ends leaves the batch and costs nothing more."""
     device = model.get_input_embeddings().weight.device
     eos_ids, pad_id = eos_token_ids(model, tokenizer), pad_token_id(model, tokenizer)
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
     # detail: left padding, so every prompt ends where its answer starts.
     enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
     query_ids, query_mask = enc["input_ids"], enc["attention_mask"]
-    output = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=sampling_config(config, eos_ids, pad_id))
-    # detail: truncate each answer at its first EOS (kept as last token), mask after.
-    response_ids, response_mask, has_eos = truncate_at_eos(output[:, query_ids.shape[1] :], eos_ids, pad_id)
+    # detail: sample from exactly softmax(logits / temperature) within top_p: no top-k, no
+    # repetition penalty, the same distribution whose log-probs PPO optimises (TRL).
+    sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
+    rows = [Request(ids[keep.bool()].tolist(), None, sampling, frozenset(eos_ids)) for ids, keep in zip(query_ids, query_mask, strict=True)]
+    Engine(AsIs(model), pad_id, str(device)).run(rows)
+    answers = [row.tokens + ([row.eos_token] if row.eos_token is not None else []) for row in rows]
+    width = max(map(len, answers))
+    output = torch.tensor([answer + [pad_id] * (width - len(answer)) for answer in answers], device=device)
+    # detail: each answer ends at its first EOS (kept as last token), masked after.
+    response_ids, response_mask, has_eos = truncate_at_eos(output, eos_ids, pad_id)
     completions = [
         tokenizer.decode(ids[keep], skip_special_tokens=True).strip() for ids, keep in zip(response_ids, response_mask, strict=True)
     ]

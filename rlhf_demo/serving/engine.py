@@ -2,10 +2,15 @@
 
 Concurrent requests share decode steps. A request that arrives while others decode is
 prefilled at the next step boundary and merged into the running batch (left-padded KV cache,
-one attention mask); each row keeps its own adapter (PEFT ``adapter_names``), sampling,
-token stream, EOS/length stop and cancel, and leaves the batch alone when it ends.
-transformers' own continuous batching does not fit here: it rejects per-request
-``adapter_names`` and batched nothing on this CPU (docs/serving.md has the measurement).
+one attention mask); each row keeps its own adapter, sampling, token stream, EOS/length stop
+and cancel, and leaves the batch alone when it ends. A batch whose rows all name one adapter
+runs it as PEFT's active adapter; only a batch of several (or the base) pays for PEFT's
+per-row ``adapter_names`` path. transformers' own continuous batching does not fit here: it
+rejects per-request ``adapter_names`` and batched nothing on this CPU (docs/serving.md).
+
+The serving process submits requests to a decode thread (:meth:`Engine.submit`); the training
+process decodes a batch to its end in the calling thread (:meth:`Engine.run`, PPO rollouts and
+the gate), on its model as it is (:class:`AsIs`).
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache, TopPLogitsWarper
+from transformers import DynamicCache
 
+from rlhf_demo.modeling.adapters import BASE_ADAPTER
 from rlhf_demo.serving.sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -32,13 +38,14 @@ class Request:
     one queue (the Compare pair)."""
 
     prompt_ids: list[int]
-    adapter: str
+    adapter: str | None  # a PEFT adapter name (BASE_ADAPTER: none); None: the model as it is (AsIs)
     sampling: Sampling
     eos_ids: frozenset[int]
     events: queue.Queue[tuple[Request, int | BaseException | None]] = field(default_factory=queue.Queue)
     should_stop: Callable[[], bool] | None = None
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # the answer, without its EOS
     finish_reason: str = ""
+    eos_token: int | None = None  # the EOS id that ended it (finish_reason "stop"): PPO trains on it
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -66,11 +73,22 @@ class _Batch:
     next_ids: Any  # [rows] the last sampled token of each row, not yet in the cache
 
 
+@dataclass
+class AsIs:
+    """A model without a slot pool, decoded in whatever adapter state it is in (requests name no
+    adapter): the training process's policy active, or the reference inside ``disable_adapter()``."""
+
+    model: Any
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
 class Engine:
-    """Runs every request of one model in a single decode thread (started on first use)."""
+    """Runs every request of one model in a single decode thread (started on first use), or one
+    batch in the calling thread (:meth:`run`)."""
 
     def __init__(self, pool: Any, pad_id: int, device: str, max_batch: int = 16) -> None:
-        self.pool = pool  # AdapterPool: .model (read each step: the slow load path replaces it) and .lock
+        # AdapterPool or AsIs: .model (read each step: the slow load path replaces it) and .lock
+        self.pool = pool
         self.pad_id, self.device = pad_id, device
         self.max_batch = max_batch
         self._waiting: list[Request] = []
@@ -89,6 +107,18 @@ class Engine:
                 self._thread.start()
             self._cond.notify()
         return request
+
+    def run(self, requests: list[Request]) -> None:
+        """Decode ``requests`` to their ends in the calling thread, all in one batch: a batch
+        admitted at once and sampled in a fixed order, so torch's global RNG makes it
+        reproducible. For an engine nothing is submitted to (the training process)."""
+        batch: _Batch | None = None
+        with torch.inference_mode():
+            with self.pool.lock:
+                batch = self._prefill(requests)
+            while batch is not None:
+                with self.pool.lock:
+                    batch = self._decode(batch)
 
     def close(self) -> None:
         with self._cond:
@@ -128,11 +158,8 @@ class Engine:
                         row.events.put((row, exc))
                 batch = None
 
-    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, adapters: list[str]) -> Any:
+    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, adapters: list[str | None]) -> Any:
         model = self.pool.model
-        kwargs: dict[str, Any] = {}
-        if hasattr(model, "peft_config"):
-            kwargs["adapter_names"] = adapters
         out = model(
             input_ids=ids,
             attention_mask=mask,
@@ -140,7 +167,7 @@ class Engine:
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
-            **kwargs,
+            **_route(model, adapters),
         )
         return out.logits[:, -1, :].float()
 
@@ -186,19 +213,25 @@ class Engine:
 
     @staticmethod
     def _sample(logits: Any, settings: list[Sampling]) -> Any:
-        tokens = logits.argmax(dim=-1)
+        """Greedy rows take the argmax; the others draw from exactly softmax(logits / temperature)
+        restricted by top-p (no top-k: PPO recomputes log-probs of that distribution), one draw
+        per group of rows that share their settings."""
+        groups: dict[tuple[float, float], list[int]] = {}
         for i, sampling in enumerate(settings):
-            if sampling.greedy:
-                continue
-            scores = logits[i : i + 1] / sampling.temperature
-            if sampling.top_p < 1.0:
-                scores = TopPLogitsWarper(sampling.top_p)(None, scores)
-            tokens[i] = torch.multinomial(torch.softmax(scores, dim=-1), 1)[0, 0]
+            if not sampling.greedy:
+                groups.setdefault((sampling.temperature, sampling.top_p), []).append(i)
+        if len(groups) == 1 and len(next(iter(groups.values()))) == len(settings):
+            (temperature, top_p), _ = groups.popitem()  # every row alike: no indexing, no argmax
+            return _draw(logits, temperature, top_p)
+        tokens = logits.argmax(dim=-1)
+        for (temperature, top_p), rows in groups.items():
+            tokens[rows] = _draw(logits[rows], temperature, top_p)
         return tokens
 
     def _accept(self, row: Request, token: int) -> bool:
         """Whether the row goes on after ``token`` (the one EOS rule: any EOS id ends it)."""
         if token in row.eos_ids:
+            row.eos_token = token
             self._end(row, "stop")
             return False
         row.tokens.append(token)
@@ -232,6 +265,49 @@ class Engine:
             )
         mask = torch.cat([_pad_left(running.mask, width, 1), _pad_left(new.mask, width, 1)])
         return _Batch(running.rows + new.rows, DynamicCache(layers), mask, torch.cat([running.next_ids, new.next_ids]))
+
+
+def _draw(logits: Any, temperature: float, top_p: float) -> Any:
+    """One token per row from softmax(logits / temperature) within the top-p nucleus, by inverse
+    CDF in float64: ``torch.multinomial`` draws a random number per vocabulary entry (a step of
+    32 rows of SmolLM2 on one thread: 54 ms with it, 8 ms so; docs/serving.md)."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        probs = _nucleus(probs, top_p)
+    cdf = probs.double().cumsum(dim=-1)  # unnormalised: the nucleus needs no renormalising
+    u = torch.rand((len(cdf), 1), dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
+
+
+def _nucleus(probs: Any, top_p: float) -> Any:
+    """``probs`` with every token outside the nucleus zeroed: a token stays while the tokens more
+    likely than it hold less than ``top_p`` (transformers' ``TopPLogitsWarper`` rule, the most
+    likely token always kept). Sorts only the top 256 unless a row's nucleus is wider than that."""
+    for k in (min(256, probs.shape[-1]), probs.shape[-1]):
+        top, index = probs.topk(k, dim=-1)
+        if k == probs.shape[-1] or bool((top.sum(dim=-1) >= top_p).all()):
+            break
+    kept = top.cumsum(dim=-1) - top < top_p
+    return torch.zeros_like(probs).scatter_(-1, index, top * kept)
+
+
+def _route(model: Any, adapters: list[str | None]) -> dict[str, Any]:
+    """The forward's adapter arguments for rows on ``adapters``.
+
+    Every row on one named adapter (the usual batch: everyone on the active version): make it
+    PEFT's active adapter, switching only when it is not already (the caller holds the pool's
+    lock, and every forward on the serving model comes through here), and run the layers'
+    plain LoRA path. Rows on several adapters, or on the base: PEFT's per-row
+    ``adapter_names``, which costs a hook on every LoRA layer per forward. None: the model as it is.
+    """
+    first = adapters[0]
+    if first is None or not hasattr(model, "peft_config"):
+        return {}
+    if first == BASE_ADAPTER or any(adapter != first for adapter in adapters):
+        return {"adapter_names": adapters}
+    if model.active_adapters != [first]:
+        model.set_adapter(first, inference_mode=True)  # inference_mode: its weights stay frozen
+    return {}
 
 
 def _pad_left(tensor: Any, width: int, dim: int) -> Any:

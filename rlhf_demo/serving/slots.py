@@ -1,7 +1,7 @@
 """The adapter slot pool: policy versions in reserved PEFT adapter slots, hot-swapped in place.
 
-Each request names its adapter explicitly (PEFT ``adapter_names``) and holds its version for
-its whole life, so which version writes an answer is fixed when the request starts and a swap
+Each request names its adapter slot and holds its version for its whole life (the engine runs
+each forward on the slots its rows name), so which version writes an answer is fixed when the request starts and a swap
 can never reach inside it. The generation engine holds :attr:`AdapterPool.lock` for one decode
 step at a time; swapping in a new version does not take it: weights are copied into a slot
 that no request can name yet.
@@ -237,8 +237,8 @@ class AdapterPool:
             for slot in extra:
                 self.model.delete_adapter(slot)
             if extra and self.model.active_adapter not in self.model.peft_config:
-                # PEFT keeps pointing at a deleted adapter; any will do, since every
-                # generation names its adapter explicitly.
+                # PEFT keeps pointing at a deleted adapter; any will do: the engine makes
+                # the adapter a batch needs active before its forward (engine._route).
                 self.model.set_adapter(next(iter(self.model.peft_config)))
         return dropped
 
