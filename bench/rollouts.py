@@ -24,13 +24,34 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from transformers import GenerationConfig  # noqa: E402
 
 from bench.learning import load_prompts, messages  # noqa: E402
 from rlhf_demo.config import DEFAULT_MODEL, PPOConfig, load_settings  # noqa: E402
 from rlhf_demo.modeling import load_model  # noqa: E402
 from rlhf_demo.modeling.adapters import activate_adapter, attach_new_adapter  # noqa: E402
 from rlhf_demo.modeling.loading import eos_token_ids, pad_token_id  # noqa: E402
-from rlhf_demo.ppo.trainer import sample, sampling_config, truncate_at_eos  # noqa: E402
+from rlhf_demo.ppo.trainer import sample, truncate_at_eos  # noqa: E402
+
+
+def sampling_config(config: PPOConfig, eos_ids: list[int], pad_id: int) -> GenerationConfig:
+    """The old path's ``generate`` settings: sample from exactly ``softmax(logits / temperature)``
+    (restricted by ``top_p`` only): the model's own defaults must not leak in."""
+    return GenerationConfig(
+        do_sample=True,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        # detail: no top-k (HF's default is 50), no repetition penalty: the policy
+        # samples from the same distribution whose log-probs PPO optimises (TRL).
+        top_k=0,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+        max_new_tokens=config.max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+    )
 
 
 @torch.no_grad()

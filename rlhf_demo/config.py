@@ -110,7 +110,7 @@ class PPOConfig:
     """PPO iterations (rollout batch + updates) per ``PPOTrainer.train`` call (a cycle)."""
     batch_size: int = 32
     """Rollouts (answers) per step: ``batch_size / samples_per_prompt`` prompts, sampled in
-    one batched ``generate`` (on a CPU batch 32 decodes ~8x the tokens/s of batch 1)."""
+    together by the serving engine (on a CPU batch 32 decodes ~8x the tokens/s of batch 1)."""
     samples_per_prompt: int = 4
     """Answers sampled per prompt in a step: the group that RLOO's baseline is taken over."""
     mini_batch_size: int = 8

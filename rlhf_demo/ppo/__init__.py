@@ -28,7 +28,6 @@ from rlhf_demo.ppo.trainer import (
     response_forward,
     sample,
     sample_and_score,
-    sampling_config,
     truncate_at_eos,
 )
 
@@ -52,7 +51,6 @@ __all__ = [
     "rloo_advantages",
     "sample",
     "sample_and_score",
-    "sampling_config",
     "truncate_at_eos",
     "value_loss",
     "whiten",

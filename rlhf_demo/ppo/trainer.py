@@ -177,31 +177,9 @@ def response_forward(
     return logprobs, values, entropy
 
 
-def sampling_config(config: PPOConfig, eos_ids: list[int], pad_id: int) -> Any:
-    """Generation settings that sample from exactly ``softmax(logits / temperature)``
-    (restricted by ``top_p`` only): the model's own defaults must not leak in."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        do_sample=True,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        # detail: no top-k (HF's default is 50), no repetition penalty: the policy
-        # samples from the same distribution whose log-probs PPO optimises (TRL).
-        top_k=0,
-        typical_p=1.0,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        min_new_tokens=0,
-        max_new_tokens=config.max_new_tokens,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
-    )
-
-
 @dataclass
 class Sampled:
-    """Answers sampled in one batched ``generate`` call, cut at their first EOS."""
+    """Answers sampled together by the engine (``sample``), cut at their first EOS."""
 
     query_ids: torch.Tensor  # (B, P) chat-templated prompts, left padded
     query_mask: torch.Tensor  # (B, P)
