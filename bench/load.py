@@ -10,6 +10,7 @@ row in SQLite. Bounded in count and time; talks only to 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -52,8 +53,12 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def run(model: str, sessions: int, turns: int, max_new_tokens: int, data_dir: Path, models_dir: Path | None = None) -> dict:
+def run(
+    model: str, sessions: int, turns: int, max_new_tokens: int, data_dir: Path, models_dir: Path | None = None, concurrency: int | None = None
+) -> dict:
     settings = load_settings(env={}, model=model, data_dir=data_dir, quantization="fp32")
+    if concurrency is not None:  # Limits.max_concurrent_generations: events Gradio runs at once
+        settings = dataclasses.replace(settings, limits=dataclasses.replace(settings.limits, max_concurrent_generations=concurrency))
     if models_dir is not None and not settings.models_dir.exists():  # reuse the converted offline model
         settings.models_dir.symlink_to(models_dir.resolve(), target_is_directory=True)
     runtime = Runtime(settings)
@@ -77,7 +82,7 @@ def run(model: str, sessions: int, turns: int, max_new_tokens: int, data_dir: Pa
     sent_thumbs = sum(r["thumbs"] for r in results)
     sent_pairs = sum(r["pairs"] for r in results)
     return {
-        "sessions": sessions, "turns": turns, "wall_s": wall, "errors": errors,
+        "sessions": sessions, "turns": turns, "concurrency": settings.limits.max_concurrent_generations, "wall_s": wall, "errors": errors,
         "chat_p50_s": statistics.median(chat) if chat else None, "chat_p95_s": percentile(chat, 0.95) if chat else None,
         "vote_p50_s": statistics.median(vote) if vote else None, "vote_p95_s": percentile(vote, 0.95) if vote else None,
         "thumbs_sent": sent_thumbs, "thumbs_stored": counts["thumbs_up"] + counts["thumbs_down"],
@@ -91,11 +96,12 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, help="Limits.max_concurrent_generations (default: the library's)")
     parser.add_argument("--models-dir", type=Path, help="a data dir's models/ folder to reuse (skips the GGUF conversion)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        r = run(args.model, args.sessions, args.turns, args.max_new_tokens, Path(scratch), args.models_dir)
-    print(f"{r['sessions']} sessions x {r['turns']} turns, model {args.model}, {args.max_new_tokens} new tokens, wall {r['wall_s']:.1f} s")
+        r = run(args.model, args.sessions, args.turns, args.max_new_tokens, Path(scratch), args.models_dir, args.concurrency)
+    print(f"{r['sessions']} sessions x {r['turns']} turns, model {args.model}, {args.max_new_tokens} new tokens, {r['concurrency']} generations at once, wall {r['wall_s']:.1f} s")
     print(f"chat latency p50 {r['chat_p50_s']:.2f} s, p95 {r['chat_p95_s']:.2f} s")
     print(f"vote latency p50 {r['vote_p50_s'] * 1000:.0f} ms, p95 {r['vote_p95_s'] * 1000:.0f} ms")
     print(f"thumbs sent {r['thumbs_sent']} stored {r['thumbs_stored']}; pairs sent {r['pairs_sent']} stored {r['pairs_stored']}; errors {len(r['errors'])}")
