@@ -462,3 +462,29 @@ def test_runs_on_an_nf4_base(tiny_model_dir, tmp_path):
 def test_rejects_a_model_without_the_adapter(policy, tiny_loaded):
     with pytest.raises(ValueError, match="no adapter named"):
         PPOTrainer(policy, tiny_loaded.tokenizer, random_reward, FAST, policy_adapter="nope")
+
+
+class NoisyKL(KLRamp):
+    """Rollout KL read from a list (a noisy first batch), one update per step."""
+
+    def __init__(self, model, kls: list[float]) -> None:
+        super().__init__(model)
+        self.kls = iter(kls)
+
+    def __call__(self, prompts, kl_stop=None) -> dict:
+        kl = next(self.kls)
+        if kl_stop is not None and kl > kl_stop:
+            return {"kl": kl, "kl_stop": 1.0, "time_s": 0.0}
+        with torch.no_grad():
+            dict(self.model.named_parameters())[self.name][0, 0] += 1.0
+        return {"kl": kl, "time_s": 0.0}
+
+
+def test_a_noisy_first_batch_does_not_end_training(policy, tiny_loaded):
+    """The first rollouts show the starting policy (which the gate measured on more answers), not
+    an update of this call: a batch of 32 answers reads its KL ±1 nat, so one high reading must
+    not throw the cycle away (stop 15: two runs lost their last cycle this way)."""
+    trainer = PPOTrainer(policy, tiny_loaded.tokenizer, random_reward, dataclasses.replace(FAST, kl_stop=2.5))
+    trainer.step = NoisyKL(policy, [3.0, 1.5, 2.0])
+    result = trainer.train([user(p) for p in PROMPTS], 3)
+    assert result.kept_updates == 3 and result.stopped is None

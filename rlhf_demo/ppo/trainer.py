@@ -475,6 +475,7 @@ class PPOTrainer:
         * KL: when a step's rollouts show a KL to the reference above ``config.kl_stop``,
           the previous update went too far: its weights are put back (the policy keeps the
           progress before it) and training ends (CleanRL's ``target_kl`` break, per step).
+          The first step is not judged: no update of this call led to it.
         ``progress(step, total, stats)`` is called after every step.
         """
         if not prompts:
@@ -492,7 +493,9 @@ class PPOTrainer:
                     break
             batch = [prompts[(i * per_step + j) % len(prompts)] for j in range(per_step)]
             state = adapter_state(self.model, self.policy_adapter)
-            stats = self.step(batch, kl_stop=cfg.kl_stop)
+            # The first rollouts show the starting policy, not an update of this call: one batch
+            # reads its KL +-1 nat, and the gate already measured that policy on more answers.
+            stats = self.step(batch, kl_stop=cfg.kl_stop if i > 0 else None)
             if stats.get("kl_stop"):
                 if before_last_update is not None:
                     restore_adapter_state(self.model, self.policy_adapter, before_last_update)
