@@ -39,7 +39,7 @@ class Limits:
     max_message_chars: int = 4000
     max_turns: int = 20
     votes_per_minute: int = 30  # per visitor (server-issued id)
-    max_concurrent_generations: int = 4
+    max_concurrent_generations: int = 8  # generation events Gradio runs at once; they share the engine's decode steps (load p95 14 -> 11 s, docs/benchmarks.md)
     votes_per_minute_per_ip: int = 120  # per client address: bounds cookie-dropping clients
     max_training_share: float = 0.10  # of the reward model's rows, per visitor and per address
     max_upload_size: str = "1mb"  # Gradio's upload route; the app itself takes no files
