@@ -324,8 +324,11 @@ class KLRamp:
     def weight(self) -> float:
         return float(dict(self.model.named_parameters())[self.name][0, 0].detach())
 
+    def rollout_kl(self) -> float:
+        return self.weight
+
     def __call__(self, prompts, kl_stop=None) -> dict:
-        kl = self.weight
+        kl = self.rollout_kl()
         if kl_stop is not None and kl > kl_stop:
             return {"kl": kl, "kl_stop": 1.0, "time_s": 0.0}
         with torch.no_grad():
@@ -471,13 +474,8 @@ class NoisyKL(KLRamp):
         super().__init__(model)
         self.kls = iter(kls)
 
-    def __call__(self, prompts, kl_stop=None) -> dict:
-        kl = next(self.kls)
-        if kl_stop is not None and kl > kl_stop:
-            return {"kl": kl, "kl_stop": 1.0, "time_s": 0.0}
-        with torch.no_grad():
-            dict(self.model.named_parameters())[self.name][0, 0] += 1.0
-        return {"kl": kl, "time_s": 0.0}
+    def rollout_kl(self) -> float:
+        return next(self.kls)
 
 
 def test_a_noisy_first_batch_does_not_end_training(policy, tiny_loaded):
