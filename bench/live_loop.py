@@ -34,11 +34,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from test_browser import CHROMIUM, CHROMIUM_ARGS, Tab, send_chat  # noqa: E402
 
+from bench.learning import load_prompts  # noqa: E402
 from bench.raters import load_rater  # noqa: E402
 from rlhf_demo.store import FeedbackStore  # noqa: E402
 from rlhf_demo.ui.app import free_port  # noqa: E402
 
-PROMPTS = ROOT / "bench" / "prompts" / "prompts.txt"
 TAG = re.compile(r"\s*written by adapter ([\w.-]+)\S*\s*$")  # under every finished answer
 DONE = re.compile(r"written by adapter \S+")
 
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}/"
     app = start_app(args.data_dir, port, (out / "app.log").open("w"), *(["--model", args.model] if args.model else []))
     rater = load_rater(args.rater)
-    prompts = [line.strip() for line in PROMPTS.read_text().splitlines() if line.strip()]
+    prompts = load_prompts()  # the benchmark's prompts, without its comment lines
     report: dict[str, Any] = {"votes": [], "runs": []}
     started = time.monotonic()
     try:
