@@ -11,7 +11,8 @@ what the registry serves.
 
 After each cycle (and once before the first), the served version is compared with the base
 on held-out prompts that are never voted on nor used for PPO: answers are sampled from both
-(the PPO rollout sampler, temperature 0.7) and the rater judges each pair (ties count 1/2).
+(the PPO rollout sampler, temperature 0.7; the base's once, ``--base-samples`` per prompt)
+and the rater judges each served answer against each base answer to its prompt (ties 1/2).
 It reports per cycle: votes, reward-model held-out accuracy, the mean rater score of the
 policy, KL to the reference per answer, the win-rate against the base, the gate decision,
 wall time and peak RSS; writes ``<out>/learning.json`` and ``<out>/learning.png``.
@@ -201,20 +202,31 @@ def win_rate(wins: list[float], group_size: int) -> tuple[float, float]:
 
 
 def evaluate(
-    active: dict[str, list], base: dict[str, list], prompts: list[list[dict[str, str]]], version: str, seconds: float, group_size: int
+    active: dict[str, list], base: dict[str, list], prompts: list[list[dict[str, str]]], version: str, seconds: float, group_size: int, base_group: int
 ) -> dict[str, Any]:
-    """Pairwise rater verdicts, served version vs base, on the same held-out prompts."""
-    wins = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(active["scores"], base["scores"], strict=True)]
-    rate, se = win_rate(wins, group_size)
+    """Rater verdicts, served version vs base, on the same held-out prompts: each of the
+    ``group_size`` served answers to a prompt is judged against each of the prompt's
+    ``base_group`` base answers (ties 1/2), so the base's own sampling noise averages out."""
+    verdicts = [
+        [1.0 if a > b else 0.0 if a < b else 0.5 for b in base["scores"][(i // group_size) * base_group : (i // group_size + 1) * base_group]]
+        for i, a in enumerate(active["scores"])
+    ]
+    rate, se = win_rate([statistics.fmean(v) for v in verdicts], group_size)
     step = max(1, len(prompts) // 6)
-    examples = [{"prompt": prompts[i][-1]["content"], "active": active["texts"][i], "base": base["texts"][i]} for i in range(0, len(prompts), step)][:6]
+    examples = [
+        {"prompt": prompts[i][-1]["content"], "active": active["texts"][i], "base": base["texts"][(i // group_size) * base_group]}
+        for i in range(0, len(prompts), step)
+    ][:6]
+    flat = [w for v in verdicts for w in v]
     return {
         "active_version": version,
         "win_rate": rate,
         "win_rate_se": se,
-        "comparisons": len(wins),
-        "wins": sum(w == 1.0 for w in wins),
-        "ties": sum(w == 0.5 for w in wins),
+        "comparisons": len(flat),
+        "answers": len(verdicts),
+        "base_answers_per_prompt": base_group,
+        "wins": sum(w == 1.0 for w in flat),
+        "ties": sum(w == 0.5 for w in flat),
         "mean_score": statistics.fmean(active["scores"]),
         "base_mean_score": statistics.fmean(base["scores"]),
         "kl": statistics.fmean(active["kl"]),
@@ -229,23 +241,34 @@ def evaluate(
 
 
 def rm_agreement(
-    loaded: LoadedModel, folder: Path, prompts: list[list[dict[str, str]]], active: dict[str, list], base: dict[str, list]
+    loaded: LoadedModel,
+    folder: Path,
+    prompts: list[list[dict[str, str]]],
+    active: dict[str, list],
+    base: dict[str, list],
+    group_size: int,
+    base_group: int,
 ) -> dict[str, Any]:
     """How often the cycle's reward model orders the held-out (served, base) answer pairs as
     the rater does (pairs the rater calls a tie are skipped). A second, larger accuracy
     figure next to the library's own held-out split (15 % of the voted prompts)."""
-    keep = [i for i, (a, b) in enumerate(zip(active["scores"], base["scores"], strict=True)) if a != b]
-    if not keep or not folder.is_dir():
+    pairs = [
+        (i, j)
+        for i in range(len(active["scores"]))
+        for j in range((i // group_size) * base_group, (i // group_size + 1) * base_group)
+        if active["scores"][i] != base["scores"][j]
+    ]
+    if not pairs or not folder.is_dir():
         return {"rm_eval_accuracy": None, "rm_eval_pairs": 0}
     rm = RewardModel.load(loaded.model, loaded.tokenizer, folder)
-    ps = [prompts[i] for i in keep]
-    r_active = rm.score(ps, [active["texts"][i] for i in keep], normalized=False, batch_size=16, finished=[bool(active["eos"][i]) for i in keep])
-    r_base = rm.score(ps, [base["texts"][i] for i in keep], normalized=False, batch_size=16, finished=[bool(base["eos"][i]) for i in keep])
+    base_prompts = [prompts[(j // base_group) * group_size] for j in range(len(base["texts"]))]
+    r_active = rm.score(prompts, active["texts"], normalized=False, batch_size=16, finished=[bool(e) for e in active["eos"]])
+    r_base = rm.score(base_prompts, base["texts"], normalized=False, batch_size=16, finished=[bool(e) for e in base["eos"]])
     agree = [
-        (float(ra) > float(rb)) == (active["scores"][i] > base["scores"][i]) if float(ra) != float(rb) else 0.5
-        for ra, rb, i in zip(r_active, r_base, keep, strict=True)
+        ((float(r_active[i]) > float(r_base[j])) == (active["scores"][i] > base["scores"][j])) if float(r_active[i]) != float(r_base[j]) else 0.5
+        for i, j in pairs
     ]
-    return {"rm_eval_accuracy": statistics.fmean(float(a) for a in agree), "rm_eval_pairs": len(keep)}
+    return {"rm_eval_accuracy": statistics.fmean(float(a) for a in agree), "rm_eval_pairs": len(pairs)}
 
 
 # ── the benchmark ────────────────────────────────────────────────────────────────────
@@ -347,9 +370,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Held-out answers of the base are sampled once: the base never changes, and every
     # cycle is then judged against the same answers. v0 is the identity LoRA (B = 0).
     eval_prompts = [messages(p) for p in heldout for _ in range(args.eval_samples)]
+    base_prompts = [messages(p) for p in heldout for _ in range(args.base_samples)]
     sampler = settings.training.ppo
     started = time.perf_counter()
-    base_answers = sample_answers(worker, None, rater, eval_prompts, sampler, args.eval_batch)
+    base_answers = sample_answers(worker, None, rater, base_prompts, sampler, args.eval_batch)
     base_s = time.perf_counter() - started
 
     def evaluation(reward_folder: Path | None = None) -> dict[str, Any]:
@@ -357,9 +381,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         version = runtime.store.active_version() or "v0"
         path = next(v["path"] for v in runtime.store.list_versions() if v["version"] == version)
         answers = sample_answers(worker, path, rater, eval_prompts, sampler, args.eval_batch)
-        result = evaluate(answers, base_answers, eval_prompts, version, time.perf_counter() - started, args.eval_samples)
+        result = evaluate(answers, base_answers, eval_prompts, version, time.perf_counter() - started, args.eval_samples, args.base_samples)
         if reward_folder is not None:
-            result.update(rm_agreement(worker, reward_folder, eval_prompts, answers, base_answers))
+            result.update(rm_agreement(worker, reward_folder, eval_prompts, answers, base_answers, args.eval_samples, args.base_samples))
         return result
 
     rows: list[dict[str, Any]] = []
@@ -594,7 +618,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads; 0: torch's choice")
     p.add_argument("--prompts", default=str(PROMPTS_DIR), help="a folder of *.txt (one prompt a line) and *.json files")
     p.add_argument("--heldout", type=int, default=36, help="held-out prompts for the win-rate")
-    p.add_argument("--eval-samples", type=int, default=2, help="answers per held-out prompt and side")
+    p.add_argument("--eval-samples", type=int, default=2, help="answers of the served version per held-out prompt")
+    p.add_argument("--base-samples", type=int, default=6, help="answers of the base per held-out prompt (sampled once); each served answer is judged against each")
     p.add_argument("--eval-batch", type=int, default=36)
     p.add_argument("--thumbs-per-pair", type=int, default=2, choices=(0, 1, 2), help="thumbs cast on the answers of each A/B pair")
     p.add_argument("--record", action="store_true", help="also write bench/results/learning-<rater>.json (committed figures)")
@@ -622,7 +647,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.quantization = "nf4" if torch.cuda.is_available() else "fp32"
     if args.quick:
         args.model = TINY_MODEL
-        args.votes, args.cycles, args.heldout, args.eval_samples = 24, 2, 8, 1
+        args.votes, args.cycles, args.heldout, args.eval_samples, args.base_samples = 24, 2, 8, 1, 2
         args.max_new_tokens, args.ppo_iterations, args.ppo_batch_size, args.rm_epochs = 8, 2, 8, 1
         args.gate_prompts, args.gate_samples = 2, 2
     return args

@@ -131,15 +131,23 @@ class PPOConfig:
     """Value clip around the rollout values (TRL default)."""
     vf_coef: float = 0.1
     """Weight of the value loss in the total loss (TRL default)."""
-    init_kl_coef: float = 0.15
-    """Initial beta of the KL penalty to the reference (sum over the answer's tokens);
-    Huang et al. use 0.05, measured here: 0.15 keeps a cycle's KL in budget at lr 1e-3."""
+    init_kl_coef: float = 0.0
+    """Initial beta of the KL penalty in the reward (Ziegler et al., TRL <= 0.11: minus beta
+    times the answer's sampled KL, summed over its tokens). Off by default: ``kl_loss_coef``
+    does that job without its noise (docs/learning.md, stop 16; stop 15 used 0.15)."""
+    kl_loss_coef: float = 0.2
+    """Weight of the exact KL to the reference (over the vocabulary, at every state the
+    rollouts visited, token mean) in the loss. The reward's penalty is a one-sample estimate
+    per answer; this term has no sampling noise at a state, so it pulls back the directions
+    the policy drifted in on noise alone (docs/learning.md, stop 16: 0.2 measured best of
+    0.2 / 0.5 / 1.0). 0: off."""
     target_kl: float = 6.0
     """Target KL per answer (summed over its tokens) of the adaptive controller."""
     horizon: int = 10000
     """Adaptive KL horizon in responses (TRL default)."""
     adap_kl_ctrl: bool = True
-    """Adapt the KL coefficient toward ``target_kl``; False keeps ``init_kl_coef``."""
+    """Adapt the reward's KL coefficient toward ``target_kl``; False keeps ``init_kl_coef``
+    (a coefficient of 0 stays 0)."""
     kl_stop: float | None = 4.8
     """Stop training once a step's rollouts show a KL to the reference above this (nats per
     answer), and undo the update that led there (CleanRL's ``target_kl`` break, per step).

@@ -14,6 +14,7 @@ from rlhf_demo.ppo.core import (
     gae,
     kl_controller,
     kl_penalized_rewards,
+    kl_to_reference,
     last_token_index,
     logprobs_from_logits,
     masked_mean,
@@ -307,3 +308,20 @@ def test_rloo_advantage_is_the_return_minus_the_mean_of_the_others():
         rloo_advantages(returns, 4)
     with pytest.raises(ValueError):
         rloo_advantages(returns, 1)
+
+
+def test_kl_to_reference_is_the_exact_kl_and_its_gradient_pulls_toward_the_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, requires_grad=True)
+    ref = torch.randn(3, 5, 11)
+    kl = kl_to_reference(logits, ref)
+    p, q = torch.softmax(logits, -1), torch.softmax(ref, -1)
+    assert kl.shape == (3, 5)
+    assert torch.allclose(kl, (p * (p.log() - q.log())).sum(-1), atol=1e-6)
+    assert (kl > 0).all() and kl_to_reference(ref, ref).abs().max() < 1e-6
+    assert kl_to_reference(ref.double(), ref.double()).dtype == torch.float64
+    kl.sum().backward()
+    with torch.no_grad():
+        assert (kl_to_reference(logits - 0.1 * logits.grad, ref) < kl).all()
+    # a shift of all logits by a constant is the same distribution
+    assert torch.allclose(kl_to_reference(ref + 3.0, ref), torch.zeros(3, 5), atol=1e-5)

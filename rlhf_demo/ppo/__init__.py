@@ -1,4 +1,4 @@
-"""PPO: rollouts, KL-penalised rewards, GAE, clipped losses, adaptive KL.
+"""PPO: rollouts, KL-penalised rewards, GAE/RLOO, clipped losses, the exact KL loss, adaptive KL.
 
 The math lives in :mod:`rlhf_demo.ppo.core` as pure tensor functions; the rollout /
 update loop on the shared base in :mod:`rlhf_demo.ppo.trainer`.
@@ -13,6 +13,7 @@ from rlhf_demo.ppo.core import (
     gae,
     kl_controller,
     kl_penalized_rewards,
+    kl_to_reference,
     last_token_index,
     logprobs_from_logits,
     masked_mean,
@@ -24,6 +25,7 @@ from rlhf_demo.ppo.core import (
 )
 from rlhf_demo.ppo.trainer import (
     PPOTrainer,
+    ResponseForward,
     Rollout,
     response_forward,
     sample,
@@ -36,12 +38,14 @@ __all__ = [
     "FixedKLController",
     "PPOConfig",
     "PPOTrainer",
+    "ResponseForward",
     "Rollout",
     "apply_missing_eos_penalty",
     "entropy_from_logits",
     "gae",
     "kl_controller",
     "kl_penalized_rewards",
+    "kl_to_reference",
     "last_token_index",
     "logprobs_from_logits",
     "masked_mean",

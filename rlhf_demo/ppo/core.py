@@ -334,6 +334,21 @@ def entropy_from_logits(
     return torch.cat(pieces).view(B, T)
 
 
+def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Exact KL(pi || pi_ref) over the vocabulary at each position, in fp32.
+
+    logits, ref_logits: (..., V) of the policy and the reference at the same states (already
+    divided by the sampling temperature). Returns (...). Differentiable with respect to
+    ``logits``. Unlike the sampled-token estimate ``log pi(a) - log pi_ref(a)``, it has no
+    sampling noise at a visited state, so as a loss term it pulls every direction the
+    policy drifted in back toward the reference (docs/learning.md, stop 16).
+    """
+    dtype = _compute_dtype(logits.dtype)
+    logp = torch.log_softmax(logits.to(dtype), dim=-1)
+    ref_logp = torch.log_softmax(ref_logits.to(dtype), dim=-1)
+    return (logp.exp() * (logp - ref_logp)).sum(dim=-1)
+
+
 # ── KL coefficient controllers ───────────────────────────────────────────────────────
 
 

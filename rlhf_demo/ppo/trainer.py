@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -38,6 +38,7 @@ from rlhf_demo.ppo.core import (
     gae,
     kl_controller,
     kl_penalized_rewards,
+    kl_to_reference,
     logprobs_from_logits,
     masked_mean,
     policy_loss,
@@ -70,6 +71,7 @@ class Rollout:
     has_eos: torch.Tensor  # (B,) bool, False when the answer hit max_new_tokens
     logprobs: torch.Tensor  # (B, T) policy log-probs of the sampled tokens, 0 at padding
     ref_logprobs: torch.Tensor  # (B, T) the same under the reference (adapters off)
+    ref_hidden: torch.Tensor | None  # (B, T, H) the reference's last hidden states (for the KL loss)
     values: torch.Tensor  # (B, T) value-head estimates, 0 at padding
     entropy: torch.Tensor  # (B, T) policy entropy at each response position, 0 at padding
     raw_scores: torch.Tensor  # (B,) reward_fn output
@@ -107,6 +109,16 @@ def causal_lm(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+class ResponseForward(NamedTuple):
+    """What one forward pass over prompt + response gives, each (B, T) and 0 at padding."""
+
+    logprobs: torch.Tensor  # log-probs of the response tokens
+    values: torch.Tensor | None  # value-head estimates (with a value head)
+    entropy: torch.Tensor | None  # policy entropy (with_entropy)
+    kl: torch.Tensor | None  # exact KL to the reference over the vocabulary (given reference_hidden)
+    hidden: torch.Tensor | None  # (B, T, H) last hidden states at the response positions (keep_hidden)
+
+
 def response_forward(
     model: Any,
     query_ids: torch.Tensor,
@@ -117,14 +129,18 @@ def response_forward(
     value_head: ScalarHead | None = None,
     with_entropy: bool = False,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    reference_hidden: torch.Tensor | None = None,
+    keep_hidden: bool = False,
+) -> ResponseForward:
     """One forward pass over prompt + response: log-probs of the response tokens, and
-    optionally values and entropies, each (B, T) and 0 at padding.
+    optionally values, entropies, the exact per-token KL to the reference and the hidden states.
 
     ``model`` is a causal LM or a PEFT model; whatever adapter state it is in is what
     gets scored. Differentiable when grad is enabled. Logits are computed only for real
     response tokens, ``chunk_rows`` rows at a time (never a (B, L, V) tensor); with
     grad, each chunk is checkpointed, so backward keeps at most one chunk of logits.
+    ``reference_hidden`` (B, T, H) is what ``keep_hidden`` returned for the same batch with the
+    adapters off: the reference's logits are its rows through the shared (never adapted) lm_head.
     """
     lm = causal_lm(model)
     input_ids = torch.cat([query_ids, response_ids], dim=1)
@@ -145,6 +161,7 @@ def response_forward(
     hidden = hidden[:, P - 1 : P + T - 1]
     mask = response_mask.bool()
     rows, labels = hidden[mask], response_ids[mask]  # (N, H), (N,): real tokens only
+    ref_rows = reference_hidden[mask] if reference_hidden is not None else None
     lm_head = lm.get_output_embeddings()
 
     def chunk_logits(h: torch.Tensor) -> torch.Tensor:
@@ -152,29 +169,44 @@ def response_forward(
         # of the distribution the tokens were sampled from (TRL, Huang et al.).
         return (lm_head(h) / temperature).unsqueeze(0)  # (1, n, V)
 
-    def chunk_logprobs(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return logprobs_from_logits(chunk_logits(h), y.unsqueeze(0)).squeeze(0)
+    def chunk_terms(h: torch.Tensor, y: torch.Tensor, h_ref: torch.Tensor | None = None) -> torch.Tensor:
+        """(1 or 2, n): the label's log-prob and, given the reference's rows, the exact KL."""
+        logits = chunk_logits(h)
+        logprob = logprobs_from_logits(logits, y.unsqueeze(0)).squeeze(0)
+        if h_ref is None:
+            return logprob.unsqueeze(0)
+        with torch.no_grad():
+            ref_logits = chunk_logits(h_ref)
+        return torch.stack([logprob, kl_to_reference(logits, ref_logits).squeeze(0)])
 
-    logprob_rows, entropy_rows = [], []
-    for h, y in zip(rows.split(chunk_rows), labels.split(chunk_rows), strict=True):
+    if with_entropy and torch.is_grad_enabled():
+        raise ValueError("with_entropy is for monitoring: call under torch.no_grad()")
+    logprob_rows, kl_rows, entropy_rows = [], [], []
+    ref_chunks = ref_rows.split(chunk_rows) if ref_rows is not None else [None] * len(rows.split(chunk_rows))
+    for h, y, h_ref in zip(rows.split(chunk_rows), labels.split(chunk_rows), ref_chunks, strict=True):
         if torch.is_grad_enabled():  # recomputed in backward: one chunk of logits alive
-            logprob_rows.append(checkpoint(chunk_logprobs, h, y, use_reentrant=False))
+            terms = checkpoint(chunk_terms, h, y, h_ref, use_reentrant=False)
+            logprob_rows.append(terms[0])
+            kl_rows += [terms[1]] if h_ref is not None else []
             continue
         logits = chunk_logits(h)
         logprob_rows.append(logprobs_from_logits(logits, y.unsqueeze(0)).squeeze(0))
+        if h_ref is not None:
+            kl_rows.append(kl_to_reference(logits, chunk_logits(h_ref)).squeeze(0))
         if with_entropy:
             entropy_rows.append(entropy_from_logits(logits).squeeze(0))
-    if with_entropy and torch.is_grad_enabled():
-        raise ValueError("with_entropy is for monitoring: call under torch.no_grad()")
 
     def scatter(values: list[torch.Tensor]) -> torch.Tensor:
         out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         return out.masked_scatter(mask, torch.cat(values).float()) if values else out
 
-    logprobs = scatter(logprob_rows)
-    values = scatter([value_head(rows)]) if value_head is not None else None
-    entropy = scatter(entropy_rows) if with_entropy else None
-    return logprobs, values, entropy
+    return ResponseForward(
+        logprobs=scatter(logprob_rows),
+        values=scatter([value_head(rows)]) if value_head is not None else None,
+        entropy=scatter(entropy_rows) if with_entropy else None,
+        kl=scatter(kl_rows) if ref_rows is not None else None,
+        hidden=torch.zeros_like(hidden).masked_scatter(mask.unsqueeze(-1), rows.detach()) if keep_hidden else None,
+    )
 
 
 @dataclass
@@ -250,9 +282,9 @@ def sample_and_score(
             with use_adapter(model, adapter):
                 s = sample(model, tokenizer, chunk, config)
                 batch = (s.query_ids, s.query_mask, s.response_ids, s.response_mask)
-                logprobs, _, _ = response_forward(model, *batch, config.temperature)
+                logprobs = response_forward(model, *batch, config.temperature).logprobs
                 with model.disable_adapter():
-                    ref_logprobs, _, _ = response_forward(model, *batch, config.temperature)
+                    ref_logprobs = response_forward(model, *batch, config.temperature).logprobs
             kl = (logprobs - ref_logprobs).sum(dim=1)
         scores = torch.as_tensor(score_fn(chunk, s.completions, s.has_eos.tolist()), dtype=torch.float32).reshape(-1)
         out.texts += s.completions
@@ -348,10 +380,10 @@ class PPOTrainer:
         scores = apply_missing_eos_penalty(raw_scores, s.has_eos, self.config.missing_eos_penalty)
         batch = (s.query_ids, s.query_mask, s.response_ids, s.response_mask)
         temperature = self.config.temperature
-        logprobs, values, entropy = response_forward(self.model, *batch, temperature, self.value_head, with_entropy=True)
+        logprobs, values, entropy, _, _ = response_forward(self.model, *batch, temperature, self.value_head, with_entropy=True)
         # detail: reference = the same base with adapters disabled (no model copy).
         with self.model.disable_adapter():
-            ref_logprobs, _, _ = response_forward(self.model, *batch, temperature)
+            reference = response_forward(self.model, *batch, temperature, keep_hidden=self.config.kl_loss_coef > 0)
         assert entropy is not None
         return Rollout(
             query_ids=s.query_ids,
@@ -360,7 +392,8 @@ class PPOTrainer:
             response_mask=s.response_mask,
             has_eos=s.has_eos,
             logprobs=logprobs,
-            ref_logprobs=ref_logprobs,
+            ref_logprobs=reference.logprobs,
+            ref_hidden=reference.hidden,
             values=values if values is not None else torch.zeros_like(logprobs),
             entropy=entropy,
             raw_scores=raw_scores,
@@ -423,10 +456,17 @@ class PPOTrainer:
             for idx in torch.randperm(B, device=self.device).split(cfg.mini_batch_size):
                 m = mask[idx]
                 batch = (r.query_ids[idx], r.query_mask[idx], r.response_ids[idx], m)
-                logprobs, values, _ = response_forward(self.model, *batch, cfg.temperature, self.value_head)
+                ref_hidden = r.ref_hidden[idx] if r.ref_hidden is not None else None
+                logprobs, values, _, kl_to_ref, _ = response_forward(self.model, *batch, cfg.temperature, self.value_head, reference_hidden=ref_hidden)
                 # detail: clipped surrogate policy loss (ratio to the rollout policy).
                 pg_loss, step_stats = policy_loss(logprobs, r.logprobs[idx], advantages[idx], m, cfg.cliprange)
                 loss = pg_loss
+                if kl_to_ref is not None:
+                    # detail: exact KL to the reference over the vocabulary at every visited
+                    # state, token mean, in the loss (GRPO puts a sampled estimate there).
+                    kl_loss = masked_mean(kl_to_ref, m)
+                    loss = loss + cfg.kl_loss_coef * kl_loss
+                    step_stats = {**step_stats, "kl_loss": kl_loss.item()}
                 if values is not None and returns is not None:
                     # detail: clipped value loss around the rollout values.
                     vf_loss, vf_stats = value_loss(values, r.values[idx], returns[idx], m, cfg.cliprange_value)
