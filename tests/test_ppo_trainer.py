@@ -536,5 +536,5 @@ def test_the_kl_loss_keeps_noise_from_moving_the_policy(policy, tiny_loaded, see
         with torch.no_grad():
             r = trainer.rollout(prompts * 16)
         kl[arm] = (r.logprobs - r.ref_logprobs).sum(1).mean().item()
-    # measured, seeds 0-2: 8.1-10.8 nats in the reward, 1.5-1.9 in the loss
+    # measured, seeds 0-2: 8.1-10.8 nats in the reward, 1.4-1.7 in the loss
     assert kl["in the loss"] < 0.5 * kl["in the reward"], kl

@@ -182,8 +182,9 @@ def response_forward(
     if with_entropy and torch.is_grad_enabled():
         raise ValueError("with_entropy is for monitoring: call under torch.no_grad()")
     logprob_rows, kl_rows, entropy_rows = [], [], []
-    ref_chunks = ref_rows.split(chunk_rows) if ref_rows is not None else [None] * len(rows.split(chunk_rows))
-    for h, y, h_ref in zip(rows.split(chunk_rows), labels.split(chunk_rows), ref_chunks, strict=True):
+    row_chunks = rows.split(chunk_rows)
+    ref_chunks = ref_rows.split(chunk_rows) if ref_rows is not None else [None] * len(row_chunks)
+    for h, y, h_ref in zip(row_chunks, labels.split(chunk_rows), ref_chunks, strict=True):
         if torch.is_grad_enabled():  # recomputed in backward: one chunk of logits alive
             terms = checkpoint(chunk_terms, h, y, h_ref, use_reentrant=False)
             logprob_rows.append(terms[0])
