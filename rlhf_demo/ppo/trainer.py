@@ -472,7 +472,7 @@ class PPOTrainer:
                     # detail: clipped value loss around the rollout values.
                     vf_loss, vf_stats = value_loss(values, r.values[idx], returns[idx], m, cfg.cliprange_value)
                     # detail: one joint loss, value term weighted by vf_coef.
-                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    loss = loss + cfg.vf_coef * vf_loss
                     step_stats = {**step_stats, **vf_stats, "value_loss": vf_loss.item()}
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
