@@ -386,6 +386,35 @@ def test_logits_only_for_response_tokens_in_chunks(policy, tiny_loaded):
     assert torch.allclose(lp, r.logprobs, atol=1e-6)
 
 
+def test_a_single_chunk_is_not_recomputed_and_gives_the_chunked_gradients(policy, tiny_loaded):
+    """Recomputing in backward only saves memory across several chunks; one chunk (a PPO
+    minibatch) runs the lm_head once per pass, with the same log-probs, KL and gradients."""
+    torch.manual_seed(0)
+    perturb(policy, "policy")
+    trainer = PPOTrainer(policy, tiny_loaded.tokenizer, random_reward, FAST)
+    r = trainer.rollout([user(p) for p in PROMPTS])
+    batch = (r.query_ids, r.query_mask, r.response_ids, r.response_mask)
+    params = [p for n, p in policy.named_parameters() if p.requires_grad]
+    rows: list[int] = []
+    hook = policy.get_base_model().lm_head.register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+    results = {}
+    try:
+        for chunk in (5, 10_000):
+            rows.clear()
+            out = response_forward(policy, *batch, FAST.temperature, chunk_rows=chunk, reference_hidden=r.ref_hidden)
+            (out.logprobs.sum() + out.kl.sum()).backward()
+            results[chunk] = (out.logprobs.detach(), out.kl.detach(), [p.grad.clone() for p in params], sum(rows))
+            for p in params:
+                p.grad = None
+    finally:
+        hook.remove()
+    tokens = int(r.response_mask.sum())
+    assert results[5][3] == 4 * tokens  # policy + reference rows, then both again in backward
+    assert results[10_000][3] == 2 * tokens  # once each
+    for a, b in zip(results[5][:2] + tuple(results[5][2]), results[10_000][:2] + tuple(results[10_000][2]), strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)  # float sums in another order
+
+
 # ── saving, one base copy, NF4 ───────────────────────────────────────────────────────
 
 

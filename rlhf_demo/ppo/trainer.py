@@ -138,7 +138,7 @@ def response_forward(
     ``model`` is a causal LM or a PEFT model; whatever adapter state it is in is what
     gets scored. Differentiable when grad is enabled. Logits are computed only for real
     response tokens, ``chunk_rows`` rows at a time (never a (B, L, V) tensor); with
-    grad, each chunk is checkpointed, so backward keeps at most one chunk of logits.
+    grad and several chunks, each is checkpointed, so backward keeps one chunk of logits.
     ``reference_hidden`` (B, T, H) is what ``keep_hidden`` returned for the same batch with the
     adapters off: the reference's logits are its rows through the shared (never adapted) lm_head.
     """
@@ -184,9 +184,13 @@ def response_forward(
     logprob_rows, kl_rows, entropy_rows = [], [], []
     row_chunks = rows.split(chunk_rows)
     ref_chunks = ref_rows.split(chunk_rows) if ref_rows is not None else [None] * len(row_chunks)
+    # detail: with several chunks, each is recomputed in backward so one chunk of logits is
+    # alive at a time; a single chunk peaks the same either way, and recomputing it would
+    # cost two more lm_head passes (policy and reference) per minibatch.
+    recompute = len(row_chunks) > 1
     for h, y, h_ref in zip(row_chunks, labels.split(chunk_rows), ref_chunks, strict=True):
-        if torch.is_grad_enabled():  # recomputed in backward: one chunk of logits alive
-            terms = checkpoint(chunk_terms, h, y, h_ref, use_reentrant=False)
+        if torch.is_grad_enabled():
+            terms = checkpoint(chunk_terms, h, y, h_ref, use_reentrant=False) if recompute else chunk_terms(h, y, h_ref)
             logprob_rows.append(terms[0])
             kl_rows += [terms[1]] if h_ref is not None else []
             continue
