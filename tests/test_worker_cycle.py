@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf_demo.serving import Sampling
 from rlhf_demo.store import FeedbackStore
@@ -101,6 +102,40 @@ def test_rejected_candidate_is_kept_but_never_served(runtime, settings):
     rejected = next(v for v in runtime.store.list_versions() if v["version"] == summary["version"])
     assert rejected["status"] == "rejected" and Path(rejected["path"]).is_dir()
     assert runtime.store.active_version() == "v0" and runtime.sync_registry() == "v0"
+
+
+def test_gae_value_head_is_kept_with_the_version_and_warm_starts_the_next_cycle(runtime, settings, monkeypatch):
+    """With ``advantage="gae"`` the value head is saved beside the candidate's adapter (both
+    published and rejected ones) and the next cycle's PPO starts from the head of the version
+    it trains from, as the reward model is refit rather than restarted: a cold head every
+    cycle makes the first steps' advantages mostly noise."""
+    from safetensors.torch import load_file
+
+    from rlhf_demo.modeling import load_model
+    from rlhf_demo.modeling.heads import HEAD_FILE
+    from rlhf_demo.worker import cycle as cycle_module
+
+    settings = small(settings)
+    settings = dataclasses.replace(settings, training=dataclasses.replace(settings.training, ppo=dataclasses.replace(settings.training.ppo, advantage="gae", samples_per_prompt=1)))
+    starts: list[dict[str, torch.Tensor]] = []
+
+    class Recording(cycle_module.PPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            starts.append({k: v.detach().clone() for k, v in self.value_head.state_dict().items()})
+
+    monkeypatch.setattr(cycle_module, "PPOTrainer", Recording)
+    cast_votes(runtime.store)
+    worker_model = load_model(settings)
+    first = run_cycle(settings, runtime.store, worker_model, gate_config=ALWAYS)
+    v1 = next(v for v in runtime.store.list_versions() if v["version"] == first["version"])
+    saved = load_file(str(Path(v1["path"]) / HEAD_FILE))
+    assert torch.count_nonzero(starts[0]["linear.weight"]) == 0  # the first cycle starts cold (V = 0)
+    assert torch.count_nonzero(saved["linear.weight"]) > 0  # ... and learned something
+    second = run_cycle(settings, runtime.store, worker_model, gate_config=NEVER)
+    assert torch.equal(starts[1]["linear.weight"], saved["linear.weight"]) and torch.equal(starts[1]["linear.bias"], saved["linear.bias"])
+    rejected = next(v for v in runtime.store.list_versions() if v["version"] == second["version"])
+    assert (Path(rejected["path"]) / HEAD_FILE).is_file()
 
 
 # ----- kill -9 ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 from rlhf_demo.config import GateConfig, Settings
 from rlhf_demo.modeling import LoadedModel
 from rlhf_demo.modeling.adapters import attach_new_adapter, put_adapter
+from rlhf_demo.modeling.heads import HEAD_FILE, ScalarHead, hidden_size
 from rlhf_demo.ppo.trainer import PPOTrainer, sample_and_score
 from rlhf_demo.reward import holdout_split
 from rlhf_demo.reward.fairness import cap_per_voter
@@ -117,6 +118,15 @@ def resume_point(store: FeedbackStore, active: str | None, gate: GateConfig) -> 
     return None
 
 
+def warm_value_head(start: dict[str, Any] | None, model: Any, advantage: str) -> ScalarHead | None:
+    """The value head (GAE) saved beside the version PPO continues from, or None (a cold,
+    zero head; RLOO has none). Kept across cycles like the reward model: a cold head makes
+    the first steps' advantages mostly noise."""
+    if advantage != "gae" or start is None or not (Path(start["path"]) / HEAD_FILE).is_file():
+        return None
+    return ScalarHead.load(Path(start["path"]), hidden_size(model))
+
+
 def run_cycle(
     settings: Settings, store: FeedbackStore, loaded: LoadedModel, report: Report | None = None, gate_config: GateConfig | None = None
 ) -> dict[str, Any]:
@@ -166,7 +176,7 @@ def run_cycle(
         def reward_fn(batch_prompts: list, completions: list[str], finished: list[bool]) -> Any:
             return rm.score(batch_prompts, completions, normalized=True, finished=finished)
 
-        trainer = PPOTrainer(model, loaded.tokenizer, reward_fn, training.ppo, policy_adapter=POLICY)
+        trainer = PPOTrainer(model, loaded.tokenizer, reward_fn, training.ppo, policy_adapter=POLICY, value_head=warm_value_head(start or active_row, model, training.ppo.advantage))
         random.Random(run_id).shuffle(train_prompts)  # each cycle starts on other prompts
 
         def on_step(step: int, total: int, stats: dict[str, Any]) -> None:
@@ -211,11 +221,14 @@ def run_cycle(
         report(phase="publish", step=0, total=1)
         metrics = {"gate": summary["gate"], "reward": rm_metrics.accuracies(), "run_id": run_id, "trained_from": summary["trained_from"]}
 
+        # The value head (GAE) travels with its adapter, so the next cycle starts from it.
+        head = trainer.value_head
+        extra = {HEAD_FILE: lambda path: head.save(path.parent)} if head is not None else None
         if gate.passed:
-            version = publish(store, model, POLICY, settings.adapters_dir, active, metrics)
+            version = publish(store, model, POLICY, settings.adapters_dir, active, metrics, extra_files=extra)
             summary["decision"] = "published"
         else:
-            version = keep_rejected(store, model, POLICY, settings.adapters_dir, active, metrics)
+            version = keep_rejected(store, model, POLICY, settings.adapters_dir, active, metrics, extra_files=extra)
             summary["decision"] = "rejected"
         summary["version"] = version
         store.finish_run(run_id, "succeeded" if gate.passed else "rejected", summary=summary, candidate_version=version)

@@ -59,13 +59,24 @@ def publish(
     return version
 
 
-def keep_rejected(store: FeedbackStore, model: Any, adapter: str, adapters_dir: Path, parent: str | None, metrics: dict[str, Any]) -> str:
-    """Keep a rejected candidate for inspection under ``adapters/rejected``; never served."""
+def keep_rejected(
+    store: FeedbackStore,
+    model: Any,
+    adapter: str,
+    adapters_dir: Path,
+    parent: str | None,
+    metrics: dict[str, Any],
+    extra_files: dict[str, Any] | None = None,
+) -> str:
+    """Keep a rejected candidate for inspection (and for the next cycle to train on from)
+    under ``adapters/rejected``; never served."""
     version = store.next_version_name()
     folder = adapters_dir / REJECTED_DIR / version
     folder.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
     save_adapter(model, adapter, folder)
+    for name, writer in (extra_files or {}).items():
+        writer(folder / name)
     store.register_version(version, str(folder), parent, "rejected", metrics)
     return version
 
