@@ -32,6 +32,13 @@ def verify_loads(model: Any, folder: Path) -> None:
             model.delete_adapter(scratch)
 
 
+def write_adapter(model: Any, adapter: str, folder: Path, extra_files: dict[str, Any] | None) -> None:
+    """The adapter's files, then each extra file (``name -> writer(path)``, e.g. the value head)."""
+    save_adapter(model, adapter, folder)
+    for name, writer in (extra_files or {}).items():
+        writer(folder / name)
+
+
 def publish(
     store: FeedbackStore,
     model: Any,
@@ -46,9 +53,7 @@ def publish(
     final = adapters_dir / version
     staging = adapters_dir / f".{version}.staging"
     shutil.rmtree(staging, ignore_errors=True)
-    save_adapter(model, adapter, staging)
-    for name, writer in (extra_files or {}).items():
-        writer(staging / name)
+    write_adapter(model, adapter, staging, extra_files)
     check_adapter_folder(staging)
     verify_loads(model, staging)
     if final.exists():  # left by a crash between rename and registry row: not registered, so not served
@@ -59,24 +64,14 @@ def publish(
     return version
 
 
-def keep_rejected(
-    store: FeedbackStore,
-    model: Any,
-    adapter: str,
-    adapters_dir: Path,
-    parent: str | None,
-    metrics: dict[str, Any],
-    extra_files: dict[str, Any] | None = None,
-) -> str:
+def keep_rejected(store: FeedbackStore, model: Any, adapter: str, adapters_dir: Path, parent: str | None, metrics: dict[str, Any], extra_files: dict[str, Any] | None = None) -> str:
     """Keep a rejected candidate for inspection (and for the next cycle to train on from)
     under ``adapters/rejected``; never served."""
     version = store.next_version_name()
     folder = adapters_dir / REJECTED_DIR / version
     folder.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
-    save_adapter(model, adapter, folder)
-    for name, writer in (extra_files or {}).items():
-        writer(folder / name)
+    write_adapter(model, adapter, folder, extra_files)
     store.register_version(version, str(folder), parent, "rejected", metrics)
     return version
 
