@@ -120,7 +120,8 @@ class PPOConfig:
     advantage: str = "rloo"
     """``"rloo"``: REINFORCE leave-one-out (Ahmadian et al. 2024) - the advantage of an answer
     is its KL-penalised score minus the mean of the other answers to the same prompt, no
-    value head; ``"gae"``: GAE on a value head trained alongside (classic RLHF PPO)."""
+    value head; ``"gae"``: GAE on a value head trained alongside and kept with each version
+    (classic RLHF PPO). On the same runs neither won (docs/learning.md, stop 17)."""
     gamma: float = 1.0
     """Discount (GAE); 1.0: the score comes once, at the end of a short episode (TRL)."""
     lam: float = 0.95
