@@ -161,9 +161,10 @@ def run_cycle(
         # The candidate starts from the last promising candidate, else from the active version
         # (or fresh when only the base is served); the gate always compares with the active one.
         start = resume_point(store, active, gate_config) if training.resume_rejected else None
-        summary["trained_from"] = (start or active_row or {}).get("version")
-        if start is not None or active_row is not None:
-            model = put_adapter(model, POLICY, (start or active_row)["path"], trainable=True)
+        origin = start or active_row
+        summary["trained_from"] = (origin or {}).get("version")
+        if origin is not None:
+            model = put_adapter(model, POLICY, origin["path"], trainable=True)
         else:
             if POLICY in model.peft_config:
                 model.delete_adapter(POLICY)
@@ -176,7 +177,7 @@ def run_cycle(
         def reward_fn(batch_prompts: list, completions: list[str], finished: list[bool]) -> Any:
             return rm.score(batch_prompts, completions, normalized=True, finished=finished)
 
-        trainer = PPOTrainer(model, loaded.tokenizer, reward_fn, training.ppo, policy_adapter=POLICY, value_head=warm_value_head(start or active_row, model, training.ppo.advantage))
+        trainer = PPOTrainer(model, loaded.tokenizer, reward_fn, training.ppo, policy_adapter=POLICY, value_head=warm_value_head(origin, model, training.ppo.advantage))
         random.Random(run_id).shuffle(train_prompts)  # each cycle starts on other prompts
 
         def on_step(step: int, total: int, stats: dict[str, Any]) -> None:
@@ -221,14 +222,12 @@ def run_cycle(
         report(phase="publish", step=0, total=1)
         metrics = {"gate": summary["gate"], "reward": rm_metrics.accuracies(), "run_id": run_id, "trained_from": summary["trained_from"]}
 
-        # The value head (GAE) travels with its adapter, so the next cycle starts from it.
-        head = trainer.value_head
-        extra = {HEAD_FILE: lambda path: head.save(path.parent)} if head is not None else None
+        # save_policy keeps the value head (GAE) with its adapter, so the next cycle starts from it.
         if gate.passed:
-            version = publish(store, model, POLICY, settings.adapters_dir, active, metrics, extra_files=extra)
+            version = publish(store, model, POLICY, settings.adapters_dir, active, metrics, write=trainer.save_policy)
             summary["decision"] = "published"
         else:
-            version = keep_rejected(store, model, POLICY, settings.adapters_dir, active, metrics, extra_files=extra)
+            version = keep_rejected(store, model, POLICY, settings.adapters_dir, active, metrics, write=trainer.save_policy)
             summary["decision"] = "rejected"
         summary["version"] = version
         store.finish_run(run_id, "succeeded" if gate.passed else "rejected", summary=summary, candidate_version=version)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,10 @@ def verify_loads(model: Any, folder: Path) -> None:
             model.delete_adapter(scratch)
 
 
-def write_adapter(model: Any, adapter: str, folder: Path, extra_files: dict[str, Any] | None) -> None:
-    """The adapter's files, then each extra file (``name -> writer(path)``, e.g. the value head)."""
-    save_adapter(model, adapter, folder)
-    for name, writer in (extra_files or {}).items():
-        writer(folder / name)
+Writer = Callable[[Path], Any]
+"""Writes a version's folder (which must not exist yet); default: the adapter alone
+(``save_adapter``). The worker passes ``PPOTrainer.save_policy``: adapter and, with GAE, its
+value head."""
 
 
 def publish(
@@ -46,14 +47,14 @@ def publish(
     adapters_dir: Path,
     parent: str | None,
     metrics: dict[str, Any],
-    extra_files: dict[str, Any] | None = None,
+    write: Writer | None = None,
 ) -> str:
     """Publish adapter ``adapter`` of ``model`` as the next version and make it active."""
     version = store.next_version_name()
     final = adapters_dir / version
     staging = adapters_dir / f".{version}.staging"
     shutil.rmtree(staging, ignore_errors=True)
-    write_adapter(model, adapter, staging, extra_files)
+    (write or partial(save_adapter, model, adapter))(staging)
     check_adapter_folder(staging)
     verify_loads(model, staging)
     if final.exists():  # left by a crash between rename and registry row: not registered, so not served
@@ -64,14 +65,14 @@ def publish(
     return version
 
 
-def keep_rejected(store: FeedbackStore, model: Any, adapter: str, adapters_dir: Path, parent: str | None, metrics: dict[str, Any], extra_files: dict[str, Any] | None = None) -> str:
+def keep_rejected(store: FeedbackStore, model: Any, adapter: str, adapters_dir: Path, parent: str | None, metrics: dict[str, Any], write: Writer | None = None) -> str:
     """Keep a rejected candidate for inspection (and for the next cycle to train on from)
     under ``adapters/rejected``; never served."""
     version = store.next_version_name()
     folder = adapters_dir / REJECTED_DIR / version
     folder.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
-    write_adapter(model, adapter, folder, extra_files)
+    (write or partial(save_adapter, model, adapter))(folder)
     store.register_version(version, str(folder), parent, "rejected", metrics)
     return version
 
