@@ -380,7 +380,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def evaluation(reward_folder: Path | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         version = runtime.store.active_version() or "v0"
-        path = next(v["path"] for v in runtime.store.list_versions() if v["version"] == version)
+        path = runtime.store.get_version(version)["path"]
         answers = sample_answers(worker, path, rater, eval_prompts, sampler, args.eval_batch)
         result = evaluate(answers, base_answers, eval_prompts, version, time.perf_counter() - started, args.eval_samples, args.base_samples)
         if reward_folder is not None:

@@ -36,7 +36,7 @@ from test_browser import CHROMIUM, CHROMIUM_ARGS, Tab, send_chat  # noqa: E402
 
 from bench.learning import load_prompts  # noqa: E402
 from bench.raters import load_rater  # noqa: E402
-from rlhf_demo.store import FeedbackStore  # noqa: E402
+from rlhf_demo.store import SERVABLE_STATUSES, FeedbackStore  # noqa: E402
 from rlhf_demo.ui.app import free_port  # noqa: E402
 
 TAG = re.compile(r"\s*written by adapter ([\w.-]+)\S*\s*$")  # under every finished answer
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "gate": (r.get("summary") or {}).get("gate"), "started_at": r.get("started_at"), "finished_at": r.get("finished_at")}
                 for r in finished_runs(store)
             ]
-            published = [v["version"] for v in store.list_versions() if v["version"] != "v0" and v["status"] in ("active", "retired")]
+            published = [v["version"] for v in store.list_versions() if v["version"] != "v0" and v["status"] in SERVABLE_STATUSES]
             report["published"] = published
             if published:
                 target = store.active_version()

@@ -19,10 +19,9 @@ from typing import Any
 
 from rlhf_demo.config import TINY_MODEL
 from rlhf_demo.modeling.adapters import ADAPTER_CONFIG, AdapterError, check_adapter_folder
-from rlhf_demo.store import FeedbackStore, export_preferences, export_unpaired
+from rlhf_demo.store import SERVABLE_STATUSES, FeedbackStore, export_preferences, export_unpaired
 from rlhf_demo.store.validate import REASON_TAGS
 
-PUBLISHABLE = ("active", "retired")  # what served visitors; rejected, broken and candidate versions did not
 DATA_CONFIGS = {"preferences": "preferences/train.jsonl", "unpaired": "unpaired/train.jsonl"}
 
 
@@ -49,12 +48,11 @@ def hub_base_model(model: str, override: str | None = None) -> str:
 
 def publishable_version(store: FeedbackStore, version: str) -> dict[str, Any]:
     """The registry row of ``version`` when it may be published, else HubError saying why not."""
-    rows = {row["version"]: row for row in store.list_versions()}
-    row = rows.get(version)
+    row = store.get_version(version)
     if row is None:
-        known = ", ".join(v for v, r in rows.items() if r["status"] in PUBLISHABLE) or "none yet"
+        known = ", ".join(r["version"] for r in store.list_versions() if r["status"] in SERVABLE_STATUSES) or "none yet"
         raise HubError(f"unknown version {version!r}; publishable versions: {known}")
-    if row["status"] not in PUBLISHABLE:
+    if row["status"] not in SERVABLE_STATUSES:
         why = f": {row['broken_reason']}" if row.get("broken_reason") else ""
         raise HubError(f"version {version} is {row['status']}{why}; only versions that were served (active or retired) are published")
     try:

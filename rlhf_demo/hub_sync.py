@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_demo.reward.model import PROBE_FILE
+from rlhf_demo.store.registry import SERVABLE_STATUSES  # versions that may be served again; rejected/broken ones are not carried
 
 log = logging.getLogger(__name__)
 SNAPSHOT_NAME = "feedback.db"
-SYNCED_STATUSES = ("active", "retired")  # versions that may be served again; rejected/broken ones are not carried
 REWARD_DIR = "reward"
 
 
@@ -135,7 +135,7 @@ def restore_models(data_dir: Path, db_path: Path, repo_id: str, token: str) -> l
     for version, path, status in _registry(db_path):
         target = data_dir / "adapters" / version
         prefix = f"adapters/{version}/"
-        if status not in SYNCED_STATUSES or not any(f.startswith(prefix) for f in files):
+        if status not in SERVABLE_STATUSES or not any(f.startswith(prefix) for f in files):
             continue
         if not target.is_dir():
             _download_folder(repo_id, token, files, prefix, target)
@@ -174,7 +174,7 @@ def stage_models(data_dir: Path, db_path: Path, folder: Path, remote: set[str]) 
     staged = []
     for version, path, status in _registry(db_path):
         source, target = Path(path), folder / "adapters" / version
-        if status in SYNCED_STATUSES and source.is_dir() and not target.exists() and f"adapters/{version}/adapter_config.json" not in remote:
+        if status in SERVABLE_STATUSES and source.is_dir() and not target.exists() and f"adapters/{version}/adapter_config.json" not in remote:
             _link_tree(source, target)
             staged.append(f"adapters/{version}")
     runs = sorted((p for p in (data_dir / REWARD_DIR).glob("run-*") if (p / PROBE_FILE).exists()), key=lambda p: _run_number(p.name))

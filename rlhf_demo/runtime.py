@@ -111,7 +111,9 @@ class Runtime:
         try:
             load_ms, prepare_ms, mode = 0.0, 0.0, "cached"
             if wanted != BASE_VERSION and wanted not in self.server.loaded_versions:
-                row = next(v for v in self.store.list_versions() if v["version"] == wanted)
+                row = self.store.get_version(wanted)
+                if row is None:
+                    raise AdapterError(f"{wanted} is not in the registry")
                 self.server.load_version(wanted, row["path"])
                 load_ms, prepare_ms, mode = self.server.last_load_ms, self.server.last_prepare_ms, self.server.last_load_mode
             self.server.activate(wanted)
@@ -119,7 +121,7 @@ class Runtime:
             self.status.last_error = ""
             total_ms = 1000 * (time.perf_counter() - started)
             self.status.swaps = [*self.status.swaps[-49:], {"version": wanted, "mode": mode, "load_ms": load_ms, "prepare_ms": prepare_ms, "total_ms": total_ms, "at": time.time()}]
-        except (AdapterError, StopIteration, OSError) as exc:
+        except (AdapterError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
             self.status.refused[wanted] = reason
             fallback = self.store.mark_broken(wanted, reason) or BASE_VERSION

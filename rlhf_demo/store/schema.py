@@ -231,11 +231,20 @@ def _m4_reasons(db: sqlite_utils.Database) -> None:
         db.table(table).add_column("comment", str)
 
 
+def _m5_drop_dead_parts(db: sqlite_utils.Database) -> None:
+    """Remove what nothing writes: the ``messages`` table (answers and their prompts live in
+    ``responses``) and the statuses ``published`` (served: now ``retired``) and
+    ``candidate`` (never passed the gate: now ``rejected``)."""
+    db.execute("DROP TABLE IF EXISTS messages")
+    db.execute("UPDATE adapter_versions SET status = 'retired' WHERE status = 'published'")
+    db.execute("UPDATE adapter_versions SET status = 'rejected' WHERE status = 'candidate'")
+
+
 # The unordered pair {a, b}: a vote on (b, a) is a vote on the same pair as (a, b).
 PAIR_KEY_SQL = "min(response_a_id, response_b_id), max(response_a_id, response_b_id)"
 PAIR_VOTE_INDEX = "idx_preferences_one_vote_per_pair"
 
-MIGRATIONS: list[Migration] = [_m1_initial, _m2_indexes, _m3_integrity, _m4_reasons]
+MIGRATIONS: list[Migration] = [_m1_initial, _m2_indexes, _m3_integrity, _m4_reasons, _m5_drop_dead_parts]
 LATEST_VERSION = len(MIGRATIONS)
 
 

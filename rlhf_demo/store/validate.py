@@ -32,8 +32,6 @@ _TYPE_WORDS = {
 ROLES = ("system", "user", "assistant")
 OUTCOMES = ("A", "B", "tie", "both_bad")
 SOURCES = ("two_samples", "two_versions")
-VERSION_STATUSES = ("active", "retired", "rejected", "candidate", "published", "broken")
-SERVABLE_STATUSES = ("active", "retired", "published")  # passed the gate, not broken
 FINISHED_RUN_STATUSES = ("succeeded", "failed", "rejected")
 PHASES = ("reward", "ppo", "gate")
 # Why a 👎 or an A/B vote went that way: a fixed list, so the tags can be counted and filtered.

@@ -24,7 +24,7 @@ from typing import Any
 
 from rlhf_demo.runtime import Runtime
 from rlhf_demo.serving import Generation, strip_control
-from rlhf_demo.store import StoreError, export_preferences, export_unpaired
+from rlhf_demo.store import SERVABLE_STATUSES, StoreError, export_preferences, export_unpaired
 from rlhf_demo.store.validate import is_finite_number  # also False for a JSON integer too large for a float
 from rlhf_demo.visitors import Visitor
 
@@ -478,7 +478,7 @@ class Handlers:
 
     def previous_version(self, active: str) -> str | None:
         """The version that was served before ``active`` and is still loadable."""
-        published = [v for v in self.runtime.store.list_versions() if v["status"] in ("active", "retired")]
+        published = [v for v in self.runtime.store.list_versions() if v["status"] in SERVABLE_STATUSES]
         names = [v["version"] for v in published]
         if active not in names:
             return names[-1] if names else None

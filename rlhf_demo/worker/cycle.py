@@ -105,7 +105,7 @@ def resume_point(store: FeedbackStore, active: str | None, gate: GateConfig) -> 
         if run["kind"] != "cycle" or run["status"] not in ("succeeded", "rejected") or "ppo" not in summary:
             continue  # not a cycle that trained (e.g. the reward model was not trusted yet)
         version = run.get("candidate_version")
-        row = next((v for v in store.list_versions() if v["version"] == version), None)
+        row = store.get_version(version) if version else None
         if row is None or row["status"] != "rejected" or row["parent"] != active:
             return None
         verdict = (row.get("metrics") or {}).get("gate") or {}
@@ -142,7 +142,7 @@ def run_cycle(
     try:
         report(run_id=run_id)
         active = store.active_version()
-        active_row = next((v for v in store.list_versions() if v["version"] == active), None)
+        active_row = store.get_version(active) if active else None
         prompts = store.recent_prompts(limit=256)
         if len(prompts) < 2:
             raise ValueError("need at least 2 distinct prompts in the store")
