@@ -128,6 +128,20 @@ class Runtime:
             return False
         return True
 
+    def previous_version(self) -> str | None:
+        """The version served before the active one, loaded so that it can answer (Compare's
+        "active vs previous"); None when nothing was served before it."""
+        served = [v for v in self.store.list_versions() if v["status"] in ("active", "retired")]
+        names = [v["version"] for v in served]
+        if self.server.active not in names:
+            return names[-1] if names else None
+        position = names.index(self.server.active)
+        if position == 0:
+            return None
+        previous = served[position - 1]
+        self.server.load_version(previous["version"], previous["path"])
+        return previous["version"]
+
     def start_polling(self) -> None:
         """Poll the registry every ``poll_seconds`` in a daemon thread (cheap: one query)."""
 
