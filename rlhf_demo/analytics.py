@@ -65,10 +65,6 @@ class VersionRow:
     votes: int  # the matches it played (every Compare vote between it and another version)
     rank: int = 0  # 1 = best rating
 
-    @property
-    def vs_previous(self) -> str:  # the old name, from when only predecessors were compared
-        return self.opponents
-
 
 def leaderboard(matches: Sequence[Match], rounds: int = 200, seed: int = 0) -> list[VersionRow]:
     """Every version that played, from all Compare matches between any two versions: a

@@ -20,7 +20,7 @@ from rlhf_demo.config import Settings
 from rlhf_demo.modeling import LoadedModel, load_model
 from rlhf_demo.modeling.adapters import AdapterError, attach_new_adapter, save_adapter
 from rlhf_demo.serving import BASE_VERSION, PolicyServer
-from rlhf_demo.store import FeedbackStore
+from rlhf_demo.store import SERVABLE_STATUSES, FeedbackStore
 from rlhf_demo.visitors import Signer, VisitorBook, load_secret
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,20 @@ class Runtime:
             log.error(self.status.last_error)
             return False
         return True
+
+    def previous_version(self) -> str | None:
+        """The version served before the active one, loaded so that it can answer (Compare's
+        "active vs previous"); None when nothing was served before it."""
+        served = [v for v in self.store.list_versions() if v["status"] in SERVABLE_STATUSES]
+        names = [v["version"] for v in served]
+        if self.server.active not in names:
+            return names[-1] if names else None
+        position = names.index(self.server.active)
+        if position == 0:
+            return None
+        previous = served[position - 1]
+        self.server.load_version(previous["version"], previous["path"])
+        return previous["version"]
 
     def start_polling(self) -> None:
         """Poll the registry every ``poll_seconds`` in a daemon thread (cheap: one query)."""

@@ -8,6 +8,7 @@ import pytest
 
 from rlhf_demo.store import StoreError
 from rlhf_demo.ui.handlers import ChatState, Handlers, PairState, UserError, clean_history
+from rlhf_demo.ui.handlers.checks import check_message
 
 SESSION = "session-1"
 
@@ -144,8 +145,8 @@ def test_bad_messages_are_refused_and_write_nothing(handlers, runtime, message):
     assert table_count(runtime, "responses") == 0
 
 
-def test_control_characters_are_stripped(handlers):
-    assert handlers.check_message("a\x07b\x1bc\n") == "abc"
+def test_control_characters_are_stripped(runtime):
+    assert check_message("a\x07b\x1bc\n", runtime.settings.limits) == "abc"
 
 
 @pytest.mark.parametrize(

@@ -2,15 +2,15 @@
 can hand to an entry point is refused with the project's own clear message, and nothing is
 written.
 
-Entry points: the functions the Gradio app wires to each event (the browser's own path,
-through ``_friendly`` and the visitor cookie), the handlers behind them, and the store's
+Entry points: the event adapters each tab wires to its events (the browser's own path,
+through ``friendly`` and the visitor cookie), the handlers behind them, and the store's
 public write methods. For each case: (a) the call raises ``gr.Error`` with one of our
 messages (never the generic "could not complete" one, which means an unexpected exception),
 or our ``UserError`` / ``InvalidInputError`` / ``UnknownIdError``, whose text the app shows
 as is; (b) the message is short and holds no Python internals or server paths; (c) every
 table's rows and every file in the data directory are exactly as before.
 
-One runtime and one app for the module (the tiny model); the seed holds two visitors'
+One runtime and one set of event adapters for the module (the tiny model); the seed holds two visitors'
 chats, compare pairs and votes, a rejected version and two training runs, so forged ids
 have something real to point at. No case generates text: a refusal comes first.
 """
@@ -34,8 +34,11 @@ from rlhf_demo.config import load_settings
 from rlhf_demo.modeling import load_model
 from rlhf_demo.runtime import Runtime
 from rlhf_demo.store import InvalidInputError, UnknownIdError
-from rlhf_demo.ui.app import GENERIC_ERROR, build_app, translate
-from rlhf_demo.ui.handlers import ChatState, Handlers, PairState, UserError
+from rlhf_demo.ui.chat import ChatEvents
+from rlhf_demo.ui.compare import CompareEvents
+from rlhf_demo.ui.data import DataEvents
+from rlhf_demo.ui.events import GENERIC_ERROR, translate
+from rlhf_demo.ui.handlers import OUTCOMES, ChatState, Handlers, PairState, UserError
 from rlhf_demo.visitors import Visitor
 
 TOKEN = "correct-horse-battery-staple-42"
@@ -186,17 +189,25 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         env={}, model=str(tiny_model_dir), data_dir=tmp_path_factory.mktemp("hostile") / "data", quantization="fp32", admin_token=TOKEN
     )
     runtime = Runtime(settings, load_model(settings))
-    demo = build_app(runtime)
-    functions = list(demo.fns.values())
-    ui: dict[str, Any] = {}
-    for f in functions:  # public endpoints by API name, private events by their function's name
-        for key in (f.api_name, getattr(f.fn, "__name__", None)):
-            if key:
-                ui.setdefault(key, f.fn)
-    (raw_export,) = [f.fn for f in functions if f.name == "<lambda>" and len(f.inputs) == 1]  # the admin's raw export
+    app = Handlers(runtime)  # as the app builds it: default limits
+    chat, compare, data = ChatEvents(app), CompareEvents(app), DataEvents(app)
+    ui: dict[str, Callable[..., Any]] = {
+        "chat": chat.on_chat,
+        "on_retry": chat.on_retry,
+        "on_undo": chat.on_undo,
+        "on_like": chat.on_like,
+        "on_thumb_reasons": chat.on_thumb_reasons,
+        "rate": chat.on_api_rate,
+        "compare": compare.on_compare,
+        "on_pair_reasons": compare.on_pair_reasons,
+        **{f"vote_{outcome}": compare.on_vote(label) for label, outcome in OUTCOMES.items()},
+        "rollback": data.rollback,
+        "reset_to_base": data.reset_to_base,
+        "train_now": data.train_now,
+    }
     h = Handlers(runtime)
     h.votes.limit = h.ip_votes.limit = 10**6
-    w = World(runtime, h, ui, raw_export, Visitor(ME_ID, runtime.signer.ip_key(HOST)), Visitor(OTHER_ID, "ip-other"))
+    w = World(runtime, h, ui, data.raw_export, Visitor(ME_ID, runtime.signer.ip_key(HOST)), Visitor(OTHER_ID, "ip-other"))
     *_, w.chat_me = h.chat(w.me, "Hi", [], w.state_me, 0.7, 0.9, 2)
     *_, w.chat_other = h.chat(w.other, "Hi", [], w.state_other, 0.7, 0.9, 2)
     h.like(w.me, w.state_me, 1, True)
@@ -209,7 +220,6 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     w.run_open = runtime.store.start_run("reward")
     h.export("preferences")
     yield w
-    demo.close()
     runtime.close()
 
 

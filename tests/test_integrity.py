@@ -13,6 +13,7 @@ import pytest
 
 from rlhf_demo.reward.fairness import cap_per_voter, share_cap
 from rlhf_demo.ui.handlers import ChatState, Handlers, UserError, check_event
+from rlhf_demo.ui.handlers.checks import check_sampling
 from rlhf_demo.visitors import Signer, Visitor, VisitorBook, client_address, identify, load_secret
 
 ME = Visitor("a" * 32, "ip-1")
@@ -87,9 +88,9 @@ def test_non_finite_or_non_numeric_sampling_is_refused_and_writes_nothing(handle
     assert rows(runtime, "responses") == 0
 
 
-def test_fractional_token_count_is_refused(handlers):
+def test_fractional_token_count_is_refused():
     with pytest.raises(UserError, match="whole number"):
-        handlers.check_sampling(max_new_tokens=3.5)
+        check_sampling(max_new_tokens=3.5)
 
 
 @pytest.mark.parametrize("liked", ["maybe", "like", 1, 0, 1.0, [True], {"liked": True}, b"Like"])

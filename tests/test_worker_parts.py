@@ -155,7 +155,7 @@ def test_bradley_terry_orders_versions_and_win_rates():
     assert ratings["v0"] == 1000 and ratings["v1"] > 1100
     rows = leaderboard(matches, rounds=50)
     v1 = next(r for r in rows if r.version == "v1")
-    assert v1.vs_previous == "v0" and v1.votes == 11
+    assert v1.opponents == "v0" and v1.votes == 11
     assert v1.win_rate == pytest.approx(8.5 / 11)
     assert v1.low <= v1.rating <= v1.high
 

@@ -11,10 +11,13 @@ from typing import Any
 
 from rlhf_demo.analytics import leaderboard, matches_from_votes
 from rlhf_demo.reward.trainer import RewardMetrics
+from rlhf_demo.runtime import Runtime
 from rlhf_demo.store import FeedbackStore
-from rlhf_demo.worker.status import WorkerStatus
+from rlhf_demo.worker.status import WorkerStatus, read_status
+from rlhf_demo.worker.supervisor import WorkerSupervisor
 
 VERSION_COLUMNS = ["version", "created", "parent", "status", "gate"]
+RUN_COLUMNS = ["run", "started", "status", "decision", "reason / error"]
 LEADERBOARD_COLUMNS = ["version", "rating (Elo scale)", "95% interval", "played against", "win-rate", "votes", "rank"]
 NO_MATCHES = (
     "*No Compare votes between two different versions yet.* Once the worker has published a trained version, "
@@ -165,3 +168,68 @@ def run_rows(store: FeedbackStore, limit: int = 10) -> list[list[Any]]:
         why = r.get("error") or "; ".join(gate.get("reasons") or []) or (gate_summary(gate) if "kl" in gate else "")
         rows.append([r["id"], r["started_at"][:19], r["status"], summary.get("decision", ""), why])
     return rows
+
+
+class DashboardEvents:
+    """The Dashboard tab's refreshes: the worker line every few seconds, tables on demand."""
+
+    def __init__(self, runtime: Runtime, supervisor: WorkerSupervisor | None) -> None:
+        self.runtime = runtime
+        self.supervisor = supervisor
+
+    def worker_markdown(self) -> tuple[str, str]:
+        described = self.supervisor.describe() if self.supervisor else None
+        status = described["status"] if described else read_status(self.runtime.settings.worker_dir)
+        process = described["process"] if described else None
+        sync = self.runtime.status.last_error or f"Serving **{self.runtime.server.active}**."
+        return status_markdown(status, process), sync
+
+    def next_training(self) -> str:
+        return training_markdown(self.runtime.store, self.runtime.settings.training)
+
+    def tables(self) -> tuple[Any, ...]:
+        store = self.runtime.store
+        board_rows = leaderboard_rows(store)
+        return (
+            self.next_training(),
+            curves_note(store),
+            curves_figure(store),
+            leaderboard_note(board_rows),
+            board_rows,
+            versions_rows(store),
+            run_rows(store),
+        )
+
+
+def build_dashboard_tab(events: DashboardEvents, demo: Any) -> Any:
+    """The Dashboard tab inside the current Blocks."""
+    import gradio as gr
+
+    private = {"api_visibility": "private"}
+    with gr.Tab("Dashboard") as tab:
+        worker_md = gr.Markdown()
+        sync_md = gr.Markdown()
+        next_training = gr.Markdown(elem_id="dashboard-next-training")
+        gr.Markdown("**Learning curves**")
+        curves_md = gr.Markdown()
+        curves = gr.Plot(show_label=False)  # its floating label covered the first plot's title
+        gr.Markdown(
+            "**Leaderboard: human votes between versions** (every Compare match between two different versions; "
+            "Bradley–Terry rating on the Elo scale, oldest version = 1000, with a 95 % bootstrap interval)"
+        )
+        board_md = gr.Markdown()
+        board = gr.Dataframe(headers=LEADERBOARD_COLUMNS, interactive=False)
+        gr.Markdown("**Versions**")
+        versions = gr.Dataframe(headers=VERSION_COLUMNS, interactive=False)
+        gr.Markdown("**Recent training runs**")
+        runs = gr.Dataframe(headers=RUN_COLUMNS, interactive=False)
+        refresh = gr.Button("Refresh plots")
+
+        tables = [next_training, curves_md, curves, board_md, board, versions, runs]
+        timer = gr.Timer(5)
+        timer.tick(events.worker_markdown, None, [worker_md, sync_md], show_progress="hidden", **private)
+        timer.tick(events.next_training, None, next_training, show_progress="hidden", **private)
+        refresh.click(events.tables, None, tables, **private)
+        demo.load(events.worker_markdown, None, [worker_md, sync_md], **private)
+        demo.load(events.tables, None, tables, **private)
+    return tab, timer

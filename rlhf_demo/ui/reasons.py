@@ -19,9 +19,15 @@ class ReasonsPanel:
     send: gr.Button
     status: gr.Markdown
 
-    def shown(self, visible: bool) -> tuple[Any, Any, Any, Any]:
-        """Updates for (box, tags, comment, status): shown empty after a vote, or hidden."""
-        return gr.update(visible=visible), gr.CheckboxGroup(value=[]), gr.Textbox(value=""), ""
+    @property
+    def outputs(self) -> list[Any]:
+        """The components :func:`shown` updates, in its order."""
+        return [self.box, self.tags, self.comment, self.status]
+
+
+def shown(visible: bool) -> tuple[Any, Any, Any, Any]:
+    """Updates for a panel's (box, tags, comment, status): shown empty after a vote, or hidden."""
+    return gr.update(visible=visible), gr.CheckboxGroup(value=[]), gr.Textbox(value=""), ""
 
 
 def reasons_panel(elem_id: str, question: str) -> ReasonsPanel:

@@ -1,0 +1,113 @@
+"""The Compare tab's verbs: two blind answers to one prompt, an A/B vote, reasons, a new round."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from rlhf_demo.serving import Generation
+from rlhf_demo.ui.handlers.base import TabHandlers
+from rlhf_demo.ui.handlers.chat import REASONS_SAID
+from rlhf_demo.ui.handlers.checks import UserError, check_message, check_sampling, check_visitor, two_strings
+from rlhf_demo.visitors import Visitor
+
+OUTCOMES = {"A is better": "A", "B is better": "B", "Tie": "tie", "Both bad": "both_bad"}
+SOURCES = {"Two samples of the active policy": "two_samples", "Active vs previous version": "two_versions"}
+PAIR_SAID = {"created": "Vote recorded.", "updated": "Vote changed.", "unchanged": "That vote was already recorded."}
+
+
+@dataclass
+class PairState:
+    """The Compare tab's current pair; versions are revealed only after the vote."""
+
+    response_ids: tuple[str, str] | None = None
+    versions: tuple[str, str] | None = None
+    source: str = "two_samples"
+    voted: bool = False
+    generating: bool = False  # answers are still streaming: no vote yet
+
+
+class CompareHandlers(TabHandlers):
+    """Compare: both answers come from one batched call and are recorded before any vote."""
+
+    def compare(self, visitor: Visitor | str, message: Any, source_label: Any, **sampling: Any) -> tuple[str, str, PairState]:
+        """Two answers to one prompt from one batched call; which version wrote which stays hidden."""
+        *_, (a, b, state) = self.compare_stream(visitor, message, source_label, **sampling)
+        return a, b, state
+
+    def compare_stream(self, visitor: Visitor | str, message: Any, source_label: Any, **sampling: Any) -> Iterator[tuple[str, str, PairState]]:
+        """:meth:`compare`, streamed: ``(a, b, state)`` as both answers grow (``state.generating``
+        until both are finished and recorded; no vote before that)."""
+        visitor = check_visitor(visitor)
+        text = check_message(message, self.limits)
+        checked = {k: v for k, v in check_sampling(**sampling).items() if v is not None}
+        source = SOURCES.get(source_label, source_label) if isinstance(source_label, str) else None
+        if source not in SOURCES.values():
+            raise UserError(f"Unknown comparison source {str(source_label)[:40]!r}.")
+        state = PairState(source=source, generating=True)
+        results: list[Generation] = []
+        for item in self.compare_candidates([{"role": "user", "content": text}], self._versions(source), checked):
+            if isinstance(item, list):
+                results = item
+            else:
+                yield item[0], item[1], state
+        ids = tuple(self.record(visitor, r, None) for r in results)
+        state.response_ids, state.versions, state.generating = (ids[0], ids[1]), (results[0].version, results[1].version), False
+        yield results[0].text, results[1].text, state
+
+    def _versions(self, source: str) -> tuple[str, str]:
+        """Which versions answer: the active one twice, or active and previous in random order
+        (blind: a position must not reveal the version)."""
+        active = self.runtime.server.active
+        if source != "two_versions":
+            return active, active
+        previous = self.runtime.previous_version()
+        if previous is None:
+            raise UserError("There is no previous version yet: compare two samples instead.")
+        versions = [active, previous]
+        random.shuffle(versions)
+        return versions[0], versions[1]
+
+    def compare_candidates(self, prompt: list[dict[str, str]], versions: tuple[str, str], sampling: dict[str, Any]) -> Iterator[Any]:
+        """The one call into serving for a pair: partial texts ``(a, b)`` as they grow, then the
+        list of both finished :class:`Generation` s (which pair to show is decided here)."""
+        server = self.runtime.server
+        yield from server.stream_pair(prompt, versions, server.sampling(**sampling))
+
+    @staticmethod
+    def new_round(state: Any = None) -> PairState:
+        """A fresh pair: the previous one stays recorded (and voted, or not)."""
+        return PairState()
+
+    def vote_pair(self, visitor: Visitor | str, state: PairState, outcome_label: Any) -> tuple[str, PairState]:
+        """Record an A/B vote (voting again on the same pair changes it), then reveal which
+        version wrote which answer."""
+        visitor = check_visitor(visitor)
+        outcome = OUTCOMES.get(outcome_label, outcome_label) if isinstance(outcome_label, str) else None
+        if outcome not in OUTCOMES.values():
+            raise UserError(f"Unknown outcome {str(outcome_label)[:40]!r}.")
+        if isinstance(state, PairState) and state.generating:
+            raise UserError("Wait until both answers are finished.")
+        if not isinstance(state, PairState) or not two_strings(state.response_ids) or not two_strings(state.versions):
+            raise UserError("Generate a pair first.")
+        a, b = state.response_ids
+        self.own_response(visitor, a)
+        self.own_response(visitor, b)  # both: a pair must not mix in another visitor's answer
+        self.check_vote_rate(visitor)
+        result = self.runtime.store.record_preference(
+            session_id=visitor.id, response_a_id=a, response_b_id=b, outcome=outcome, source=state.source, ip_key=visitor.ip_key
+        )
+        state.voted = True
+        return f"{PAIR_SAID[result.change]} A was written by **{state.versions[0]}**, B by **{state.versions[1]}**.", state
+
+    def pair_reasons(self, visitor: Visitor | str, state: PairState, tags: Any, comment: Any) -> str:
+        """Reason tags and a comment for this page's vote on the current pair."""
+        visitor = check_visitor(visitor)
+        if not isinstance(state, PairState) or not two_strings(state.response_ids) or not state.voted:
+            raise UserError("Vote on a pair first; the reasons go with that vote.")
+        self.check_vote_rate(visitor)
+        a, b = state.response_ids
+        result = self.runtime.store.annotate_preference(visitor.id, a, b, tags, comment)
+        return REASONS_SAID[result.change]
