@@ -18,6 +18,7 @@ from typing import Any
 import gradio as gr
 
 from rlhf_demo.hub_sync import persistence_note
+from rlhf_demo.limits import RequestLimits, trust_forwarded_headers
 from rlhf_demo.runtime import Runtime
 from rlhf_demo.serving import PromptRefused
 from rlhf_demo.store import InvalidInputError, StoreBusyError, StoreError, UnknownIdError
@@ -102,8 +103,9 @@ def launch_options(runtime: Runtime) -> dict[str, Any]:
     Gradio builds, an upload size limit, and no raw exception text for clients."""
     from starlette.middleware import Middleware
 
+    trust_forwarded_headers(runtime.settings.trust_proxy)
     return {
-        "app_kwargs": {"middleware": [Middleware(VisitorMiddleware, signer=runtime.signer, secure=runtime.settings.trust_proxy)]},
+        "app_kwargs": {"middleware": [Middleware(RequestLimits, max_body_bytes=runtime.settings.limits.max_request_bytes), Middleware(VisitorMiddleware, signer=runtime.signer, secure=runtime.settings.trust_proxy)]},
         "max_file_size": runtime.settings.limits.max_upload_size,
         "show_error": False,
         "js": KEYBOARD_JS,

@@ -195,6 +195,8 @@ class Handlers:
     def check_message(self, message: Any) -> str:
         if not isinstance(message, str):
             raise UserError("A message must be text.")
+        if len(message) > self.limits.max_message_chars:  # before any work per character
+            raise UserError(f"The message is too long: {len(message)} characters, the limit is {self.limits.max_message_chars}.")
         try:
             message.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): the tokenizer and the store refuse it
