@@ -11,12 +11,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rlhf_demo.config import DEFAULT_MODEL, TINY_MODEL, Settings, resolve_device, resolve_precision
+from rlhf_demo.modeling.once import build_folder_once
 from rlhf_demo.modeling.tiny import MARKER as TINY_MARKER
 from rlhf_demo.modeling.tiny import build_tiny_model
 
@@ -89,32 +89,31 @@ def bundled_gguf() -> Path | None:
 
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
-    """Dequantize a GGUF once into a safetensors folder (idempotent, crash-safe).
+    """Dequantize a GGUF once into a safetensors folder (idempotent, crash-safe, one
+    converter at a time across processes).
 
     transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the state dict is
     copied into a fresh model of the same config, which saves normally.
     """
-    if (target / "config.json").exists():
-        return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting bundled GGUF %s into %s (once)", gguf, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):  # the GGUF marker would block NF4 loading later
-        del config.quantization_config
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict())
-    fresh.generation_config = loaded.generation_config
-    fresh.generation_config.eos_token_id = tokenizer.eos_token_id
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fresh.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.replace(target)
-    return target
+    def convert(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting bundled GGUF %s into %s (once)", gguf, target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):  # the GGUF marker would block NF4 loading later
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.generation_config = loaded.generation_config
+        fresh.generation_config.eos_token_id = tokenizer.eos_token_id
+        tokenizer.save_pretrained(tmp)
+        fresh.save_pretrained(tmp)
+
+    return build_folder_once(target, "config.json", convert)
 
 
 def locate_model(settings: Settings) -> ModelSource:

@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+CPU_OPS_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+def _not_the_missing_kernels_package(record: logging.LogRecord) -> bool:
+    """False for bitsandbytes' import-time warning that the optional ``kernels`` package is not
+    installed: on AVX512-BF16 CPUs it tries that package's faster 4-bit kernel (fetched from
+    the Hub) and falls back to its own, which serves correctly. Any other failure stays."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    missing = any(isinstance(a, ModuleNotFoundError) and a.name == "kernels" for a in args)
+    return not (missing and str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
+
+
+def quiet_missing_cpu_kernels() -> None:
+    """Drop only that warning (a filter on bitsandbytes' CPU-ops logger; call before anything
+    imports bitsandbytes: peft and transformers do when it is installed). Idempotent."""
+    logger = logging.getLogger(CPU_OPS_LOGGER)
+    if _not_the_missing_kernels_package not in logger.filters:
+        logger.addFilter(_not_the_missing_kernels_package)
 
 
 def _four_bit_layers(model: Any) -> list[torch.nn.Module]:

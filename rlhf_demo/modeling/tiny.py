@@ -8,8 +8,9 @@ says so whenever it is served.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
+
+from rlhf_demo.modeling.once import build_folder_once
 
 # The same ChatML template SmolLM2-Instruct uses, so prompts look alike in tests and prod.
 CHAT_TEMPLATE = (
@@ -75,11 +76,10 @@ def build_tiny_model(target: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    tmp = target.with_name(target.name + ".tmp")
-    for stale in (tmp, target):  # a crash mid-build leaves folders without the marker
-        shutil.rmtree(stale, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / MARKER).write_text(json.dumps({"seed": seed, "note": "random-init test model"}))
-    tmp.replace(target)
-    return target
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({"seed": seed, "note": "random-init test model"}))
+
+    return build_folder_once(target, MARKER, save)

@@ -72,6 +72,8 @@ def check_str(
 ) -> str:
     if not isinstance(value, str):
         raise InvalidInputError(f"{name} must be a string, got {kind_of(value)}")
+    if len(value) > max_bytes:  # a character is at least one byte: refused before any copy
+        raise InvalidInputError(f"{name} is {len(value)} characters, over the limit of {max_bytes} bytes")
     if not allow_empty and not value.strip():
         raise InvalidInputError(f"{name} must not be empty")
     if "\x00" in value:

@@ -11,6 +11,7 @@ from typing import Any
 
 import gradio as gr
 
+from rlhf_demo.limits import RequestLimits, trust_forwarded_headers
 from rlhf_demo.runtime import Runtime
 from rlhf_demo.ui import dashboard
 from rlhf_demo.ui.chat import ChatEvents, build_chat_tab
@@ -32,8 +33,9 @@ def launch_options(runtime: Runtime) -> dict[str, Any]:
     Gradio builds, an upload size limit, and no raw exception text for clients."""
     from starlette.middleware import Middleware
 
+    trust_forwarded_headers(runtime.settings.trust_proxy)
     return {
-        "app_kwargs": {"middleware": [Middleware(VisitorMiddleware, signer=runtime.signer, secure=runtime.settings.trust_proxy)]},
+        "app_kwargs": {"middleware": [Middleware(RequestLimits, max_body_bytes=runtime.settings.limits.max_request_bytes), Middleware(VisitorMiddleware, signer=runtime.signer, secure=runtime.settings.trust_proxy)]},
         "max_file_size": runtime.settings.limits.max_upload_size,
         "show_error": False,
         "js": KEYBOARD_JS,

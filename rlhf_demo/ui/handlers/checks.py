@@ -27,6 +27,8 @@ def check_message(message: Any, limits: Limits) -> str:
     """A chat or Compare prompt: text the tokenizer and the store accept, within the limit."""
     if not isinstance(message, str):
         raise UserError("A message must be text.")
+    if len(message) > limits.max_message_chars:  # before any work per character
+        raise UserError(f"The message is too long: {len(message)} characters, the limit is {limits.max_message_chars}.")
     try:
         message.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): the tokenizer and the store refuse it
