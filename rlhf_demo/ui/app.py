@@ -125,7 +125,7 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
 
     def _session(request: gr.Request | None) -> Visitor:
         """The visitor behind a request (the name is historical: it is not the session)."""
-        return identify(request, runtime.signer, runtime.visitors, runtime.settings.trust_proxy)
+        return identify(request, runtime.signer, runtime.settings.trust_proxy)
 
     # delete_cache: Gradio's copies of downloaded exports go within the hour, so "delete
     # my data" does not leave them behind for long.

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlhf_demo.admin import AdminGate, AdminRefused
+from rlhf_demo.hub_sync import push_after_deletion
 from rlhf_demo.runtime import Runtime
 from rlhf_demo.serving import Generation, strip_control
 from rlhf_demo.store import StoreError, export_preferences, export_unpaired
@@ -190,6 +192,7 @@ class Handlers:
         self.limits = runtime.settings.limits
         self.votes = RateLimiter(self.limits.votes_per_minute)  # per visitor
         self.ip_votes = RateLimiter(self.limits.votes_per_minute_per_ip)  # per address
+        self.admin = AdminGate(runtime.settings.admin_token, runtime.signer, runtime.settings.trust_proxy)
 
     # ----- validation -------------------------------------------------------------------
     def check_message(self, message: Any) -> str:
@@ -552,12 +555,10 @@ class Handlers:
         return str(path)
 
     def require_admin(self, token: Any) -> None:
-        expected = self.runtime.settings.admin_token
-        import hmac
-
-        # surrogatepass: a token holding a lone surrogate (JSON "\udc80") is just a wrong token
-        if not expected or not isinstance(token, str) or not hmac.compare_digest(token.encode("utf-8", "surrogatepass"), expected.encode()):
-            raise UserError("This action needs the admin token.")
+        try:
+            self.admin.check(token)
+        except AdminRefused as exc:
+            raise UserError(str(exc)) from None
 
     # ----- admin (each needs the token; the UI renders these only when one is configured) ---
     def rollback(self, version: Any, admin_token: Any) -> str:
@@ -593,7 +594,7 @@ class Handlers:
         counts = self.runtime.store.delete_session_data(visitor.id)
         regenerated, removed = self.refresh_exports()
         parts = ", ".join(f"{v} {k}" for k, v in counts.items())
-        return f"Deleted: {parts}. Exports rewritten: {regenerated}, removed: {removed}."
+        return f"Deleted: {parts}. Exports rewritten: {regenerated}, removed: {removed}. {push_after_deletion()}".strip()
 
     def refresh_exports(self) -> tuple[int, int]:
         folder = self.runtime.settings.exports_dir
