@@ -76,8 +76,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def serve(settings: Settings) -> None:
     """Run the app until Ctrl+C or SIGTERM, which may come at any moment, start-up included: the
-    worker and the Hub sync are stopped on the way out and the exit is clean (status 0)."""
-    from rlhf_demo.hub_sync import hub_target, restore_from_hub, start_sync
+    Hub sync pushes a last time (bounded), the worker is stopped, and the exit is clean (status 0)."""
+    from rlhf_demo.admin import token_problem
+    from rlhf_demo.hub_sync import HubSync, HubUnavailable, hub_target, restore_from_hub
     from rlhf_demo.runtime import Runtime, StartupError
     from rlhf_demo.ui.app import build_app, launch_options
     from rlhf_demo.ui.loading import LoadingPage
@@ -86,9 +87,11 @@ def serve(settings: Settings) -> None:
     stop_on_sigterm()
     supervisor: WorkerSupervisor | None = None
     runtime: Runtime | None = None
-    scheduler = None
+    sync: HubSync | None = None
     demo = None
     try:
+        if problem := token_problem(settings.admin_token):
+            raise StartupError(f"{problem} (RLHF_DEMO_ADMIN_TOKEN)")
         # A visitor sees "the model is loading" instead of a refused connection meanwhile.
         try:
             page = LoadingPage(settings.host, settings.port, settings.model)
@@ -97,9 +100,13 @@ def serve(settings: Settings) -> None:
         with page:
             target = hub_target()
             if target:
-                restore_from_hub(settings.db_path, *target, data_dir=settings.data_dir)
+                try:
+                    restore_from_hub(settings.db_path, *target, data_dir=settings.data_dir)
+                except HubUnavailable as exc:
+                    log.error("%s; Hub sync is OFF for this run, so that it cannot replace the Hub's copy", exc)
+                    target = None
             runtime = Runtime(settings)
-        scheduler = start_sync(settings.data_dir, settings.db_path, *target) if target else None
+        sync = HubSync(settings.data_dir, settings.db_path, *target).start() if target else None
         log.info("model: %s", runtime.loaded.describe())
         log.info("data directory: %s (database %s)", settings.data_dir.resolve(), settings.db_path.resolve())
         runtime.start_polling()
@@ -122,10 +129,10 @@ def serve(settings: Settings) -> None:
     finally:
         if demo is not None:
             demo.close()
+        if sync is not None:  # after Gradio: no vote is acknowledged after this snapshot
+            sync.close()
         if supervisor is not None:
             supervisor.stop()
-        if scheduler is not None:
-            scheduler.stop()
         if runtime is not None:
             runtime.close()
 
@@ -142,10 +149,14 @@ def stop_on_sigterm() -> None:
     ``serve`` waits on the event, not on Gradio."""
 
     def interrupt(signum: int, frame: object) -> None:
+        if STOP.is_set():  # shutting down already: its steps are bounded, let them finish (the last Hub push)
+            log.info("already shutting down (signal %s)", signum)
+            return
         STOP.set()
         raise KeyboardInterrupt(f"signal {signum}")
 
     if threading.current_thread() is threading.main_thread():
+        STOP.clear()
         signal.signal(signal.SIGTERM, interrupt)
         signal.signal(signal.SIGINT, interrupt)
 

@@ -21,7 +21,7 @@ from rlhf_demo.modeling import LoadedModel, load_model
 from rlhf_demo.modeling.adapters import AdapterError, attach_new_adapter, save_adapter
 from rlhf_demo.serving import BASE_VERSION, PolicyServer
 from rlhf_demo.store import SERVABLE_STATUSES, FeedbackStore
-from rlhf_demo.visitors import Signer, VisitorBook, load_secret
+from rlhf_demo.visitors import Signer, load_secret
 
 log = logging.getLogger(__name__)
 FIRST_VERSION = "v0"
@@ -69,7 +69,6 @@ class Runtime:
         check_writable(settings.data_dir, settings.db_path)
         self.store = FeedbackStore(settings.db_path)
         self.signer = Signer(load_secret(settings.data_dir))
-        self.visitors = VisitorBook()
         self.loaded = loaded or load_model(settings)
         self.server = PolicyServer(self.loaded, settings.sampling, max_slots=settings.adapter_cache + 1)
         self.status = SyncStatus()

@@ -1,11 +1,14 @@
-"""Who is voting: a server-issued visitor id in a signed cookie, and the visitor's network.
+"""Who is voting: a signed-in Hugging Face account or a server-issued visitor id in a signed
+cookie, and the visitor's network.
 
-Gradio's ``session_hash`` is chosen by the client (a fresh one per page load, or per API
-call), so it is only a *page session*: never an identity. The identity is a random id the
-server issues in an HMAC-signed cookie; a client cannot pick someone else's id, so caps,
-ownership and "delete my data" all key on it. Dropping the cookie makes a new visitor,
-which is why votes are also limited per client address (``ip_key``): the address is kept
-only as a keyed hash, and ``X-Forwarded-For`` is read only when ``trust_proxy`` says the
+Gradio's ``session_hash`` is chosen by the client and travels in URLs, so it is never an
+identity, not even a fallback: knowing it must not make anyone someone else. The identity
+is a random id the server issues in an HMAC-signed cookie; a client cannot pick someone
+else's id, so caps, ownership and "delete my data" all key on it. On a Space with
+``hf_oauth: true`` a visitor may sign in with Hugging Face instead, a stronger identity (one
+per account, kept across browsers). Dropping the cookie makes a new visitor, which is why
+votes are also limited per client network (``ip_key``: an IPv4 address or an IPv6 /64),
+kept only as a keyed hash; ``X-Forwarded-For`` is read only when ``trust_proxy`` says the
 app runs behind a proxy that sets it (Hugging Face Spaces does).
 
 The secret comes from ``RLHF_DEMO_SECRET`` or is generated once into the data directory
@@ -16,11 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import secrets
-import threading
-from collections import OrderedDict
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,6 @@ SECRET_ENV = "RLHF_DEMO_SECRET"
 SECRET_FILE = "visitor-secret"
 # Set by the middleware on every request, after dropping any copy the client sent.
 HEADER_ID = "x-rlhf-visitor"
-HEADER_NEW = "x-rlhf-visitor-new"
 COOKIE_MAX_AGE_S = 365 * 24 * 3600
 ID_BYTES = 16
 
@@ -72,14 +74,15 @@ class Signer:
             raise ValueError("the visitor secret must be at least 16 bytes")
         self._secret = secret
 
-    def _mac(self, purpose: str, value: str) -> str:
+    def mac(self, purpose: str, value: str) -> str:
+        """A keyed hash of ``value``, separate per ``purpose``."""
         return hmac.new(self._secret, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
 
     def new_id(self) -> str:
         return secrets.token_hex(ID_BYTES)
 
     def cookie_value(self, visitor_id: str) -> str:
-        return f"{visitor_id}.{self._mac('visitor', visitor_id)[:32]}"
+        return f"{visitor_id}.{self.mac('visitor', visitor_id)[:32]}"
 
     def verify(self, cookie: str | None) -> str | None:
         """The visitor id in a cookie we signed, or None for anything else."""
@@ -88,11 +91,12 @@ class Signer:
         visitor_id, _, mac = cookie.partition(".")
         if len(visitor_id) != 2 * ID_BYTES or not all(c in "0123456789abcdef" for c in visitor_id):
             return None
-        return visitor_id if hmac.compare_digest(mac, self._mac("visitor", visitor_id)[:32]) else None
+        return visitor_id if hmac.compare_digest(mac, self.mac("visitor", visitor_id)[:32]) else None
 
     def ip_key(self, address: str | None) -> str | None:
-        """A keyed hash of the address: groups votes by network without storing it."""
-        return None if not address else self._mac("ip", address)[:24]
+        """A keyed hash of the address's network (:func:`network_of`): groups votes by network without storing it."""
+        network = network_of(address)
+        return None if not network else self.mac("ip", network)[:24]
 
 
 def client_address(headers: dict[str, str], peer: str | None, trust_proxy: bool) -> str | None:
@@ -110,8 +114,7 @@ class VisitorMiddleware:
 
     A request with a valid signed cookie keeps its id; any other gets a new one, set as a
     cookie on the response. The id reaches handlers as the ``x-rlhf-visitor`` header of
-    the request (``x-rlhf-visitor-new: 1`` when it was issued just now); copies of these
-    headers sent by the client are dropped first. An exception a route lets escape
+    the request; a copy of this header sent by the client is dropped first. An exception a route lets escape
     becomes a short JSON error (logged in one line), not a stack trace or a bare 500.
     """
 
@@ -124,11 +127,11 @@ class VisitorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = [(k, v) for k, v in scope.get("headers", []) if k not in (HEADER_ID.encode(), HEADER_NEW.encode())]
+        headers = [(k, v) for k, v in scope.get("headers", []) if k != HEADER_ID.encode()]
         cookie_header = b"; ".join(v for k, v in headers if k == b"cookie").decode("latin-1")
         presented = self.signer.verify(_cookie(cookie_header, COOKIE))
         visitor_id = presented or self.signer.new_id()
-        headers += [(HEADER_ID.encode(), visitor_id.encode()), (HEADER_NEW.encode(), b"0" if presented else b"1")]
+        headers.append((HEADER_ID.encode(), visitor_id.encode()))
         if not presented:  # handlers that read request.cookies see the same id
             headers = [(k, v) for k, v in headers if k != b"cookie"]
             value = f"{cookie_header}; {COOKIE}={self.signer.cookie_value(visitor_id)}".lstrip("; ")
@@ -166,44 +169,77 @@ def _cookie(header: str, name: str) -> str | None:
     return None
 
 
-class VisitorBook:
-    """Which visitor a page session belongs to, for browsers that block the cookie.
-
-    A Space runs inside an iframe, where some browsers drop third-party cookies: each
-    request would then carry a new visitor id. A page session (Gradio's session hash)
-    keeps the id it was first seen with, but only from the same network, so a guessed
-    session hash from elsewhere does not inherit someone's identity. Bounded (LRU).
-    """
-
-    def __init__(self, size: int = 50_000) -> None:
-        self._size = size
-        self._sessions: OrderedDict[str, Visitor] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def resolve(self, session_hash: str | None, visitor: Visitor, issued_now: bool) -> Visitor:
-        if not session_hash:
-            return visitor
-        with self._lock:
-            known = self._sessions.get(session_hash)
-            if issued_now and known is not None and known.ip_key == visitor.ip_key:
-                visitor = known
-            self._sessions[session_hash] = visitor
-            self._sessions.move_to_end(session_hash)
-            while len(self._sessions) > self._size:
-                self._sessions.popitem(last=False)
-        return visitor
+def network_of(address: str | None) -> str | None:
+    """The unit a per-address limit counts: an IPv4 address, or an IPv6 address's /64 (one
+    machine is routinely given a whole /64, so counting single IPv6 addresses would let it
+    rotate through 2^64 of them). IPv4-mapped IPv6 is the IPv4 address; anything that is not
+    an address (a test client's name) stays as it is."""
+    if not address:
+        return None
+    try:
+        ip = ipaddress.ip_address(address.strip().strip("[]").split("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
-def identify(request: Any, signer: Signer, book: VisitorBook, trust_proxy: bool) -> Visitor:
-    """The visitor behind a ``gr.Request``: the id the middleware verified or issued (a
-    request that bypassed it gets a fresh one), and the hashed client address."""
+def oauth_enabled(env: dict[str, str] | None = None) -> bool:
+    """Hugging Face sign-in runs only on a Space with ``hf_oauth: true`` (which sets
+    ``OAUTH_CLIENT_ID``). Elsewhere Gradio would mock it with a session cookie signed by a
+    public key, which anyone could forge, so there it stays off."""
+    env = dict(os.environ if env is None else env)
+    return bool(env.get("SPACE_ID") and env.get("OAUTH_CLIENT_ID") and env.get("OAUTH_CLIENT_SECRET"))
+
+
+def oauth_visitor_id(signer: Signer, userinfo: Any) -> str | None:
+    """The visitor id of a signed-in Hugging Face account: keyed on the account's stable ``sub``
+    (a user can rename themselves), shaped like a cookie id so the store treats both alike."""
+    subject = userinfo.get("sub") if isinstance(userinfo, dict) else None
+    if not isinstance(subject, str) or not subject or len(subject) > 200:
+        return None
+    return signer.mac("hf-account", subject)[: 2 * ID_BYTES]
+
+
+def _oauth_userinfo(request: Any) -> dict[str, Any] | None:
+    """The signed-in account in the request's OAuth session (Gradio's SessionMiddleware), if any."""
+    for holder in (request, getattr(request, "request", None)):
+        try:
+            session = getattr(holder, "session", None)
+        except AssertionError:  # Starlette: no SessionMiddleware installed
+            session = None
+        if isinstance(session, dict) or hasattr(session, "get"):
+            info = session.get("oauth_info")
+            if isinstance(info, dict) and (not info.get("expires_at") or info["expires_at"] >= time.time()):
+                return info.get("userinfo")
+    return None
+
+
+def login_button() -> Any:
+    """The "Sign in with Hugging Face" button on a Space with OAuth, else nothing (None): the
+    signed cookie is everyone's identity, and OAuth is the stronger one where it exists."""
+    if not oauth_enabled():
+        return None
+    import gradio as gr
+
+    return gr.LoginButton()
+
+
+def identify(request: Any, signer: Signer, trust_proxy: bool) -> Visitor:
+    """The visitor behind a ``gr.Request``: the signed-in Hugging Face account (on a Space with
+    OAuth), else the id in the cookie the middleware verified or issued (a request that
+    bypassed it gets a fresh one), and the hashed client network.
+
+    Gradio's session hash plays no part: anyone who learns it (it travels in URLs) could
+    otherwise become that visitor. A browser that blocks the cookie is a new visitor on
+    each request; it can chat, and votes once it allows the cookie or signs in."""
     headers = {k.lower(): v for k, v in dict(getattr(request, "headers", None) or {}).items()}
     client = getattr(request, "client", None)
     peer = getattr(client, "host", None) if client is not None else None
     address = client_address(headers, peer, trust_proxy)
-    visitor_id = headers.get(HEADER_ID)
-    issued_now = headers.get(HEADER_NEW) != "0"
-    if not visitor_id:
-        visitor_id = signer.verify(_cookie(headers.get("cookie", ""), COOKIE)) or signer.new_id()
-    visitor = Visitor(visitor_id, signer.ip_key(address))
-    return book.resolve(getattr(request, "session_hash", None), visitor, issued_now)
+    visitor_id = oauth_visitor_id(signer, _oauth_userinfo(request)) if oauth_enabled() else None
+    visitor_id = visitor_id or headers.get(HEADER_ID) or signer.verify(_cookie(headers.get("cookie", ""), COOKIE)) or signer.new_id()
+    return Visitor(visitor_id, signer.ip_key(address))

@@ -8,6 +8,7 @@ calls (read from ``hf_api.py`` / ``_commit_api.py`` / ``file_download.py``):
 - ``POST /api/validate-yaml``                      README.md front matter check before a commit
 - ``POST /api/{type}s/{repo}/preupload/{rev}``     answers ``uploadMode: regular`` for every file (no LFS, no xet)
 - ``POST /api/{type}s/{repo}/commit/{rev}``        ndjson commit: base64 ``file`` adds, file/folder deletions
+- ``POST /api/{type}s/{repo}/super-squash/{rev}``  super_squash_history: the history becomes one commit of the head
 - ``GET  /api/{type}s/{repo}[/revision/{rev}]``    repo_info (id, sha, private, siblings)
 - ``GET  /api/{type}s/{repo}/tree/{rev}[/{path}]`` list_repo_tree / list_repo_files
 - ``HEAD|GET /[{type}s/]{repo}/resolve/{rev}/{path}`` hf_hub_download (X-Repo-Commit, ETag, Content-Length)
@@ -37,7 +38,7 @@ import pytest
 
 TOKEN = "hf_fake_token_for_tests"
 _PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
-_API = re.compile(r"^/api/(models|datasets|spaces)/([^/]+/[^/]+?)(?:/(preupload|commit|tree|revision)/([^/]+)(/.*)?)?$")
+_API = re.compile(r"^/api/(models|datasets|spaces)/([^/]+/[^/]+?)(?:/(preupload|commit|tree|revision|super-squash)/([^/]+)(/.*)?)?$")
 _RESOLVE = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
 
 
@@ -72,6 +73,8 @@ class FakeHub:
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str]] = []  # (method, path), for tests that assert what was called
         self.commits: list[tuple[str, list[str]]] = []  # (repo id, paths added), for tests that assert what was sent
+        self.squashes: list[str] = []  # repo ids, one per super-squash
+        self._made = 0  # commits ever made: a commit sha is never reused, also after a squash
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -97,8 +100,13 @@ class FakeHub:
         """The repo's files at its head commit."""
         return dict(self.repo(repo_id, repo_type).head[1])
 
+    def every_version(self, repo_id: str, repo_type: str = "model") -> list[bytes]:
+        """The content of every file in every commit the repo's history still holds."""
+        return [data for _, files in self.repo(repo_id, repo_type).commits for data in files.values()]
+
     def _new_commit(self, repo: FakeRepo, files: dict[str, bytes]) -> str:
-        sha = hashlib.sha1(f"{repo.repo_type}/{repo.repo_id}#{len(repo.commits)}".encode()).hexdigest()
+        self._made += 1
+        sha = hashlib.sha1(f"{repo.repo_type}/{repo.repo_id}#{self._made}".encode()).hexdigest()
         repo.commits.append((sha, files))
         return sha
 
@@ -163,13 +171,19 @@ class FakeHub:
             repo = self.repos.get((kind[:-1], repo_id))
             if repo is None or (repo.private and not authorized):
                 return _error(404, "Repository not found", "RepoNotFound")
-            if action in ("preupload", "commit") and not authorized:
+            if action in ("preupload", "commit", "super-squash") and not authorized:
                 return _error(401, "Invalid credentials in Authorization header")
             if method == "POST" and action == "preupload":
                 files = json.loads(body)["files"]
                 return 200, {}, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]}
             if method == "POST" and action == "commit":
                 return self._commit(repo, body)
+            if method == "POST" and action == "super-squash":
+                head = dict(repo.head[1])
+                repo.commits = []
+                self._new_commit(repo, head)
+                self.squashes.append(repo_id)
+                return 200, {}, {}
             snapshot = repo.at(unquote(revision or "main"))
             if snapshot is None:
                 return _error(404, f"Invalid rev id: {revision}", "RevisionNotFound")

@@ -184,7 +184,7 @@ def test_push_data_makes_a_dataset_with_two_configs_and_no_visitor_ids(fake_hub,
 
 
 def test_sync_round_trip_restores_the_active_version_and_reward_model_after_a_wipe(fake_hub, published, settings, tiny_loaded):
-    from rlhf_demo.hub_sync import restore_from_hub, start_sync
+    from rlhf_demo.hub_sync import HubSync, restore_from_hub
     from rlhf_demo.runtime import Runtime
 
     store, folder = published
@@ -195,16 +195,17 @@ def test_sync_round_trip_restores_the_active_version_and_reward_model_after_a_wi
     original = {p.name: p.read_bytes() for p in folder.iterdir()}
     store.close()
 
-    scheduler = start_sync(settings.data_dir, settings.db_path, "user/space-data", TOKEN, every_minutes=60)
-    try:
-        scheduler.trigger().result()
-        scheduler.trigger().result()  # the DB snapshot again, the adapter not
-    finally:
-        scheduler.stop()
+    sync = HubSync(settings.data_dir, settings.db_path, "user/space-data", TOKEN, every_minutes=60)
+    assert sync.push()
+    assert not sync.push()  # nothing changed: no commit
+    more = FeedbackStore(settings.db_path)
+    add_feedback(more)
+    more.close()
+    assert sync.push()  # the DB snapshot again, the adapter not
     files = fake_hub.files("user/space-data", "dataset")
     assert {"snapshot/feedback.db", "adapters/v1/adapter_model.safetensors", f"reward/run-7/{PROBE_FILE}"} <= set(files)
     sent = [path for _, paths in fake_hub.commits for path in paths]
-    assert sent.count("adapters/v1/adapter_model.safetensors") == 1 and sent.count("snapshot/feedback.db") >= 2
+    assert sent.count("adapters/v1/adapter_model.safetensors") == 1 and sent.count("snapshot/feedback.db") == 2
 
     shutil.rmtree(settings.data_dir)  # a fresh Space container
     assert restore_from_hub(settings.db_path, "user/space-data", TOKEN, data_dir=settings.data_dir)
@@ -220,15 +221,13 @@ def test_sync_round_trip_restores_the_active_version_and_reward_model_after_a_wi
 
 
 def test_restore_points_the_registry_at_the_new_data_dir_and_skips_rejected(fake_hub, published, settings, tmp_path):
-    from rlhf_demo.hub_sync import restore_from_hub, start_sync
+    from rlhf_demo.hub_sync import HubSync, restore_from_hub
 
     store, folder = published
     rejected = copy_version(folder, settings, "v2")
     store.register_version("v2", str(rejected), "v1", "rejected", METRICS)
     store.close()
-    scheduler = start_sync(settings.data_dir, settings.db_path, "user/space-data", TOKEN, every_minutes=60)
-    scheduler.trigger().result()
-    scheduler.stop()
+    HubSync(settings.data_dir, settings.db_path, "user/space-data", TOKEN, every_minutes=60).push()
     assert not any(name.startswith("adapters/v2/") for name in fake_hub.files("user/space-data", "dataset"))
 
     elsewhere = tmp_path / "moved"
@@ -239,3 +238,55 @@ def test_restore_points_the_registry_at_the_new_data_dir_and_skips_rejected(fake
         assert Path(row["path"]) == elsewhere / "adapters" / "v1" and (Path(row["path"]) / "adapter_config.json").is_file()
     finally:
         moved.close()
+
+
+# ----- Spaces sync: a deletion reaches the Hub, a failed restore never overwrites it -----------
+
+
+def test_delete_my_data_reaches_the_hub_snapshot_its_history_and_the_next_start(fake_hub, runtime, settings, tmp_path):
+    """Vote, push, "Delete my data", shut down, start on a fresh disk: nothing of the visitor is
+    left in the Hub's files, in any commit of its history, or in what a new start restores."""
+    from rlhf_demo.hub_sync import HubSync, restore_from_hub
+    from rlhf_demo.ui.handlers import ChatState, Handlers
+    from rlhf_demo.visitors import Visitor
+
+    handlers = Handlers(runtime)
+    leaving, staying = Visitor("a" * 32, "ip-a"), Visitor("b" * 32, "ip-b")
+    for visitor, text in ((leaving, "my secret plan zebra-42"), (staying, "a public question")):
+        state = ChatState()
+        list(handlers.chat(visitor, text, [], state, 0.7, 0.9, 2))
+        handlers.like(visitor, state, 1, True)
+    sync = HubSync(settings.data_dir, settings.db_path, "user/space-data", TOKEN, every_minutes=60).start()
+    try:
+        assert sync.push()
+        assert any(b"zebra-42" in data for data in fake_hub.every_version("user/space-data", "dataset"))
+        said = handlers.delete_my_data(leaving)
+    finally:
+        sync.close()
+    assert "Hub backup no longer holds it" in said
+    history = fake_hub.every_version("user/space-data", "dataset")
+    assert history and not any(b"zebra-42" in data for data in history)  # neither the snapshot (free pages included) nor an older commit
+    assert any(b"a public question" in data for data in history)
+    assert len(fake_hub.repo("user/space-data", "dataset").commits) == 1 and fake_hub.squashes
+
+    fresh = tmp_path / "fresh"
+    assert restore_from_hub(fresh / "feedback.db", "user/space-data", TOKEN, data_dir=fresh)
+    restored = FeedbackStore(fresh / "feedback.db")
+    try:
+        assert restored.counts()["thumbs_up"] == 1
+    finally:
+        restored.close()
+    assert b"zebra-42" not in (fresh / "feedback.db").read_bytes()
+
+
+def test_a_restore_that_fails_turns_syncing_off_instead_of_overwriting_the_hub(fake_hub, published, settings, tmp_path, monkeypatch):
+    from rlhf_demo.hub_sync import HubSync, HubUnavailable, restore_from_hub
+
+    store, _ = published
+    store.close()
+    HubSync(settings.data_dir, settings.db_path, "user/space-data", TOKEN).push()
+    assert not restore_from_hub(tmp_path / "new" / "feedback.db", "user/no-such-repo", TOKEN)  # nothing there yet: start empty
+    monkeypatch.setattr(fake_hub, "_route", lambda *args: (503, {}, {"error": "down for maintenance"}))
+    with pytest.raises(HubUnavailable, match="could not read the snapshot"):
+        restore_from_hub(tmp_path / "new" / "feedback.db", "user/space-data", TOKEN)
+    assert not (tmp_path / "new" / "feedback.db").exists()

@@ -14,7 +14,7 @@ import pytest
 from rlhf_demo.reward.fairness import cap_per_voter, share_cap
 from rlhf_demo.ui.handlers import ChatState, Handlers, UserError, check_event
 from rlhf_demo.ui.handlers.checks import check_sampling
-from rlhf_demo.visitors import Signer, Visitor, VisitorBook, client_address, identify, load_secret
+from rlhf_demo.visitors import Signer, Visitor, client_address, load_secret
 
 ME = Visitor("a" * 32, "ip-1")
 
@@ -171,28 +171,6 @@ def test_forwarded_for_is_read_only_behind_a_trusted_proxy():
     assert client_address(headers, "10.0.0.9", trust_proxy=False) == "10.0.0.9"
     assert client_address(headers, "10.0.0.9", trust_proxy=True) == "1.2.3.4"  # the proxy's entry, not the client's claim
     assert client_address({}, "10.0.0.9", trust_proxy=True) == "10.0.0.9"
-
-
-class FakeRequest:
-    def __init__(self, headers: dict[str, str], host: str = "127.0.0.1", session_hash: str = "s") -> None:
-        self.headers = headers
-        self.client = type("C", (), {"host": host})()
-        self.session_hash = session_hash
-
-
-def test_identity_comes_from_the_cookie_not_the_session_hash(tmp_path):
-    signer, book = Signer(b"k" * 32), VisitorBook()
-    vid = signer.new_id()
-    cookie = {"x-rlhf-visitor": vid, "x-rlhf-visitor-new": "0"}
-    assert identify(FakeRequest(cookie, session_hash="s1"), signer, book, False).id == vid
-    assert identify(FakeRequest(cookie, session_hash="s2"), signer, book, False).id == vid  # a new tab: same visitor
-    # Without a cookie (blocked in an iframe) a page session keeps its first id ...
-    fresh = identify(FakeRequest({"x-rlhf-visitor": signer.new_id(), "x-rlhf-visitor-new": "1"}, session_hash="p"), signer, book, False)
-    again = identify(FakeRequest({"x-rlhf-visitor": signer.new_id(), "x-rlhf-visitor-new": "1"}, session_hash="p"), signer, book, False)
-    assert again.id == fresh.id
-    # ... but someone else sending that session hash from another address does not get it.
-    thief = identify(FakeRequest({"x-rlhf-visitor": signer.new_id(), "x-rlhf-visitor-new": "1"}, "9.9.9.9", "p"), signer, book, False)
-    assert thief.id != fresh.id
 
 
 def test_session_rotation_from_one_address_is_bounded_by_the_per_ip_limit(handlers, runtime):

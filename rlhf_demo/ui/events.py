@@ -76,7 +76,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def visitor_of(runtime: Runtime, request: gr.Request | None) -> Visitor:
     """The visitor behind a request, from the server-signed cookie."""
-    return identify(request, runtime.signer, runtime.visitors, runtime.settings.trust_proxy)
+    return identify(request, runtime.signer, runtime.settings.trust_proxy)
 
 
 PRIVATE: dict[str, Any] = {"api_visibility": "private"}  # events no API client needs

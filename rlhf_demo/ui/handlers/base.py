@@ -7,6 +7,7 @@ import time
 from collections import deque
 from typing import Any
 
+from rlhf_demo.admin import AdminGate
 from rlhf_demo.runtime import Runtime
 from rlhf_demo.serving import Generation
 from rlhf_demo.ui.handlers.checks import UserError
@@ -49,6 +50,7 @@ class TabHandlers:
         self.limits = runtime.settings.limits
         self.votes = RateLimiter(self.limits.votes_per_minute)  # per visitor
         self.ip_votes = RateLimiter(self.limits.votes_per_minute_per_ip)  # per address
+        self.admin = AdminGate(runtime.settings.admin_token, runtime.signer, runtime.settings.trust_proxy)
 
     def check_vote_rate(self, visitor: Visitor) -> None:
         """Per visitor and per address; nothing counted unless both allow the vote."""

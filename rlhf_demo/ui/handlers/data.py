@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
+from rlhf_demo.admin import AdminRefused
+from rlhf_demo.hub_sync import push_after_deletion
 from rlhf_demo.store import export_preferences, export_unpaired
 from rlhf_demo.ui.handlers.base import TabHandlers
 from rlhf_demo.ui.handlers.checks import UserError, check_visitor
@@ -45,10 +46,10 @@ class DataHandlers(TabHandlers):
         return str(path)
 
     def require_admin(self, token: Any) -> None:
-        expected = self.runtime.settings.admin_token
-        # surrogatepass: a token holding a lone surrogate (JSON "\udc80") is just a wrong token
-        if not expected or not isinstance(token, str) or not hmac.compare_digest(token.encode("utf-8", "surrogatepass"), expected.encode()):
-            raise UserError("This action needs the admin token.")
+        try:
+            self.admin.check(token)
+        except AdminRefused as exc:
+            raise UserError(str(exc)) from None
 
     # ----- admin (each needs the token; the UI renders these only when one is configured) ---
     def rollback(self, version: Any, admin_token: Any) -> str:
@@ -84,7 +85,7 @@ class DataHandlers(TabHandlers):
         counts = self.runtime.store.delete_session_data(visitor.id)
         regenerated, removed = self.refresh_exports()
         parts = ", ".join(f"{v} {k}" for k, v in counts.items())
-        return f"Deleted: {parts}. Exports rewritten: {regenerated}, removed: {removed}."
+        return f"Deleted: {parts}. Exports rewritten: {regenerated}, removed: {removed}. {push_after_deletion()}".strip()
 
     def refresh_exports(self) -> tuple[int, int]:
         folder = self.runtime.settings.exports_dir

@@ -1,0 +1,169 @@
+"""Kill the app with SIGTERM at random moments, restart it on a fresh data dir (as a Space
+restart does) against a local fake Hub, and count the acknowledged votes that come back.
+
+A vote is acknowledged when the API call that cast it returned "recorded". Every cycle
+starts ``python app.py`` on an empty data directory with Hub sync on, votes (chat + 👍)
+until a SIGTERM sent at a random moment (during start-up in about one cycle in four, else
+while votes are being cast), and waits for the exit. The next cycle restores from the Hub;
+at the end one more restore reads the Hub's snapshot. Nothing leaves 127.0.0.1.
+
+    OMP_NUM_THREADS=1 python bench/hub_restarts.py --cycles 10 --out bench/results/hub_restarts.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO = "user/space-data"
+
+
+def hub_env(endpoint: str, token: str, home: Path) -> dict[str, str]:
+    """The app's environment: Hub sync on, huggingface_hub pointed at the fake Hub."""
+    return dict(
+        os.environ, HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1", HF_TOKEN=token, HF_HOME=str(home),
+        RLHF_DEMO_HUB_DATASET=REPO, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_DISABLE_TELEMETRY="1",
+    )
+
+
+def serving(url: str) -> bool:
+    """Gradio answers 200; the loading page that precedes it answers 503."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def voted_markers(db_path: Path) -> set[str]:
+    """The markers (prompt texts) of the 👍 votes a database holds."""
+    if not db_path.exists():
+        return set()
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT r.prompt_json FROM ratings t JOIN responses r ON r.id = t.response_id WHERE t.value = 1").fetchall()
+    finally:
+        con.close()
+    return {json.loads(prompt)[-1]["content"] for (prompt,) in rows}
+
+
+def vote_until_stopped(url: str, cycle: int, app: subprocess.Popen, acknowledged: list[str]) -> None:
+    """Chat and 👍 until the app goes away; a vote counts once its call returned "recorded"."""
+    from gradio_client import Client
+
+    try:
+        client = Client(url, verbose=False)
+    except Exception:  # noqa: BLE001 - stopped before it served this client
+        return
+    for j in range(10_000):
+        if app.poll() is not None:
+            return
+        marker = f"cycle {cycle} vote {j}"
+        try:
+            client.predict(marker, [], 0.7, 0.9, 2, api_name="/chat")
+            if "recorded" in str(client.predict(1, True, api_name="/rate")):
+                acknowledged.append(marker)
+        except Exception:  # noqa: BLE001 - the app is shutting down
+            return
+
+
+def one_cycle(cycle: int, rng: random.Random, work: Path, env: dict[str, str], model: str, port: int, window_s: float) -> dict[str, Any]:
+    """Start, (maybe) vote, SIGTERM at a random moment, wait; what was acknowledged and what was restored at start."""
+    data_dir = work / f"data-{cycle}"
+    command = [sys.executable, str(ROOT / "app.py"), "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port),
+               "--model", model, "--quantization", "fp32", "--no-worker"]
+    log = (work / f"app-{cycle}.log").open("wb")
+    app = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url, acknowledged, restored = f"http://127.0.0.1:{port}/", [], set()
+    during_startup = rng.random() < 0.25
+    started = time.monotonic()
+    try:
+        if during_startup:
+            time.sleep(rng.uniform(0.5, 6.0))
+        else:
+            while not serving(url):
+                if app.poll() is not None or time.monotonic() - started > 240:
+                    raise RuntimeError(f"cycle {cycle}: app.py did not serve (see {log.name})")
+                time.sleep(0.3)
+            restored = voted_markers(data_dir / "feedback.db")
+            killer = threading.Timer(rng.uniform(0.0, window_s), app.send_signal, [signal.SIGTERM])
+            killer.start()
+            vote_until_stopped(url, cycle, app, acknowledged)
+            killer.join()
+        if app.poll() is None:
+            app.send_signal(signal.SIGTERM)
+        stopping = time.monotonic()
+        code = app.wait(90)
+        return {"cycle": cycle, "killed": "starting" if during_startup else "serving", "acknowledged": acknowledged,
+                "restored_at_start": sorted(restored), "exit_code": code, "stop_s": round(time.monotonic() - stopping, 2)}
+    finally:
+        if app.poll() is None:
+            app.kill()
+        log.close()
+
+
+def run(hub: Any, model: str, work: Path, cycles: int, seed: int = 0, window_s: float = 6.0) -> dict[str, Any]:
+    """``cycles`` kill/restart cycles against ``hub`` (a running tests.fake_hub.FakeHub); the figures."""
+    from rlhf_demo.ui.app import free_port
+
+    rng = random.Random(seed)
+    env = hub_env(hub.endpoint, hub.token, work / "hf-home")
+    results, acknowledged = [], []
+    for cycle in range(cycles):
+        result = one_cycle(cycle, rng, work, env, model, free_port(), window_s)
+        if result["killed"] == "serving":  # what a start restored: every vote acknowledged before it
+            result["lost_before_this_start"] = sorted(set(acknowledged) - set(result["restored_at_start"]))
+        acknowledged += result["acknowledged"]
+        results.append(result)
+    final = work / "final" / "feedback.db"
+    final_db = hub.files(REPO, "dataset").get("snapshot/feedback.db")
+    if final_db is not None:
+        final.parent.mkdir(parents=True)
+        final.write_bytes(final_db)
+    restored = voted_markers(final)
+    return {
+        "cycles": cycles, "seed": seed, "acknowledged": len(acknowledged), "restored": len(set(acknowledged) & restored),
+        "lost": sorted(set(acknowledged) - restored), "exit_codes": [r["exit_code"] for r in results],
+        "stop_s_max": max(r["stop_s"] for r in results), "history_commits": len(hub.repo(REPO, "dataset").commits), "per_cycle": results,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cycles", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from rlhf_demo.modeling.tiny import build_tiny_model
+    from tests.fake_hub import FakeHub
+
+    with tempfile.TemporaryDirectory(prefix="hub-restarts-") as tmp:
+        work = Path(tmp)
+        model = str(build_tiny_model(work / "tiny"))
+        hub = FakeHub().start()
+        try:
+            figures = run(hub, model, work, args.cycles, args.seed)
+        finally:
+            hub.close()
+    summary = {k: v for k, v in figures.items() if k != "per_cycle"}
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
