@@ -12,7 +12,8 @@ import pytest
 
 from rlhf_demo.store.errors import InvalidInputError
 from rlhf_demo.store.validate import MAX_TEXT_BYTES, check_str
-from rlhf_demo.ui.handlers import Handlers, UserError
+from rlhf_demo.ui.handlers import UserError
+from rlhf_demo.ui.handlers.checks import check_message
 
 MiB = 1 << 20
 
@@ -26,12 +27,11 @@ class Tripwire(str):
     __iter__ = __contains__ = strip = encode = replace = translate = _touched
 
 
-def test_an_over_long_message_is_refused_before_per_character_work(runtime):
-    handlers = Handlers(runtime)
-    limit = runtime.settings.limits.max_message_chars
+def test_an_over_long_message_is_refused_before_per_character_work(settings):
+    limits = settings.limits
     with pytest.raises(UserError, match="too long"):
-        handlers.check_message(Tripwire("a" * (limit + 1)))
-    assert handlers.check_message("  a\x07 b  ") == "a b"  # short text is still cleaned
+        check_message(Tripwire("a" * (limits.max_message_chars + 1)), limits)
+    assert check_message("  a\x07 b  ", limits) == "a b"  # short text is still cleaned
 
 
 def test_an_over_long_store_text_is_refused_before_per_character_work():
