@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from rlhf_demo.config import COMPUTE_DTYPES, QUANTIZATIONS, SettingError, Settings, load_settings
+from rlhf_demo.config import COMPUTE_DTYPES, ENGINES, QUANTIZATIONS, SettingError, Settings, load_settings
 
 log = logging.getLogger("rlhf_demo")
 
@@ -35,6 +35,8 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help=f"address to listen on; 0.0.0.0 for every interface ({_default('host')}, or GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, help=f"TCP port ({_default('port')}, or GRADIO_SERVER_PORT / PORT)")
     parser.add_argument("--no-worker", action="store_true", help="do not start the training worker (default: start it)")
+    parser.add_argument("--engine", choices=ENGINES, help=f"who generates: this process, or a vLLM server ({_default('engine')})")
+    parser.add_argument("--engine-url", help=f"the vLLM server's URL, e.g. http://127.0.0.1:8123 ({_default('engine_url')})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +69,7 @@ def serve_parser(prog: str = "app.py") -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     overrides = {
-        key: getattr(args, key, None) for key in ("model", "data_dir", "quantization", "compute_dtype", "device", "host", "port")
+        key: getattr(args, key, None) for key in ("model", "data_dir", "quantization", "compute_dtype", "device", "host", "port", "engine", "engine_url")
     }
     if getattr(args, "no_worker", False):
         overrides["worker"] = False

@@ -17,6 +17,7 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_MODEL = "tiny"
 QUANTIZATIONS = ("auto", "nf4", "bf16", "fp32")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+ENGINES = ("embedded", "vllm")  # the policy in this process, or a vLLM server (docs/serving.md)
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,8 @@ class Settings:
     worker: bool = True
     poll_seconds: float = 3.0
     adapter_cache: int = 3
+    engine: str = "embedded"
+    engine_url: str = ""  # the vLLM server's base URL, e.g. http://127.0.0.1:8123
     sampling: SamplingBounds = field(default_factory=SamplingBounds)
     limits: Limits = field(default_factory=Limits)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -282,6 +285,10 @@ class Settings:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine == "vllm" and not self.engine_url.startswith(("http://", "https://")):
+            raise ValueError(f"engine vllm needs engine_url, the vLLM server's http(s) URL; got {self.engine_url!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1..65535, got {self.port}")
         return self

@@ -1,4 +1,4 @@
-"""The serving process's objects, built once: settings, store, model, PolicyServer, registry sync.
+"""The serving process's objects, built once: settings, store, model, serving engine, registry sync.
 
 The registry (the ``adapter_versions`` table) is the single source of truth for which
 version is served; the server polls it, so a worker in another process, or an admin
@@ -19,7 +19,9 @@ from typing import Any
 from rlhf_demo.config import Settings
 from rlhf_demo.modeling import LoadedModel, load_model
 from rlhf_demo.modeling.adapters import AdapterError, attach_new_adapter, save_adapter
+from rlhf_demo.modeling.loading import eos_token_ids
 from rlhf_demo.serving import BASE_VERSION, PolicyServer
+from rlhf_demo.serving.interface import EngineError, ServingEngine
 from rlhf_demo.store import SERVABLE_STATUSES, FeedbackStore
 from rlhf_demo.visitors import Signer, load_secret
 
@@ -61,6 +63,23 @@ class SyncStatus:
     swaps: list[dict[str, Any]] = field(default_factory=list)
 
 
+def build_engine(settings: Settings, loaded: LoadedModel) -> ServingEngine:
+    """The engine the settings name: the policy in this process (default), or a vLLM server,
+    which this process only sends prompts to (it keeps the tokenizer and the EOS rule)."""
+    if settings.engine == "vllm":
+        from rlhf_demo.serving.vllm_engine import VllmEngine
+
+        eos = frozenset(eos_token_ids(loaded.model, loaded.tokenizer))
+        try:
+            return VllmEngine(settings.engine_url, loaded.tokenizer, eos, settings.sampling)
+        except EngineError as exc:
+            raise StartupError(str(exc)) from None
+    server = PolicyServer(loaded, settings.sampling, max_slots=settings.adapter_cache + 1)
+    server.reserve_slots(settings.lora)
+    loaded.model = server.model  # one PeftModel for everything in this process
+    return server
+
+
 class Runtime:
     """Owns the long-lived objects of the serving process."""
 
@@ -70,12 +89,10 @@ class Runtime:
         self.store = FeedbackStore(settings.db_path)
         self.signer = Signer(load_secret(settings.data_dir))
         self.loaded = loaded or load_model(settings)
-        self.server = PolicyServer(self.loaded, settings.sampling, max_slots=settings.adapter_cache + 1)
+        self.server = build_engine(settings, self.loaded)
         self.status = SyncStatus()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
-        self.server.reserve_slots(settings.lora)
-        self.loaded.model = self.server.model  # one PeftModel for everything in this process
         self.ensure_first_version()
         self.sync_registry()
 
@@ -86,9 +103,10 @@ class Runtime:
         folder = self.settings.adapters_dir / FIRST_VERSION
         if not folder.exists():
             self.settings.adapters_dir.mkdir(parents=True, exist_ok=True)
-            model = attach_new_adapter(self.server.model, FIRST_VERSION, self.settings.lora)
+            model = attach_new_adapter(self.loaded.model, FIRST_VERSION, self.settings.lora)
             save_adapter(model, FIRST_VERSION, folder)
             model.delete_adapter(FIRST_VERSION)  # the server loads it like any other version
+            self.loaded.model = model
         self.store.register_version(FIRST_VERSION, str(folder), None, "active", {"note": "identity LoRA"})
 
     def sync_registry(self) -> str:

@@ -18,6 +18,7 @@ import gradio as gr
 
 from rlhf_demo.runtime import Runtime
 from rlhf_demo.serving import PromptRefused
+from rlhf_demo.serving.interface import EngineError
 from rlhf_demo.store import InvalidInputError, StoreBusyError, StoreError, UnknownIdError
 from rlhf_demo.ui.handlers import UserError
 from rlhf_demo.visitors import Visitor, identify
@@ -35,7 +36,7 @@ def translate(exc: Exception, where: str) -> gr.Error:
     """A visitor-facing ``gr.Error``: our own refusals as they are (one log line, no
     traceback: they are expected), anything else generic (with a traceback in the log:
     that is a bug)."""
-    if isinstance(exc, (UserError, PromptRefused)) or isinstance(exc, PLAIN_STORE_ERRORS):
+    if isinstance(exc, (UserError, PromptRefused, EngineError)) or isinstance(exc, PLAIN_STORE_ERRORS):
         log.info("refused %s: %s", where, str(exc)[:200])
         return gr.Error(str(exc), duration=TOAST_SECONDS, print_exception=False)
     if isinstance(exc, StoreError):
