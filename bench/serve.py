@@ -7,11 +7,15 @@ both sides produce exactly ``--tokens`` tokens.
 
 With ``--concurrency 1,4,8`` it then runs that many streams at once through the engine (each
 its own prompt), per level: aggregate tokens/s, time to first token (p50/p95), and prints
-``serve: 1 stream X.XX× plain generate; 8 streams Y.YY× one stream`` last.
+``serve: 1 stream X.XX× plain generate; 8 streams Y.YY× one stream`` last. It also runs
+``--quantization auto``'s measurement afresh (``auto_choice``: the choice and its figures);
+with ``--precisions auto`` the engine serves that choice and plain ``generate`` stays float32
+(the goal's baseline).
 
     python bench/serve.py                      # SmolLM2 (hub, cache or bundled GGUF)
     python bench/serve.py --model tiny --precisions fp32
     python bench/serve.py --precisions fp32 --concurrency 1,4,8 --json out.json
+    python bench/serve.py --precisions auto --concurrency 1,4,8 --json out.json
 """
 
 from __future__ import annotations
@@ -51,6 +55,19 @@ PRECISIONS = {
     "nf4": ("nf4", "float32"),
     "nf4-bf16": ("nf4", "bfloat16"),
 }
+
+
+def auto_choice(args: argparse.Namespace) -> dict:
+    """What ``--quantization auto`` decides on this machine now, measured afresh (scratch data dir)."""
+    if torch.cuda.is_available():
+        return {"quantization": "nf4", "figures": {}, "reason": "CUDA: NF4 with bfloat16 compute, not measured"}
+    from rlhf_demo.modeling.loading import locate_model
+    from rlhf_demo.modeling.precision import choose_cpu_quantization
+
+    source = locate_model(load_settings(model=args.model, data_dir=args.data_dir))
+    with tempfile.TemporaryDirectory() as scratch:
+        choice = choose_cpu_quantization(source.path, Path(scratch))
+    return {"quantization": choice.quantization, "figures": choice.figures, "reason": choice.reason}
 
 
 def time_plain(loaded, tokens: int) -> tuple[float, float]:
@@ -123,10 +140,14 @@ def concurrency_levels(args: argparse.Namespace) -> dict:
     """Plain generate and the engine at each concurrency level, interleaved per repeat (a CPU
     shared with other work drifts; interleaving keeps the ratios fair). Plain generate runs on
     its own bare copy of the base: the server's copy gets PEFT's LoRA layers injected."""
-    quant, compute = PRECISIONS[args.precisions.split(",")[0]]
+    choice = auto_choice(args)
+    name = args.precisions.split(",")[0]
+    engine_name = choice["quantization"] if name == "auto" else name
+    quant, compute = PRECISIONS[engine_name]
+    plain_quant, plain_compute = PRECISIONS["fp32" if name == "auto" else name]
     levels = [int(x) for x in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as scratch:
-        bare = load_model(load_settings(model=args.model, data_dir=args.data_dir, quantization=quant, compute_dtype=compute))
+        bare = load_model(load_settings(model=args.model, data_dir=args.data_dir, quantization=plain_quant, compute_dtype=plain_compute))
         bare.model.generation_config.eos_token_id = None
         loaded = load_model(load_settings(model=args.model, data_dir=args.data_dir, quantization=quant, compute_dtype=compute))
         runtime = Runtime(load_settings(model=args.model, data_dir=scratch, quantization=quant, compute_dtype=compute), loaded)
@@ -158,12 +179,15 @@ def concurrency_levels(args: argparse.Namespace) -> dict:
     one = by.get(1, rows[0])
     top = max(levels)
     return {
-        "precision": args.precisions.split(",")[0],
+        "precision": engine_name,
+        "plain_precision": plain_quant,
+        "auto_choice": choice,
         "model": args.model,
         "tokens": args.tokens,
         "repeats": args.repeats,
         "plain_generate_tok_s": plain,
         "levels": rows,
+        "single_tok_s": one["tok_s"],
         "single_vs_generate": one["tok_s"] / plain,
         f"speedup_at_{top}": by[top]["tok_s"] / one["tok_s"],
         f"ttft_p95_at_{top}_s": by[top]["ttft_p95_s"],
@@ -173,7 +197,7 @@ def concurrency_levels(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--precisions", default="fp32,bf16,nf4,nf4-bf16")
+    parser.add_argument("--precisions", default="fp32,bf16,nf4,nf4-bf16", help="auto: the measured choice (with --concurrency)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-dir", default="data", help="reuses the converted offline model")
@@ -187,7 +211,9 @@ def main() -> None:
         print(
             f"\nmodel {args.model}, {result['precision']}, {args.tokens} tokens greedy per stream, median of {args.repeats}, device {device}"
         )
-        print(f"plain generate: {result['plain_generate_tok_s']:.1f} tok/s")
+        auto = result["auto_choice"]
+        print(f"auto: {auto['quantization']} ({auto['reason']})")
+        print(f"plain generate ({result['plain_precision']}): {result['plain_generate_tok_s']:.1f} tok/s")
         print(f"{'streams':>7} {'tok/s':>7} {'per stream':>11} {'rows/step':>10} {'ttft p50':>9} {'ttft p95':>9}")
         for r in result["levels"]:
             print(

@@ -1,16 +1,20 @@
-"""``--quantization auto`` on CPU: decided by the CPU's NF4 kernel and the free memory, cached."""
+"""``--quantization auto`` on CPU: the fastest candidate measured on the machine at hand, cached."""
 
 from __future__ import annotations
 
 import json
 
-from rlhf_demo.modeling.precision import CACHE_FILE, choose_cpu_quantization, fp32_bytes
+import pytest
+
+from rlhf_demo.modeling import precision
+from rlhf_demo.modeling.precision import CACHE_FILE, candidates, choose_cpu_quantization, decide, fp32_bytes
 
 EPYC = "model name\t: AMD EPYC 7B13\nflags\t\t: fpu sse avx avx2 fma\n"
 XEON = "model name\t: Intel Xeon Platinum 8480\nflags\t\t: fpu avx avx2 avx512f avx512_bf16 amx_bf16\n"
+PLENTY_KIB = 16 * 1024 * 1024
 
 
-def fake_proc(tmp_path, cpuinfo: str, free_kib: int):
+def fake_proc(tmp_path, cpuinfo: str, free_kib: int = PLENTY_KIB):
     proc = tmp_path / "proc"
     proc.mkdir(parents=True, exist_ok=True)
     (proc / "cpuinfo").write_text(cpuinfo)
@@ -18,35 +22,84 @@ def fake_proc(tmp_path, cpuinfo: str, free_kib: int):
     return proc
 
 
-def test_a_cpu_without_avx512_bf16_serves_fp32_and_one_with_it_nf4(tiny_model_dir, tmp_path):
-    plenty = 16 * 1024 * 1024
-    amd = choose_cpu_quantization(tiny_model_dir, tmp_path / "a", fake_proc(tmp_path / "a", EPYC, plenty))
-    intel = choose_cpu_quantization(tiny_model_dir, tmp_path / "b", fake_proc(tmp_path / "b", XEON, plenty))
-    assert (amd.quantization, intel.quantization) == ("fp32", "nf4")
-    assert "AMD EPYC" in amd.reason and "AVX512-BF16" in amd.reason
+class FakeMeter:
+    """Given decode speeds instead of a timed decode; counts what it was asked to measure."""
+
+    def __init__(self, figures: dict[str, float]) -> None:
+        self.figures, self.asked = figures, []
+
+    def __call__(self, model_dir, quantization: str) -> float:
+        self.asked.append(quantization)
+        return self.figures[quantization]
 
 
-def test_a_model_too_big_for_fp32_in_ram_stays_nf4(tiny_model_dir, tmp_path):
-    free_kib = fp32_bytes(tiny_model_dir) // 1024  # the fp32 weights would take all free memory
-    choice = choose_cpu_quantization(tiny_model_dir, tmp_path, fake_proc(tmp_path, EPYC, free_kib))
-    assert choice.quantization == "nf4" and "memory" in choice.reason
+@pytest.mark.parametrize(
+    "figures, fastest",
+    [
+        ({"fp32": 15.0, "bf16": 21.0, "nf4": 12.5}, "bf16"),
+        ({"fp32": 15.0, "bf16": 9.0, "nf4": 23.8}, "nf4"),
+        ({"fp32": 14.7, "bf16": 6.0, "nf4": 7.1}, "fp32"),
+    ],
+)
+def test_the_choice_is_the_fastest_of_the_measured_figures_and_says_them(figures, fastest):
+    choice = decide(figures, key="k")
+    assert choice.quantization == fastest
+    assert choice.figures == figures
+    assert all(f"{name} {speed:.1f}" in choice.reason for name, speed in figures.items())
 
 
-def test_the_decision_is_cached_in_the_data_dir_and_redone_for_another_cpu(tiny_model_dir, tmp_path):
-    proc = fake_proc(tmp_path, EPYC, 16 * 1024 * 1024)
-    first = choose_cpu_quantization(tiny_model_dir, tmp_path / "data", proc)
+def test_first_start_measures_each_candidate_and_the_second_uses_the_cache(tiny_model_dir, tmp_path):
+    proc = fake_proc(tmp_path, EPYC)
+    meter = FakeMeter({"fp32": 15.0, "bf16": 21.0, "nf4": 12.5})
+    first = choose_cpu_quantization(tiny_model_dir, tmp_path / "data", proc, meter)
+    assert first.quantization == "bf16" and set(meter.asked) == set(candidates(1, None, precision.nf4_loads()))
     cached = json.loads((tmp_path / "data" / CACHE_FILE).read_text())
-    assert cached["quantization"] == first.quantization == "fp32"
-    (tmp_path / "data" / CACHE_FILE).write_text(json.dumps({**cached, "reason": "from the cache"}))
-    assert choose_cpu_quantization(tiny_model_dir, tmp_path / "data", proc).reason == "from the cache"
-    fake_proc(tmp_path, XEON, 16 * 1024 * 1024)  # the data dir moved to another machine
-    assert choose_cpu_quantization(tiny_model_dir, tmp_path / "data", proc).quantization == "nf4"
+    assert cached["quantization"] == "bf16" and cached["figures"]["bf16"] == 21.0
+
+    meter.asked.clear()
+    again = choose_cpu_quantization(tiny_model_dir, tmp_path / "data", proc, meter)
+    assert again == first and meter.asked == []
 
 
-def test_auto_shows_its_reason_in_the_model_description(tiny_model_dir, tmp_path):
+def test_another_cpu_measures_again(tiny_model_dir, tmp_path):
+    proc = fake_proc(tmp_path, EPYC)
+    choose_cpu_quantization(tiny_model_dir, tmp_path / "data", proc, FakeMeter({"fp32": 15.0, "bf16": 9.0, "nf4": 7.0}))
+    fake_proc(tmp_path, XEON)  # the data dir moved to another machine
+    meter = FakeMeter({"fp32": 15.0, "bf16": 9.0, "nf4": 23.8})
+    assert choose_cpu_quantization(tiny_model_dir, tmp_path / "data", proc, meter).quantization == "nf4"
+    assert meter.asked
+
+
+def test_a_precision_too_big_for_the_free_memory_is_not_tried(tiny_model_dir):
+    weights = fp32_bytes(tiny_model_dir)
+    assert candidates(weights, available=weights, nf4_available=True) == ["bf16", "nf4"]
+    assert candidates(weights, available=weights // 10, nf4_available=False) == ["nf4"]
+    assert candidates(weights, available=None, nf4_available=False) == ["fp32", "bf16"]
+
+
+def test_auto_measures_once_and_shows_its_figures_in_the_model_description(tiny_model_dir, tmp_path):
     from rlhf_demo.config import load_settings
     from rlhf_demo.modeling import load_model
 
-    loaded = load_model(load_settings(env={}, model=str(tiny_model_dir), data_dir=tmp_path, quantization="auto"))
-    assert loaded.quantization in ("nf4", "fp32")
-    assert "(auto: " in loaded.describe() and (tmp_path / CACHE_FILE).exists()
+    settings = load_settings(env={}, model=str(tiny_model_dir), data_dir=tmp_path, quantization="auto")
+    loaded = load_model(settings)
+    recorded = json.loads((tmp_path / CACHE_FILE).read_text())
+    assert loaded.quantization == recorded["quantization"] == max(recorded["figures"], key=recorded["figures"].get)
+    assert "(auto: fastest measured here" in loaded.describe()
+    if loaded.quantization == "bf16":
+        import torch
+
+        assert loaded.compute_dtype == torch.bfloat16
+
+
+def test_an_explicit_precision_skips_the_measurement(tiny_model_dir, tmp_path, monkeypatch):
+    from rlhf_demo.config import load_settings
+    from rlhf_demo.modeling import load_model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an explicit --quantization must not measure")
+
+    monkeypatch.setattr(precision, "choose_cpu_quantization", refuse)
+    loaded = load_model(load_settings(env={}, model=str(tiny_model_dir), data_dir=tmp_path, quantization="fp32"))
+    assert loaded.quantization == "fp32" and "auto" not in loaded.describe()
+    assert not (tmp_path / CACHE_FILE).exists()

@@ -150,21 +150,11 @@ def torch_dtype(name: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_model(settings: Settings, role: str = "serve") -> LoadedModel:
-    """Load tokenizer and base model once, at the precision chosen for this device and role."""
+def load_base(path: Path, quantization: str, compute: Any, device: str) -> Any:
+    """The base model at one precision, in eval mode (``auto`` measures each candidate with it)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    source = locate_model(settings)
-    device = resolve_device(settings.device)
-    quantization, compute_name = resolve_precision(settings.quantization, settings.compute_dtype, device, role)
-    reason = ""
-    if settings.quantization == "auto" and role == "serve" and device == "cpu" and any(source.path.glob("*.safetensors")):
-        from rlhf_demo.modeling.precision import choose_cpu_quantization
-
-        choice = choose_cpu_quantization(source.path, settings.data_dir)
-        quantization, reason = choice.quantization, choice.reason
-    compute = torch_dtype(compute_name)
     kwargs: dict[str, Any] = {}
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -177,10 +167,28 @@ def load_model(settings: Settings, role: str = "serve") -> LoadedModel:
         kwargs["dtype"] = compute
     else:
         kwargs["dtype"] = torch.bfloat16 if quantization == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization != "nf4":
         model.to(device)
-    model.eval()
+    return model.eval()
+
+
+def load_model(settings: Settings, role: str = "serve") -> LoadedModel:
+    """Load tokenizer and base model once, at the precision chosen for this device and role."""
+    from transformers import AutoTokenizer
+
+    source = locate_model(settings)
+    device = resolve_device(settings.device)
+    quantization, compute_name = resolve_precision(settings.quantization, settings.compute_dtype, device, role)
+    reason = ""
+    if settings.quantization == "auto" and role == "serve" and device == "cpu" and any(source.path.glob("*.safetensors")):
+        from rlhf_demo.modeling.precision import choose_cpu_quantization
+
+        choice = choose_cpu_quantization(source.path, settings.data_dir)
+        quantization, reason = choice.quantization, choice.reason
+        compute_name = resolve_precision(quantization, settings.compute_dtype, device, role)[1]
+    compute = torch_dtype(compute_name)
+    model = load_base(source.path, quantization, compute, device)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     tokenizer.padding_side = "left"  # decoder-only batches generate from the right edge
     if tokenizer.pad_token is None:

@@ -1,42 +1,47 @@
-"""``--quantization auto`` for serving on CPU: NF4 or float32, decided for the machine at hand.
+"""``--quantization auto`` for serving on CPU: the precision that decodes fastest here, measured.
 
-bitsandbytes' packed NF4 kernel is fast only where the CPU has AVX512-BF16: there NF4 decoded
-SmolLM2 at 23.8 tok/s vs 16.0 for float32; on an AVX2-only AMD EPYC the same bench gave fp32
-14.7 vs NF4 7.1 tok/s (docs/precision.md, issue 10). A model whose float32 weights would not fit
-comfortably in RAM stays NF4 whatever the CPU. The decision and its reason are cached in the
-data dir (keyed by CPU, model and library versions) and shown in the header.
+CPU flags do not predict decode speed: on one AVX512-BF16 EPYC, NF4 once decoded SmolLM2 at
+23.8 tok/s vs 16.0 for float32, and later, on the same kind of machine, 12.5 vs 15.0
+(docs/precision.md). So at first start each candidate (float32, bfloat16, NF4 where
+bitsandbytes loads) decodes a few tokens with the model at hand, one row, greedy, and the
+fastest wins. The figures, the choice and its key (CPU, model, library versions, threads) are
+cached in the data dir and shown in the header; a different key measures again. A candidate
+whose weights would take more than half the free memory is not tried.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "precision.json"
-RAM_SHARE = 0.5  # float32 weights may take at most this share of the available memory
+RAM_SHARE = 0.5  # a candidate's weights may take at most this share of the available memory
+BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "nf4": 0.6}  # NF4: 4 bits + block scales
+DECODE_TOKENS = 12  # timed decode steps per try, after a warm-up (NF4 repacks on its first forward)
+TRIES = 2  # per candidate; the best try counts (a busy CPU only ever slows a try down)
 
 
 @dataclass(frozen=True)
 class PrecisionChoice:
-    quantization: str  # "nf4" | "fp32"
+    quantization: str  # "fp32" | "bf16" | "nf4"
     reason: str
-    key: str  # what the decision depends on; a different key decides again
+    key: str  # what the decision depends on; a different key measures again
+    figures: dict[str, float] = field(default_factory=dict)  # decode tok/s per candidate measured here
 
 
-def cpu_flags(cpuinfo: str) -> tuple[str, set[str]]:
-    """(model name, flags) of the first CPU in a /proc/cpuinfo text."""
-    name, flags = "unknown CPU", set()
+def cpu_name(cpuinfo: str) -> str:
+    """The model name of the first CPU in a /proc/cpuinfo text."""
     for line in cpuinfo.splitlines():
-        field, _, value = line.partition(":")
-        if field.strip() == "model name" and name == "unknown CPU":
-            name = value.strip()
-        elif field.strip() == "flags" and not flags:
-            flags = set(value.split())
-    return name, flags
+        name, _, value = line.partition(":")
+        if name.strip() == "model name":
+            return value.strip()
+    return "unknown CPU"
 
 
 def available_bytes(meminfo: str) -> int | None:
@@ -54,45 +59,107 @@ def fp32_bytes(model_dir: Path) -> int:
     for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                shape = f.get_slice(key).get_shape()
                 count = 1
-                for dim in shape:
+                for dim in f.get_slice(key).get_shape():
                     count *= int(dim)
                 total += 4 * count
     return total
 
 
-def decide(cpu_name: str, flags: set[str], weights_fp32: int, available: int | None, key: str) -> PrecisionChoice:
-    """The rule, pure: memory first, then the CPU's NF4 kernel."""
-    gib = 1024**3
-    if available is not None and weights_fp32 > RAM_SHARE * available:
-        return PrecisionChoice("nf4", f"float32 weights ({weights_fp32 / gib:.1f} GiB) would exceed half the free memory ({available / gib:.1f} GiB)", key)
-    if "avx512_bf16" in flags:
-        return PrecisionChoice("nf4", f"{cpu_name} has AVX512-BF16, where bitsandbytes' NF4 kernel decodes faster than float32", key)
-    return PrecisionChoice("fp32", f"{cpu_name} lacks AVX512-BF16: bitsandbytes' NF4 kernel decodes about 2x slower than float32 there", key)
+def candidates(weights_fp32: int, available: int | None, nf4_available: bool) -> list[str]:
+    """The precisions worth timing here: those whose weights fit in the memory share."""
+    found = [
+        name
+        for name, size in BYTES_PER_WEIGHT.items()
+        if (name != "nf4" or nf4_available) and (available is None or weights_fp32 * size / 4 <= RAM_SHARE * available)
+    ]
+    return found or ["nf4"]
 
 
-def choose_cpu_quantization(model_dir: Path, data_dir: Path, proc: Path = Path("/proc")) -> PrecisionChoice:
-    """The cached decision for this CPU and model, or a new one (written to the data dir)."""
-    import bitsandbytes
+def decide(figures: dict[str, float], key: str) -> PrecisionChoice:
+    """The rule, pure: the fastest measured candidate."""
+    fastest = max(figures, key=lambda name: figures[name])
+    measured = ", ".join(f"{name} {speed:.1f}" for name, speed in sorted(figures.items(), key=lambda kv: -kv[1]))
+    return PrecisionChoice(fastest, f"fastest measured here, decode tok/s: {measured}", key, dict(figures))
+
+
+def decode_speed(model: object, tokens: int = DECODE_TOKENS) -> float:
+    """Tokens/s of a one-row greedy decode with a KV cache (what one visitor waits for)."""
+    import torch
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        cache = DynamicCache()
+        ids = torch.arange(1, 33)[None] % model.config.vocab_size  # type: ignore[attr-defined]
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)  # type: ignore[operator]
+        next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        started = None
+        for step in range(tokens + 1):  # step 0 warms up
+            if step == 1:
+                started = time.perf_counter()
+            out = model(input_ids=next_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)  # type: ignore[operator]
+            next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        assert started is not None
+        return tokens / (time.perf_counter() - started)
+
+
+def measure(model_dir: Path, quantization: str) -> float:
+    """Load the base at ``quantization`` (its default CPU compute dtype) and time a short decode."""
+    import gc
+
+    from rlhf_demo.config import resolve_precision
+    from rlhf_demo.modeling.loading import load_base, torch_dtype
+
+    compute = torch_dtype(resolve_precision(quantization, "auto", "cpu")[1])
+    model = load_base(model_dir, quantization, compute, "cpu")
+    try:
+        return max(decode_speed(model) for _ in range(TRIES))
+    finally:
+        del model
+        gc.collect()
+
+
+def nf4_loads() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means no NF4 here
+        return False
+    return True
+
+
+def cache_key(cpu: str, model_dir: Path, weights: int) -> str:
     import torch
 
+    try:
+        from importlib.metadata import version
+
+        bnb = version("bitsandbytes")
+    except Exception:  # noqa: BLE001 - not installed
+        bnb = "none"
+    return json.dumps([cpu, str(model_dir.resolve()), weights, torch.__version__, bnb, torch.get_num_threads()])
+
+
+def choose_cpu_quantization(
+    model_dir: Path, data_dir: Path, proc: Path = Path("/proc"), measure: Callable[[Path, str], float] = measure
+) -> PrecisionChoice:
+    """The cached choice for this CPU and model, or a new one measured now (written to the data dir)."""
     cpuinfo = (proc / "cpuinfo").read_text() if (proc / "cpuinfo").exists() else ""
     meminfo = (proc / "meminfo").read_text() if (proc / "meminfo").exists() else ""
-    name, flags = cpu_flags(cpuinfo)
     weights = fp32_bytes(model_dir)
-    key = json.dumps([name, "avx512_bf16" in flags, str(model_dir.resolve()), weights, torch.__version__, bitsandbytes.__version__])
+    key = cache_key(cpu_name(cpuinfo), model_dir, weights)
     cache = data_dir / CACHE_FILE
     try:
         cached = PrecisionChoice(**json.loads(cache.read_text()))
-        if cached.key == key:
+        if cached.key == key and cached.figures:
             return cached
     except (OSError, ValueError, TypeError):
-        pass  # no cache or a stale/garbled one: decide again
-    choice = decide(name, flags, weights, available_bytes(meminfo), key)
+        pass  # no cache or a stale/garbled one: measure again
+    names = candidates(weights, available_bytes(meminfo), nf4_loads())
+    started = time.perf_counter()
+    choice = decide({name: measure(model_dir, name) for name in names}, key)
+    log.info("quantization auto on CPU: %s (%s; measured in %.1f s)", choice.quantization, choice.reason, time.perf_counter() - started)
     data_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(choice)))
     tmp.replace(cache)
-    log.info("quantization auto on CPU: %s (%s)", choice.quantization, choice.reason)
     return choice
