@@ -24,6 +24,7 @@ from rlhf_demo.serving import BASE_VERSION, PolicyServer
 from rlhf_demo.serving.interface import EngineError, ServingEngine
 from rlhf_demo.store import SERVABLE_STATUSES, FeedbackStore
 from rlhf_demo.visitors import Signer, load_secret
+from rlhf_demo.worker.publish import HASHED_FILES, check_content, content_hash
 
 log = logging.getLogger(__name__)
 FIRST_VERSION = "v0"
@@ -93,6 +94,7 @@ class Runtime:
         self.status = SyncStatus()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self._checked: dict[str, tuple[Any, ...]] = {}  # version -> its files' stat when last hashed
         self.ensure_first_version()
         self.sync_registry()
 
@@ -107,7 +109,7 @@ class Runtime:
             save_adapter(model, FIRST_VERSION, folder)
             model.delete_adapter(FIRST_VERSION)  # the server loads it like any other version
             self.loaded.model = model
-        self.store.register_version(FIRST_VERSION, str(folder), None, "active", {"note": "identity LoRA"})
+        self.store.register_version(FIRST_VERSION, str(folder), None, "active", {"note": "identity LoRA"}, content_hash=content_hash(folder))
 
     def sync_registry(self) -> str:
         """Make the server serve the registry's active version; a bad adapter is refused.
@@ -118,19 +120,34 @@ class Runtime:
         """
         for _ in range(len(self.store.list_versions()) + 1):
             wanted = self.store.active_version() or BASE_VERSION
-            if wanted == self.server.active or self._serve(wanted):
+            if self._serve(wanted):
                 break
         return self.server.active
 
+    def _check_files(self, version: str) -> dict[str, Any]:
+        """The registry row of ``version`` once its files match the registered hash (re-read
+        only when their size or time changed since the last check)."""
+        row = self.store.get_version(version)
+        if row is None:
+            raise AdapterError(f"{version} is not in the registry")
+        if not row.get("content_hash"):
+            return row  # registered before hashes were kept
+        stats = tuple((s.st_size, s.st_mtime_ns) for s in (Path(row["path"], name).stat() for name in HASHED_FILES))
+        if self._checked.get(version) != (row["path"], stats):
+            check_content(row)
+            self._checked[version] = (row["path"], stats)
+        return row
+
     def _serve(self, wanted: str) -> bool:
-        """Load and switch to ``wanted``; False (and marked broken) when it is refused."""
+        """Serve ``wanted`` (loading it if needed) unless its files are not the ones
+        registered or do not load; False (and marked broken) when it is refused."""
         started = time.perf_counter()
         try:
             load_ms, prepare_ms, mode = 0.0, 0.0, "cached"
-            if wanted != BASE_VERSION and wanted not in self.server.loaded_versions:
-                row = self.store.get_version(wanted)
-                if row is None:
-                    raise AdapterError(f"{wanted} is not in the registry")
+            row = None if wanted == BASE_VERSION else self._check_files(wanted)
+            if wanted == self.server.active:
+                return True
+            if row is not None and wanted not in self.server.loaded_versions:
                 self.server.load_version(wanted, row["path"])
                 load_ms, prepare_ms, mode = self.server.last_load_ms, self.server.last_prepare_ms, self.server.last_load_mode
             self.server.activate(wanted)

@@ -34,6 +34,7 @@ def test_delete_session_data(store: FeedbackStore, db_path: Path) -> None:
         "ratings": 2,
         "responses": 2,
         "conversations": 1,
+        "run summaries": 0,
     }
     counts = table_counts(db_path)
     assert (counts["responses"], counts["ratings"], counts["conversations"]) == (
@@ -43,3 +44,30 @@ def test_delete_session_data(store: FeedbackStore, db_path: Path) -> None:
     )
     assert store.delete_session_data("gone") == dict.fromkeys(deleted, 0)
 
+
+
+def test_delete_reaches_run_summaries_and_leaves_no_copy_in_the_file(store: FeedbackStore, db_path: Path) -> None:
+    """Run summaries keep a few gate samples (a visitor's prompt and the candidate's answer):
+    they go with the visitor's data, other visitors' samples stay, and no byte of the
+    deleted text is left in the database file or its write-ahead log."""
+    mine = [{"role": "user", "content": "My secret recipe is saffron?"}]
+    theirs = [{"role": "user", "content": "Name a tree."}]
+    respond(store, "Secret answer about saffron.", session_id="gone", prompt=mine)
+    respond(store, "Oak.", session_id="stays", prompt=theirs)
+    samples = [
+        {"prompt": "My secret recipe is saffron?", "answer": "Candidate text on saffron."},
+        {"prompt": "Name a tree.", "answer": "Birch."},
+    ]
+    run = store.start_run("cycle")
+    store.finish_run(run, "succeeded", summary={"gate": {"passed": True}, "samples": samples, "echo": "Secret answer about saffron."})
+    other = store.start_run("cycle")
+    store.finish_run(other, "rejected", summary={"samples": samples[1:]})
+
+    deleted = store.delete_session_data("gone")
+
+    assert deleted["run summaries"] == 1
+    runs = {r["id"]: r["summary"] for r in store.list_runs()}
+    assert runs == {run: {"gate": {"passed": True}, "samples": samples[1:]}, other: {"samples": samples[1:]}}
+    for path in (db_path, db_path.with_name(db_path.name + "-wal")):  # while the store is open
+        data = path.read_bytes() if path.exists() else b""
+        assert b"saffron" not in data, f"deleted text left in {path.name}"

@@ -74,3 +74,14 @@ def test_statuses_nothing_writes_are_refused(store: FeedbackStore, status: str) 
     with pytest.raises(InvalidInputError, match="status must be one of"):
         store.register_version("v0", "/a/v0", status=status)
     assert store.list_versions() == []
+
+
+def test_a_version_keeps_the_hash_of_its_files(store: FeedbackStore) -> None:
+    digest = "ab" * 32
+    store.register_version("v0", "/a/v0", status="active", content_hash=digest)
+    store.register_version("v1", "/a/v1", parent="v0")  # registered without one: not checked
+    assert [v["content_hash"] for v in store.list_versions()] == [digest, None]
+    for bad in ("abc", "AB" * 32, "zz" * 32, 12):
+        with pytest.raises(InvalidInputError, match="sha256"):
+            store.register_version("v2", "/a/v2", content_hash=bad)  # type: ignore[arg-type]
+    assert store.get_version("v2") is None

@@ -203,16 +203,6 @@ def test_snapshot_of_a_live_database_is_consistent(tmp_path):
     assert "me/votes" in persistence_note(copy, {"HF_TOKEN": "x", "RLHF_DEMO_HUB_DATASET": "me/votes"})
 
 
-def test_one_session_cannot_dominate_the_training_data():
-    from rlhf_demo.reward.fairness import cap_per_session
-
-    rows = [{"session_id": "loud", "i": i} for i in range(100)] + [{"session_id": "quiet", "i": 100}]
-    kept = cap_per_session(rows, cap=10)
-    assert sum(r["session_id"] == "loud" for r in kept) == 10
-    assert [r["i"] for r in kept][-11:] == [*range(90, 100), 100]  # newest kept, order preserved
-    assert cap_per_session(rows, cap=0) == rows
-
-
 def test_dashboard_says_when_a_candidate_was_trained_on_from_an_unproven_one(runtime):
     store = runtime.store
     folder = runtime.settings.adapters_dir / "v0"

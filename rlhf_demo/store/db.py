@@ -74,6 +74,7 @@ class StoreBase:
             conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA secure_delete = ON")  # deleted text is overwritten, not left in free pages
             self.db = sqlite_utils.Database(conn)
             migrate(self.db)
         except sqlite3.Error as exc:
@@ -110,6 +111,15 @@ class StoreBase:
             try:
                 with immediate_transaction(self.db):
                     yield self.db
+            except sqlite3.Error as exc:
+                raise translate_sqlite_error(exc, self._busy_timeout_ms) from exc
+
+    def _truncate_log(self) -> None:
+        """Copy the write-ahead log into the file and empty it (best effort: a reader in
+        another process may still hold it, then the next checkpoint overwrites it)."""
+        with self._lock:
+            try:
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as exc:
                 raise translate_sqlite_error(exc, self._busy_timeout_ms) from exc
 

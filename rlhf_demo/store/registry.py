@@ -9,6 +9,7 @@ served), ``broken`` (the server refused to load it; ``broken_reason`` says why).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,11 @@ import sqlite_utils
 
 from .db import StoreBase, decode, get_row
 from .errors import InvalidInputError
-from .validate import MAX_TEXT_BYTES, check_choice, check_key, check_str, check_version, encode_json, utc_now
+from .validate import MAX_TEXT_BYTES, check_choice, check_key, check_str, check_version, encode_json, shown, utc_now
 
 VERSION_STATUSES = ("active", "retired", "rejected", "broken")
 SERVABLE_STATUSES = ("active", "retired")  # passed the gate and not broken: may be served
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 NUMERIC_ORDER = "CAST(substr(version, 2) AS INTEGER)"  # v2 before v10
 
 
@@ -51,9 +53,13 @@ class Registry(StoreBase):
         parent: str | None = None,
         status: str = "retired",
         metrics: dict[str, Any] | None = None,
+        content_hash: str | None = None,
     ) -> None:
-        """Record an adapter that is already whole on disk (the row is written last)."""
+        """Record an adapter that is already whole on disk (the row is written last), with
+        the sha256 of its files (``content_hash``) that loading it checks."""
         check_version("version", version)
+        if content_hash is not None and not _SHA256_RE.match(str(content_hash)):
+            raise InvalidInputError(f"content_hash must be a sha256 in hex; got {shown(content_hash)}")
         if parent is not None:
             check_version("parent", parent)
         check_choice("status", status, VERSION_STATUSES)
@@ -64,6 +70,7 @@ class Registry(StoreBase):
             "status": status,
             "metrics_json": encode_json("metrics", metrics or {}),
             "created_at": utc_now(),
+            "content_hash": content_hash,
         }
         with self._write() as db:
             versions = db.table("adapter_versions")

@@ -240,11 +240,18 @@ def _m5_drop_dead_parts(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE adapter_versions SET status = 'rejected' WHERE status = 'candidate'")
 
 
+def _m6_content_hash(db: sqlite_utils.Database) -> None:
+    """``adapter_versions.content_hash``: the sha256 of a version's files when it was
+    registered, so a version whose files changed since is refused (NULL: registered before
+    hashes were kept, not checked)."""
+    db.table("adapter_versions").add_column("content_hash", str)
+
+
 # The unordered pair {a, b}: a vote on (b, a) is a vote on the same pair as (a, b).
 PAIR_KEY_SQL = "min(response_a_id, response_b_id), max(response_a_id, response_b_id)"
 PAIR_VOTE_INDEX = "idx_preferences_one_vote_per_pair"
 
-MIGRATIONS: list[Migration] = [_m1_initial, _m2_indexes, _m3_integrity, _m4_reasons, _m5_drop_dead_parts]
+MIGRATIONS: list[Migration] = [_m1_initial, _m2_indexes, _m3_integrity, _m4_reasons, _m5_drop_dead_parts, _m6_content_hash]
 LATEST_VERSION = len(MIGRATIONS)
 
 
