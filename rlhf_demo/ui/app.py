@@ -25,7 +25,7 @@ from rlhf_demo.ui import dashboard
 from rlhf_demo.ui.guidelines import guidelines_markdown
 from rlhf_demo.ui.handlers import OUTCOMES, SOURCES, ChatState, Handlers, PairState, UserError, check_event
 from rlhf_demo.ui.reasons import reasons_panel
-from rlhf_demo.visitors import Visitor, VisitorMiddleware, identify
+from rlhf_demo.visitors import Visitor, VisitorMiddleware, identify, login_button
 from rlhf_demo.worker.status import read_status
 from rlhf_demo.worker.supervisor import WorkerSupervisor
 
@@ -131,6 +131,7 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
     # my data" does not leave them behind for long.
     with gr.Blocks(title="rlhf-demo: a chat that learns from your votes", delete_cache=(1800, 3600)) as demo:
         gr.Markdown("# rlhf-demo\nChat, rate answers with 👍/👎, compare two answers, and watch the model learn.")
+        login_button()  # "Sign in with Hugging Face" on a Space with hf_oauth; absent elsewhere
         model_info = gr.Markdown()
         # fresh on every page load (a callable value would be listed as an API endpoint)
         demo.load(h.model_markdown, None, model_info, api_visibility="private")
