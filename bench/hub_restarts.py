@@ -4,7 +4,7 @@ restart does) against a local fake Hub, and count the acknowledged votes that co
 A vote is acknowledged when the API call that cast it returned "recorded". Every cycle
 starts ``python app.py`` on an empty data directory with Hub sync on, votes (chat + 👍)
 until a SIGTERM sent at a random moment (during start-up in about one cycle in four, else
-while votes are being cast), and waits for the exit. The next cycle restores from the Hub;
+within ``window_s`` of the first acknowledged vote, while votes are being cast), and waits for the exit. The next cycle restores from the Hub;
 at the end one more restore reads the Hub's snapshot. Nothing leaves 127.0.0.1.
 
     OMP_NUM_THREADS=1 python bench/hub_restarts.py --cycles 10 --out bench/results/hub_restarts.json
@@ -60,24 +60,29 @@ def voted_markers(db_path: Path) -> set[str]:
     return {json.loads(prompt)[-1]["content"] for (prompt,) in rows}
 
 
-def vote_until_stopped(url: str, cycle: int, app: subprocess.Popen, acknowledged: list[str]) -> None:
-    """Chat and 👍 until the app goes away; a vote counts once its call returned "recorded"."""
+def vote_until_stopped(url: str, cycle: int, app: subprocess.Popen, acknowledged: list[str], first_vote: threading.Timer) -> None:
+    """Chat and 👍 until the app goes away; a vote counts once its call returned "recorded".
+    ``first_vote`` (the SIGTERM timer) starts with the first acknowledged vote, so the signal
+    lands among the votes; it starts anyway if no vote gets through in 120 s."""
     from gradio_client import Client
 
+    deadline = time.monotonic() + 120
     try:
         client = Client(url, verbose=False)
-    except Exception:  # noqa: BLE001 - stopped before it served this client
-        return
-    for j in range(10_000):
-        if app.poll() is not None:
-            return
-        marker = f"cycle {cycle} vote {j}"
-        try:
+        for j in range(10_000):
+            if app.poll() is not None or (not acknowledged and time.monotonic() > deadline):
+                break
+            marker = f"cycle {cycle} vote {j}"
             client.predict(marker, [], 0.7, 0.9, 2, api_name="/chat")
             if "recorded" in str(client.predict(1, True, api_name="/rate")):
                 acknowledged.append(marker)
-        except Exception:  # noqa: BLE001 - the app is shutting down
-            return
+                if len(acknowledged) == 1:
+                    first_vote.start()
+    except Exception:  # noqa: BLE001 - the app is shutting down
+        pass
+    finally:
+        if first_vote.ident is None:  # not started yet
+            first_vote.start()
 
 
 def one_cycle(cycle: int, rng: random.Random, work: Path, env: dict[str, str], model: str, port: int, window_s: float) -> dict[str, Any]:
@@ -93,6 +98,7 @@ def one_cycle(cycle: int, rng: random.Random, work: Path, env: dict[str, str], m
     try:
         if during_startup:
             time.sleep(rng.uniform(0.5, 6.0))
+            app.send_signal(signal.SIGTERM)
         else:
             while not serving(url):
                 if app.poll() is not None or time.monotonic() - started > 240:
@@ -100,11 +106,8 @@ def one_cycle(cycle: int, rng: random.Random, work: Path, env: dict[str, str], m
                 time.sleep(0.3)
             restored = voted_markers(data_dir / "feedback.db")
             killer = threading.Timer(rng.uniform(0.0, window_s), app.send_signal, [signal.SIGTERM])
-            killer.start()
-            vote_until_stopped(url, cycle, app, acknowledged)
-            killer.join()
-        if app.poll() is None:
-            app.send_signal(signal.SIGTERM)
+            vote_until_stopped(url, cycle, app, acknowledged, killer)
+            killer.join()  # one SIGTERM per cycle, as a Space sends
         stopping = time.monotonic()
         code = app.wait(90)
         return {"cycle": cycle, "killed": "starting" if during_startup else "serving", "acknowledged": acknowledged,

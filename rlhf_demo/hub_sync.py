@@ -181,7 +181,7 @@ def restore_models(data_dir: Path, db_path: Path, repo_id: str, token: str) -> l
 
 def _link_tree(source: Path, target: Path) -> None:
     """Hard-link (copy where links fail) ``source``'s files into ``target``: no second copy on disk,
-    and the source's mtime, so the scheduler sees an unchanged file as already uploaded."""
+    and the source's mtime, so the sync sees an unchanged file as already uploaded."""
     staging = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     for item in source.rglob("*"):

@@ -205,16 +205,25 @@ def oauth_visitor_id(signer: Signer, userinfo: Any) -> str | None:
 
 
 def _oauth_userinfo(request: Any) -> dict[str, Any] | None:
-    """The signed-in account in the request's OAuth session (Gradio's SessionMiddleware), if any."""
-    for holder in (request, getattr(request, "request", None)):
+    """The signed-in account in the request's OAuth session (Gradio's SessionMiddleware), if any.
+    Read from the Starlette request a ``gr.Request`` wraps where there is one (a plain dict),
+    else from the ``gr.Request`` itself (which turns dicts into objects: made plain again)."""
+    for holder in (getattr(request, "request", None), request):
         try:
             session = getattr(holder, "session", None)
         except AssertionError:  # Starlette: no SessionMiddleware installed
             session = None
-        if isinstance(session, dict) or hasattr(session, "get"):
-            info = session.get("oauth_info")
-            if isinstance(info, dict) and (not info.get("expires_at") or info["expires_at"] >= time.time()):
-                return info.get("userinfo")
+        if session is None or not hasattr(session, "keys"):
+            continue
+        info = dict(session).get("oauth_info")
+        info = dict(info) if info is not None and hasattr(info, "keys") else None
+        if info is None:
+            continue
+        expires_at = info.get("expires_at")
+        if isinstance(expires_at, (int, float)) and expires_at < time.time():
+            return None
+        userinfo = info.get("userinfo")
+        return dict(userinfo) if userinfo is not None and hasattr(userinfo, "keys") else None
     return None
 
 

@@ -115,6 +115,11 @@ def test_an_oauth_account_maps_to_one_stable_visitor_id_without_network(monkeypa
     # Signed in: the account wins over whichever cookie the browser sends.
     assert identify(FakeRequest(signer.new_id(), session=signed_in), signer, False).id == vid
     assert identify(FakeRequest(signer.new_id(), session=dict(signed_in)), signer, False).id == vid
+    # As a gr.Request carries it (Gradio turns the session's dicts into objects).
+    from gradio.route_utils import Request
+
+    wrapped = Request(request=None, headers={HEADER_ID: signer.new_id()}, client={"host": "127.0.0.1"}, session=signed_in)
+    assert identify(wrapped, signer, False).id == vid
     expired = {"oauth_info": {"userinfo": account, "expires_at": time.time() - 1}}
     cookie = signer.new_id()
     assert identify(FakeRequest(cookie, session=expired), signer, False).id == cookie

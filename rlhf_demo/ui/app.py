@@ -20,7 +20,7 @@ from rlhf_demo.ui.data import DataEvents, build_data_tab
 from rlhf_demo.ui.events import GENERIC_ERROR, PRIVATE, translate
 from rlhf_demo.ui.guidelines import guidelines_markdown
 from rlhf_demo.ui.handlers import Handlers
-from rlhf_demo.visitors import VisitorMiddleware
+from rlhf_demo.visitors import VisitorMiddleware, login_button
 from rlhf_demo.worker.supervisor import WorkerSupervisor
 
 # Toasts are page-wide in Gradio: switching tabs dismisses the open ones, so an error on one tab
@@ -50,6 +50,7 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
     # my data" does not leave them behind for long.
     with gr.Blocks(title="rlhf-demo: a chat that learns from your votes", delete_cache=(1800, 3600)) as demo:
         gr.Markdown("# rlhf-demo\nChat, rate answers with 👍/👎, compare two answers, and watch the model learn.")
+        login_button()  # "Sign in with Hugging Face" on a Space with hf_oauth; absent elsewhere
         model_info = gr.Markdown()
         # fresh on every page load (a callable value would be listed as an API endpoint)
         demo.load(h.model_markdown, None, model_info, **PRIVATE)
