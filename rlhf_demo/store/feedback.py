@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 import sqlite3
 import threading
 import uuid
@@ -85,6 +86,15 @@ def _inserted_id(table: sqlite_utils.db.Table) -> int:
     return table.last_rowid
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode); None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 @dataclass(frozen=True)
 class VoteResult:
     """What a vote did: ``created`` a row, ``updated`` the voter's earlier vote on the same
@@ -119,6 +129,7 @@ class FeedbackStore:
             conn.execute("PRAGMA foreign_keys = ON")
             self.db = sqlite_utils.Database(conn)
             migrate(self.db)
+            self._file_id = _file_id(self.path)
         except sqlite3.Error as exc:
             conn.close()
             raise translate_sqlite_error(exc, busy_timeout_ms) from exc
@@ -152,11 +163,20 @@ class FeedbackStore:
     def _write(self) -> Iterator[sqlite_utils.Database]:
         """One committed transaction; an error rolls it back, becomes a StoreError."""
         with self._lock:
+            self._check_file()
             try:
                 with immediate_transaction(self.db):
                     yield self.db
             except sqlite3.Error as exc:
                 raise translate_sqlite_error(exc, self._busy_timeout_ms) from exc
+
+    def _check_file(self) -> None:
+        """Refuse to write when the file at ``path`` is no longer the one this store opened:
+        SQLite would keep writing into the deleted file, and every vote would be lost."""
+        now = _file_id(self.path)
+        if now != self._file_id:
+            how = "deleted" if now is None else "replaced"
+            raise StoreError(f"the feedback database {self.path} was {how} while the app ran; nothing was written: restart the app")
 
     def _reader(self) -> sqlite_utils.Database:
         """This thread's read-only connection (opened on first use).
