@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sqlite3
 import tempfile
 import threading
 import time
@@ -34,20 +36,50 @@ class StartupError(RuntimeError):
     """The app cannot start as configured; the message says what to change."""
 
 
+PROBE_BYTES = 256 * 1024  # a file and a SQLite row of this size: a vote's write, with room
+
+
+def _probe_writes(data_dir: Path) -> None:
+    """Write and fsync a file and commit a SQLite row (WAL, like the store) in ``data_dir``,
+    then remove both: creating an empty file succeeds on a full disk, these do not."""
+    fd, name = tempfile.mkstemp(dir=data_dir, prefix=".write-probe-")
+    probe_db = Path(f"{name}.db")
+    try:
+        with open(fd, "wb") as probe:
+            probe.write(b"\0" * PROBE_BYTES)
+            probe.flush()
+            os.fsync(probe.fileno())
+        con = sqlite3.connect(probe_db)
+        try:
+            con.execute("PRAGMA journal_mode = WAL")
+            con.execute("CREATE TABLE probe (x BLOB)")
+            con.execute("INSERT INTO probe VALUES (zeroblob(?))", (PROBE_BYTES,))
+            con.commit()
+        finally:
+            con.close()
+    finally:
+        for path in (Path(name), probe_db, Path(f"{probe_db}-wal"), Path(f"{probe_db}-shm")):
+            path.unlink(missing_ok=True)
+
+
 def check_writable(data_dir: Path, db_path: Path | None = None) -> None:
     """Fail at start-up, in one clear sentence, when votes could not be saved later.
 
-    Checks the folder (create it, write and remove a probe file) and the database file
-    if it exists: a read-only copy would otherwise start fine and refuse every vote.
+    Checks the folder (create it, write a file and a SQLite row there) and the database
+    file if it exists: a full disk or a read-only copy would otherwise start fine and
+    refuse every vote (or fail with SQLite's bare "disk I/O error").
     """
     data_dir = Path(data_dir)
     hint = "set RLHF_DEMO_DATA_DIR (or --data-dir) to a writable folder"
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".write-probe-"):
-            pass
-    except OSError as exc:
-        raise StartupError(f"the data directory {data_dir.resolve()} is not writable ({exc.strerror or exc}); {hint}") from None
+        _probe_writes(data_dir)
+    except (OSError, sqlite3.Error) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        existing = next(p for p in (data_dir, *data_dir.resolve().parents) if p.exists())
+        if shutil.disk_usage(existing).free < 2 * PROBE_BYTES:
+            raise StartupError(f"the data directory {data_dir.resolve()} has no space left ({reason}); free space there, or {hint}") from None
+        raise StartupError(f"the data directory {data_dir.resolve()} is not writable ({reason}); {hint}") from None
     db_path = Path(db_path or data_dir / "feedback.db")
     for path in (db_path, db_path.with_name(db_path.name + "-wal"), db_path.with_name(db_path.name + "-shm")):
         if path.exists() and not os.access(path, os.W_OK):

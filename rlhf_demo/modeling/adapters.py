@@ -19,6 +19,11 @@ from rlhf_demo.config import LoraSettings
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
+# Largest |weight| an adapter may hold. LoRA A starts within 1/sqrt(fan_in) (<= 1) and B at 0;
+# SmolLM2-135M adapters after many live cycles held |A| <= 0.042 and |B| <= 0.46 (tests write
+# |B| ~ 2). 1000 is three orders of magnitude above that and far below where bf16/fp16
+# activations overflow: a weight past it is corruption (flipped exponent bits), not learning.
+MAX_ABS_WEIGHT = 1e3
 
 
 class AdapterError(ValueError):
@@ -148,7 +153,8 @@ def save_adapter(model: Any, name: str, folder: Path) -> Path:
 
 
 def check_adapter_folder(folder: Path, expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
-    """Refuse a folder before PEFT sees it: config parses, weights load, all finite, shapes fit.
+    """Refuse a folder before PEFT sees it: config parses, weights load, all finite and within
+    :data:`MAX_ABS_WEIGHT`, shapes fit.
     Returns the checked tensors by their saved names (so a caller need not read them again)."""
     from safetensors import safe_open
 
@@ -169,8 +175,12 @@ def check_adapter_folder(folder: Path, expected: dict[str, tuple[int, ...]] | No
                 raise AdapterError(f"{folder}: adapter has no tensors")
             tensors = {key: weights.get_tensor(key) for key in names}
             for key, tensor in tensors.items():
-                if not bool(tensor.float().isfinite().all()):
+                values = tensor.float()
+                if not bool(values.isfinite().all()):
                     raise AdapterError(f"{folder}: tensor {key} holds NaN or inf")
+                largest = float(values.abs().max()) if values.numel() else 0.0
+                if largest > MAX_ABS_WEIGHT:
+                    raise AdapterError(f"{folder}: tensor {key} holds a weight of {largest:.3g}, past the bound of {MAX_ABS_WEIGHT:g} (corrupt)")
                 if expected is not None and key in expected and tuple(tensor.shape) != expected[key]:
                     raise AdapterError(f"{folder}: {key} has shape {tuple(tensor.shape)}, model expects {expected[key]}")
     except AdapterError:

@@ -13,6 +13,7 @@ and Dashboard tabs do not wait behind a slow write (or the worker's).
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -54,6 +55,15 @@ def get_row(db: sqlite_utils.Database, table: str, key: object, what: str) -> di
         raise UnknownIdError(f"unknown {what}: {shown(key)}") from None
 
 
+def file_id(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode); None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class StoreBase:
     """The connections and transactions every topic of the store shares; thread-safe."""
 
@@ -77,6 +87,7 @@ class StoreBase:
             conn.execute("PRAGMA secure_delete = ON")  # deleted text is overwritten, not left in free pages
             self.db = sqlite_utils.Database(conn)
             migrate(self.db)
+            self._file_id = file_id(self.path)
         except sqlite3.Error as exc:
             conn.close()
             raise translate_sqlite_error(exc, busy_timeout_ms) from exc
@@ -108,11 +119,20 @@ class StoreBase:
     def _write(self) -> Iterator[sqlite_utils.Database]:
         """One committed transaction; an error rolls it back, becomes a StoreError."""
         with self._lock:
+            self._check_file()
             try:
                 with immediate_transaction(self.db):
                     yield self.db
             except sqlite3.Error as exc:
                 raise translate_sqlite_error(exc, self._busy_timeout_ms) from exc
+
+    def _check_file(self) -> None:
+        """Refuse to write when the file at ``path`` is no longer the one this store opened:
+        SQLite would keep writing into the deleted file, and every vote would be lost."""
+        now = file_id(self.path)
+        if now != self._file_id:
+            how = "deleted" if now is None else "replaced"
+            raise StoreError(f"the feedback database {self.path} was {how} while the app ran; nothing was written: restart the app")
 
     def _truncate_log(self) -> None:
         """Copy the write-ahead log into the file and empty it (best effort: a reader in
