@@ -19,8 +19,7 @@ import gradio as gr
 
 from rlhf_demo.hub_sync import persistence_note
 from rlhf_demo.runtime import Runtime
-from rlhf_demo.serving import PromptRefused
-from rlhf_demo.serving.interface import EngineError
+from rlhf_demo.serving import EngineError, PromptRefused
 from rlhf_demo.store import InvalidInputError, StoreBusyError, StoreError, UnknownIdError
 from rlhf_demo.ui import dashboard
 from rlhf_demo.ui.guidelines import guidelines_markdown
