@@ -16,6 +16,10 @@ with ``--precisions auto`` the engine serves that choice and plain ``generate`` 
     python bench/serve.py --model tiny --precisions fp32
     python bench/serve.py --precisions fp32 --concurrency 1,4,8 --json out.json
     python bench/serve.py --precisions auto --concurrency 1,4,8 --json out.json
+    python bench/serve.py --precisions fp32 --concurrency 1,8 --engine embedded,vllm --engine-url http://127.0.0.1:8123
+
+``--engine embedded,vllm`` runs the concurrency levels through both engines, interleaved, the
+vLLM server serving the same model at the same precision (docs/serving.md has its command).
 """
 
 from __future__ import annotations
@@ -126,18 +130,41 @@ def time_concurrent(runtime: Runtime, streams: int, tokens: int) -> tuple[float,
     threads = [threading.Thread(target=visitor, args=(i,)) for i in range(streams)]
     for t in threads:
         t.start()
-    steps = runtime.server.engine.steps
+    engine = getattr(runtime.server, "engine", None)  # the embedded engine counts its decode steps
+    steps = engine.steps if engine else 0
     barrier.wait()
     start = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    steps = runtime.server.engine.steps - steps
-    return sum(counts) / wall, ttfts, sum(counts) / max(1, steps)
+    rows_per_step = sum(counts) / max(1, engine.steps - steps) if engine else float("nan")
+    return sum(counts) / wall, ttfts, rows_per_step
+
+
+def fixed_length(runtime: Runtime) -> Runtime:
+    """No EOS, so every stream decodes exactly --tokens (the vLLM engine then asks for ignore_eos)."""
+    if runtime.settings.engine == "vllm":
+        runtime.server.eos_ids = frozenset()
+    else:
+        runtime.server._eos = lambda: frozenset()
+    return runtime
+
+
+def level_rows(runs: list[tuple[float, list[float], float]], level: int, engine: str) -> dict:
+    ttfts = [t for run in runs for t in run[1]]
+    return {
+        "engine": engine,
+        "streams": level,
+        "tok_s": statistics.median(r[0] for r in runs),
+        "per_stream_tok_s": statistics.median(r[0] for r in runs) / level,
+        "ttft_p50_s": percentile(ttfts, 0.5),
+        "ttft_p95_s": percentile(ttfts, 0.95),
+        "rows_per_step": statistics.median(r[2] for r in runs),
+    }
 
 
 def concurrency_levels(args: argparse.Namespace) -> dict:
-    """Plain generate and the engine at each concurrency level, interleaved per repeat (a CPU
+    """Plain generate and each engine at each concurrency level, interleaved per repeat (a CPU
     shared with other work drifts; interleaving keeps the ratios fair). Plain generate runs on
     its own bare copy of the base: the server's copy gets PEFT's LoRA layers injected."""
     choice = auto_choice(args)
@@ -146,52 +173,42 @@ def concurrency_levels(args: argparse.Namespace) -> dict:
     quant, compute = PRECISIONS[engine_name]
     plain_quant, plain_compute = PRECISIONS["fp32" if name == "auto" else name]
     levels = [int(x) for x in args.concurrency.split(",")]
+    engines = args.engine.split(",")
     with tempfile.TemporaryDirectory() as scratch:
         bare = load_model(load_settings(model=args.model, data_dir=args.data_dir, quantization=plain_quant, compute_dtype=plain_compute))
         bare.model.generation_config.eos_token_id = None
-        loaded = load_model(load_settings(model=args.model, data_dir=args.data_dir, quantization=quant, compute_dtype=compute))
-        runtime = Runtime(load_settings(model=args.model, data_dir=scratch, quantization=quant, compute_dtype=compute), loaded)
-        runtime.server._eos = lambda: frozenset()  # fixed-length decode: exactly --tokens per stream
+        runtimes = {}
+        for engine in engines:
+            settings = load_settings(
+                model=args.model, data_dir=Path(scratch) / engine, quantization=quant, compute_dtype=compute, engine=engine, engine_url=args.engine_url
+            )
+            loaded = load_model(load_settings(model=args.model, data_dir=args.data_dir, quantization=quant, compute_dtype=compute))
+            runtimes[engine] = fixed_length(Runtime(settings, loaded))
+            time_concurrent(runtimes[engine], 1, 4)
         time_plain(bare, 4)
-        time_concurrent(runtime, 1, 4)
         plain_runs: list[float] = []
-        runs: dict[int, list[tuple[float, list[float], float]]] = {level: [] for level in levels}
+        runs: dict[tuple[str, int], list[tuple[float, list[float], float]]] = {(e, n): [] for e in engines for n in levels}
         for _ in range(args.repeats):
             plain_runs.append(time_plain(bare, args.tokens)[0])
-            for level in levels:
-                runs[level].append(time_concurrent(runtime, level, args.tokens))
-        runtime.close()
+            for engine in engines:
+                for level in levels:
+                    runs[engine, level].append(time_concurrent(runtimes[engine], level, args.tokens))
+        for runtime in runtimes.values():
+            runtime.close()
     plain = statistics.median(plain_runs)
-    rows = []
-    for level in levels:
-        ttfts = [t for run in runs[level] for t in run[1]]
-        rows.append(
-            {
-                "streams": level,
-                "tok_s": statistics.median(r[0] for r in runs[level]),
-                "per_stream_tok_s": statistics.median(r[0] for r in runs[level]) / level,
-                "ttft_p50_s": percentile(ttfts, 0.5),
-                "ttft_p95_s": percentile(ttfts, 0.95),
-                "rows_per_step": statistics.median(r[2] for r in runs[level]),
-            }
-        )
-    by = {r["streams"]: r for r in rows}
-    one = by.get(1, rows[0])
+    rows = [level_rows(runs[e, n], n, e) for e in engines for n in levels]
     top = max(levels)
-    return {
-        "precision": engine_name,
-        "plain_precision": plain_quant,
-        "auto_choice": choice,
-        "model": args.model,
-        "tokens": args.tokens,
-        "repeats": args.repeats,
-        "plain_generate_tok_s": plain,
-        "levels": rows,
-        "single_tok_s": one["tok_s"],
-        "single_vs_generate": one["tok_s"] / plain,
-        f"speedup_at_{top}": by[top]["tok_s"] / one["tok_s"],
-        f"ttft_p95_at_{top}_s": by[top]["ttft_p95_s"],
-    }
+    result = {"precision": engine_name, "plain_precision": plain_quant, "auto_choice": choice, "model": args.model}
+    result |= {"tokens": args.tokens, "repeats": args.repeats, "plain_generate_tok_s": plain, "levels": rows}
+    for engine in engines:
+        by = {r["streams"]: r for r in rows if r["engine"] == engine}
+        one = by.get(1, by[levels[0]])
+        prefix = "" if engine == engines[0] else f"{engine}_"
+        result[f"{prefix}single_tok_s"] = one["tok_s"]
+        result[f"{prefix}single_vs_generate"] = one["tok_s"] / plain
+        result[f"{prefix}speedup_at_{top}"] = by[top]["tok_s"] / one["tok_s"]
+        result[f"{prefix}ttft_p95_at_{top}_s"] = by[top]["ttft_p95_s"]
+    return result
 
 
 def main() -> None:
@@ -203,6 +220,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data", help="reuses the converted offline model")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--concurrency", help="e.g. 1,4,8: concurrent streams through the engine (first precision only)")
+    parser.add_argument("--engine", default="embedded", help="with --concurrency: embedded, vllm or embedded,vllm (interleaved)")
+    parser.add_argument("--engine-url", default="", help="the vLLM server for --engine vllm, e.g. http://127.0.0.1:8123")
     args = parser.parse_args()
     if args.concurrency:
         result = concurrency_levels(args)
@@ -214,10 +233,10 @@ def main() -> None:
         auto = result["auto_choice"]
         print(f"auto: {auto['quantization']} ({auto['reason']})")
         print(f"plain generate ({result['plain_precision']}): {result['plain_generate_tok_s']:.1f} tok/s")
-        print(f"{'streams':>7} {'tok/s':>7} {'per stream':>11} {'rows/step':>10} {'ttft p50':>9} {'ttft p95':>9}")
+        print(f"{'engine':>8} {'streams':>7} {'tok/s':>7} {'per stream':>11} {'rows/step':>10} {'ttft p50':>9} {'ttft p95':>9}")
         for r in result["levels"]:
             print(
-                f"{r['streams']:>7} {r['tok_s']:>7.1f} {r['per_stream_tok_s']:>11.1f} {r['rows_per_step']:>10.1f} {r['ttft_p50_s']:>8.2f}s {r['ttft_p95_s']:>8.2f}s"
+                f"{r['engine']:>8} {r['streams']:>7} {r['tok_s']:>7.1f} {r['per_stream_tok_s']:>11.1f} {r['rows_per_step']:>10.1f} {r['ttft_p50_s']:>8.2f}s {r['ttft_p95_s']:>8.2f}s"
             )
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))

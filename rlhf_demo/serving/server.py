@@ -23,7 +23,8 @@ from rlhf_demo.serving.slots import AdapterPool
 
 
 class PolicyServer:
-    """Serves the policy adapters of one base model to many concurrent visitors; thread-safe."""
+    """Serves the policy adapters of one base model to many concurrent visitors; thread-safe.
+    The embedded :class:`~rlhf_demo.serving.interface.ServingEngine` (the default engine)."""
 
     def __init__(
         self,

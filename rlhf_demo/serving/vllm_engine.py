@@ -282,10 +282,11 @@ class VllmEngine:
             "max_tokens": sampling.max_new_tokens,
             "temperature": max(sampling.temperature, 0.0),
             "top_p": 1.0 if sampling.greedy else sampling.top_p,
-            "top_k": -1,
+            "top_k": 0,
             "min_p": 0.0,
             "repetition_penalty": 1.0,
             "stop_token_ids": sorted(self.eos_ids),
+            "ignore_eos": not self.eos_ids,  # no EOS rule: fixed-length decoding (benches)
             "return_token_ids": True,
             "stream": True,
         }
