@@ -3,8 +3,10 @@ run, interleaved (a CPU shared with other work drifts, so read the ratios).
 
 * forward, DynamicCache: the base's own forward with a growing KV cache, no generate, no LoRA;
 * forward, StaticCache: the same with transformers' preallocated cache (eager);
+* forward, engine kernels: the DynamicCache loop on the engine's one-row kernels
+  (``matmul_kernels``: bfloat16 off oneDNN; the same as the first for float32);
 * plain generate: ``model.generate`` on the bare base (the goal's baseline);
-* LoRA active: the forward loop through the server's PEFT model, the adapter active;
+* LoRA active: the engine-kernels loop through the server's PEFT model, the adapter active;
 * LoRA adapter_names: the same, PEFT's per-row mixed-adapter path (``adapter_names=[slot]``);
 * engine stream: ``PolicyServer.stream`` of one request (engine, fast path, streaming text);
 * twin forward: the same architecture 64 wide (weights ~nothing to read): what a step costs
@@ -34,6 +36,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, StaticCache  # noqa
 
 from rlhf_demo.config import DEFAULT_MODEL, load_settings  # noqa: E402
 from rlhf_demo.modeling import load_model  # noqa: E402
+from rlhf_demo.modeling.precision import matmul_kernels  # noqa: E402
 from rlhf_demo.runtime import Runtime  # noqa: E402
 from rlhf_demo.serving import Sampling  # noqa: E402
 from rlhf_demo.serving.engine import Engine, _draw  # noqa: E402
@@ -43,7 +46,7 @@ COMPUTE = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 @torch.inference_mode()
-def forward_loop(model, ids, tokens: int, cache=None, forward=None, **kwargs) -> float:
+def forward_loop(model, ids, tokens: int, cache=None, forward=None, kernels: bool = False, **kwargs) -> float:
     """ms per decode step of a greedy loop over the model's forward (the prefill not counted)."""
     cache = DynamicCache() if cache is None else cache
     forward = forward or model
@@ -54,9 +57,10 @@ def forward_loop(model, ids, tokens: int, cache=None, forward=None, **kwargs) ->
     for step in range(tokens - 1):
         position = torch.tensor([length + step])
         next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = forward(
-            input_ids=next_ids, position_ids=position[None], cache_position=position, past_key_values=cache, logits_to_keep=1, **kwargs
-        )
+        with matmul_kernels(model, 1 if kernels else 2):
+            out = forward(
+                input_ids=next_ids, position_ids=position[None], cache_position=position, past_key_values=cache, logits_to_keep=1, **kwargs
+            )
     return 1000 * (time.perf_counter() - started) / (tokens - 1)
 
 
@@ -138,9 +142,10 @@ def main() -> None:
         parts = {
             "forward, DynamicCache": lambda: forward_loop(bare.model, ids, args.tokens),
             "forward, StaticCache": lambda: forward_loop(bare.model, ids, args.tokens, static()),
+            "forward, engine kernels": lambda: forward_loop(bare.model, ids, args.tokens, kernels=True),
             "plain generate": lambda: plain_generate(bare.model, ids, args.tokens),
-            "LoRA active": lambda: forward_loop(served, ids, args.tokens),
-            "LoRA adapter_names": lambda: forward_loop(served, ids, args.tokens, adapter_names=[slot]),
+            "LoRA active": lambda: forward_loop(served, ids, args.tokens, kernels=True),
+            "LoRA adapter_names": lambda: forward_loop(served, ids, args.tokens, kernels=True, adapter_names=[slot]),
             "engine stream": lambda: engine_stream(runtime, args.tokens),
             "twin forward": lambda: forward_loop(small, ids, args.tokens),
         }

@@ -103,3 +103,22 @@ def test_an_explicit_precision_skips_the_measurement(tiny_model_dir, tmp_path, m
     loaded = load_model(load_settings(env={}, model=str(tiny_model_dir), data_dir=tmp_path, quantization="fp32"))
     assert loaded.quantization == "fp32" and "auto" not in loaded.describe()
     assert not (tmp_path / CACHE_FILE).exists()
+
+
+def test_only_a_one_token_bfloat16_cpu_step_leaves_onednn_and_the_switch_comes_back(tiny_model_dir):
+    import torch
+
+    from rlhf_demo.modeling.loading import load_base
+    from rlhf_demo.modeling.precision import matmul_kernels
+
+    bf16 = load_base(tiny_model_dir, "bf16", torch.bfloat16, "cpu")
+    fp32 = load_base(tiny_model_dir, "fp32", torch.float32, "cpu")
+    before = torch.backends.mkldnn.enabled
+    seen = {}
+    for name, model, tokens in (("bf16 step", bf16, 1), ("bf16 prefill", bf16, 8), ("fp32 step", fp32, 1)):
+        with matmul_kernels(model, tokens):
+            seen[name] = torch.backends.mkldnn.enabled
+    assert seen == {"bf16 step": False, "bf16 prefill": before, "fp32 step": before}
+    with pytest.raises(RuntimeError), matmul_kernels(bf16, 1):
+        raise RuntimeError("a failing forward")
+    assert torch.backends.mkldnn.enabled == before

@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from rlhf_demo.modeling.adapters import BASE_ADAPTER
+from rlhf_demo.modeling.precision import matmul_kernels
 from rlhf_demo.serving.sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -160,15 +161,16 @@ class Engine:
 
     def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, adapters: list[str | None]) -> Any:
         model = self.pool.model
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **_route(model, adapters),
-        )
+        with matmul_kernels(model, ids.numel()):
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **_route(model, adapters),
+            )
         return out.logits[:, -1, :].float()
 
     def _prefill(self, rows: list[Request]) -> _Batch | None:
