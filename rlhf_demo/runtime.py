@@ -19,6 +19,7 @@ from typing import Any
 from rlhf_demo.config import Settings
 from rlhf_demo.modeling import LoadedModel, load_model
 from rlhf_demo.modeling.adapters import AdapterError, attach_new_adapter, save_adapter
+from rlhf_demo.selection import Judge
 from rlhf_demo.serving import BASE_VERSION, PolicyServer
 from rlhf_demo.store import FeedbackStore
 from rlhf_demo.visitors import Signer, VisitorBook, load_secret
@@ -77,6 +78,8 @@ class Runtime:
         self._poller: threading.Thread | None = None
         self.server.reserve_slots(settings.lora)
         self.loaded.model = self.server.model  # one PeftModel for everything in this process
+        # the worker's newest reward ensemble, read with this process's base: Compare pairs, best-of-n
+        self.judge = Judge(self.server, settings.data_dir / "reward", settings.training.reward)
         self.ensure_first_version()
         self.sync_registry()
 

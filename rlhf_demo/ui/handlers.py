@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_demo.runtime import Runtime
+from rlhf_demo.selection import Pick, Round, best_answer, compare_round
 from rlhf_demo.serving import Generation, strip_control
 from rlhf_demo.store import StoreError, export_preferences, export_unpaired
 from rlhf_demo.store.validate import is_finite_number  # also False for a JSON integer too large for a float
@@ -67,12 +68,14 @@ class PairState:
     generating: bool = False  # answers are still streaming: no vote yet
 
 
-def tag_version(text: str, version: str) -> str:
-    """The answer plus which version wrote it; an answer cut off inside a code block gets the
-    block closed first, or the tag would show as raw text inside it."""
+def tag_version(text: str, version: str, picked_from: int = 1) -> str:
+    """The answer plus which version wrote it (and, for best-of-n, from how many samples the
+    reward model picked it); an answer cut off inside a code block gets the block closed
+    first, or the tag would show as raw text inside it."""
     if len(_FENCE_LINE.findall(text)) % 2:
         text += FENCE_CLOSE
-    return f"{text}\n\n<sub>written by adapter {version}</sub>"
+    picked = f", picked from {picked_from}" if picked_from > 1 else ""
+    return f"{text}\n\n<sub>written by adapter {version}{picked}</sub>"
 
 
 def clean_history(chat: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -363,20 +366,21 @@ class Handlers:
         sampling: dict[str, Any],
     ) -> Iterator[list[dict[str, Any]]]:
         """Generate from the server's ``prompt`` (never the browser's chat) and record it."""
-        result: Generation | None = None
-        server = self.runtime.server
-        stream = server.stream(prompt, None, server.sampling(**sampling), should_stop=lambda: state.stop_requested)
+        pick: Pick | None = None
+        server, best_of = self.runtime.server, self.runtime.settings.selection.best_of
+        stream = best_answer(server, self.runtime.judge, prompt, server.sampling(**sampling), best_of, should_stop=lambda: state.stop_requested)
         for item in stream:
-            if isinstance(item, Generation):
-                result = item
+            if isinstance(item, Pick):
+                pick = item
             else:
                 yield [*chat, {"role": "assistant", "content": item}]
-        assert result is not None
+        assert pick is not None
+        result = pick.generation
         if state.conversation_id is None:
             state.conversation_id = self.runtime.store.new_conversation(visitor.id)
         response_id = self._log(visitor, result, state.conversation_id, parent)
         state.response_ids[len(chat)] = response_id
-        yield [*chat, {"role": "assistant", "content": tag_version(result.text, result.version)}]
+        yield [*chat, {"role": "assistant", "content": tag_version(result.text, result.version, pick.picked_from)}]
 
     def _log(self, visitor: Visitor, result: Generation, conversation_id: str | None, parent: str | None = None) -> str:
         return self.runtime.store.log_response(
@@ -461,10 +465,14 @@ class Handlers:
             versions = [active, active]
         state = PairState(source=source, generating=True)
         results: list[Generation] = []
-        server = self.runtime.server
-        for item in server.stream_pair([{"role": "user", "content": text}], (versions[0], versions[1]), server.sampling(**checked)):
-            if isinstance(item, list):
-                results = item
+        server, prompt = self.runtime.server, [{"role": "user", "content": text}]
+        if source == "two_samples":  # the pair the reward ensemble learns most from (rlhf_demo/selection.py)
+            stream = compare_round(server, self.runtime.judge, prompt, server.sampling(**checked), self.runtime.settings.selection, random.Random())
+        else:
+            stream = server.stream_pair(prompt, (versions[0], versions[1]), server.sampling(**checked))
+        for item in stream:
+            if isinstance(item, (list, Round)):
+                results = item.pair if isinstance(item, Round) else item
             else:
                 yield item[0], item[1], state
         ids = tuple(self._log(visitor, r, None) for r in results)
