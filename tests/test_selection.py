@@ -135,3 +135,25 @@ def test_chat_says_how_many_samples_an_answer_was_picked_from(runtime, best_of):
     save_trusted_model(runtime, torch.ones(runtime.judge.model().weight.shape[0]))
     *_, final = Handlers(runtime).chat("session-1", "Hello", [], ChatState(), 0.7, 0.9, 8)
     assert ("picked from 3" in final[-1]["content"]) == (best_of == 3)
+
+
+def test_serving_process_reads_the_ensemble_the_worker_saved_with_its_verdict(runtime, settings):
+    from rlhf_demo.modeling import load_model
+    from rlhf_demo.worker.cycle import run_cycle
+    from rlhf_demo.worker.gate import GateConfig
+
+    store = runtime.store
+    for i in range(12):
+        prompt = [{"role": "user", "content": f"question number {i}?"}]
+        ids = [store.log_response(session_id=f"s{i % 3}", prompt=prompt, text=t, adapter_version="v0", sampling={}, prompt_tokens=5, completion_tokens=3, latency_s=0.1) for t in (f"great answer {i}", f"poor {i}")]
+        store.prefer(session_id=f"s{i % 3}", response_a_id=ids[0], response_b_id=ids[1], outcome="A", source="two_samples")
+    training = settings.training
+    small = dataclasses.replace(
+        settings,
+        training=dataclasses.replace(training, ppo=dataclasses.replace(training.ppo, steps=1, batch_size=4, mini_batch_size=2, samples_per_prompt=2, max_new_tokens=4)),
+    )
+    summary = run_cycle(small, store, load_model(settings), gate_config=GateConfig(prompts=2, samples_per_prompt=2, min_improvement=float("inf")))
+    rm = runtime.judge.model()
+    assert runtime.judge.newest().name == f"run-{store.list_runs(limit=1)[0]['id']}"
+    assert len(rm.members) == settings.training.reward.ensemble
+    assert rm.trusted == ("ppo" in summary)  # PPO ran exactly when the trust gate passed
