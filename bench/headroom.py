@@ -132,23 +132,35 @@ def selection_study(loaded, train: list[str], config: PPOConfig, raters: list[st
     return out
 
 
-def latency(loaded, prompts: list[str], sizes: list[int], max_new_tokens: int) -> dict[int, float]:
-    """Median seconds of a best-of-n chat answer's sampling (``n`` answers to one prompt in
-    one batched serving call, what ``selection.best_answer`` waits for) per ``n``."""
+def latency(loaded, prompts: list[str], sizes: list[int], max_new_tokens: int) -> dict[str, dict[int, float]]:
+    """Median seconds, per ``n``, of ``n`` answers to one prompt in one batched serving call
+    (what a best-of-n chat answer and a Compare round of ``n`` candidates wait for), and of
+    reading them with the base for the reward model (``Judge.read``, no model saved: the
+    features alone cost the same). n = 2 is today's Compare round."""
+    import tempfile
+
+    from rlhf_demo.selection import Judge
     from rlhf_demo.serving import PolicyServer
 
     server = PolicyServer(loaded, SamplingBounds())
+    judge = Judge(server, Path(tempfile.mkdtemp()))
     try:
         sampling = server.sampling(max_new_tokens=max_new_tokens)
-        out = {}
+        out: dict[str, dict[int, float]] = {"sample_s": {}, "read_s": {}}
         for n in sizes:
-            times = []
+            sample_s, read_s = [], []
             for prompt in prompts:
                 started = time.perf_counter()
                 *_, done = server.stream_samples(messages(prompt), n, None, sampling)
-                times.append(time.perf_counter() - started)
-            out[n] = statistics.median(times)
-            print(f"best-of-{n}: median {out[n]:.2f} s for {max_new_tokens} new tokens over {len(prompts)} prompts ({out[n] / out[sizes[0]]:.2f}x n={sizes[0]})")
+                sample_s.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                judge.read(done)
+                read_s.append(time.perf_counter() - started)
+            out["sample_s"][n], out["read_s"][n] = statistics.median(sample_s), statistics.median(read_s)
+            print(
+                f"n={n}: sampling median {out['sample_s'][n]:.2f} s ({out['sample_s'][n] / out['sample_s'][sizes[0]]:.2f}x n={sizes[0]}), "
+                f"reading {out['read_s'][n]:.2f} s, {max_new_tokens} new tokens, {len(prompts)} prompts"
+            )
         return out
     finally:
         server.close()
@@ -168,7 +180,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny model, 12 prompts, 4 answers: plumbing only")
     p.add_argument("--pairs", help="comma-separated raters: measure Compare's decisive pairs per selection rule instead (docs/learning.md)")
     p.add_argument("--temperatures", default="0.7", help="candidate temperatures for --pairs")
-    p.add_argument("--latency", help="comma-separated n: time best-of-n sampling in the server instead (chat's max_new_tokens)")
+    p.add_argument("--latency", help="comma-separated n: time n answers to one prompt in the server instead (best-of-n, Compare)")
+    p.add_argument("--latency-prompts", type=int, default=8)
+    p.add_argument("--latency-tokens", type=int, default=SamplingBounds().max_new_tokens, help="new tokens per answer (default: chat's)")
     args = p.parse_args()
     if args.quick:
         args.model, args.answers, args.votes, args.seeds, args.heldout = TINY_MODEL, 4, 30, 1, 4
@@ -181,9 +195,9 @@ def main() -> None:
     config = dataclasses.replace(PPOConfig(), max_new_tokens=8) if args.quick else PPOConfig()
     if args.latency:
         sizes = [int(n) for n in args.latency.split(",")]
-        figures = latency(loaded, held[:12], sizes, 8 if args.quick else SamplingBounds().max_new_tokens)
+        figures = latency(loaded, held[: args.latency_prompts], sizes, 8 if args.quick else args.latency_tokens)
         if args.json:
-            args.json.write_text(json.dumps({"model": args.model, "threads": args.threads, "median_s": figures}, indent=1))
+            args.json.write_text(json.dumps({"model": args.model, "threads": args.threads, "tokens": args.latency_tokens, **figures}, indent=1))
         return
     if args.pairs:
         temperatures = [float(t) for t in args.temperatures.split(",")]
