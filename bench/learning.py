@@ -1,23 +1,27 @@
 """Learning benchmark: does the real loop (votes → reward model → PPO → gate) learn a rater?
 
 A simulated rater (``module:function``, ``rate(prompt, response) -> float``, higher is
-better) votes on answers of the currently served policy, through the real code path:
-``PolicyServer.generate_pair`` samples two answers, ``FeedbackStore.log_response`` records
-them, and the rater's scores become an A/B vote (``prefer``: the higher score wins, equal is
-a tie) and 👍/👎 (``rate``: above the running median of all scores so far is 👍). Between
-vote rounds, ``run_cycle`` (reward model, PPO, gate, publish/reject) trains the next
-version in a separate base model, as the worker process would, and the server switches to
-what the registry serves.
+better) votes on answers of the currently served policy, through the app's own code path:
+``selection.compare_round`` chooses the Compare pair as the Compare tab does (the library's
+``SelectionSettings``: double Thompson sampling over the reward ensemble among ``candidates``
+samples, or ``passive`` two samples), ``FeedbackStore.log_response`` records both, and the
+rater's scores become an A/B vote (``prefer``: the higher score wins, equal is a tie) and
+👍/👎 (``rate``: above the running median of all scores so far is 👍). Between vote rounds,
+``run_cycle`` (reward model, PPO, gate, publish/reject) trains the next version in a separate
+base model, as the worker process would, and the server switches to what the registry serves.
 
-After each cycle (and once before the first), the served version is compared with the base
-on held-out prompts that are never voted on nor used for PPO: answers are sampled from both
-(the PPO rollout sampler, temperature 0.7; the base's once, ``--base-samples`` per prompt)
-and the rater judges each served answer against each base answer to its prompt (ties 1/2).
-It reports per cycle: votes, reward-model held-out accuracy, the mean rater score of the
-policy, KL to the reference per answer, the win-rate against the base, the gate decision,
-wall time and peak RSS; writes ``<out>/learning.json`` and ``<out>/learning.png``.
+After each cycle (and once before the first), what a visitor is served is compared with the
+base on held-out prompts that are never voted on nor used for PPO: ``--served-samples`` chat
+answers per prompt through ``selection.best_answer`` (best-of-n as configured) against
+``--base-samples`` plain samples of the base, both from the serving process, judged by the
+rater (ties ½). Beside it, the policy's own samples (the PPO sampler) give its KL to the
+reference and the win-rate earlier stops reported. Per cycle: votes, the decisive share of
+A/B votes, reward-model accuracy, the gate decision, win-rates, KL, wall time and peak RSS;
+writes ``<out>/learning.json`` and ``<out>/learning.png``. ``--seeds 0,1,2`` runs one process
+per seed and summarises them as mean ± SE (``<out>/summary.json``; ``--record``:
+``bench/results/learning-<rater>.json``).
 
-    python bench/learning.py --rater bench.raters:brevity --votes 200 --cycles 3 --out bench/out/brevity
+    python bench/learning.py --rater bench.raters:brevity --votes 200 --cycles 3 --seeds 0,1,2 --record --out bench/out/brevity
     python bench/learning.py --quick --out bench/out/quick     # tiny model, smoke run under a minute
 
 Results and the reasoning behind the defaults: docs/learning.md.
@@ -35,9 +39,11 @@ import random
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +51,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.learning_summary import record_path, summarize  # noqa: E402
 from bench.raters import Rater, load_rater  # noqa: E402
-from rlhf_demo.config import DEFAULT_MODEL, TINY_MODEL, GateConfig, PPOConfig, Settings, TrainingSettings, load_settings  # noqa: E402
+from rlhf_demo.config import (  # noqa: E402
+    DEFAULT_MODEL,
+    SELECTION_RULES,
+    TINY_MODEL,
+    GateConfig,
+    PPOConfig,
+    SelectionSettings,
+    Settings,
+    TrainingSettings,
+    load_settings,
+)
 from rlhf_demo.modeling import LoadedModel, load_model  # noqa: E402
 from rlhf_demo.modeling.adapters import put_adapter  # noqa: E402
 from rlhf_demo.ppo.trainer import sample_and_score  # noqa: E402
 from rlhf_demo.reward.model import RewardModel  # noqa: E402
 from rlhf_demo.runtime import Runtime  # noqa: E402
+from rlhf_demo.selection import Pick, Round, best_answer, compare_round  # noqa: E402
+from rlhf_demo.serving import BASE_VERSION  # noqa: E402
 from rlhf_demo.worker.cycle import run_cycle  # noqa: E402
 
 log = logging.getLogger("bench.learning")
@@ -116,13 +135,13 @@ def cast_votes(
 ) -> dict[str, Any]:
     """Spend ``budget`` votes on answers of the served version; returns what was cast.
 
-    Each prompt gets a pair of answers (one batched ``generate_pair`` of the active
-    version), both logged; one A/B vote on the pair, then up to ``thumbs_per_pair`` thumbs
-    on its answers (👍 when the score is above the running median of all scores so far).
+    Each prompt gets a Compare round of the active version, chosen as the app chooses it
+    (``selection.compare_round``: the library's selection settings), both answers logged;
+    one A/B vote on the pair, then up to ``thumbs_per_pair`` thumbs on its answers (👍 when
+    the score is above the running median of all scores so far).
     """
     server, store = runtime.server, runtime.store
-    active = server.active
-    cast = {"ab": 0, "ties": 0, "thumbs_up": 0, "thumbs_down": 0, "pairs": 0, "answer_tokens": [], "scores": []}
+    cast: dict[str, Any] = {"ab": 0, "ties": 0, "thumbs_up": 0, "thumbs_down": 0, "pairs": 0, "answer_tokens": [], "scores": [], "rules": {}}
     started = time.perf_counter()
 
     def votes() -> int:
@@ -131,7 +150,10 @@ def cast_votes(
     while votes() < budget:
         prompt = next(prompts)
         session = f"bench-rater-{cast['pairs'] % SESSIONS}"  # under the per-session vote cap
-        pair = server.generate_pair(messages(prompt), (active, active), server.sampling(max_new_tokens=max_new_tokens))
+        *_, round_ = compare_round(server, runtime.judge, messages(prompt), server.sampling(max_new_tokens=max_new_tokens), runtime.settings.selection, rng)
+        assert isinstance(round_, Round)
+        pair = round_.pair
+        cast["rules"][round_.rule] = cast["rules"].get(round_.rule, 0) + 1
         ids = [
             store.log_response(
                 session_id=session,
@@ -163,6 +185,7 @@ def cast_votes(
             store.rate(session, ids[i], 1 if up else -1)
             cast["thumbs_up" if up else "thumbs_down"] += 1
     cast["votes"] = votes()
+    cast["decisive_fraction"] = cast["ab"] / max(1, cast["ab"] + cast["ties"])
     cast["seconds"] = time.perf_counter() - started
     cast["mean_answer_tokens"] = statistics.fmean(cast.pop("answer_tokens"))
     cast["mean_score"] = statistics.fmean(cast.pop("scores"))
@@ -191,6 +214,46 @@ def sample_answers(
     if adapter is not None and len(loaded.model.peft_config) > 1:
         loaded.model.delete_adapter(EVAL_ADAPTER)
     return {"texts": answers.texts, "scores": answers.scores, "kl": answers.kl, "tokens": answers.tokens, "eos": [float(e) for e in answers.eos]}
+
+
+def served_answers(runtime: Runtime, rater: Rater, prompts: list[str], per_prompt: int, max_new_tokens: int, base: bool = False) -> dict[str, list]:
+    """What a visitor is served: ``per_prompt`` chat answers per prompt through the app's own
+    path (``selection.best_answer``: the served version, best-of-n as configured), many at a
+    time so the engine decodes them in shared steps; ``base``: plain samples of the base."""
+    server, sampling = runtime.server, runtime.server.sampling(max_new_tokens=max_new_tokens)
+    asked = [messages(p) for p in prompts for _ in range(per_prompt)]
+    if base:
+        picks = [Pick(g, 1) for g in server.generate_many(asked, BASE_VERSION, sampling)]
+    else:
+
+        def serve(conversation: list[dict[str, str]]) -> Pick:
+            *_, pick = best_answer(server, runtime.judge, conversation, sampling, runtime.settings.selection.best_of)
+            return pick
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            picks = list(pool.map(serve, asked))
+    texts = [p.generation.text for p in picks]
+    return {
+        "texts": texts,
+        "scores": [float(rater(m[-1]["content"], t)) for m, t in zip(asked, texts, strict=True)],
+        "kl": [0.0] * len(picks),  # the policy's KL is measured on its own samples (sample_answers)
+        "tokens": [p.generation.completion_tokens for p in picks],
+        "eos": [float(p.generation.finish_reason == "stop") for p in picks],
+        "picked_from": [p.picked_from for p in picks],
+        "generations": [p.generation for p in picks],
+    }
+
+
+def feature_gap(runtime: Runtime, worker: LoadedModel, folder: Path, generations: list) -> float | None:
+    """Largest |difference| between the answer features the serving process reads (its own
+    base, ``Judge``) and the worker's (the base the ensemble was fitted on), relative to the
+    features' scale: the ensemble must mean the same on both sides."""
+    if not folder.is_dir() or not generations:
+        return None
+    served = runtime.judge.read(generations).features
+    rm = RewardModel.load(worker.model, worker.tokenizer, folder)
+    fitted = rm.features([g.prompt for g in generations], [g.text for g in generations], [g.finish_reason == "stop" for g in generations])
+    return float((served - fitted).abs().max() / fitted.abs().max().clamp(min=1e-6))
 
 
 def win_rate(wins: list[float], group_size: int) -> tuple[float, float]:
@@ -337,7 +400,9 @@ def make_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
     if args.restart_rejected:
         parts["resume_rejected"] = False
     training = dataclasses.replace(training, **parts)
-    return load_settings(model=args.model, data_dir=data_dir, quantization=args.quantization, training=training)
+    chosen = {"rule": args.selection, "candidates": args.candidates, "candidate_temperature": args.candidate_temperature, "best_of": args.best_of}
+    selection = dataclasses.replace(SelectionSettings(), **{k: v for k, v in chosen.items() if v is not None})
+    return load_settings(model=args.model, data_dir=data_dir, quantization=args.quantization, training=training, selection=selection)
 
 
 def gate_config(args: argparse.Namespace) -> GateConfig | None:
@@ -375,23 +440,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sampler = settings.training.ppo
     started = time.perf_counter()
     base_answers = sample_answers(worker, None, rater, base_prompts, sampler, args.eval_batch)
+    served_prompts = [messages(p) for p in heldout for _ in range(args.served_samples)]
+    served_base = served_answers(runtime, rater, heldout, args.base_samples, sampler.max_new_tokens, base=True)
     base_s = time.perf_counter() - started
 
     def evaluation(reward_folder: Path | None = None) -> dict[str, Any]:
+        """The headline: what a visitor is served (best-of-n included) against the base, both
+        through the server; beside it the policy's own samples (its KL, and the win-rate of
+        earlier stops, judged against the worker's base samples)."""
         started = time.perf_counter()
         version = runtime.store.active_version() or "v0"
         path = runtime.store.get_version(version)["path"]
         answers = sample_answers(worker, path, rater, eval_prompts, sampler, args.eval_batch)
-        result = evaluate(answers, base_answers, eval_prompts, version, time.perf_counter() - started, args.eval_samples, args.base_samples)
+        policy = evaluate(answers, base_answers, eval_prompts, version, time.perf_counter() - started, args.eval_samples, args.base_samples)
+        served = served_answers(runtime, rater, heldout, args.served_samples, sampler.max_new_tokens)
+        result = evaluate(served, served_base, served_prompts, version, time.perf_counter() - started, args.served_samples, args.base_samples)
+        result.update(kl=policy["kl"], kl_max=policy["kl_max"], picked_from=statistics.fmean(served["picked_from"]))
+        result["policy"] = {k: policy[k] for k in ("win_rate", "win_rate_se", "comparisons", "mean_score", "mean_tokens", "eos_rate")}
         if reward_folder is not None:
             result.update(rm_agreement(worker, reward_folder, eval_prompts, answers, base_answers, args.eval_samples, args.base_samples))
+            result["feature_gap"] = feature_gap(runtime, worker, reward_folder, served["generations"][:8])
         return result
 
     rows: list[dict[str, Any]] = []
     base_eval = evaluation()
     base_eval["base_sampling_seconds"] = base_s
     rows.append({"cycle": 0, "votes": 0, "decision": "base", "eval": base_eval, "elapsed_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
-    result = write(out, args, rows, setup_s, t0)
+    result = write(out, args, rows, setup_s, t0, settings)
     log.info("cycle 0 (before training): win-rate %.2f, score %.2f, %.1f s", base_eval["win_rate"], base_eval["mean_score"], base_eval["seconds"])
 
     prompts = prompt_stream(train_prompts, rng)
@@ -416,6 +491,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cycle": cycle,
             "votes": total_votes,
             "cast": cast,
+            "decisive_fraction": cast["decisive_fraction"],
             "votes_used": rm.get("votes_used"),
             "rm_accuracy": rm.get("agreement"),
             "rm_thumb_accuracy": rm.get("thumb_accuracy"),
@@ -451,7 +527,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row["elapsed_s"],
             row["peak_rss_mb"],
         )
-        result = write(out, args, rows, setup_s, t0)
+        result = write(out, args, rows, setup_s, t0, settings)
     runtime.close()
     return result
 
@@ -459,61 +535,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # ── output ───────────────────────────────────────────────────────────────────────────
 
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
 def device_name() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def record(result: dict[str, Any], args: argparse.Namespace) -> Path:
-    """The small committed summary: ``bench/results/learning-<rater>[-cuda].json``."""
-    rows = result["cycles"]
-    last = rows[-1]["eval"]
-    name = args.rater.rpartition(":")[2]
-    path = RESULTS_DIR / f"learning-{name}{'-cuda' if device_name() == 'cuda' else ''}.json"
-    summary = {
-        "rater": args.rater,
-        "votes": rows[-1]["votes"],
-        "win_rate": last["win_rate"],
-        "win_rate_se": last["win_rate_se"],
-        "comparisons": last["comparisons"],
-        "kl": last["kl"],
-        "mean_score": last["mean_score"],
-        "base_mean_score": last["base_mean_score"],
-        "wall_s": result["final"]["wall_s"],
-        "cpu": f"{os.cpu_count()} cores",
-        "device": device_name(),
-        "torch_threads": torch.get_num_threads(),
-        "command": result["command"],
-        "cycles": [
-            {
-                "cycle": r["cycle"],
-                "votes": r["votes"],
-                "decision": r["decision"],
-                "served": r.get("served", "v0"),
-                "trained_from": r.get("trained_from"),
-                "rm_accuracy": r.get("rm_accuracy"),
-                "rm_eval_accuracy": r["eval"].get("rm_eval_accuracy"),
-                "gate": {k: r["gate"].get(k) for k in ("improvement", "lower_bound", "units", "kl", "reasons")} if r.get("gate") else None,
-                "ppo": [{k: round(v, 4) for k, v in step.items() if k in ("score", "kl", "response_length")} for step in r.get("ppo", [])],
-                "win_rate": r["eval"]["win_rate"],
-                "win_rate_se": r["eval"]["win_rate_se"],
-                "kl": r["eval"]["kl"],
-                "mean_score": r["eval"]["mean_score"],
-                "mean_tokens": r["eval"]["mean_tokens"],
-                "elapsed_s": r["elapsed_s"],
-            }
-            for r in rows
-        ],
-    }
-    RESULTS_DIR.mkdir(exist_ok=True)
+def command_line() -> str:
+    return "python bench/learning.py " + " ".join(sys.argv[1:])
+
+
+def record(runs: dict[int, dict[str, Any]], args: argparse.Namespace, command: str) -> Path:
+    """The small committed summary (mean ± SE over the seeds): ``bench/results/learning-<rater>[-cuda].json``."""
+    summary = summarize(runs, args.rater, command, device_name(), torch.get_num_threads())
+    path = record_path(args.rater, device_name())
+    path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return path
 
 
-def write(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]], setup_s: float, t0: float) -> dict[str, Any]:
+def write(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]], setup_s: float, t0: float, settings: Settings) -> dict[str, Any]:
     last = rows[-1]
+    elapsed = time.perf_counter() - t0
+    eval_s = rows[0]["eval"].get("base_sampling_seconds", 0.0) + sum(r["eval"]["seconds"] for r in rows)
     final = {
         "win_rate": last["eval"]["win_rate"],
         "win_rate_se": last["eval"]["win_rate_se"],
@@ -521,20 +563,24 @@ def write(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]], setup
         "rm_accuracy": last.get("rm_accuracy"),
         "kl": last["eval"]["kl"],
         "votes": last["votes"],
-        "wall_s": time.perf_counter() - t0,
+        "elapsed_s": elapsed,
+        "wall_s": elapsed - setup_s - eval_s,  # the loop itself: votes and cycles
+        "eval_s": eval_s,
         "peak_rss_mb": peak_rss_mb(),
     }
     result = {
-        "command": "python bench/learning.py " + " ".join(sys.argv[1:]),
+        "command": command_line(),
+        "seed": args.seed,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "device": f"{device_name()}, torch threads {torch.get_num_threads()}, {os.cpu_count()} cores",
+        "selection": dataclasses.asdict(settings.selection),
         "setup_s": setup_s,
         "final": final,
         "cycles": rows,
     }
     (out / "learning.json").write_text(json.dumps(result, indent=2, default=str))
     if args.record:  # after every cycle: a run cut short still leaves its figures so far
-        record(result, args)
+        record({args.seed: result}, args, result["command"])
     plot(out / "learning.png", rows, args)
     print_table(rows)
     return result
@@ -616,10 +662,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models-from", "--data-dir", dest="models_from", default="data", help="data dir holding (or receiving) the converted model")
     p.add_argument("--quantization", default=None, help="default: fp32 on a CPU (docs/precision.md), nf4 on CUDA")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2): one run each, in parallel where cores allow, summarised as mean ± SE")
+    p.add_argument("--parallel", type=int, default=0, help="seeds run at once; 0: cores / threads")
     p.add_argument("--threads", type=int, default=2, help="torch threads; 0: torch's choice")
     p.add_argument("--prompts", default=str(PROMPTS_DIR), help="a folder of *.txt (one prompt a line) and *.json files")
     p.add_argument("--heldout", type=int, default=36, help="held-out prompts for the win-rate")
-    p.add_argument("--eval-samples", type=int, default=2, help="answers of the served version per held-out prompt")
+    p.add_argument("--eval-samples", type=int, default=2, help="the policy's own samples per held-out prompt (its KL; the win-rate of earlier stops)")
+    p.add_argument("--served-samples", type=int, default=8, help="answers served to a visitor per held-out prompt (the headline win-rate)")
     p.add_argument("--base-samples", type=int, default=6, help="answers of the base per held-out prompt (sampled once); each served answer is judged against each")
     p.add_argument("--eval-batch", type=int, default=36)
     p.add_argument("--thumbs-per-pair", type=int, default=2, choices=(0, 1, 2), help="thumbs cast on the answers of each A/B pair")
@@ -642,6 +691,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     library.add_argument("--gate-confidence", type=float, help="GateConfig.confidence")
     library.add_argument("--restart-rejected", action="store_true", help="TrainingSettings.resume_rejected=False: PPO always starts from the served version")
     library.add_argument("--cycle-budget", type=float, help="TrainingSettings.time_budget_s per cycle")
+    library.add_argument("--selection", choices=SELECTION_RULES, help="SelectionSettings.rule (Compare's pair)")
+    library.add_argument("--candidates", type=int, help="SelectionSettings.candidates")
+    library.add_argument("--candidate-temperature", type=float, help="SelectionSettings.candidate_temperature")
+    library.add_argument("--best-of", type=int, help="SelectionSettings.best_of (chat answers, and so the evaluation)")
     p.add_argument("--gate", choices=("default", "off"), default="default", help="off: publish every candidate (measurement only)")
     p.add_argument("--quick", action="store_true", help="tiny model, few votes: a smoke run under a minute")
     args = p.parse_args(argv)
@@ -649,7 +702,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.quantization = "nf4" if torch.cuda.is_available() else "fp32"
     if args.quick:
         args.model = TINY_MODEL
-        args.votes, args.cycles, args.heldout, args.eval_samples, args.base_samples = 24, 2, 8, 1, 2
+        args.votes, args.cycles, args.heldout, args.eval_samples, args.base_samples, args.served_samples = 24, 2, 8, 1, 2, 2
         args.max_new_tokens, args.ppo_iterations, args.ppo_batch_size, args.rm_epochs = 8, 2, 8, 1
         args.gate_prompts, args.gate_samples = 2, 2
     return args
@@ -662,7 +715,51 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run(args)
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else []
+    if len(seeds) > 1:
+        run_seeds(args, seeds, argv if argv is not None else sys.argv[1:])
+    else:
+        args.seed = seeds[0] if seeds else args.seed
+        run(args)
+
+
+def run_seeds(args: argparse.Namespace, seeds: list[int], argv: list[str]) -> None:
+    """Each seed in its own process (``--seed N --out <out>/seed-N``), ``--parallel`` at a
+    time; then the summary over the seeds whose runs wrote figures (a run cut short counts
+    with the cycles it finished)."""
+    own = {"--seeds", "--parallel", "--out", "--seed"}
+    rest: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in own or name == "--record":
+            skip = name != "--record" and "=" not in arg and i + 1 < len(argv)
+            continue
+        rest.append(arg)
+    parallel = args.parallel or max(1, (os.cpu_count() or 1) // max(1, args.threads))
+    outs = {seed: Path(args.out) / f"seed-{seed}" for seed in seeds}
+    pending = list(seeds)
+    running: list[subprocess.Popen] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            seed = pending.pop(0)
+            command = [sys.executable, str(Path(__file__).resolve()), *rest, "--seed", str(seed), "--out", str(outs[seed])]
+            log.info("seed %d: %s", seed, " ".join(command))
+            running.append(subprocess.Popen(command))
+        time.sleep(2)
+        running = [proc for proc in running if proc.poll() is None]
+    runs = {seed: json.loads((out / "learning.json").read_text()) for seed, out in outs.items() if (out / "learning.json").is_file()}
+    if not runs:
+        raise SystemExit("no seed wrote any figures")
+    summary = summarize(runs, args.rater, command_line(), device_name(), args.threads or torch.get_num_threads())
+    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if args.record:
+        record(runs, args, command_line())
+    for c in summary["cycles"]:
+        print(f"cycle {c['cycle']}: win-rate {c['win_rate']:.3f} ± {c['win_rate_se'] or 0:.3f} (seeds {summary['seeds']}), KL {c['kl']:.2f}, decisive {c['decisive_fraction']}")
 
 
 if __name__ == "__main__":

@@ -88,12 +88,15 @@ class RewardConfig:
     max_seconds: float | None = None
     """Time budget for reading features; None: unlimited. Answers not read by then are
     left out of training (logged in the metrics)."""
+    ensemble: int = 8
+    """Bootstrap probes fitted beside the main one: their spread is the reward model's
+    epistemic uncertainty, which Compare's double Thompson sampling explores; 0: none."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_length < 8 or self.folds < 2 or self.max_iterations < 1:
             raise ValueError("need batch_size >= 1, max_length >= 8, folds >= 2 and max_iterations >= 1")
-        if self.l2 < 0 or self.thumb_weight < 0:
-            raise ValueError("l2 and thumb_weight must be >= 0")
+        if self.l2 < 0 or self.thumb_weight < 0 or self.ensemble < 0:
+            raise ValueError("l2, thumb_weight and ensemble must be >= 0")
         if not 0.5 <= self.confidence < 1.0:
             raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}")
 
@@ -227,6 +230,33 @@ class TrainingSettings:
     gate: GateConfig = field(default_factory=GateConfig)
 
 
+SELECTION_RULES = ("dts", "passive")
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    """Which answers visitors see (rlhf_demo/selection.py; figures: docs/learning.md).
+
+    ``RLHF_DEMO_SELECTION__RULE=passive`` shows two plain samples in Compare, as before."""
+
+    rule: str = "dts"
+    """Compare's pair: ``dts`` picks 2 of ``candidates`` samples by double Thompson sampling
+    over the reward ensemble (the most different pair while no trusted model exists);
+    ``passive``: two samples."""
+    candidates: int = 4
+    """Samples a ``dts`` Compare round draws, in one batched call."""
+    candidate_temperature: float | None = None
+    """Temperature of those samples; None: the visitor's (the served policy's)."""
+    best_of: int = 1
+    """A chat answer is the trusted reward model's pick of this many samples; 1: the sample."""
+
+    def __post_init__(self) -> None:
+        if self.rule not in SELECTION_RULES:
+            raise ValueError(f"selection rule must be one of {SELECTION_RULES}, got {self.rule!r}")
+        if not 2 <= self.candidates <= 16 or not 1 <= self.best_of <= 16:
+            raise ValueError("need 2 <= candidates <= 16 and 1 <= best_of <= 16")
+
+
 @dataclass(frozen=True)
 class UiSettings:
     """What the Space owner says to visitors: ``RLHF_DEMO_UI__GUIDELINES`` (Markdown) wins over
@@ -258,6 +288,7 @@ class Settings:
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     ui: UiSettings = field(default_factory=UiSettings)
+    selection: SelectionSettings = field(default_factory=SelectionSettings)
 
     @property
     def db_path(self) -> Path:

@@ -22,6 +22,7 @@ from rlhf_demo.config import Settings
 from rlhf_demo.modeling import LoadedModel, load_model
 from rlhf_demo.modeling.adapters import AdapterError, attach_new_adapter, save_adapter
 from rlhf_demo.modeling.loading import eos_token_ids
+from rlhf_demo.selection import Judge, LocalBase
 from rlhf_demo.serving import BASE_VERSION, PolicyServer
 from rlhf_demo.serving.interface import EngineError, ServingEngine
 from rlhf_demo.store import SERVABLE_STATUSES, FeedbackStore
@@ -127,6 +128,9 @@ class Runtime:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._checked: dict[str, tuple[Any, ...]] = {}  # version -> its files' stat when last hashed
+        # the worker's newest reward ensemble, read with this process's base: Compare pairs, best-of-n
+        reader = self.server if isinstance(self.server, PolicyServer) else LocalBase(self.loaded.model, self.loaded.tokenizer)
+        self.judge = Judge(reader, settings.data_dir / "reward", settings.training.reward)
         self.ensure_first_version()
         self.sync_registry()
 

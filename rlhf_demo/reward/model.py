@@ -103,7 +103,11 @@ def hidden_state_at(model: Any, layer: int, **inputs: Any) -> torch.Tensor:
 class RewardModel:
     """The shared base + probe weights (``weight``, ``bias`` over standardised features with
     ``feature_mean`` / ``feature_std``) + the ``(mean, std)`` normalizer that turns raw scores
-    into ~N(0, 1) for PPO. Holds no copy of the base and no adapter of its own."""
+    into ~N(0, 1) for PPO. Holds no copy of the base and no adapter of its own.
+
+    ``members`` / ``member_bias``: the ensemble, bootstrap refits of the probe. The main
+    probe (fitted on all votes, checked by cross-validation) is the mean PPO and best-of-n
+    use; the members' spread is what Compare explores."""
 
     def __init__(
         self,
@@ -117,6 +121,9 @@ class RewardModel:
         mean: float = 0.0,
         std: float = 1.0,
         max_length: int = MAX_LENGTH,
+        members: torch.Tensor | None = None,
+        member_bias: torch.Tensor | None = None,
+        trusted: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -130,6 +137,11 @@ class RewardModel:
         self.std = float(std)
         self.max_length = int(max_length)
         self.device = model.get_input_embeddings().weight.device
+        # the ensemble: bootstrap probes on the same standardised features (rows: members)
+        self.members = torch.zeros(0, size) if members is None else members.detach().float().cpu().reshape(-1, size)
+        self.member_bias = torch.zeros(len(self.members)) if member_bias is None else member_bias.detach().float().cpu().reshape(-1)
+        self.trusted = bool(trusted)
+        """Whether the worker's trust gate passed this model (cross-validated agreement)."""
 
     # persistence -------------------------------------------------------------------
 
@@ -154,6 +166,9 @@ class RewardModel:
             float(meta["mean"]),
             float(meta["std"]),
             max_length,
+            tensors.get("members"),
+            tensors.get("member_bias"),
+            bool(meta.get("trusted", False)),
         )
 
     def save(self, folder: Path) -> Path:
@@ -169,8 +184,10 @@ class RewardModel:
         try:
             tmp.mkdir(parents=True)
             tensors = {"weight": self.weight, "feature_mean": self.feature_mean, "feature_std": self.feature_std}
+            if len(self.members):
+                tensors.update(members=self.members, member_bias=self.member_bias)
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / PROBE_FILE))
-            meta = {"layer": self.layer, "bias": self.bias, "mean": self.mean, "std": self.std}
+            meta = {"layer": self.layer, "bias": self.bias, "mean": self.mean, "std": self.std, "trusted": self.trusted}
             (tmp / NORMALIZER_FILE).write_text(json.dumps(meta))
             tmp.replace(folder)
         finally:
@@ -245,6 +262,13 @@ class RewardModel:
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         """Raw scores (N,) of precomputed :meth:`features`."""
         return ((features - self.feature_mean) / self.feature_std) @ self.weight + self.bias
+
+    def member_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Raw scores (M, N) of precomputed :meth:`features` by each ensemble member, on the
+        main probe's scale; (0, N) without an ensemble."""
+        if not len(self.members):
+            return torch.zeros(0, len(features))
+        return (((features - self.feature_mean) / self.feature_std) @ self.members.T + self.member_bias).T
 
     def score(
         self,

@@ -8,6 +8,8 @@ Data flow::
         -> cross_validate()          k folds by prompt: agreement with votes not fitted on
         -> fit_probe()               Bradley-Terry on pairs + thumb_weight x logistic on thumbs + L2,
                                      full batch L-BFGS, on all votes
+        -> fit_ensemble()            the same fit on bootstrap resamples of the prompts: the
+                                     ensemble whose spread Compare's pair selection explores
         -> (RewardModel, RewardMetrics)
 
 The agreement's lower bound is what the worker checks before it spends a PPO phase on the
@@ -222,6 +224,28 @@ def fit_probe(data: ProbeData, config: RewardConfig) -> tuple[torch.Tensor, floa
     return weight.detach(), float(bias.detach()) if use_thumbs else 0.0, mean, std
 
 
+def fit_ensemble(data: ProbeData, config: RewardConfig, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(members (M, H), member_bias (M,))``: ``config.ensemble`` probes, each fitted on a
+    bootstrap resample of the prompts (a prompt's votes stay together, as in the folds),
+    on the main probe's standardisation. Their disagreement on an answer is what the votes
+    have not settled yet: the epistemic spread that double Thompson sampling explores."""
+    size = data.answers.shape[1] if len(data.answers) else data.chosen.shape[1]
+    groups = sorted(set(data.pair_groups) | set(data.thumb_groups))
+    if config.ensemble == 0 or not groups:
+        return torch.zeros(0, size), torch.zeros(0)
+    rng = torch.Generator().manual_seed(seed)
+    weights, biases = [], []
+    for _ in range(config.ensemble):
+        drawn = torch.randint(len(groups), (len(groups),), generator=rng).tolist()
+        times = {g: drawn.count(i) for i, g in enumerate(groups)}
+        pair_rows = [i for i, g in enumerate(data.pair_groups) for _ in range(times[g])]
+        thumb_rows = [i for i, g in enumerate(data.thumb_groups) for _ in range(times[g])]
+        weight, bias, _, _ = fit_probe(data.subset(pair_rows, thumb_rows), config)
+        weights.append(weight)
+        biases.append(bias)
+    return torch.stack(weights), torch.tensor(biases)
+
+
 def _scores(probe: tuple[torch.Tensor, float, torch.Tensor, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
     weight, bias, mean, std = probe
     return ((features - mean) / std) @ weight + bias
@@ -321,6 +345,7 @@ def train_reward_model(
 
     held_out = cross_validate(data, config)
     rm.weight, rm.bias, rm.feature_mean, rm.feature_std = fit_probe(data, config)
+    rm.members, rm.member_bias = fit_ensemble(data, config, seed=len(data.chosen) + len(data.thumbs))
     rm.mean, rm.std = fit_normalizer(rm.score_features(data.answers))
 
     metrics = RewardMetrics(
@@ -350,4 +375,4 @@ def train_reward_model(
     return rm, metrics
 
 
-__all__ = ["ProbeData", "Progress", "RewardConfig", "RewardMetrics", "cross_validate", "fit_probe", "train_reward_model", "wilson_lower_bound"]
+__all__ = ["ProbeData", "Progress", "RewardConfig", "RewardMetrics", "cross_validate", "fit_ensemble", "fit_probe", "train_reward_model", "wilson_lower_bound"]

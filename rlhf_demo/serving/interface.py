@@ -79,6 +79,17 @@ class ServingEngine(Protocol):
 
     def generate_pair(self, messages: list[dict[str, str]], versions: tuple[str, str], sampling: Sampling | None = None) -> list[Generation]: ...
 
+    def stream_samples(
+        self,
+        messages: list[dict[str, str]],
+        count: int,
+        version: str | None = None,
+        sampling: Sampling | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[tuple[str, ...] | list[Generation]]:
+        """``count`` answers of one version to one prompt, decoded together (Compare's candidates,
+        best-of-n): the texts as they grow, then the finished answers."""
+
     def generate_many(
         self, conversations: list[list[dict[str, str]]], version: str | None = None, sampling: Sampling | None = None
     ) -> list[Generation]:

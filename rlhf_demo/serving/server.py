@@ -46,6 +46,11 @@ class PolicyServer:
         return self.pool.model
 
     @property
+    def lock(self) -> Any:
+        """Held while the decode thread runs the model: another reader of it takes this."""
+        return self.pool.lock
+
+    @property
     def active(self) -> str:
         return self.pool.active
 
@@ -129,6 +134,19 @@ class PolicyServer:
         *_, result = self.stream_pair(messages, versions, sampling)
         assert isinstance(result, list)
         return result
+
+    def stream_samples(
+        self,
+        messages: list[dict[str, str]],
+        count: int,
+        version: str | None = None,
+        sampling: Sampling | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[tuple[str, ...] | list[Generation]]:
+        """``count`` answers of one version to one prompt, decoded in shared steps (Compare's
+        candidates, best-of-n): the texts as they grow, then the finished answers."""
+        for item in self._stream_rows(messages, [version] * count, sampling, should_stop):
+            yield [item] if isinstance(item, Generation) else item  # type: ignore[misc]
 
     def generate_many(
         self, conversations: list[list[dict[str, str]]], version: str | None = None, sampling: Sampling | None = None

@@ -164,6 +164,18 @@ class VllmEngine:
         assert isinstance(result, list)
         return result
 
+    def stream_samples(
+        self,
+        messages: list[dict[str, str]],
+        count: int,
+        version: str | None = None,
+        sampling: Sampling | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[tuple[str, ...] | list[Generation]]:
+        """``count`` samples of one prompt: one request with ``n = count``."""
+        groups = self._groups([messages], [version] * count)
+        yield from self._stream_rows(groups, sampling, should_stop)
+
     def generate_many(
         self, conversations: list[list[dict[str, str]]], version: str | None = None, sampling: Sampling | None = None
     ) -> list[Generation]:

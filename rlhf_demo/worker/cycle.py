@@ -53,9 +53,13 @@ def split_prompts(prompts: list[list[dict[str, str]]], eval_count: int) -> tuple
     return train, held[:eval_count]
 
 
-def train_reward(settings: Settings, store: FeedbackStore, loaded: LoadedModel, run_id: int, report: Report, budget_s: float) -> tuple[RewardModel, RewardMetrics]:
-    """Refit the reward model on every vote (after the per-voter cap) and keep it beside the
-    run: the last two stay on disk (and in the Hub snapshot) for inspection."""
+def train_reward(
+    settings: Settings, store: FeedbackStore, loaded: LoadedModel, run_id: int, report: Report, budget_s: float, gate: GateConfig
+) -> tuple[RewardModel, RewardMetrics]:
+    """Refit the reward model (and its ensemble) on every vote, after the per-voter cap, and
+    keep it beside the run with its trust verdict: the serving process reads the newest one
+    (rlhf_demo/selection.py) to choose Compare pairs and best-of-n answers; the last two stay
+    on disk (and in the Hub snapshot)."""
     reward_dir = settings.data_dir / "reward"
     report(phase="reward", step=0, total=0, started_at=time.time())
 
@@ -68,6 +72,7 @@ def train_reward(settings: Settings, store: FeedbackStore, loaded: LoadedModel, 
     pairs, thumbs = (cap_per_voter(rows, settings.limits.max_training_share, cap) for rows in (store.preference_pairs(), store.thumb_examples()))
     rm, metrics = train_reward_model(loaded.model, loaded.tokenizer, pairs, thumbs, config, progress=progress)
     metrics.votes_used = len(pairs) + len(thumbs)
+    rm.trusted = untrusted_reward(metrics, gate) is None
     rm.save(reward_dir / f"run-{run_id}")
     for old in sorted(reward_dir.glob("run-*"), key=lambda p: int(p.name[4:]))[:-2]:
         shutil.rmtree(old, ignore_errors=True)
@@ -148,7 +153,7 @@ def run_cycle(
             raise ValueError("need at least 2 distinct prompts in the store")
         train_prompts, gate_prompts = split_prompts(prompts, gate_config.prompts)
 
-        rm, rm_metrics = train_reward(settings, store, loaded, run_id, report, budget_s=0.3 * training.time_budget_s)
+        rm, rm_metrics = train_reward(settings, store, loaded, run_id, report, 0.3 * training.time_budget_s, gate_config)
         summary["reward"] = rm_metrics.as_dict()
         reason = untrusted_reward(rm_metrics, gate_config)
         if reason is not None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf_demo.serving import Generation
+from rlhf_demo.selection import Pick, best_answer
 from rlhf_demo.ui.handlers.base import TabHandlers
 from rlhf_demo.ui.handlers.checks import (
     UserError,
@@ -50,12 +50,14 @@ class ChatState:
     disliked: str | None = None  # the response this page last voted 👎: the one reasons go to
 
 
-def tag_version(text: str, version: str) -> str:
-    """The answer plus which version wrote it; an answer cut off inside a code block gets the
-    block closed first, or the tag would show as raw text inside it."""
+def tag_version(text: str, version: str, picked_from: int = 1) -> str:
+    """The answer plus which version wrote it (and, for best-of-n, from how many samples the
+    reward model picked it); an answer cut off inside a code block gets the block closed
+    first, or the tag would show as raw text inside it."""
     if len(_FENCE_LINE.findall(text)) % 2:
         text += FENCE_CLOSE
-    return f"{text}\n\n<sub>written by adapter {version}</sub>"
+    picked = f", picked from {picked_from}" if picked_from > 1 else ""
+    return f"{text}\n\n<sub>written by adapter {version}{picked}</sub>"
 
 
 def clean_history(chat: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -180,20 +182,21 @@ class ChatHandlers(TabHandlers):
         sampling: dict[str, Any],
     ) -> Iterator[list[dict[str, Any]]]:
         """Generate from the server's ``prompt`` (never the browser's chat) and record it."""
-        result: Generation | None = None
-        server = self.runtime.server
-        stream = server.stream(prompt, None, server.sampling(**sampling), should_stop=lambda: state.stop_requested)
+        pick: Pick | None = None
+        server, best_of = self.runtime.server, self.runtime.settings.selection.best_of
+        stream = best_answer(server, self.runtime.judge, prompt, server.sampling(**sampling), best_of, should_stop=lambda: state.stop_requested)
         for item in stream:
-            if isinstance(item, Generation):
-                result = item
+            if isinstance(item, Pick):
+                pick = item
             else:
                 yield [*chat, {"role": "assistant", "content": item}]
-        assert result is not None
+        assert pick is not None
+        result = pick.generation
         if state.conversation_id is None:
             state.conversation_id = self.runtime.store.new_conversation(visitor.id)
         response_id = self.record(visitor, result, state.conversation_id, parent)
         state.response_ids[len(chat)] = response_id
-        yield [*chat, {"role": "assistant", "content": tag_version(result.text, result.version)}]
+        yield [*chat, {"role": "assistant", "content": tag_version(result.text, result.version, pick.picked_from)}]
 
     def like(self, visitor: Visitor | str, state: ChatState, index: Any, liked: Any) -> str:
         """👍/👎 on the answer at chat ``index``; one vote per answer per visitor (a second

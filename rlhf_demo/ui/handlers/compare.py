@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_demo.selection import Round, compare_round
 from rlhf_demo.serving import Generation
 from rlhf_demo.ui.handlers.base import TabHandlers
 from rlhf_demo.ui.handlers.chat import REASONS_SAID
@@ -74,7 +75,13 @@ class CompareHandlers(TabHandlers):
         """The one call into serving for a pair: partial texts ``(a, b)`` as they grow, then the
         list of both finished :class:`Generation` s (which pair to show is decided here)."""
         server = self.runtime.server
-        yield from server.stream_pair(prompt, versions, server.sampling(**sampling))
+        if versions[0] != versions[1]:
+            yield from server.stream_pair(prompt, versions, server.sampling(**sampling))
+            return
+        # two samples of the served version: the pair the reward ensemble learns most from
+        settings = self.runtime.settings.selection
+        for item in compare_round(server, self.runtime.judge, prompt, server.sampling(**sampling), settings, random.Random()):
+            yield item.pair if isinstance(item, Round) else item
 
     @staticmethod
     def new_round(state: Any = None) -> PairState:

@@ -1,0 +1,109 @@
+"""The committed summary of ``bench/learning.py``: one or more seeds' runs, mean ± SE.
+
+Why a module of its own: arms are told apart by the same seeds, so the summary is across
+seeds (the standard error of the seeds' win-rates), and a run that was cut short still
+leaves its figures so far. ``bench/results/learning-<rater>[-cuda].json`` holds it.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def mean_se(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and standard error of the mean (None for an SE of one value)."""
+    if not values:
+        return None, None
+    if len(values) == 1:
+        return values[0], None
+    return statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5
+
+
+def cycle_row(r: dict[str, Any]) -> dict[str, Any]:
+    """One cycle of one seed, the figures worth committing."""
+    ev = r["eval"]
+    return {
+        "cycle": r["cycle"],
+        "votes": r["votes"],
+        "decision": r["decision"],
+        "served": r.get("served", "v0"),
+        "trained_from": r.get("trained_from"),
+        "decisive_fraction": r.get("decisive_fraction"),
+        "rules": (r.get("cast") or {}).get("rules"),
+        "rm_accuracy": r.get("rm_accuracy"),
+        "rm_eval_accuracy": ev.get("rm_eval_accuracy"),
+        "feature_gap": ev.get("feature_gap"),
+        "gate": {k: r["gate"].get(k) for k in ("improvement", "lower_bound", "units", "kl", "reasons")} if r.get("gate") else None,
+        "ppo": [{k: round(v, 4) for k, v in step.items() if k in ("score", "kl", "response_length")} for step in r.get("ppo", [])],
+        "win_rate": ev["win_rate"],
+        "win_rate_se": ev["win_rate_se"],
+        "policy_win_rate": (ev.get("policy") or {}).get("win_rate"),
+        "picked_from": ev.get("picked_from"),
+        "kl": ev["kl"],
+        "mean_score": ev["mean_score"],
+        "mean_tokens": ev["mean_tokens"],
+        "eval_s": ev["seconds"],
+        "elapsed_s": r["elapsed_s"],
+    }
+
+
+def summarize(runs: dict[int, dict[str, Any]], rater: str, command: str, device: str, threads: int) -> dict[str, Any]:
+    """Mean ± SE over the seeds' ``learning.json`` (``runs[seed]``), per cycle and final; a
+    seed's cycles beyond the shortest run are left out of the means, so every row compares
+    the same seeds."""
+    seeds = sorted(runs)
+    per_seed = {seed: [cycle_row(r) for r in runs[seed]["cycles"]] for seed in seeds}
+    depth = min(len(rows) for rows in per_seed.values())
+    cycles = []
+    for i in range(depth):
+        rows = [per_seed[seed][i] for seed in seeds]
+        win, se = mean_se([r["win_rate"] for r in rows])
+        decisive = [r["decisive_fraction"] for r in rows if r["decisive_fraction"] is not None]
+        cycles.append(
+            {
+                "cycle": rows[0]["cycle"],
+                "votes": rows[0]["votes"],
+                "win_rate": win,
+                "win_rate_se": se if se is not None else rows[0]["win_rate_se"],
+                "kl": statistics.fmean(r["kl"] for r in rows),
+                "decisive_fraction": statistics.fmean(decisive) if decisive else None,
+                "decisions": [r["decision"] for r in rows],
+                "seeds": {str(seed): row for seed, row in zip(seeds, rows, strict=True)},
+            }
+        )
+    last = cycles[-1]
+    finals = [runs[seed]["final"] for seed in seeds]
+    decisive = [c["decisive_fraction"] for c in cycles if c["decisive_fraction"] is not None]
+    return {
+        "rater": rater,
+        "votes": last["votes"],
+        "seeds": seeds,
+        "win_rate": last["win_rate"],
+        "win_rate_se": last["win_rate_se"],
+        "win_rate_se_over": "seeds" if len(seeds) > 1 else "prompts (one seed)",
+        "comparisons": runs[seeds[0]]["cycles"][depth - 1]["eval"]["comparisons"],  # per seed
+        "kl": last["kl"],
+        "wall_s": statistics.fmean(f["wall_s"] for f in finals),
+        "eval_s": statistics.fmean(f["eval_s"] for f in finals),
+        "device": device,
+        "cpu": f"{os.cpu_count()} cores",
+        "torch_threads": threads,
+        "command": command,
+        "selection": runs[seeds[0]]["selection"],
+        "best_of": runs[seeds[0]]["selection"]["best_of"],
+        "decisive_fraction": statistics.fmean(decisive) if decisive else None,
+        "cycles": cycles,
+    }
+
+
+def record_path(rater: str, device: str) -> Path:
+    name = rater.rpartition(":")[2]
+    return RESULTS_DIR / f"learning-{name}{'-cuda' if device == 'cuda' else ''}.json"
+
+
+__all__ = ["RESULTS_DIR", "cycle_row", "mean_se", "record_path", "summarize"]

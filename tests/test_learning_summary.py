@@ -1,0 +1,41 @@
+"""The learning benchmark's committed summary: mean ± SE across seeds, over the cycles every
+seed finished, with the fields the issue's readers look for."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.learning_summary import summarize
+
+FIELDS = {"rater", "votes", "seeds", "win_rate", "win_rate_se", "comparisons", "kl", "wall_s", "eval_s", "device", "command", "selection", "best_of", "decisive_fraction", "cycles"}
+
+
+def run(wins: list[float], decisive: list[float | None]) -> dict:
+    cycles = [
+        {
+            "cycle": i,
+            "votes": 67 * i,
+            "decision": "base" if i == 0 else "published",
+            "decisive_fraction": d,
+            "eval": {"win_rate": w, "win_rate_se": 0.01, "kl": 0.5 * i, "mean_score": 0.0, "mean_tokens": 30.0, "seconds": 10.0, "comparisons": 1728},
+            "elapsed_s": 100.0 * i,
+        }
+        for i, (w, d) in enumerate(zip(wins, decisive, strict=True))
+    ]
+    return {"cycles": cycles, "final": {"wall_s": 900.0, "eval_s": 120.0}, "selection": {"rule": "dts", "candidates": 4, "candidate_temperature": None, "best_of": 1}}
+
+
+def test_summary_is_mean_and_se_over_seeds_on_the_cycles_all_seeds_finished():
+    runs = {0: run([0.5, 0.6, 0.7], [None, 0.3, 0.5]), 1: run([0.5, 0.7], [None, 0.5]), 2: run([0.5, 0.8, 0.9], [None, 0.4, 0.6])}
+    summary = summarize(runs, "bench.raters:keyword", "python bench/learning.py --seeds 0,1,2", "cpu", 1)
+    assert FIELDS <= set(summary)
+    assert summary["seeds"] == [0, 1, 2] and len(summary["cycles"]) == 2  # seed 1 stopped after cycle 1
+    assert summary["win_rate"] == pytest.approx(0.7)
+    assert summary["win_rate_se"] == pytest.approx(0.1 / 3**0.5)
+    assert summary["cycles"][1]["decisive_fraction"] == pytest.approx(0.4)
+    assert summary["best_of"] == 1 and summary["votes"] == 67
+
+
+def test_one_seed_keeps_its_within_run_standard_error():
+    summary = summarize({0: run([0.5, 0.6], [None, 0.3])}, "bench.raters:brevity", "cmd", "cpu", 1)
+    assert summary["win_rate_se"] == 0.01 and summary["win_rate_se_over"] == "prompts (one seed)"
