@@ -84,7 +84,10 @@ def _space(rng: random.Random) -> list[dict[str, Any]]:
             networks[f"v{i}"] = [networks[rng.choice(sorted(networks))][0]]  # a crowd behind one address
         else:
             networks[f"v{i}"] = [f"n{i}", f"n{i}b"] if kind < 0.4 else [f"n{i}"]
-        rows += [{"session_id": f"v{i}", "ip_key": rng.choice(networks[f"v{i}"])} for _ in range(rng.choice([1, 2, 3, 5, 8, 20, 40, 100]))]
+        rows += [
+            {"session_id": f"v{i}", "ip_key": rng.choice(networks[f"v{i}"])}
+            for _ in range(rng.choice([1, 2, 3, 5, 8, 20, 40, 100]))
+        ]
     return rows
 
 
@@ -143,7 +146,9 @@ def test_share_cap_is_the_largest_cap_that_holds() -> None:
 
 
 def test_an_absolute_cap_still_applies_per_actor() -> None:
-    rows = [{"session_id": "loud", "ip_key": None, "i": i} for i in range(100)] + [{"session_id": "quiet", "ip_key": None, "i": 100}]
+    rows = [{"session_id": "loud", "ip_key": None, "i": i} for i in range(100)] + [
+        {"session_id": "quiet", "ip_key": None, "i": 100}
+    ]
     kept = cap_per_voter(rows, max_share=1.0, cap=10)
     assert sum(r["session_id"] == "loud" for r in kept) == 10
     assert [r["i"] for r in kept][-11:] == [*range(90, 100), 100]  # newest kept, order preserved

@@ -45,7 +45,6 @@ def test_delete_session_data(store: FeedbackStore, db_path: Path) -> None:
     assert store.delete_session_data("gone") == dict.fromkeys(deleted, 0)
 
 
-
 def test_delete_reaches_run_summaries_and_leaves_no_copy_in_the_file(store: FeedbackStore, db_path: Path) -> None:
     """Run summaries keep a few gate samples (a visitor's prompt and the candidate's answer):
     they go with the visitor's data, other visitors' samples stay, and no byte of the
@@ -59,7 +58,9 @@ def test_delete_reaches_run_summaries_and_leaves_no_copy_in_the_file(store: Feed
         {"prompt": "Name a tree.", "answer": "Birch."},
     ]
     run = store.start_run("cycle")
-    store.finish_run(run, "succeeded", summary={"gate": {"passed": True}, "samples": samples, "echo": "Secret answer about saffron."})
+    store.finish_run(
+        run, "succeeded", summary={"gate": {"passed": True}, "samples": samples, "echo": "Secret answer about saffron."}
+    )
     other = store.start_run("cycle")
     store.finish_run(other, "rejected", summary={"samples": samples[1:]})
 

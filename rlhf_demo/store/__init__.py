@@ -3,13 +3,12 @@
 from .errors import InvalidInputError, StoreBusyError, StoreError, UnknownIdError
 from .export import export_preferences, export_unpaired
 from .feedback import FeedbackStore
-from .registry import SERVABLE_STATUSES, VERSION_STATUSES
+from .registry import SERVABLE_STATUSES
 from .schema import LATEST_VERSION, migrate, schema_version
 
 __all__ = [
     "LATEST_VERSION",
     "SERVABLE_STATUSES",
-    "VERSION_STATUSES",
     "FeedbackStore",
     "InvalidInputError",
     "StoreBusyError",

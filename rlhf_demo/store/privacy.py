@@ -1,4 +1,4 @@
-""""Delete my data": a visitor's chats, answers and votes, votes on their answers, and the
+""" "Delete my data": a visitor's chats, answers and votes, votes on their answers, and the
 copies of their text the worker kept in run summaries (the gate's sample answers).
 
 Deleted rows are overwritten on disk (``secure_delete``, set by :mod:`.db`) and the
