@@ -184,6 +184,14 @@ def _two(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, str) for v in value)
 
 
+# A browser that blocks our cookie is a new visitor on each request (identity never comes from
+# Gradio's session hash), so its own answers look like someone else's: say what helps.
+OWNER_REFUSAL = (
+    "That answer was written for another visitor. If it was yours, your browser did not send this site's cookie: "
+    "allow it, or open the app in its own tab (or sign in, where offered)."
+)
+
+
 class Handlers:
     """The UI's verbs over one :class:`Runtime`."""
 
@@ -254,7 +262,7 @@ class Handlers:
     def _own_response(self, visitor: Visitor, response_id: str) -> dict[str, Any]:
         row = self.runtime.store.get_response(response_id)
         if row["session_id"] != visitor.id:
-            raise UserError("That answer was written for another visitor.")
+            raise UserError(OWNER_REFUSAL)
         return row
 
     # ----- chat -------------------------------------------------------------------------
