@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -29,6 +30,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "user/space-data"
+FINAL_PUSH = re.compile(r"final push to \S+ (done|NOT done) after ([0-9.]+) s")
 
 
 def hub_env(endpoint: str, token: str, home: Path) -> dict[str, str]:
@@ -101,7 +103,7 @@ def one_cycle(cycle: int, rng: random.Random, work: Path, env: dict[str, str], m
             app.send_signal(signal.SIGTERM)
         else:
             while not serving(url):
-                if app.poll() is not None or time.monotonic() - started > 240:
+                if app.poll() is not None or time.monotonic() - started > 600:
                     raise RuntimeError(f"cycle {cycle}: app.py did not serve (see {log.name})")
                 time.sleep(0.3)
             restored = voted_markers(data_dir / "feedback.db")
@@ -110,12 +112,15 @@ def one_cycle(cycle: int, rng: random.Random, work: Path, env: dict[str, str], m
             killer.join()  # one SIGTERM per cycle, as a Space sends
         stopping = time.monotonic()
         code = app.wait(90)
-        return {"cycle": cycle, "killed": "starting" if during_startup else "serving", "acknowledged": acknowledged,
-                "restored_at_start": sorted(restored), "exit_code": code, "stop_s": round(time.monotonic() - stopping, 2)}
+        stop_s = round(time.monotonic() - stopping, 2)
     finally:
         if app.poll() is None:
             app.kill()
         log.close()
+    pushed = FINAL_PUSH.search((work / f"app-{cycle}.log").read_text(errors="replace"))
+    return {"cycle": cycle, "killed": "starting" if during_startup else "serving", "acknowledged": acknowledged,
+            "restored_at_start": sorted(restored), "exit_code": code, "stop_s": stop_s,
+            "final_push": f"{pushed.group(1)} in {pushed.group(2)} s" if pushed else "none (killed before Hub sync started)"}
 
 
 def run(hub: Any, model: str, work: Path, cycles: int, seed: int = 0, window_s: float = 6.0) -> dict[str, Any]:
@@ -140,7 +145,7 @@ def run(hub: Any, model: str, work: Path, cycles: int, seed: int = 0, window_s: 
     return {
         "cycles": cycles, "seed": seed, "acknowledged": len(acknowledged), "restored": len(set(acknowledged) & restored),
         "lost": sorted(set(acknowledged) - restored), "exit_codes": [r["exit_code"] for r in results],
-        "stop_s_max": max(r["stop_s"] for r in results), "history_commits": len(hub.repo(REPO, "dataset").commits), "per_cycle": results,
+        "stop_s_max": max(r["stop_s"] for r in results), "final_pushes": [r["final_push"] for r in results], "history_commits": len(hub.repo(REPO, "dataset").commits), "per_cycle": results,
     }
 
 

@@ -188,11 +188,13 @@ def network_of(address: str | None) -> str | None:
 
 
 def oauth_enabled(env: dict[str, str] | None = None) -> bool:
-    """Hugging Face sign-in runs only on a Space with ``hf_oauth: true`` (which sets
-    ``OAUTH_CLIENT_ID``). Elsewhere Gradio would mock it with a session cookie signed by a
-    public key, which anyone could forge, so there it stays off."""
+    """Hugging Face sign-in runs only where Gradio runs the real one: on a Space
+    (``SYSTEM=spaces``) with ``hf_oauth: true`` (which sets the ``OAUTH_CLIENT_*`` variables).
+    Elsewhere Gradio would mock it with a session cookie signed with a key derived from an
+    empty secret, which anyone could forge, so there it stays off."""
     env = dict(os.environ if env is None else env)
-    return bool(env.get("SPACE_ID") and env.get("OAUTH_CLIENT_ID") and env.get("OAUTH_CLIENT_SECRET"))
+    on_a_space = env.get("SYSTEM") == "spaces" and env.get("SPACE_ID")
+    return bool(on_a_space and env.get("OAUTH_CLIENT_ID") and env.get("OAUTH_CLIENT_SECRET"))
 
 
 def oauth_visitor_id(signer: Signer, userinfo: Any) -> str | None:

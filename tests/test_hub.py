@@ -290,3 +290,29 @@ def test_a_restore_that_fails_turns_syncing_off_instead_of_overwriting_the_hub(f
     with pytest.raises(HubUnavailable, match="could not read the snapshot"):
         restore_from_hub(tmp_path / "new" / "feedback.db", "user/space-data", TOKEN)
     assert not (tmp_path / "new" / "feedback.db").exists()
+
+
+def test_the_final_push_gives_up_after_its_grace_period_and_says_so(fake_hub, published, settings, monkeypatch, caplog):
+    """A Hub that never answers cannot hold the shutdown past the grace period."""
+    import logging
+    import threading
+
+    from rlhf_demo.hub_sync import HubSync
+
+    caplog.set_level(logging.INFO, logger="rlhf_demo.hub_sync")
+    store, _ = published
+    store.close()
+    release = threading.Event()
+    route = fake_hub._route
+
+    def stalled(*args):
+        release.wait(60)
+        return route(*args)
+
+    monkeypatch.setattr(fake_hub, "_route", stalled)
+    sync = HubSync(settings.data_dir, settings.db_path, "user/space-data", TOKEN).start()
+    try:
+        assert sync.close(grace_s=0.5) is False
+    finally:
+        release.set()
+    assert "did not finish within" in caplog.text and "final push to user/space-data NOT done" in caplog.text

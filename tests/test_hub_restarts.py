@@ -27,3 +27,25 @@ def test_votes_acknowledged_before_a_sigterm_are_restored_on_a_fresh_start(fake_
     assert all(not c.get("lost_before_this_start") for c in serving)
     assert [c["exit_code"] for c in serving] == [0] * len(serving)  # a clean stop, the last push included
     assert figures["history_commits"] == 1  # every push squashed: no older snapshot in the history
+
+
+def test_a_second_sigterm_does_not_cut_the_shutdown_short() -> None:
+    """Only the first signal interrupts; later ones (an impatient orchestrator, a second
+    Ctrl+C) used to interrupt ``demo.close()`` and skip the last Hub push (exit status 1)."""
+    import signal
+
+    from rlhf_demo import cli
+
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        cli.stop_on_sigterm()
+        handler = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGTERM, None)
+        assert cli.STOP.is_set()
+        assert handler(signal.SIGTERM, None) is None  # shutting down: ignored
+        cli.stop_on_sigterm()  # a new serve() starts with the flag cleared
+        assert not cli.STOP.is_set()
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])

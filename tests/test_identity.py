@@ -9,7 +9,7 @@ import pytest
 
 from rlhf_demo.visitors import HEADER_ID, Signer, identify, login_button, network_of, oauth_visitor_id
 
-SPACE_ENV = {"SPACE_ID": "me/space", "OAUTH_CLIENT_ID": "client", "OAUTH_CLIENT_SECRET": "secret", "OAUTH_SCOPES": "openid profile"}
+SPACE_ENV = {"SYSTEM": "spaces", "SPACE_ID": "me/space", "OAUTH_CLIENT_ID": "client", "OAUTH_CLIENT_SECRET": "secret", "OAUTH_SCOPES": "openid profile"}
 
 
 class FakeRequest:
@@ -135,8 +135,14 @@ def test_oauth_is_off_outside_a_space_even_with_a_session(monkeypatch):
     cookie = signer.new_id()
     assert identify(FakeRequest(cookie, session=forged), signer, False).id == cookie
     assert login_button() is None
+    monkeypatch.setenv("SYSTEM", "spaces")
     monkeypatch.setenv("SPACE_ID", "me/space")  # a Space without hf_oauth: still off
     assert login_button() is None
+    for key, value in SPACE_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SYSTEM")  # not on a Space (Gradio would mock the sign-in): off
+    assert login_button() is None
+    assert identify(FakeRequest(cookie, session=forged), signer, False).id == cookie
 
 
 def test_the_login_button_appears_on_a_space_with_oauth(monkeypatch):

@@ -14,6 +14,14 @@ from rlhf_demo.ui.handlers.checks import UserError
 from rlhf_demo.visitors import Visitor
 
 
+# A browser that blocks our cookie is a new visitor on each request (identity never comes from
+# Gradio's session hash), so its own answers look like someone else's: say what helps.
+OWNER_REFUSAL = (
+    "That answer was written for another visitor. If it was yours, your browser did not send this site's cookie: "
+    "allow it, or open the app in its own tab (or sign in, where offered)."
+)
+
+
 class RateLimiter:
     """At most ``limit`` events per key in any 60 s window (in memory, per process).
 
@@ -66,7 +74,7 @@ class TabHandlers:
     def own_response(self, visitor: Visitor, response_id: str) -> dict[str, Any]:
         row = self.runtime.store.get_response(response_id)
         if row["session_id"] != visitor.id:
-            raise UserError("That answer was written for another visitor.")
+            raise UserError(OWNER_REFUSAL)
         return row
 
     def record(self, visitor: Visitor, result: Generation, conversation_id: str | None, parent: str | None = None) -> str:
