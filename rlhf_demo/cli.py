@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from rlhf_demo.config import COMPUTE_DTYPES, ENGINES, QUANTIZATIONS, SettingError, Settings, load_settings
+from rlhf_demo.config import COMPUTE_DTYPES, ENGINES, QUANTIZATIONS, SettingError, Settings, load_settings, resolve_device
 
 log = logging.getLogger("rlhf_demo")
 
@@ -19,16 +19,22 @@ def _default(field: str) -> str:
     return f"default: {getattr(Settings(), field)}; env RLHF_DEMO_{field.upper()}"
 
 
-def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", help=f"hub id, local folder, or 'tiny' ({_default('model')})")
-    common.add_argument("--data-dir", type=Path, help=f"where the DB, adapters and exports live ({_default('data_dir')})")
-    common.add_argument("--quantization", choices=QUANTIZATIONS, help=f"precision of the base weights ({_default('quantization')})")
-    common.add_argument(
+def _data_option() -> argparse.ArgumentParser:
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--data-dir", type=Path, help=f"where the DB, adapters and exports live ({_default('data_dir')})")
+    return data
+
+
+def _model_options() -> argparse.ArgumentParser:
+    """What loads and runs the model: only commands that do (serve, worker, train-once) take these."""
+    model = argparse.ArgumentParser(add_help=False, parents=[_data_option()])
+    model.add_argument("--model", help=f"hub id, local folder, or 'tiny' ({_default('model')})")
+    model.add_argument("--quantization", choices=QUANTIZATIONS, help=f"precision of the base weights ({_default('quantization')})")
+    model.add_argument(
         "--compute-dtype", choices=COMPUTE_DTYPES, help=f"compute precision; auto: bfloat16 on CUDA or with bf16 weights, else float32 ({_default('compute_dtype')})"
     )
-    common.add_argument("--device", help=f"auto | cpu | cuda | cuda:N ({_default('device')})")
-    return common
+    model.add_argument("--device", help=f"auto | cpu | cuda | cuda:N ({_default('device')})")
+    return model
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,27 +48,32 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf_demo", description="A live RLHF chat that learns from votes.")
     sub = parser.add_subparsers(dest="command", required=True)
-    common = _common()
-    _add_serve_arguments(sub.add_parser("serve", parents=[common], help="run the web app"))
-    sub.add_parser("worker", parents=[common], help="run the training worker against a data directory")
-    sub.add_parser("train-once", parents=[common], help="run one training cycle now (if there are votes) and exit")
-    export = sub.add_parser("export", parents=[common], help="write TRL-format JSONL exports")
+    model, data = _model_options(), _data_option()
+
+    def command(name: str, parents: list[argparse.ArgumentParser], summary: str, details: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=parents, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {details}")
+
+    _add_serve_arguments(command("serve", [model], "run the web app", "Chat, votes and the dashboard on one port; the training worker runs beside it unless --no-worker."))
+    command("worker", [model], "run the training worker against a data directory", "Retrains the reward model and runs PPO whenever enough new votes arrived; publishes versions the gate accepts.")
+    command("train-once", [model], "run one training cycle now (if there are votes) and exit", "The worker's cycle, once: reward model, PPO, gate, publish.")
+    export = command("export", [data], "write TRL-format JSONL exports", "Reads the data directory's votes; writes one JSONL file in the format TRL's trainers load.")
     export.add_argument("--kind", choices=("preferences", "unpaired"), default="preferences", help="preferences: prompt/chosen/rejected; unpaired: prompt/completion/label (default: preferences)")
     export.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
-    push = sub.add_parser("push", parents=[common], help="upload a published adapter version to a Hub model repo (token: HF_TOKEN)")
+    push = command("push", [data], "upload a published adapter version to a Hub model repo (token: HF_TOKEN)", "The adapter's config and card name the base model by its Hub id.")
+    push.add_argument("--model", help=f"Hub id of the base model the adapter was trained on ({_default('model')})")
     push.add_argument("--version", required=True, help="the version to upload, e.g. v3 (active or retired)")
     push.add_argument("--base-model", help="hub id of the base, when --model is a local folder (default: --model)")
-    push_data = sub.add_parser("push-data", parents=[common], help="upload the feedback as a Hub dataset repo (token: HF_TOKEN)")
-    for command in (push, push_data):
-        command.add_argument("--repo", required=True, help="the Hub repo id, owner/name (created if missing)")
-        command.add_argument("--private", action="store_true", help="create the repo private (default: public)")
-        command.add_argument("--license", default="apache-2.0", help="license id for the card (default: apache-2.0)")
+    push_data = command("push-data", [data], "upload the feedback as a Hub dataset repo (token: HF_TOKEN)", "Both TRL exports with a card; no visitor, session or network identifiers.")
+    for each in (push, push_data):
+        each.add_argument("--repo", required=True, help="the Hub repo id, owner/name (created if missing)")
+        each.add_argument("--private", action="store_true", help="create the repo private (default: public)")
+        each.add_argument("--license", default="apache-2.0", help="license id for the card (default: apache-2.0)")
     return parser
 
 
 def serve_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     """The parser of ``python app.py``: the ``serve`` flags under the script's own name."""
-    parser = argparse.ArgumentParser(prog=prog, parents=[_common()], description="Run the rlhf-demo web app (and its training worker).")
+    parser = argparse.ArgumentParser(prog=prog, parents=[_model_options()], description="Run the rlhf-demo web app (and its training worker).")
     _add_serve_arguments(parser)
     return parser
 
@@ -204,6 +215,9 @@ def push(settings: Settings, args: argparse.Namespace) -> None:
             store.close()
     except HubError as exc:
         raise CliError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - no network, DNS, offline mode, HTTP errors: one line, not a traceback
+        reason = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise CliError(f"could not push to {args.repo} ({type(exc).__name__}: {reason}); check the network, HF_ENDPOINT / HF_HUB_OFFLINE and the token") from None
     print(f"pushed to {args.repo}: {url}")
 
 
@@ -231,6 +245,8 @@ def serve_main(argv: list[str] | None = None, prog: str = "app.py") -> None:
 
 def run(args: argparse.Namespace) -> None:
     settings = settings_from(args)
+    if args.command in ("serve", "worker", "train-once"):
+        resolve_device(settings.device)  # an unusable device fails here, in one line, not mid-load
     if args.command == "serve":
         serve(settings)
     elif args.command == "worker":

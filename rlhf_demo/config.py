@@ -396,12 +396,22 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
 
 
 def resolve_device(requested: str = "auto") -> str:
-    """``cuda`` when present unless told otherwise; the code runs the same on CPU."""
-    if requested != "auto":
+    """``cuda`` when present unless told otherwise; the code runs the same on CPU. A device
+    this machine cannot use is a SettingError that says what to pass instead."""
+    if requested == "cpu":
         return requested
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = requested.partition(":")
+    if kind != "cuda" or not (index == "" or index.isdigit()):
+        raise SettingError(f"device {requested!r} is not one of auto, cpu, cuda, cuda:N (RLHF_DEMO_DEVICE / --device)")
+    if not torch.cuda.is_available():
+        raise SettingError(f"device {requested!r}: this torch {torch.__version__} sees no CUDA GPU; use --device cpu or auto")
+    if int(index or 0) >= torch.cuda.device_count():
+        raise SettingError(f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return requested
 
 
 def resolve_precision(quantization: str, compute_dtype: str, device: str, role: str = "serve") -> tuple[str, str]:

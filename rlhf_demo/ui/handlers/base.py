@@ -13,7 +13,6 @@ from rlhf_demo.serving import Generation
 from rlhf_demo.ui.handlers.checks import UserError
 from rlhf_demo.visitors import Visitor
 
-
 # A browser that blocks our cookie is a new visitor on each request (identity never comes from
 # Gradio's session hash), so its own answers look like someone else's: say what helps.
 OWNER_REFUSAL = (
