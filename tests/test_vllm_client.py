@@ -79,7 +79,7 @@ def test_n_samples_of_one_prompt_are_one_request_with_n(engine, fake):
     assert [r.text for r in results] == ["one one"] * 4
     other = [{"role": "user", "content": "Something else"}]
     results = engine.generate_many([HELLO, other, HELLO], "v2")
-    assert [r["n"] for r in fake.requests[1:]] == [2, 1]
+    assert sorted(r["n"] for r in fake.requests[1:]) == [1, 2]  # sent at once, in any order
     assert [r.prompt[-1]["content"] for r in results] == ["Hello there", "Something else", "Hello there"]
 
 
@@ -147,3 +147,23 @@ def test_the_runtime_serves_the_registry_through_vllm_and_marks_a_refused_versio
         assert "v5" in runtime.status.refused and runtime.store.active_version() == "v0"
     finally:
         runtime.close()
+
+
+def test_the_engine_is_chosen_by_flag_or_environment_and_vllm_needs_a_url():
+    from rlhf_demo.cli import serve_parser, settings_from
+    from rlhf_demo.config import load_settings
+
+    args = serve_parser().parse_args(["--engine", "vllm", "--engine-url", "http://127.0.0.1:8123"])
+    assert (settings_from(args).engine, settings_from(args).engine_url) == ("vllm", "http://127.0.0.1:8123")
+    assert load_settings(env={}).engine == "embedded"
+    with pytest.raises(ValueError, match="engine_url"):
+        load_settings(env={"RLHF_DEMO_ENGINE": "vllm"})
+    with pytest.raises(ValueError, match="engine must be one of"):
+        load_settings(env={"RLHF_DEMO_ENGINE": "tgi"})
+
+
+def test_an_app_started_without_its_vllm_server_says_so(settings, tiny_loaded):
+    from rlhf_demo.runtime import Runtime, StartupError
+
+    with pytest.raises(StartupError, match="no vLLM server answers at http://127.0.0.1:9"):
+        Runtime(dataclasses.replace(settings, engine="vllm", engine_url="http://127.0.0.1:9"), tiny_loaded)

@@ -100,7 +100,7 @@ class VllmEngine:
         folder = str(Path(path).resolve())
         started = time.perf_counter()
         response = self._post("/v1/load_lora_adapter", {"lora_name": version, "lora_path": folder})
-        if response.status_code != 200 and "already" not in response.text:
+        if response.status_code != 200 and "has already been loaded" not in response.text:  # a restarted app
             raise AdapterError(f"vLLM refused adapter {version!r}: {_message(response)}")
         with self._lock:
             self._paths[version] = folder
@@ -294,7 +294,7 @@ class VllmEngine:
             "max_tokens": sampling.max_new_tokens,
             "temperature": max(sampling.temperature, 0.0),
             "top_p": 1.0 if sampling.greedy else sampling.top_p,
-            "top_k": 0,
+            "top_k": 0,  # 0: off, as min_p 0 and repetition_penalty 1
             "min_p": 0.0,
             "repetition_penalty": 1.0,
             "stop_token_ids": sorted(self.eos_ids),
