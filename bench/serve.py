@@ -69,9 +69,11 @@ def auto_choice(args: argparse.Namespace) -> dict:
     from rlhf_demo.modeling.precision import choose_cpu_quantization
 
     source = locate_model(load_settings(model=args.model, data_dir=args.data_dir))
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         choice = choose_cpu_quantization(source.path, Path(scratch))
-    return {"quantization": choice.quantization, "figures": choice.figures, "reason": choice.reason}
+    seconds = time.perf_counter() - started
+    return {"quantization": choice.quantization, "figures": choice.figures, "reason": choice.reason, "seconds": seconds}
 
 
 def time_plain(loaded, tokens: int) -> tuple[float, float]:
