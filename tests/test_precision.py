@@ -28,9 +28,9 @@ class FakeMeter:
     def __init__(self, figures: dict[str, float]) -> None:
         self.figures, self.asked = figures, []
 
-    def __call__(self, model_dir, quantization: str) -> float:
-        self.asked.append(quantization)
-        return self.figures[quantization]
+    def __call__(self, model_dir, names: list[str]) -> dict[str, float]:
+        self.asked.extend(names)
+        return {name: self.figures[name] for name in names}
 
 
 @pytest.mark.parametrize(
@@ -70,11 +70,12 @@ def test_another_cpu_measures_again(tiny_model_dir, tmp_path):
     assert meter.asked
 
 
-def test_a_precision_too_big_for_the_free_memory_is_not_tried(tiny_model_dir):
-    weights = fp32_bytes(tiny_model_dir)
-    assert candidates(weights, available=weights, nf4_available=True) == ["bf16", "nf4"]
+def test_precisions_that_do_not_fit_the_free_memory_together_are_not_tried(tiny_model_dir):
+    weights = fp32_bytes(tiny_model_dir)  # all three side by side: 1.65x the fp32 weights
+    assert candidates(weights, available=4 * weights, nf4_available=True) == ["nf4", "bf16", "fp32"]
+    assert candidates(weights, available=2 * weights, nf4_available=True) == ["nf4", "bf16"]
     assert candidates(weights, available=weights // 10, nf4_available=False) == ["nf4"]
-    assert candidates(weights, available=None, nf4_available=False) == ["fp32", "bf16"]
+    assert candidates(weights, available=None, nf4_available=False) == ["bf16", "fp32"]
 
 
 def test_auto_measures_once_and_shows_its_figures_in_the_model_description(tiny_model_dir, tmp_path):

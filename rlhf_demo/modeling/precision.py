@@ -26,7 +26,7 @@ CACHE_FILE = "precision.json"
 RAM_SHARE = 0.5  # a candidate's weights may take at most this share of the available memory
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "nf4": 0.6}  # NF4: 4 bits + block scales
 DECODE_TOKENS = 12  # timed decode steps per try, after a warm-up (NF4 repacks on its first forward)
-TRIES = 2  # per candidate; the best try counts (a busy CPU only ever slows a try down)
+TRIES = 3  # per candidate, in turns; the best try counts (a busy CPU only ever slows a try down)
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,16 @@ def fp32_bytes(model_dir: Path) -> int:
 
 
 def candidates(weights_fp32: int, available: int | None, nf4_available: bool) -> list[str]:
-    """The precisions worth timing here: those whose weights fit in the memory share."""
-    found = [
-        name
-        for name, size in BYTES_PER_WEIGHT.items()
-        if (name != "nf4" or nf4_available) and (available is None or weights_fp32 * size / 4 <= RAM_SHARE * available)
-    ]
+    """The precisions worth timing here, smallest first while all of them together fit in the
+    memory share (they are loaded side by side, to be timed in turns)."""
+    found, total = [], 0.0
+    for name in sorted(BYTES_PER_WEIGHT, key=BYTES_PER_WEIGHT.get):  # type: ignore[arg-type]
+        if name == "nf4" and not nf4_available:
+            continue
+        total += weights_fp32 * BYTES_PER_WEIGHT[name] / 4
+        if available is not None and total > RAM_SHARE * available:
+            break
+        found.append(name)
     return found or ["nf4"]
 
 
@@ -131,20 +135,22 @@ def decode_speed(model: Any, tokens: int = DECODE_TOKENS) -> float:
         return tokens / (time.perf_counter() - started)
 
 
-def measure(model_dir: Path, quantization: str) -> float:
-    """Load the base at ``quantization`` (its default CPU compute dtype) and time a short decode."""
+def measure(model_dir: Path, names: list[str]) -> dict[str, float]:
+    """Load the base at each precision (its default CPU compute dtype) and time short decodes in
+    turns, best of :data:`TRIES` each: a CPU whose load drifts slows every candidate alike."""
     import gc
 
     from rlhf_demo.config import resolve_precision
     from rlhf_demo.modeling.loading import load_base, torch_dtype
 
-    compute = torch_dtype(resolve_precision(quantization, "auto", "cpu")[1])
-    model = load_base(model_dir, quantization, compute, "cpu")
-    try:
-        return max(decode_speed(model) for _ in range(TRIES))
-    finally:
-        del model
-        gc.collect()
+    models = {name: load_base(model_dir, name, torch_dtype(resolve_precision(name, "auto", "cpu")[1]), "cpu") for name in names}
+    figures = dict.fromkeys(names, 0.0)
+    for _ in range(TRIES):
+        for name, model in models.items():
+            figures[name] = max(figures[name], decode_speed(model))
+    del models
+    gc.collect()
+    return figures
 
 
 def nf4_loads() -> bool:
@@ -168,7 +174,7 @@ def cache_key(cpu: str, model_dir: Path, weights: int) -> str:
 
 
 def choose_cpu_quantization(
-    model_dir: Path, data_dir: Path, proc: Path = Path("/proc"), measure: Callable[[Path, str], float] = measure
+    model_dir: Path, data_dir: Path, proc: Path = Path("/proc"), measure: Callable[[Path, list[str]], dict[str, float]] = measure
 ) -> PrecisionChoice:
     """The cached choice for this CPU and model, or a new one measured now (written to the data dir)."""
     cpuinfo = (proc / "cpuinfo").read_text() if (proc / "cpuinfo").exists() else ""
@@ -184,7 +190,7 @@ def choose_cpu_quantization(
         pass  # no cache or a stale/garbled one: measure again
     names = candidates(weights, available_bytes(meminfo), nf4_loads())
     started = time.perf_counter()
-    choice = decide({name: measure(model_dir, name) for name in names}, key)
+    choice = decide(measure(model_dir, names), key)
     log.info("quantization auto on CPU: %s (%s; measured in %.1f s)", choice.quantization, choice.reason, time.perf_counter() - started)
     data_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
