@@ -419,7 +419,7 @@ def resolve_precision(quantization: str, compute_dtype: str, device: str, role: 
 
     Serving: NF4 storage; on CUDA with bfloat16 compute (the QLoRA recipe), on CPU with
     float32 compute. On CPU ``load_model`` then refines ``auto`` for the machine at hand
-    (modeling/precision.py: float32 where bitsandbytes' NF4 kernel is slow). Training on CPU (``role="train"``,
+    (modeling/precision.py: a short timed decode of each candidate; the fastest serves). Training on CPU (``role="train"``,
     the worker): float32, because a bfloat16 backward is ~30x slower there and NF4's
     backward takes the slower dequantize path.
     """
