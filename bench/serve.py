@@ -111,7 +111,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def time_concurrent(runtime: Runtime, streams: int, tokens: int) -> tuple[float, list[float], float]:
+def time_concurrent(runtime: Runtime, streams: int, tokens: int) -> tuple[float, list[float], float | None]:
     """``streams`` visitors at once (each its own prompt): (aggregate tok/s, TTFTs, rows per step)."""
     import threading
 
@@ -139,7 +139,7 @@ def time_concurrent(runtime: Runtime, streams: int, tokens: int) -> tuple[float,
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    rows_per_step = sum(counts) / max(1, engine.steps - steps) if engine else float("nan")
+    rows_per_step = sum(counts) / max(1, engine.steps - steps) if engine else None
     return sum(counts) / wall, ttfts, rows_per_step
 
 
@@ -152,7 +152,7 @@ def fixed_length(runtime: Runtime) -> Runtime:
     return runtime
 
 
-def level_rows(runs: list[tuple[float, list[float], float]], level: int, engine: str) -> dict:
+def level_rows(runs: list[tuple[float, list[float], float | None]], level: int, engine: str) -> dict:
     ttfts = [t for run in runs for t in run[1]]
     return {
         "engine": engine,
@@ -161,7 +161,7 @@ def level_rows(runs: list[tuple[float, list[float], float]], level: int, engine:
         "per_stream_tok_s": statistics.median(r[0] for r in runs) / level,
         "ttft_p50_s": percentile(ttfts, 0.5),
         "ttft_p95_s": percentile(ttfts, 0.95),
-        "rows_per_step": statistics.median(r[2] for r in runs),
+        "rows_per_step": statistics.median(r[2] for r in runs) if runs[0][2] is not None else None,
     }
 
 
@@ -189,7 +189,7 @@ def concurrency_levels(args: argparse.Namespace) -> dict:
             time_concurrent(runtimes[engine], 1, 4)
         time_plain(bare, 4)
         plain_runs: list[float] = []
-        runs: dict[tuple[str, int], list[tuple[float, list[float], float]]] = {(e, n): [] for e in engines for n in levels}
+        runs: dict[tuple[str, int], list[tuple[float, list[float], float | None]]] = {(e, n): [] for e in engines for n in levels}
         for _ in range(args.repeats):
             plain_runs.append(time_plain(bare, args.tokens)[0])
             for engine in engines:
@@ -238,7 +238,7 @@ def main() -> None:
         print(f"{'engine':>8} {'streams':>7} {'tok/s':>7} {'per stream':>11} {'rows/step':>10} {'ttft p50':>9} {'ttft p95':>9}")
         for r in result["levels"]:
             print(
-                f"{r['engine']:>8} {r['streams']:>7} {r['tok_s']:>7.1f} {r['per_stream_tok_s']:>11.1f} {r['rows_per_step']:>10.1f} {r['ttft_p50_s']:>8.2f}s {r['ttft_p95_s']:>8.2f}s"
+                f"{r['engine']:>8} {r['streams']:>7} {r['tok_s']:>7.1f} {r['per_stream_tok_s']:>11.1f} {r['rows_per_step'] or float('nan'):>10.1f} {r['ttft_p50_s']:>8.2f}s {r['ttft_p95_s']:>8.2f}s"
             )
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))
