@@ -159,9 +159,11 @@ def build_chat_tab(events: ChatEvents, guidelines: str, demo: gr.Blocks) -> Chat
         # `cancels`, which would leave a half answer the server has no record of.
         stop.click(events.on_stop, [state], [vote_status], queue=False, **PRIVATE)
         chatbot.undo(events.on_undo, [chatbot, state], [chatbot, message, state], **PRIVATE)
-        # always_last: a thumb clicked again while the first click is still on its way (a quick
-        # 👍 then un-👍) must still reach the server; Gradio's default drops it.
-        chatbot.like(events.on_like, [state], [vote_status, state, *why.outputs], trigger_mode="always_last", **PRIVATE)
+        # multiple: a thumb clicked again while the first click is still on its way (a quick 👍
+        # then un-👍) must reach the server with its own data, in order (one vote at a time: a
+        # vote is one quick write). Gradio's default drops it; "always_last" replays the first
+        # click's data.
+        chatbot.like(events.on_like, [state], [vote_status, state, *why.outputs], trigger_mode="multiple", concurrency_limit=1, **PRIVATE)
         why.send.click(events.on_thumb_reasons, [state, why.tags, why.comment], [why.status], **PRIVATE)
         # The Chatbot's own trash button is the one Clear: it empties the chat in the browser,
         # this starts a new conversation on the server.
