@@ -88,7 +88,8 @@ def leaderboard(matches: Sequence[Match], rounds: int = 200, seed: int = 0) -> l
         for p, r in fit.items():
             samples[p].append(r + shift)
     ordered = sorted(point, key=_order)
-    ranks = {p: i + 1 for i, p in enumerate(sorted(point, key=lambda p: -point[p]))}
+    shown = {p: round(r) for p, r in point.items()}  # ratings as the table shows them: equal ones share a rank
+    ranks = {p: 1 + sum(other > shown[p] for other in shown.values()) for p in point}
     rows = []
     for p in ordered:
         played = [(a, b, s) for a, b, s in matches if p in (a, b)]

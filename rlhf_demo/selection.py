@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,7 +181,13 @@ def _progress(count: int, texts: Sequence[str], what: str) -> str:
 
 
 def compare_round(
-    server: Any, judge: Judge, messages: list[dict[str, str]], sampling: Sampling, config: SelectionSettings, rng: random.Random
+    server: Any,
+    judge: Judge,
+    messages: list[dict[str, str]],
+    sampling: Sampling,
+    config: SelectionSettings,
+    rng: random.Random,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[tuple[str, str] | Round]:
     """Yield ``(text_a, text_b)`` while the answers are written (progress lines while
     ``candidates`` are), then the :class:`Round`. ``passive``: two samples of the served
@@ -189,7 +195,7 @@ def compare_round(
     active = server.active
     if config.rule == "passive":
         results: list[Generation] = []
-        for item in server.stream_pair(messages, (active, active), sampling):
+        for item in server.stream_pair(messages, (active, active), sampling, should_stop=should_stop):
             if isinstance(item, list):
                 results = item
             else:
@@ -199,7 +205,7 @@ def compare_round(
     if config.candidate_temperature is not None:
         sampling = dataclasses.replace(sampling, temperature=config.candidate_temperature)
     generations: list[Generation] = []
-    for item in server.stream_samples(messages, config.candidates, active, sampling):
+    for item in server.stream_samples(messages, config.candidates, active, sampling, should_stop):
         if isinstance(item, list):
             generations = item
         else:

@@ -61,3 +61,24 @@ def test_rater_guidelines_come_from_the_env_else_the_data_dir_file_else_the_defa
 
 def _walk(node: dict) -> list[dict]:
     return [node, *(n for child in node.get("children", []) for n in _walk(child))]
+
+
+def test_compare_has_its_own_settings_and_enter_generates(runtime):
+    demo = build_app(runtime)
+    compares = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_compare"]
+    chats = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_chat"]
+    chat_inputs = {id(c) for f in chats for c in f.inputs}
+    assert len(compares) == 2, "the Generate button and Enter in the prompt"
+    for f in compares:
+        assert not chat_inputs & {id(c) for c in f.inputs}, "Compare reads the Chat tab's settings"
+
+
+def test_admin_pins_nothing_until_a_version_is_chosen(runtime):
+    import dataclasses
+
+    import gradio as gr
+
+    runtime.settings = dataclasses.replace(runtime.settings, admin_token="secret")
+    demo = build_app(runtime)
+    (dropdown,) = [b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Version"]
+    assert dropdown.value in (None, "")

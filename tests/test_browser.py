@@ -211,7 +211,7 @@ def test_chat_like_compare_vote_and_data_in_a_real_browser(tab: Tab, app_url: st
     for button in votes:
         expect(button).to_be_enabled()
     page.get_by_role("button", name="A is better", exact=True).click()
-    expect(page.get_by_text(re.compile(r"Vote recorded\. A was written by v0, B by v0\."))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"Vote recorded: you chose A is better\. A was written by v0, B by v0\."))).to_be_visible()
     wait_until(lambda: runtime.store.counts()["preferences"] == 1, what="one preference row")
     for button in votes:  # locked after the vote, as in Chatbot Arena
         expect(button).to_be_disabled()
@@ -231,12 +231,12 @@ def test_chat_like_compare_vote_and_data_in_a_real_browser(tab: Tab, app_url: st
     shortcut(page, "n")
     expect(page.get_by_label("Prompt")).to_have_value("")
     page.get_by_label("Prompt").fill("Name a fruit")
-    page.get_by_role("button", name="Generate two answers").click()
+    page.get_by_label("Prompt").press("Enter")  # Enter generates, as the button does
     expect(page.get_by_text("Which answer is better?")).to_be_visible(timeout=GENERATION_TIMEOUT_S * 1000)
     page.get_by_label("Prompt").press("t")  # typing: no vote
     expect(page.get_by_text(re.compile(r"A was written by"))).to_have_count(0)
     shortcut(page, "t")
-    expect(page.get_by_text(re.compile(r"Vote recorded\. A was written by"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"Vote recorded: you chose Tie\. A was written by"))).to_be_visible()
     wait_until(lambda: runtime.store.counts()["ties"] == 1, what="a tie from the T key")
     expect(why).to_be_visible()
     expect(why.get_by_label("too long", exact=True)).not_to_be_checked()  # each vote gets an empty "why"
@@ -382,3 +382,50 @@ def test_every_chat_control_in_a_real_browser(tab: Tab, app_url: str, runtime, m
     assert tab.error_toasts() == [], f"error toasts: {tab.error_toasts()}"
     assert tab.dialogs == [] and tab.page_errors == []
     assert tab.blocked == []
+
+
+def test_send_comes_back_after_a_refused_message(tab: Tab, app_url: str, runtime) -> None:
+    """A refused message (here: blank) shows its error, and Send (not Stop) is offered again."""
+    require_browser()
+    from playwright.sync_api import expect
+
+    page = tab.page
+    page.goto(app_url)
+    page.get_by_placeholder("Ask anything…").fill("   ")
+    page.get_by_role("button", name="Send", exact=True).click()
+    wait_until(lambda: any("The message is empty." in t for t in tab.error_toasts()), what="the refusal's toast")
+    page.evaluate("window.__errorToasts = []")  # expected: the tab fixture fails on any other toast
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
+    expect(page.get_by_role("button", name="Stop", exact=True)).to_be_hidden()
+    tab.shot("15-send-after-error")
+    send_chat(page, "Now a real question")
+    assert runtime.store.counts()["responses"] == 1
+
+
+def test_indented_question_keeps_its_conversation_and_a_vote_can_be_removed(tab: Tab, app_url: str, runtime) -> None:
+    """Gradio dedents displayed text; the second turn must still be accepted, the question shown
+    indented, and clicking the selected 👍 again removes the vote from the database. A reload
+    brings the chat back."""
+    require_browser()
+    from playwright.sync_api import expect
+
+    page = tab.page
+    page.goto(app_url)
+    log = send_chat(page, "Fix this code:\n\n    def f():\n        return 1")
+    expect(log.get_by_test_id("user").first.locator("pre")).to_contain_text(re.compile(r"def f\(\):\n {4}return 1"))  # an indented code block
+    send_chat(page, "Thanks")
+    wait_until(lambda: runtime.store.counts()["responses"] == 2, what="the second turn in SQLite")
+    log.get_by_role("button", name="Like", exact=True).last.click()
+    wait_until(lambda: runtime.store.counts()["thumbs_up"] == 1, what="the 👍 in SQLite")
+    log.get_by_role("button", name="Liked", exact=True).click()  # the selected thumb, clicked again
+    expect(page.get_by_text("Vote removed.")).to_be_visible()
+    wait_until(lambda: runtime.store.counts()["thumbs_up"] == 0, what="the 👍 removed in SQLite")
+    tab.shot("16-indented-second-turn-vote-removed")
+
+    # A reload brings the chat back (kept per visitor on the server), and it goes on.
+    page.reload()
+    expect(log.get_by_test_id("user")).to_have_count(2)
+    expect(log.get_by_test_id("user").first.locator("pre")).to_contain_text(re.compile(r"def f\(\):\n {4}return 1"))
+    send_chat(page, "A third turn after the reload")
+    wait_until(lambda: runtime.store.counts()["responses"] == 3, what="the third turn in SQLite")
+    tab.shot("17-chat-after-reload")

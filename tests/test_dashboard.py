@@ -48,3 +48,57 @@ def test_leaderboard_rows_count_every_match_of_the_oldest_version(runtime):
     low, high = (int(x) for x in v0[2].split("–"))
     assert low < 1000 < high, "the oldest version's interval is not the anchor's 1000–1000"
     assert dashboard.leaderboard_note(rows) == ""
+
+
+def test_equal_ratings_share_a_rank(runtime):
+    store = runtime.store
+    for outcome in ("A", "B"):  # one win each: the same rating
+        store.prefer(session_id="s", response_a_id=answer(store, "v0"), response_b_id=answer(store, "v1"), outcome=outcome, source="two_versions")
+    rows = dashboard.leaderboard_rows(store)
+    assert rows[0][1] == rows[1][1] and [r[6] for r in rows] == [1, 1]
+
+
+def finished_run(store, ppo_steps: int, decision: str = "rejected", reasons: tuple[str, ...] = ()) -> int:
+    run = store.start_run("cycle")
+    for step in range(1, ppo_steps + 1):
+        store.log_metrics(run, "ppo", step, {"score": 0.1 * step, "kl": 0.01 * step})
+    store.finish_run(run, "succeeded", {"decision": decision, "gate": {"passed": decision == "published", "reasons": list(reasons)}})
+    return run
+
+
+def test_curves_use_whole_run_numbers_and_say_when_a_run_had_no_ppo(runtime):
+    store = runtime.store
+    finished_run(store, ppo_steps=3)
+    last = finished_run(store, ppo_steps=0, reasons=("reward model not trusted yet: too few votes",))
+    fig = dashboard.curves_figure(store)
+    accuracy, reward, kl = fig.axes
+    assert all(float(t).is_integer() for t in accuracy.get_xticks()), accuracy.get_xticks()
+    for ax in (reward, kl):
+        assert any(f"no PPO in run {last}" in t.get_text() for t in ax.texts)
+
+
+def test_the_worker_line_says_why_the_last_cycle_ended_as_it_did(runtime):
+    store = runtime.store
+    finished_run(store, ppo_steps=0, reasons=("reward model not trusted yet: too few votes",))
+    line = dashboard.last_cycle_markdown(store)
+    assert "rejected" in line and "reward model not trusted yet: too few votes" in line
+
+
+def test_tables_refresh_when_a_run_starts_or_ends(runtime):
+    events = dashboard.DashboardEvents(runtime, None)
+    seen = events.runs_seen()
+    run = runtime.store.start_run("cycle")
+    assert events.runs_seen() != seen
+    seen = events.runs_seen()
+    runtime.store.finish_run(run, "succeeded", {"decision": "rejected"})
+    assert events.runs_seen() != seen
+
+
+def test_the_counter_says_how_many_votes_count_after_the_per_voter_cap(runtime):
+    """One visitor's flood is capped by the worker before training: the dashboard says so."""
+    store = runtime.store
+    for _ in range(10):
+        store.rate("flooder", answer(store), 1)
+    store.rate("someone", answer(store), -1)
+    text = dashboard.counted_markdown(store, runtime.settings)
+    assert "2 of 11" in text and "10%" in text

@@ -73,9 +73,14 @@ class ServingEngine(Protocol):
     def generate(self, messages: list[dict[str, str]], version: str | None = None, sampling: Sampling | None = None) -> Generation: ...
 
     def stream_pair(
-        self, messages: list[dict[str, str]], versions: tuple[str, str], sampling: Sampling | None = None
+        self,
+        messages: list[dict[str, str]],
+        versions: tuple[str, str],
+        sampling: Sampling | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[tuple[str, str] | list[Generation]]:
-        """Answers to one prompt, one per version: the texts as they grow, then the list of results."""
+        """Answers to one prompt, one per version: the texts as they grow, then the list of
+        results; ``should_stop`` ends every row at its next token (Compare's Stop)."""
 
     def generate_pair(self, messages: list[dict[str, str]], versions: tuple[str, str], sampling: Sampling | None = None) -> list[Generation]: ...
 

@@ -121,11 +121,16 @@ class PolicyServer:
         return result
 
     def stream_pair(
-        self, messages: list[dict[str, str]], versions: tuple[str, str], sampling: Sampling | None = None
+        self,
+        messages: list[dict[str, str]],
+        versions: tuple[str, str],
+        sampling: Sampling | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[tuple[str, str] | list[Generation]]:
         """Two answers to one prompt (the Compare tab): ``(text_a, text_b)`` as both grow, then
-        the two finished :class:`Generation` objects. Both rows share the engine's batch."""
-        yield from self._stream_rows(messages, list(versions), sampling, None)  # type: ignore[misc]
+        the two finished :class:`Generation` objects. Both rows share the engine's batch;
+        ``should_stop`` ends both at their next token (the Stop button)."""
+        yield from self._stream_rows(messages, list(versions), sampling, should_stop)  # type: ignore[misc]
 
     def generate_pair(
         self, messages: list[dict[str, str]], versions: tuple[str, str], sampling: Sampling | None = None

@@ -153,11 +153,15 @@ class VllmEngine:
         return result
 
     def stream_pair(
-        self, messages: list[dict[str, str]], versions: tuple[str, ...], sampling: Sampling | None = None
+        self,
+        messages: list[dict[str, str]],
+        versions: tuple[str, ...],
+        sampling: Sampling | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[tuple[str, ...] | list[Generation]]:
         """Answers to one prompt, one per version (any number); a version named k times is one
         request with ``n = k``."""
-        yield from self._stream_rows(self._groups([messages], list(versions)), sampling, None)
+        yield from self._stream_rows(self._groups([messages], list(versions)), sampling, should_stop)
 
     def generate_pair(self, messages: list[dict[str, str]], versions: tuple[str, ...], sampling: Sampling | None = None) -> list[Generation]:
         *_, result = self.stream_pair(messages, versions, sampling)

@@ -26,6 +26,14 @@ from rlhf_demo.worker.supervisor import WorkerSupervisor
 # Toasts are page-wide in Gradio: switching tabs dismisses the open ones, so an error on one tab
 # does not follow the visitor to the next.
 DISMISS_TOASTS_JS = "() => document.querySelectorAll('[data-testid=\"toast-close\"]').forEach((b) => b.click())"
+# On a phone the header takes one short line, so the chat starts on the first screen.
+HEADER_CSS = """
+@media (max-width: 640px) {
+  #header h1 { font-size: 1.25rem; margin: 0; }
+  #header p { display: none; }
+  #model-info { font-size: 0.75rem; }
+}
+"""
 
 
 def launch_options(runtime: Runtime) -> dict[str, Any]:
@@ -39,6 +47,7 @@ def launch_options(runtime: Runtime) -> dict[str, Any]:
         "max_file_size": runtime.settings.limits.max_upload_size,
         "show_error": False,
         "js": KEYBOARD_JS,
+        "css": HEADER_CSS,
     }
 
 
@@ -49,14 +58,14 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
     # delete_cache: Gradio's copies of downloaded exports go within the hour, so "delete
     # my data" does not leave them behind for long.
     with gr.Blocks(title="rlhf-demo: a chat that learns from your votes", delete_cache=(1800, 3600)) as demo:
-        gr.Markdown("# rlhf-demo\nChat, rate answers with 👍/👎, compare two answers, and watch the model learn.")
+        gr.Markdown("# rlhf-demo\nChat, rate answers with 👍/👎, compare two answers, and watch the model learn.", elem_id="header")
         login_button()  # "Sign in with Hugging Face" on a Space with hf_oauth; absent elsewhere
-        model_info = gr.Markdown()
+        model_info = gr.Markdown(elem_id="model-info")
         # fresh on every page load (a callable value would be listed as an API endpoint)
         demo.load(h.model_markdown, None, model_info, **PRIVATE)
-        chat = build_chat_tab(ChatEvents(h), guidelines)
-        compare_tab = build_compare_tab(CompareEvents(h), guidelines, [chat.temperature, chat.top_p, chat.max_new])
-        data_tab = build_data_tab(DataEvents(h), model_info, demo)
+        chat = build_chat_tab(ChatEvents(h), guidelines, demo)
+        compare_tab = build_compare_tab(CompareEvents(h), guidelines)
+        data_tab = build_data_tab(DataEvents(h), model_info, [chat.chatbot, chat.state], demo)
         dashboard_tab, timer = dashboard.build_dashboard_tab(dashboard.DashboardEvents(runtime, supervisor), demo)
         timer.tick(h.model_markdown, None, model_info, show_progress="hidden", **PRIVATE)  # its active adapter changes
         for each_tab in (chat.tab, compare_tab, data_tab, dashboard_tab):

@@ -8,6 +8,7 @@ from typing import Any
 import gradio as gr
 
 from rlhf_demo.ui import reasons
+from rlhf_demo.ui.chat import sampling_sliders
 from rlhf_demo.ui.events import PRIVATE, friendly, visitor_of
 from rlhf_demo.ui.handlers import OUTCOMES, SOURCES, CompareHandlers, PairState
 
@@ -53,6 +54,10 @@ class CompareEvents:
     def on_pair_reasons(self, state: PairState, tags: Any, comment: Any, request: gr.Request) -> str:
         return self.h.pair_reasons(visitor_of(self.h.runtime, request), state, tags, comment)
 
+    @friendly
+    def on_stop(self, state: PairState) -> None:
+        self.h.stop_pair(state)
+
     def on_new_round(self) -> tuple[Any, ...]:
         return "", "", "", "", self.h.new_round(), *locked()
 
@@ -70,9 +75,17 @@ def locked() -> list[Any]:
     return [*(gr.Button(interactive=False) for _ in range(VOTE_BUTTONS)), gr.Button(visible=False), *reasons.shown(False)]
 
 
-def build_compare_tab(events: CompareEvents, guidelines: str, sampling: list[Any]) -> gr.Tab:
-    """The Compare tab inside the current Blocks; ``sampling`` are the temperature, top-p and
-    max-new-tokens components it reads."""
+def writing() -> tuple[Any, Any]:
+    """Stop replaces Generate while the answers stream."""
+    return gr.Button(visible=False), gr.Button(visible=True)
+
+
+def idle() -> tuple[Any, Any]:
+    return gr.Button(visible=True), gr.Button(visible=False)
+
+
+def build_compare_tab(events: CompareEvents, guidelines: str) -> gr.Tab:
+    """The Compare tab inside the current Blocks, with its own sampling settings."""
     with gr.Tab("Compare") as tab:
         state = gr.State(PairState())
         gr.Markdown(
@@ -84,7 +97,9 @@ def build_compare_tab(events: CompareEvents, guidelines: str, sampling: list[Any
         with gr.Row():
             prompt = gr.Textbox(label="Prompt", scale=4)
             source = gr.Radio(list(SOURCES), value=next(iter(SOURCES)), label="Compare", scale=2)
-        generate = gr.Button("Generate two answers", variant="primary")
+        with gr.Row():
+            generate = gr.Button("Generate two answers", variant="primary")
+            stop = gr.Button("Stop", variant="stop", visible=False, elem_id="compare-stop")
         with gr.Row():
             answer_a = gr.Markdown(container=True, elem_id="compare-answer-a")
             answer_b = gr.Markdown(container=True, elem_id="compare-answer-b")
@@ -93,12 +108,19 @@ def build_compare_tab(events: CompareEvents, guidelines: str, sampling: list[Any
         reveal = gr.Markdown(elem_id="compare-reveal")
         why = reasons.reasons_panel("compare-reasons", "What was wrong with the worse answer (or both)? (optional)")
         new_round = gr.Button("New round", visible=False, elem_id="compare-new-round")
+        sampling = sampling_sliders(events.h.runtime.settings.sampling)
 
         controls = [*vote_buttons, new_round, *why.outputs]
-        generate.click(locked, None, controls, queue=False, **PRIVATE)
-        generate.click(events.on_compare, [prompt, source, *sampling], [answer_a, answer_b, state, reveal], api_name="compare").then(
-            vote_controls, [state], controls, queue=False, **PRIVATE
-        )
+        for trigger, api_name in ((generate.click, "compare"), (prompt.submit, None)):
+            trigger(locked, None, controls, queue=False, **PRIVATE)
+            trigger(writing, None, [generate, stop], queue=False, **PRIVATE)
+            visibility = "public" if api_name else "private"
+            answered = trigger(events.on_compare, [prompt, source, *sampling], [answer_a, answer_b, state, reveal], api_name=api_name, api_visibility=visibility)
+            # Gradio's `.then` does not follow a failed event: Generate must come back either way.
+            for after in (answered.then, answered.failure):
+                after(idle, None, [generate, stop], queue=False, **PRIVATE)
+            answered.then(vote_controls, [state], controls, queue=False, **PRIVATE)
+        stop.click(events.on_stop, [state], None, queue=False, **PRIVATE)
         for button in vote_buttons:
             button.click(events.on_vote(button.value), [state], [reveal, state], api_name=f"vote_{OUTCOMES[button.value]}").then(
                 vote_controls, [state], controls, queue=False, **PRIVATE

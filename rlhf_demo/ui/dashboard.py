@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 from rlhf_demo.analytics import leaderboard, matches_from_votes
+from rlhf_demo.config import Settings
+from rlhf_demo.reward.fairness import cap_per_voter
 from rlhf_demo.reward.trainer import RewardMetrics
 from rlhf_demo.runtime import Runtime
 from rlhf_demo.store import FeedbackStore
@@ -106,27 +108,67 @@ def training_markdown(store: FeedbackStore, training: Any) -> str:
     return f"**{left} more {plural} until the next training**{also}. 👍/👎 in Chat and A/B votes in Compare all count."
 
 
+def counted_markdown(store: FeedbackStore, settings: Settings) -> str:
+    """How many vote examples the reward model will train on after the worker's per-voter caps
+    (:func:`rlhf_demo.reward.fairness.cap_per_voter`, as the cycle applies it), and why."""
+    kept, every = votes_kept(store, settings)
+    if not every:
+        return ""
+    return f"**{len(kept)} of {len(every)}** vote examples count toward the reward model: {cap_rule(settings)}."
+
+
+def votes_kept(store: FeedbackStore, settings: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the vote examples the next reward model trains on, all of them): the worker keeps each
+    visitor's and network's newest, within its share."""
+    share, cap = settings.limits.max_training_share, settings.training.max_votes_per_session
+    rows = (store.preference_pairs(), store.thumb_examples())
+    return [row for r in rows for row in cap_per_voter(r, share, cap)], [row for r in rows for row in r]
+
+
+def cap_rule(settings: Settings) -> str:
+    share, cap = settings.limits.max_training_share, settings.training.max_votes_per_session
+    return f"one visitor or network may hold at most {share:.0%} of them (an equal share while there are few voters), and {cap} of each kind"
+
+
 def _metric_series(store: FeedbackStore, run_id: int, phase: str, name: str) -> tuple[list[int], list[float]]:
     points = [(m["step"], m["value"]) for m in store.run_metrics(run_id) if m["phase"] == phase and m["name"] == name and m["value"] is not None]
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def curves_figure(store: FeedbackStore) -> Any:
-    """RM held-out accuracy per run, reward and KL per PPO step of the last run, gate decisions.
-    Before the first run each panel says so instead of showing blank axes (−0.04…0.04)."""
+def _figure() -> tuple[Any, Any]:
+    """Three panels readable on a light or a dark page: transparent background, mid-grey text."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    grey = "#8a8a8a"
+    style = {"text.color": grey, "axes.labelcolor": grey, "axes.edgecolor": grey, "xtick.color": grey, "ytick.color": grey, "axes.facecolor": "none", "legend.framealpha": 0.0}
+    with plt.rc_context(style):
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    fig.patch.set_alpha(0.0)
+    return fig, axes
+
+
+def _say(ax: Any, title: str, text: str) -> None:
+    """A panel with nothing to plot says why instead of showing blank axes (−0.04…0.04)."""
+    ax.set_title(title, color="#8a8a8a")
+    ax.text(0.5, 0.5, text, ha="center", va="center", color="gray", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def curves_figure(store: FeedbackStore) -> Any:
+    """RM held-out accuracy per run, reward and KL per PPO step of the last run, gate decisions."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     runs = list(reversed([r for r in store.list_runs(limit=50) if r["kind"] == "cycle"]))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    fig, axes = _figure()
+    titles = ("Reward model held-out accuracy", "Mean reward per PPO step", "KL to reference per PPO step")
     if not runs:
-        for ax, title in zip(axes, ("Reward model held-out accuracy", "Mean reward per PPO step", "KL to reference per PPO step"), strict=True):
-            ax.set_title(title)
-            ax.text(0.5, 0.5, "no training run yet", ha="center", va="center", color="gray", transform=ax.transAxes)
-            ax.set_xticks([])
-            ax.set_yticks([])
+        for ax, title in zip(axes, titles, strict=True):
+            _say(ax, title, "no training run yet")
         fig.tight_layout()
         plt.close(fig)
         return fig
@@ -136,13 +178,17 @@ def curves_figure(store: FeedbackStore) -> Any:
         acc = [(i, a) for i, a in acc if a is not None]  # None: no votes of that kind judged yet
         axes[0].plot([i for i, _ in acc], [a for _, a in acc], "o-", label=label)
     axes[0].legend(loc="lower right", fontsize=8)
-    axes[0].set(title="Reward model held-out accuracy", xlabel="run", ylim=(0, 1.05))
-    last = next((r for r in reversed(runs) if r["status"] != "running"), runs[-1] if runs else None)
-    if last is not None:
-        for name, ax, title in (("score", axes[1], "Mean reward per PPO step"), ("kl", axes[2], "KL to reference per PPO step")):
-            steps, values = _metric_series(store, last["id"], "ppo", name)
-            ax.plot(steps, values, "o-")
-            ax.set(title=f"{title} (run {last['id']})", xlabel="PPO step")
+    axes[0].set(title=titles[0], xlabel="run", ylim=(0, 1.05))
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # runs are whole numbers
+    last = next((r for r in reversed(runs) if r["status"] != "running"), runs[-1])
+    for name, ax, title in (("score", axes[1], titles[1]), ("kl", axes[2], titles[2])):
+        steps, values = _metric_series(store, last["id"], "ppo", name)
+        if not steps:
+            _say(ax, f"{title} (run {last['id']})", f"no PPO in run {last['id']}")
+            continue
+        ax.plot(steps, values, "o-")
+        ax.set(title=f"{title} (run {last['id']})", xlabel="PPO step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for r in runs:
         decision = (r.get("summary") or {}).get("decision", "")
         color = {"published": "tab:green", "rejected": "tab:red"}.get(decision)
@@ -152,6 +198,21 @@ def curves_figure(store: FeedbackStore) -> Any:
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def last_cycle_markdown(store: FeedbackStore) -> str:
+    """How the last finished cycle ended and why (the worker's own line says only "rejected")."""
+    run = next((r for r in store.list_runs(limit=20) if r["kind"] == "cycle" and r["status"] != "running"), None)
+    if run is None:
+        return ""
+    summary = run.get("summary") or {}
+    return f"**Last cycle** (run {run['id']}): {summary.get('decision') or run['status']}" + (f": {_why(run)}" if _why(run) else "")
+
+
+def _why(run: dict[str, Any]) -> str:
+    """A run's error, else its gate's reasons, else the gate's numbers."""
+    gate = (run.get("summary") or {}).get("gate") or {}
+    return run.get("error") or "; ".join(gate.get("reasons") or []) or (gate_summary(gate) if "kl" in gate else "")
 
 
 def curves_note(store: FeedbackStore) -> str:
@@ -164,10 +225,11 @@ def run_rows(store: FeedbackStore, limit: int = 10) -> list[list[Any]]:
     rows = []
     for r in store.list_runs(limit=limit):
         summary = r.get("summary") or {}
-        gate = summary.get("gate") or {}
-        why = r.get("error") or "; ".join(gate.get("reasons") or []) or (gate_summary(gate) if "kl" in gate else "")
-        rows.append([r["id"], r["started_at"][:19], r["status"], summary.get("decision", ""), why])
+        rows.append([r["id"], r["started_at"][:19], r["status"], summary.get("decision", ""), _why(r)])
     return rows
+
+
+TABLES = 8  # what DashboardEvents.tables returns
 
 
 class DashboardEvents:
@@ -182,7 +244,21 @@ class DashboardEvents:
         status = described["status"] if described else read_status(self.runtime.settings.worker_dir)
         process = described["process"] if described else None
         sync = self.runtime.status.last_error or f"Serving **{self.runtime.server.active}**."
-        return status_markdown(status, process), sync
+        last = last_cycle_markdown(self.runtime.store)
+        return status_markdown(status, process) + (f"  \n{last}" if last else ""), sync
+
+    def runs_seen(self) -> str:
+        """What changes when a run starts or ends: the tables are redrawn only then."""
+        return repr([(r["id"], r["status"]) for r in self.runtime.store.list_runs(limit=5)])
+
+    def refresh_if_runs_changed(self, seen: str) -> tuple[Any, ...]:
+        """The timer's redraw: the tables when a run started or ended since ``seen``, else nothing."""
+        import gradio as gr
+
+        now = self.runs_seen()
+        if now == seen:
+            return (gr.skip(),) * (1 + TABLES)
+        return (now, *self.tables())
 
     def next_training(self) -> str:
         return training_markdown(self.runtime.store, self.runtime.settings.training)
@@ -192,6 +268,7 @@ class DashboardEvents:
         board_rows = leaderboard_rows(store)
         return (
             self.next_training(),
+            counted_markdown(store, self.runtime.settings),
             curves_note(store),
             curves_figure(store),
             leaderboard_note(board_rows),
@@ -210,6 +287,7 @@ def build_dashboard_tab(events: DashboardEvents, demo: Any) -> Any:
         worker_md = gr.Markdown()
         sync_md = gr.Markdown()
         next_training = gr.Markdown(elem_id="dashboard-next-training")
+        counted = gr.Markdown(elem_id="dashboard-counted")
         gr.Markdown("**Learning curves**")
         curves_md = gr.Markdown()
         curves = gr.Plot(show_label=False)  # its floating label covered the first plot's title
@@ -225,11 +303,13 @@ def build_dashboard_tab(events: DashboardEvents, demo: Any) -> Any:
         runs = gr.Dataframe(headers=RUN_COLUMNS, interactive=False)
         refresh = gr.Button("Refresh plots")
 
-        tables = [next_training, curves_md, curves, board_md, board, versions, runs]
+        tables = [next_training, counted, curves_md, curves, board_md, board, versions, runs]
         timer = gr.Timer(5)
         timer.tick(events.worker_markdown, None, [worker_md, sync_md], show_progress="hidden", **private)
         timer.tick(events.next_training, None, next_training, show_progress="hidden", **private)
         refresh.click(events.tables, None, tables, **private)
+        seen = gr.State("")
+        timer.tick(events.refresh_if_runs_changed, [seen], [seen, *tables], show_progress="hidden", **private)
         demo.load(events.worker_markdown, None, [worker_md, sync_md], **private)
-        demo.load(events.tables, None, tables, **private)
+        demo.load(events.refresh_if_runs_changed, [seen], [seen, *tables], **private)
     return tab, timer

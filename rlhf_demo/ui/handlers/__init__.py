@@ -10,7 +10,7 @@ the server issued (never Gradio's session hash), numbers must be finite, boolean
 
 from __future__ import annotations
 
-from rlhf_demo.ui.handlers.chat import ChatHandlers, ChatState, clean_history, tag_version
+from rlhf_demo.ui.handlers.chat import ChatHandlers, ChatState, tag_version
 from rlhf_demo.ui.handlers.checks import UserError, check_event, message_text
 from rlhf_demo.ui.handlers.compare import OUTCOMES, SOURCES, CompareHandlers, PairState
 from rlhf_demo.ui.handlers.data import DataHandlers
@@ -31,7 +31,6 @@ __all__ = [
     "PairState",
     "UserError",
     "check_event",
-    "clean_history",
     "message_text",
     "tag_version",
 ]

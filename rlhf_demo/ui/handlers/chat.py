@@ -1,17 +1,21 @@
 """The Chat tab's verbs: send, retry, undo, stop, clear, 👍/👎 and the reasons after a 👎.
 
-The chat history the model sees is the server's record of that visitor's conversation;
-the browser's copy is for display and must match that record.
+The chat history the model sees is the server's record of the page's conversation, found by
+the response ids the server issued; the browser's copy of the chat is for display only.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlhf_demo.runtime import Runtime
 from rlhf_demo.selection import Pick, best_answer
 from rlhf_demo.ui.handlers.base import TabHandlers
 from rlhf_demo.ui.handlers.checks import (
@@ -22,12 +26,10 @@ from rlhf_demo.ui.handlers.checks import (
     check_message,
     check_sampling,
     check_visitor,
-    message_text,
 )
 from rlhf_demo.visitors import Visitor
 
 FENCE_CLOSE = "\n```````"  # closes any open ``` fence (a closing fence may be longer); rare in answers
-VERSION_TAG = re.compile(r"(?:\n```````)?\n\n<sub>written by adapter [^<]*</sub>$")
 _FENCE_LINE = re.compile(r"^ {0,3}```", re.MULTILINE)
 CHAT_MISMATCH = "This chat does not match the server's record of your conversation; press Clear to start a new one."
 REASONS_SAID = {"updated": "Thanks: your reasons were saved with your vote.", "removed": "Reasons removed from your vote."}
@@ -46,6 +48,7 @@ class ChatState:
 
     conversation_id: str | None = None
     response_ids: dict[int, str] = field(default_factory=dict)  # chat index -> response id
+    messages: list[dict[str, str]] = field(default_factory=list)  # the chat as the server shows it
     stop_requested: bool = False  # the Stop button: the answer being written ends at the next token
     disliked: str | None = None  # the response this page last voted 👎: the one reasons go to
 
@@ -60,43 +63,61 @@ def tag_version(text: str, version: str, picked_from: int = 1) -> str:
     return f"{text}\n\n<sub>written by adapter {version}{picked}</sub>"
 
 
-def clean_history(chat: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """The chat without our display-only version tags (what the record holds)."""
-    return [{"role": m["role"], "content": VERSION_TAG.sub("", message_text(m["content"]))} for m in chat]
-
-
 def check_chat_state(state: Any) -> ChatState:
     """The page's chat state (held by the server, but never trusted to be whole)."""
-    if not isinstance(state, ChatState) or not isinstance(state.response_ids, dict):
-        raise UserError("This page lost its chat state; reload the page.")
+    lost = UserError("This page lost its chat state; reload the page.")
+    if not isinstance(state, ChatState) or not isinstance(state.response_ids, dict) or not isinstance(state.messages, list):
+        raise lost
+    answers = {i for i, m in enumerate(state.messages) if isinstance(m, dict) and m.get("role") == "assistant"}
+    if set(state.response_ids) != answers:  # every answer shown is a recorded one, and only those
+        raise lost
     return state
 
 
 class ChatHandlers(TabHandlers):
-    """Chat: every answer is generated from the server's record and recorded before it is rateable."""
+    """Chat: every answer is generated from the server's record and recorded before it is rateable.
 
-    def recorded_history(self, visitor: Visitor, chat: list[dict[str, Any]], state: ChatState) -> tuple[list[dict[str, str]], str | None]:
-        """The server's record of the conversation that ``chat`` shows, and the id of its
-        last answer; refused when the browser's copy differs from the record.
+    The browser's chat value is display only: it is checked (garbage is refused) but never
+    compared with the record, because Gradio re-renders text (it dedents and expands tabs).
+    Each visitor's latest chat is kept in memory, so that a reload brings it back."""
 
-        The record of an answer is the prompt it was generated from plus its text. The
-        model may have seen fewer of the oldest turns (context budget), so the browser's
-        copy must *end with* the record."""
-        if not chat:
+    SAVED_CHATS = 1000  # visitors whose chat a reload brings back (the most recent ones)
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime)
+        self.saved: OrderedDict[str, ChatState] = OrderedDict()
+
+    def remember(self, visitor: Visitor, state: ChatState) -> None:
+        """Keep a copy of this visitor's chat for their next page load."""
+        self.saved[visitor.id] = copy.deepcopy(dataclasses.replace(state, stop_requested=False))
+        self.saved.move_to_end(visitor.id)
+        while len(self.saved) > self.SAVED_CHATS:
+            self.saved.popitem(last=False)
+
+    def restore(self, visitor: Visitor | str) -> ChatState:
+        """The visitor's last chat (a copy: each page goes on from it on its own), or a new one."""
+        saved = self.saved.get(check_visitor(visitor).id)
+        return copy.deepcopy(saved) if saved is not None else ChatState()
+
+    def forget(self, visitor: Visitor | str) -> None:
+        self.saved.pop(check_visitor(visitor).id, None)
+
+    def recorded_history(self, visitor: Visitor, state: ChatState, upto: int | None = None) -> tuple[list[dict[str, str]], str | None]:
+        """The server's record of this page's conversation up to message ``upto`` (all when
+        None), and the id of its last answer. The record of an answer is the prompt it was
+        generated from plus its text (the model may have seen fewer of the oldest turns)."""
+        shown = state.messages[:upto]
+        if not shown:
             return [], None
-        last = len(chat) - 1
-        response_id = state.response_ids.get(last)
-        if chat[-1]["role"] != "assistant" or response_id is None:
+        response_id = state.response_ids.get(len(shown) - 1)
+        if shown[-1]["role"] != "assistant" or response_id is None:
             raise UserError(CHAT_MISMATCH)
         row = self.own_response(visitor, response_id)
-        record = [*row["prompt"], {"role": "assistant", "content": row["text"]}]
-        shown = clean_history(chat)
-        if len(record) > len(shown) or shown[len(shown) - len(record) :] != record:
-            raise UserError(CHAT_MISMATCH)
-        return record, response_id
+        return [*row["prompt"], {"role": "assistant", "content": row["text"]}], response_id
 
-    def _checked(self, visitor: Any, chat: Any, state: Any) -> tuple[Visitor, list[dict[str, Any]], ChatState]:
-        return check_visitor(visitor), check_chat(chat, 2 * self.limits.max_turns + 2), check_chat_state(state)
+    def _checked(self, visitor: Any, chat: Any, state: Any) -> tuple[Visitor, ChatState]:
+        check_chat(chat, 2 * self.limits.max_turns + 2)  # refused when malformed, else unused
+        return check_visitor(visitor), check_chat_state(state)
 
     def chat(
         self,
@@ -107,55 +128,52 @@ class ChatHandlers(TabHandlers):
         temperature: Any = None,
         top_p: Any = None,
         max_new_tokens: Any = None,
-    ) -> Iterator[list[dict[str, Any]]]:
+    ) -> Iterator[list[dict[str, str]]]:
         """Stream an answer into the chat; record it (with its exact prompt) when done."""
         text = check_message(message, self.limits)
         sampling = check_sampling(temperature, top_p, max_new_tokens)
-        visitor, chat, state = self._checked(visitor, chat, state)
-        if sum(1 for m in chat if m["role"] == "user") >= self.limits.max_turns:
+        visitor, state = self._checked(visitor, chat, state)
+        if sum(1 for m in state.messages if m["role"] == "user") >= self.limits.max_turns:
             raise UserError(f"This conversation reached {self.limits.max_turns} turns; press Clear to start a new one.")
-        record, parent = self.recorded_history(visitor, chat, state)
-        chat.append({"role": "user", "content": text})
-        state.stop_requested = False
-        yield chat
-        yield from self._answer(visitor, chat, [*record, {"role": "user", "content": text}], parent, state, sampling)
+        record, parent = self.recorded_history(visitor, state)
+        yield from self._answer(visitor, [*state.messages, {"role": "user", "content": text}], record, parent, state, sampling)
 
-    def retry(self, visitor: Visitor | str, chat: Any, state: ChatState, index: Any, **sampling: Any) -> Iterator[list[dict[str, Any]]]:
-        """Answer a question again: drop its answer (and what followed) and generate anew.
+    def retry(self, visitor: Visitor | str, chat: Any, state: ChatState, index: Any, text: Any = None, **sampling: Any) -> Iterator[list[dict[str, str]]]:
+        """Answer a question again (or its edited ``text``): drop its answer and what followed,
+        and generate anew. The new answer branches from the same parent; the old branch stays
+        recorded.
 
         ``index`` is the question's position, as Gradio 6's Chatbot sends it
         (``gr.RetryData.index`` is the *user* message), or the answer's position."""
+        edited = None if text is None else check_message(text, self.limits)
         checked = check_sampling(**sampling)
-        visitor, chat, state = self._checked(visitor, chat, state)
+        visitor, state = self._checked(visitor, chat, state)
         position = check_index(index)
-        if position >= len(chat):
+        if position >= len(state.messages):
             raise UserError("Nothing to retry.")
-        chat = chat[: position + 1] if chat[position]["role"] == "user" else chat[:position]
-        if not chat or chat[-1]["role"] != "user":
-            raise UserError("Nothing to retry.")
-        text = check_message(message_text(chat[-1]["content"]), self.limits)
-        record, parent = self.recorded_history(visitor, chat[:-1], state)
-        self._forget_from(state, len(chat))
-        state.stop_requested = False
-        yield chat
-        yield from self._answer(visitor, chat, [*record, {"role": "user", "content": text}], parent, state, checked)
+        question = position if state.messages[position]["role"] == "user" else position - 1
+        if question < 0 or (edited is not None and question != position):
+            raise UserError("Nothing to retry." if edited is None else "Only your own messages can be edited.")
+        record, parent = self.recorded_history(visitor, state, question)
+        asked = state.messages[question] if edited is None else {"role": "user", "content": edited}
+        yield from self._answer(visitor, [*state.messages[:question], asked], record, parent, state, checked)
 
-    def undo(self, chat: Any, state: ChatState, index: Any) -> tuple[list[dict[str, Any]], str]:
+    def undo(self, chat: Any, state: ChatState, index: Any) -> tuple[list[dict[str, str]], str]:
         """Remove the last exchange from the chat; its stored answer and votes stay (the data is kept)."""
-        chat = check_chat(chat, 2 * self.limits.max_turns + 2)
+        check_chat(chat, 2 * self.limits.max_turns + 2)
         state = check_chat_state(state)
         cut = check_index(index)
-        if cut >= len(chat):
+        if cut >= len(state.messages):
             raise UserError("That message position is not valid.")
-        if chat[cut]["role"] == "assistant":
+        if state.messages[cut]["role"] == "assistant":
             cut -= 1  # undoing an answer also removes the question that led to it
-        self._forget_from(state, max(cut, 0))
-        removed = chat[max(cut, 0) :]
-        last_user = next((message_text(m["content"]) for m in removed if m["role"] == "user"), "")
-        return chat[: max(cut, 0)], last_user
+        cut = max(cut, 0)
+        removed = state.messages[cut:]
+        self._forget_from(state, cut)
+        return list(state.messages), next((m["content"] for m in removed if m["role"] == "user"), "")
 
     @staticmethod
-    def clear(state: ChatState) -> tuple[list[dict[str, Any]], ChatState]:
+    def clear(state: ChatState) -> tuple[list[dict[str, str]], ChatState]:
         return [], ChatState()
 
     @staticmethod
@@ -169,21 +187,28 @@ class ChatHandlers(TabHandlers):
 
     @staticmethod
     def _forget_from(state: ChatState, index: int) -> None:
+        """Messages from ``index`` on leave the page's conversation (their records stay)."""
+        del state.messages[index:]
         for key in [k for k in state.response_ids if k >= index]:
             del state.response_ids[key]
 
     def _answer(
         self,
         visitor: Visitor,
-        chat: list[dict[str, Any]],
-        prompt: list[dict[str, str]],
+        chat: list[dict[str, str]],
+        record: list[dict[str, str]],
         parent: str | None,
         state: ChatState,
         sampling: dict[str, Any],
-    ) -> Iterator[list[dict[str, Any]]]:
-        """Generate from the server's ``prompt`` (never the browser's chat) and record it."""
+    ) -> Iterator[list[dict[str, str]]]:
+        """Answer the question that ends ``chat`` (the server's copy) from the server's
+        ``record`` (never the browser's chat), record it, and make it the page's conversation.
+        With best-of-n on, the answer is the reward model's pick of n samples (and says so)."""
+        state.stop_requested = False
+        yield chat
         pick: Pick | None = None
         server, best_of = self.runtime.server, self.runtime.settings.selection.best_of
+        prompt = [*record, chat[-1]]
         stream = best_answer(server, self.runtime.judge, prompt, server.sampling(**sampling), best_of, should_stop=lambda: state.stop_requested)
         for item in stream:
             if isinstance(item, Pick):
@@ -195,8 +220,10 @@ class ChatHandlers(TabHandlers):
         if state.conversation_id is None:
             state.conversation_id = self.runtime.store.new_conversation(visitor.id)
         response_id = self.record(visitor, result, state.conversation_id, parent)
+        self._forget_from(state, len(chat) - 1)
+        state.messages.extend([chat[-1], {"role": "assistant", "content": tag_version(result.text, result.version, pick.picked_from)}])
         state.response_ids[len(chat)] = response_id
-        yield [*chat, {"role": "assistant", "content": tag_version(result.text, result.version, pick.picked_from)}]
+        yield list(state.messages)
 
     def like(self, visitor: Visitor | str, state: ChatState, index: Any, liked: Any) -> str:
         """👍/👎 on the answer at chat ``index``; one vote per answer per visitor (a second

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,7 @@ from rlhf_demo.visitors import Visitor
 
 OUTCOMES = {"A is better": "A", "B is better": "B", "Tie": "tie", "Both bad": "both_bad"}
 SOURCES = {"Two samples of the active policy": "two_samples", "Active vs previous version": "two_versions"}
-PAIR_SAID = {"created": "Vote recorded.", "updated": "Vote changed.", "unchanged": "That vote was already recorded."}
+PAIR_SAID = {"created": "Vote recorded", "updated": "Vote changed", "unchanged": "That vote was already recorded"}
 
 
 @dataclass
@@ -28,6 +28,7 @@ class PairState:
     source: str = "two_samples"
     voted: bool = False
     generating: bool = False  # answers are still streaming: no vote yet
+    stop_requested: bool = False  # the Stop button: both answers end at their next token
 
 
 class CompareHandlers(TabHandlers):
@@ -49,7 +50,7 @@ class CompareHandlers(TabHandlers):
             raise UserError(f"Unknown comparison source {str(source_label)[:40]!r}.")
         state = PairState(source=source, generating=True)
         results: list[Generation] = []
-        for item in self.compare_candidates([{"role": "user", "content": text}], self._versions(source), checked):
+        for item in self.compare_candidates([{"role": "user", "content": text}], self._versions(source), checked, lambda: state.stop_requested):
             if isinstance(item, list):
                 results = item
             else:
@@ -71,17 +72,27 @@ class CompareHandlers(TabHandlers):
         random.shuffle(versions)
         return versions[0], versions[1]
 
-    def compare_candidates(self, prompt: list[dict[str, str]], versions: tuple[str, str], sampling: dict[str, Any]) -> Iterator[Any]:
+    def compare_candidates(
+        self, prompt: list[dict[str, str]], versions: tuple[str, str], sampling: dict[str, Any], should_stop: Callable[[], bool]
+    ) -> Iterator[Any]:
         """The one call into serving for a pair: partial texts ``(a, b)`` as they grow, then the
         list of both finished :class:`Generation` s (which pair to show is decided here)."""
         server = self.runtime.server
         if versions[0] != versions[1]:
-            yield from server.stream_pair(prompt, versions, server.sampling(**sampling))
+            yield from server.stream_pair(prompt, versions, server.sampling(**sampling), should_stop=should_stop)
             return
         # two samples of the served version: the pair the reward ensemble learns most from
         settings = self.runtime.settings.selection
-        for item in compare_round(server, self.runtime.judge, prompt, server.sampling(**sampling), settings, random.Random()):
+        rounds = compare_round(server, self.runtime.judge, prompt, server.sampling(**sampling), settings, random.Random(), should_stop)
+        for item in rounds:
             yield item.pair if isinstance(item, Round) else item
+
+    @staticmethod
+    def stop_pair(state: Any) -> None:
+        """Stop the pair being written: both answers end at their next token, are recorded and can be voted on."""
+        if not isinstance(state, PairState) or not state.generating:
+            raise UserError("Nothing to stop.")
+        state.stop_requested = True
 
     @staticmethod
     def new_round(state: Any = None) -> PairState:
@@ -107,7 +118,8 @@ class CompareHandlers(TabHandlers):
             session_id=visitor.id, response_a_id=a, response_b_id=b, outcome=outcome, source=state.source, ip_key=visitor.ip_key
         )
         state.voted = True
-        return f"{PAIR_SAID[result.change]} A was written by **{state.versions[0]}**, B by **{state.versions[1]}**.", state
+        label = next(k for k, v in OUTCOMES.items() if v == outcome)
+        return f"{PAIR_SAID[result.change]}: you chose **{label}**. A was written by **{state.versions[0]}**, B by **{state.versions[1]}**.", state
 
     def pair_reasons(self, visitor: Visitor | str, state: PairState, tags: Any, comment: Any) -> str:
         """Reason tags and a comment for this page's vote on the current pair."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rlhf_demo.admin import AdminRefused
@@ -27,10 +28,25 @@ class DataHandlers(TabHandlers):
             f"**voters** {counts['sessions']}  \nVotes per voter (largest first, no identities): {top}"
         )
 
+    def my_votes_markdown(self, visitor: Visitor | str) -> str:
+        """How many of this visitor's vote examples the next reward model trains on, and why not all."""
+        from rlhf_demo.ui.dashboard import cap_rule, votes_kept
+
+        visitor = check_visitor(visitor)
+        kept, every = votes_kept(self.runtime.store, self.runtime.settings)
+        mine = sum(row.get("session_id") == visitor.id for row in every)
+        if not mine:
+            return "**Your votes:** none yet. 👍/👎 in Chat and A/B votes in Compare all teach the model."
+        counted = sum(row.get("session_id") == visitor.id for row in kept)
+        why = "" if counted == mine else f" The newest count: {cap_rule(self.runtime.settings)}."
+        return f"**Your votes:** {counted} of your {mine} vote examples count toward the next reward model.{why}"
+
     def model_markdown(self) -> str:
-        d = self.runtime.describe()
-        warning = "\n\n⚠️ **This is the tiny random test model: its answers are noise.**" if self.runtime.loaded.source.is_test_model else ""
-        return f"**Model:** {d['model']}  \n**Active adapter:** {d['active_adapter']}  \n**Data directory:** `{d['data_dir']}`{warning}"
+        """One line for visitors: which model and adapter answer (no server paths or libraries)."""
+        source = self.runtime.loaded.source
+        name = source.name if source.origin in ("hub", "cache") else Path(source.name).name  # a repo id, or a folder's name
+        warning = " · ⚠️ **the tiny random test model: its answers are noise**" if source.is_test_model else ""
+        return f"**Model:** {name} · **adapter:** {self.runtime.server.active}{warning}"
 
     def export(self, kind: Any, include_session_ids: bool = False, admin_token: Any = "") -> str:
         """Write a TRL-format JSONL into the exports folder and return its path."""
