@@ -30,7 +30,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "user/space-data"
-FINAL_PUSH = re.compile(r"final push to \S+ (done|NOT done) after ([0-9.]+) s")
+FINAL_PUSH = re.compile(r"^(\S+ \S+) INFO \S+: final push to \S+ (done|NOT done) after ([0-9.]+) s", re.M)
+SHUTTING_DOWN = re.compile(r"^(\S+ \S+) INFO \S+: shutting down", re.M)
+
+
+def seconds_between(start: str, end: str) -> float:
+    """Seconds between two log timestamps (``2026-12-03 12:42:28,054``)."""
+    from datetime import datetime
+
+    parse = lambda stamp: datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")  # noqa: E731
+    return round((parse(end) - parse(start)).total_seconds(), 2)
 
 
 def hub_env(endpoint: str, token: str, home: Path) -> dict[str, str]:
@@ -99,7 +108,7 @@ def one_cycle(cycle: int, rng: random.Random, work: Path, env: dict[str, str], m
     started = time.monotonic()
     try:
         if during_startup:
-            time.sleep(rng.uniform(0.5, 6.0))
+            time.sleep(rng.uniform(0.5, 40.0))  # imports, restore, model load, Gradio start
             app.send_signal(signal.SIGTERM)
         else:
             while not serving(url):
@@ -117,10 +126,14 @@ def one_cycle(cycle: int, rng: random.Random, work: Path, env: dict[str, str], m
         if app.poll() is None:
             app.kill()
         log.close()
-    pushed = FINAL_PUSH.search((work / f"app-{cycle}.log").read_text(errors="replace"))
+    text = (work / f"app-{cycle}.log").read_text(errors="replace")
+    pushed, stopping_at = FINAL_PUSH.search(text), SHUTTING_DOWN.search(text)
+    final_push = "none (killed before Hub sync started)"
+    if pushed:
+        after = f", {seconds_between(stopping_at.group(1), pushed.group(1))} s after the signal" if stopping_at else ""
+        final_push = f"{pushed.group(2)} in {pushed.group(3)} s{after}"
     return {"cycle": cycle, "killed": "starting" if during_startup else "serving", "acknowledged": acknowledged,
-            "restored_at_start": sorted(restored), "exit_code": code, "stop_s": stop_s,
-            "final_push": f"{pushed.group(1)} in {pushed.group(2)} s" if pushed else "none (killed before Hub sync started)"}
+            "restored_at_start": sorted(restored), "exit_code": code, "stop_s": stop_s, "final_push": final_push}
 
 
 def run(hub: Any, model: str, work: Path, cycles: int, seed: int = 0, window_s: float = 6.0) -> dict[str, Any]:

@@ -180,7 +180,10 @@ def dataset_card(repo_id: str, rows: dict[str, int], counts: dict[str, int], lic
 
 
 def push_dataset(store: FeedbackStore, repo_id: str, token: str, private: bool = False, license_id: str = "apache-2.0") -> str:
-    """Upload the store's TRL exports (without session ids) as a dataset repo; returns the commit URL."""
+    """Upload the store's TRL exports (without session ids) as a dataset repo; returns the commit URL.
+
+    The repo's history is squashed to this one commit: a push after visitors deleted their
+    data then leaves no older commit holding what they deleted."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
@@ -193,4 +196,5 @@ def push_dataset(store: FeedbackStore, repo_id: str, token: str, private: bool =
         (folder / "README.md").write_text(dataset_card(repo_id, rows, store.counts(), license_id))
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="dataset", commit_message="rlhf-demo feedback export")
+    api.super_squash_history(repo_id, repo_type="dataset", commit_message="rlhf-demo feedback export")
     return str(info)

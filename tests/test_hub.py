@@ -316,3 +316,15 @@ def test_the_final_push_gives_up_after_its_grace_period_and_says_so(fake_hub, pu
     finally:
         release.set()
     assert "did not finish within" in caplog.text and "final push to user/space-data NOT done" in caplog.text
+
+
+def test_push_data_after_a_deletion_leaves_no_deleted_text_in_the_dataset_history(fake_hub, published):
+    from rlhf_demo.hub_push import push_dataset
+
+    store, _ = published
+    push_dataset(store, "user/votes", TOKEN)
+    assert any(b"B refuses." in data for data in fake_hub.every_version("user/votes", "dataset"))
+    store.delete_session_data("other-secret")  # the visitor who wrote "B refuses."
+    push_dataset(store, "user/votes", TOKEN)
+    history = fake_hub.every_version("user/votes", "dataset")
+    assert not any(b"B refuses." in data for data in history) and any(b"Not friendly." in data for data in history)
