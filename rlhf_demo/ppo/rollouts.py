@@ -7,7 +7,6 @@ Shapes: ``B`` responses, ``P`` prompt length (left padded), ``T`` response lengt
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -15,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from rlhf_demo.modeling.adapters import use_adapter
+from rlhf_demo.modeling.adapters import use_adapter, use_base
 from rlhf_demo.modeling.heads import ScalarHead
 from rlhf_demo.modeling.loading import eos_token_ids, pad_token_id
 from rlhf_demo.ppo.core import (
@@ -253,7 +252,7 @@ def sample_and_score(
     for i in range(0, len(prompts), max(1, batch_size)):
         chunk = prompts[i : i + batch_size]
         if adapter is None:
-            with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+            with use_base(model):
                 s = sample(model, tokenizer, chunk, config)
             kl = torch.zeros(len(chunk))
         else:
@@ -261,7 +260,7 @@ def sample_and_score(
                 s = sample(model, tokenizer, chunk, config)
                 batch = (s.query_ids, s.query_mask, s.response_ids, s.response_mask)
                 logprobs = response_forward(model, *batch, config.temperature).logprobs
-                with model.disable_adapter():
+                with use_base(model):
                     ref_logprobs = response_forward(model, *batch, config.temperature).logprobs
             kl = (logprobs - ref_logprobs).sum(dim=1)
         scores = torch.as_tensor(score_fn(chunk, s.completions, s.has_eos.tolist()), dtype=torch.float32).reshape(-1)

@@ -3,7 +3,7 @@
 One base model holds three roles (no second copy of any weight, no deepcopy):
 
 - policy: the PEFT adapter ``policy_adapter`` (trained);
-- reference: the same base inside ``model.disable_adapter()`` (never trained);
+- reference: the same base with every adapter off (``use_base``, never trained);
 - value function: a :class:`ScalarHead` on the policy's last hidden states (trained).
 
 ``step`` reads top to bottom like CleanRL's ``ppo.py``; every implementation detail of
@@ -18,14 +18,23 @@ Shapes: ``B`` responses, ``P`` prompt length (left padded), ``T`` response lengt
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlhf_demo.modeling.adapters import activate_adapter, adapter_state, restore_adapter_state, save_adapter
+from rlhf_demo.modeling.adapters import (
+    adapter_parameters,
+    adapter_state,
+    kept_adapter_state,
+    restore_adapter_state,
+    save_adapter,
+    use_adapter,
+    use_base,
+)
 from rlhf_demo.modeling.heads import ScalarHead, hidden_size
 from rlhf_demo.modeling.quantized import keep_4bit_differentiable
 from rlhf_demo.ppo.core import (
@@ -125,41 +134,47 @@ class PPOTrainer:
                 # start, so early advantages are the rewards, not a random head's noise.
                 torch.nn.init.zeros_(value_head.linear.weight)
             self.value_head = value_head.to(self.device)
-        self.policy_params = self._activate_policy()
+        self.policy_params = list(adapter_parameters(model, policy_adapter).values())
         self.trainable_params = self.policy_params + (list(self.value_head.parameters()) if self.value_head else [])
         # detail: AdamW over the policy LoRA (+ value head) only, eps 1e-5 (CleanRL), no
         # weight decay (decay would pull the LoRA delta, i.e. the policy, to the base).
         self.optimizer = torch.optim.AdamW(self.trainable_params, lr=config.learning_rate, eps=ADAM_EPS, weight_decay=0.0)
         self.kl_ctl = kl_controller(config)
 
-    def _activate_policy(self) -> list[torch.nn.Parameter]:
-        """Make the policy the active adapter and its LoRA weights the only trainable
-        parameters; called before all policy work, since scoring with the reward model
-        switches adapters in between."""
+    @contextmanager
+    def as_policy(self) -> Iterator[None]:
+        """The block runs with the policy the active adapter and its LoRA weights the only
+        trainable model parameters; the model's previous adapter state comes back after.
+        Inside it, the reward function is called within :func:`kept_adapter_state` and the
+        reference within :func:`use_base`, so neither can leave another adapter active."""
         # detail: dropout off for rollouts AND updates (Huang et al.; activate_adapter sets
         # eval mode): log-probs of the rollout and the first update agree, ratio starts at 1.
-        params = activate_adapter(self.model, self.policy_adapter, trainable=True)
-        # NF4 on CPU: stop bitsandbytes' inference repacking, whose kernel has no backward.
-        keep_4bit_differentiable(self.model)
-        return params
+        with use_adapter(self.model, self.policy_adapter, trainable=True):
+            # NF4 on CPU: stop bitsandbytes' inference repacking, whose kernel has no backward.
+            keep_4bit_differentiable(self.model)
+            yield
 
     # ----- rollout --------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, prompts: list[Messages]) -> Rollout:
         """Sample one answer per prompt, score it, and recompute log-probs (and values)."""
-        self._activate_policy()
+        with self.as_policy():
+            return self._rollout(prompts)
+
+    def _rollout(self, prompts: list[Messages]) -> Rollout:
         s = sample(self.model, self.tokenizer, prompts, self.config)
-        raw_scores = torch.as_tensor(self.reward_fn(prompts, s.completions, s.has_eos.tolist()), dtype=torch.float32).to(self.device).reshape(-1)
+        with kept_adapter_state(self.model):
+            scored = self.reward_fn(prompts, s.completions, s.has_eos.tolist())
+        raw_scores = torch.as_tensor(scored, dtype=torch.float32).to(self.device).reshape(-1)
         if raw_scores.shape[0] != len(prompts):
             raise ValueError(f"reward_fn gave {raw_scores.shape[0]} scores for {len(prompts)} answers")
-        self._activate_policy()  # the reward function may have switched adapters
         # detail: missing-EOS penalty for answers truncated by max_new_tokens.
         scores = apply_missing_eos_penalty(raw_scores, s.has_eos, self.config.missing_eos_penalty)
         batch = (s.query_ids, s.query_mask, s.response_ids, s.response_mask)
         temperature = self.config.temperature
         logprobs, values, entropy, _, _ = response_forward(self.model, *batch, temperature, self.value_head, with_entropy=True)
         # detail: reference = the same base with adapters disabled (no model copy).
-        with self.model.disable_adapter():
+        with use_base(self.model):
             reference = response_forward(self.model, *batch, temperature, keep_hidden=self.config.kl_loss_coef > 0)
         assert entropy is not None
         return Rollout(
@@ -183,6 +198,10 @@ class PPOTrainer:
         """Rollout (``samples_per_prompt`` answers per prompt), advantages, then
         ``ppo_epochs`` epochs of clipped updates. With ``kl_stop``, a rollout whose KL to
         the reference passes it ends the step before any update (stat ``kl_stop`` = 1)."""
+        with self.as_policy():
+            return self._step(prompts, kl_stop)
+
+    def _step(self, prompts: list[Messages], kl_stop: float | None) -> dict[str, float]:
         started = time.perf_counter()
         cfg = self.config
         k = cfg.samples_per_prompt
@@ -208,7 +227,6 @@ class PPOTrainer:
         if kl_stop is not None and kl_per_answer > kl_stop:
             return {**stats, "kl_stop": 1.0, "updates": 0.0, "time_s": time.perf_counter() - started}
         advantages, returns = self._advantages(r, rewards)
-        self._activate_policy()
         history, early_stopped = self._update(r, advantages, returns)
 
         # detail: adaptive KL control, fed the mean KL per answer (sum over its tokens).
