@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from rlhf_demo.config import GateConfig, PPOConfig, RewardConfig, SettingError, TrainingSettings, load_settings
@@ -52,3 +54,22 @@ def test_a_bad_value_names_the_variable(key, value):
 def test_an_inconsistent_nested_setting_names_its_group():
     with pytest.raises(SettingError, match="RLHF_DEMO_TRAINING__PPO__"):
         load_settings(env={"RLHF_DEMO_TRAINING__PPO__SAMPLES_PER_PROMPT": "3"})  # does not divide the batch
+
+
+def test_every_settings_dataclass_is_frozen():
+    """A setting changes by ``dataclasses.replace``, never in place: a trainer holding the
+    worker's PPOConfig cannot change what the next cycle reads."""
+
+    def tree(obj):
+        yield obj
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from tree(value)
+
+    settings = load_settings(env={})
+    for node in tree(settings):
+        name = dataclasses.fields(node)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(node, name, getattr(node, name))
+    assert dataclasses.replace(settings.training.ppo, steps=2).steps == 2
