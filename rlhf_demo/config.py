@@ -45,6 +45,7 @@ class Limits:
     max_concurrent_generations: int = 8  # generation events Gradio runs at once; they share the engine's decode steps (load p95 14 -> 11 s, docs/benchmarks.md)
     votes_per_minute_per_ip: int = 120  # per client address: bounds cookie-dropping clients
     max_training_share: float = 0.10  # of the reward model's rows, per visitor and per address
+    max_training_votes: int = 60  # per visitor and kind (pairs, thumbs): one visitor cannot dominate the RM
     max_upload_size: str = "1mb"  # Gradio's upload route; the app itself takes no files
     max_request_bytes: int = 1 << 20  # any request body; 20 turns of 4000-character messages fit
 
@@ -223,10 +224,9 @@ class TrainingSettings:
     every_minutes: float = 15.0  # ... or this long after the last cycle if any vote came in
     min_votes: int = 8  # no cycle below this many votes in total
     time_budget_s: float = 900.0  # whole cycle; each phase stops early to respect it
-    max_votes_per_session: int = 60  # per kind (pairs, thumbs): one visitor cannot dominate the RM
     nice: int = 10  # worker CPU priority, so chat stays responsive
     resume_rejected: bool = True  # PPO continues from the last promising rejected candidate (worker/cycle.resume_point)
-    poll_seconds: float = 5.0
+    vote_poll_seconds: float = 5.0  # how often the idle worker looks for new votes and a train-now request
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -281,7 +281,7 @@ class Settings:
     admin_token: str = ""
     trust_proxy: bool = False  # read X-Forwarded-For (behind a proxy that sets it, e.g. Spaces)
     worker: bool = True
-    poll_seconds: float = 3.0
+    registry_poll_seconds: float = 3.0  # how often the server looks for a newly published version
     adapter_cache: int = 3
     engine: str = "embedded"
     engine_url: str = ""  # the vLLM server's base URL, e.g. http://127.0.0.1:8123

@@ -73,3 +73,10 @@ def test_every_settings_dataclass_is_frozen():
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(node, name, getattr(node, name))
     assert dataclasses.replace(settings.training.ppo, steps=2).steps == 2
+
+
+def test_each_poll_interval_and_vote_cap_has_one_field_of_its_own():
+    env = {"RLHF_DEMO_REGISTRY_POLL_SECONDS": "1", "RLHF_DEMO_TRAINING__VOTE_POLL_SECONDS": "2", "RLHF_DEMO_LIMITS__MAX_TRAINING_VOTES": "7"}
+    s = load_settings(env=env)
+    assert (s.registry_poll_seconds, s.training.vote_poll_seconds, s.limits.max_training_votes) == (1.0, 2.0, 7)
+    assert not hasattr(s, "poll_seconds") and not hasattr(s.training, "poll_seconds") and not hasattr(s.training, "max_votes_per_session")
