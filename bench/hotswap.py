@@ -68,7 +68,7 @@ def run(
 
     from rlhf_demo.modeling import load_model
 
-    settings = load_settings(env={}, model=model, data_dir=data_dir, quantization=quantization, poll_seconds=poll_s)
+    settings = load_settings(env={}, model=model, data_dir=data_dir, quantization=quantization, registry_poll_seconds=poll_s)
     runtime = Runtime(settings)
     runtime.start_polling()
     worker_model = load_model(settings).model  # the worker's own base, as in production

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf_demo.config_env import SettingError, coerce, from_env
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_MODEL = "tiny"
 QUANTIZATIONS = ("auto", "nf4", "bf16", "fp32")
@@ -43,6 +45,7 @@ class Limits:
     max_concurrent_generations: int = 8  # generation events Gradio runs at once; they share the engine's decode steps (load p95 14 -> 11 s, docs/benchmarks.md)
     votes_per_minute_per_ip: int = 120  # per client address: bounds cookie-dropping clients
     max_training_share: float = 0.10  # of the reward model's rows, per visitor and per address
+    max_training_votes: int = 60  # per visitor and kind (pairs, thumbs): one visitor cannot dominate the RM
     max_upload_size: str = "1mb"  # Gradio's upload route; the app itself takes no files
     max_request_bytes: int = 1 << 20  # any request body; 20 turns of 4000-character messages fit
 
@@ -57,7 +60,7 @@ class LoraSettings:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RewardConfig:
     """Reward-model settings: a linear probe on the frozen base's answer features (see
     :mod:`rlhf_demo.reward.model` for why), refit on all votes every cycle."""
@@ -101,7 +104,7 @@ class RewardConfig:
             raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PPOConfig:
     """PPO settings in the spirit of TRL's (<= 0.11) ``PPOConfig``, sized for a live demo
     with a LoRA policy that learns from a few hundred votes on a small CPU (figures:
@@ -221,10 +224,9 @@ class TrainingSettings:
     every_minutes: float = 15.0  # ... or this long after the last cycle if any vote came in
     min_votes: int = 8  # no cycle below this many votes in total
     time_budget_s: float = 900.0  # whole cycle; each phase stops early to respect it
-    max_votes_per_session: int = 60  # per kind (pairs, thumbs): one visitor cannot dominate the RM
     nice: int = 10  # worker CPU priority, so chat stays responsive
     resume_rejected: bool = True  # PPO continues from the last promising rejected candidate (worker/cycle.resume_point)
-    poll_seconds: float = 5.0
+    vote_poll_seconds: float = 5.0  # how often the idle worker looks for new votes and a train-now request
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -284,7 +286,7 @@ class Settings:
     admin_token: str = ""
     trust_proxy: bool = False  # read X-Forwarded-For (behind a proxy that sets it, e.g. Spaces)
     worker: bool = True
-    poll_seconds: float = 3.0
+    registry_poll_seconds: float = 3.0  # how often the server looks for a newly published version
     adapter_cache: int = 3
     engine: str = "embedded"
     engine_url: str = ""  # the vLLM server's base URL, e.g. http://127.0.0.1:8123
@@ -330,64 +332,14 @@ class Settings:
         return self
 
 
-class SettingError(ValueError):
-    """A setting from the environment or the command line that cannot be used; names it."""
-
-
-def _coerce(value: str, annotation: str, name: str) -> Any:
-    """Parse an environment string as the field's annotated type (``int``, ``float | None``,
-    ``bool``, ``Path``, ``tuple[str, ...]``, ``str``); a bad value names the variable."""
-    kinds = {part.strip() for part in annotation.split("|")}
-    if "None" in kinds and value.strip().lower() in ("", "none", "null"):
-        return None
-    try:
-        if "bool" in kinds:
-            lowered = value.strip().lower()
-            if lowered not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                raise ValueError("expected true/false")
-            return lowered in ("1", "true", "yes", "on")
-        if "int" in kinds:
-            return int(value)
-        if "float" in kinds:
-            number = float(value)
-            if number != number:
-                raise ValueError("NaN")
-            return number
-        if "Path" in kinds:
-            return Path(value)
-        if any(k.startswith("tuple") for k in kinds):
-            return tuple(v.strip() for v in value.split(",") if v.strip())
-    except ValueError as exc:
-        raise SettingError(f"{name}={value!r}: expected {annotation} ({exc})") from None
-    return value
-
-
-def _from_env(obj: Any, prefix: str, env: dict[str, str]) -> dict[str, Any]:
-    """The fields of dataclass ``obj`` that ``env`` sets, as ``PREFIX<FIELD>`` (nested
-    dataclasses as ``PREFIX<FIELD>__<SUBFIELD>``)."""
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(obj):
-        current, key = getattr(obj, f.name), f"{prefix}{f.name.upper()}"
-        if dataclasses.is_dataclass(current):
-            nested = _from_env(current, f"{key}__", env)
-            if nested:
-                try:
-                    values[f.name] = dataclasses.replace(current, **nested)
-                except (TypeError, ValueError) as exc:
-                    raise SettingError(f"{key}__*: {exc}") from None
-        elif key in env:
-            values[f.name] = _coerce(env[key], str(f.type), key)
-    return values
-
-
 def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
     """Defaults, then ``RLHF_DEMO_*`` / platform variables, then explicit overrides (CLI)."""
     env = dict(os.environ if env is None else env)
-    values = _from_env(Settings(), "RLHF_DEMO_", env)
+    values = from_env(Settings(), "RLHF_DEMO_", env)
     # Platform conventions: Spaces/Docker set these, and they win over our defaults.
     for key in ("GRADIO_SERVER_PORT", "PORT"):
         if key in env and "port" not in values:
-            values["port"] = _coerce(env[key], "int", key)
+            values["port"] = coerce(env[key], "int", key)
     if "GRADIO_SERVER_NAME" in env and "host" not in values:
         values["host"] = env["GRADIO_SERVER_NAME"]
     if "trust_proxy" not in values and env.get("SPACE_ID"):

@@ -215,10 +215,10 @@ class Runtime:
         return previous["version"]
 
     def start_polling(self) -> None:
-        """Poll the registry every ``poll_seconds`` in a daemon thread (cheap: one query)."""
+        """Poll the registry every ``registry_poll_seconds`` in a daemon thread (cheap: one query)."""
 
         def loop() -> None:
-            while not self._stop.wait(self.settings.poll_seconds):
+            while not self._stop.wait(self.settings.registry_poll_seconds):
                 try:
                     self.sync_registry()
                 except Exception:  # noqa: BLE001 - a poll must never kill the server

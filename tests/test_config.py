@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from rlhf_demo.config import GateConfig, PPOConfig, RewardConfig, SettingError, TrainingSettings, load_settings
@@ -52,3 +54,29 @@ def test_a_bad_value_names_the_variable(key, value):
 def test_an_inconsistent_nested_setting_names_its_group():
     with pytest.raises(SettingError, match="RLHF_DEMO_TRAINING__PPO__"):
         load_settings(env={"RLHF_DEMO_TRAINING__PPO__SAMPLES_PER_PROMPT": "3"})  # does not divide the batch
+
+
+def test_every_settings_dataclass_is_frozen():
+    """A setting changes by ``dataclasses.replace``, never in place: a trainer holding the
+    worker's PPOConfig cannot change what the next cycle reads."""
+
+    def tree(obj):
+        yield obj
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from tree(value)
+
+    settings = load_settings(env={})
+    for node in tree(settings):
+        name = dataclasses.fields(node)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(node, name, getattr(node, name))
+    assert dataclasses.replace(settings.training.ppo, steps=2).steps == 2
+
+
+def test_each_poll_interval_and_vote_cap_has_one_field_of_its_own():
+    env = {"RLHF_DEMO_REGISTRY_POLL_SECONDS": "1", "RLHF_DEMO_TRAINING__VOTE_POLL_SECONDS": "2", "RLHF_DEMO_LIMITS__MAX_TRAINING_VOTES": "7"}
+    s = load_settings(env=env)
+    assert (s.registry_poll_seconds, s.training.vote_poll_seconds, s.limits.max_training_votes) == (1.0, 2.0, 7)
+    assert not hasattr(s, "poll_seconds") and not hasattr(s.training, "poll_seconds") and not hasattr(s.training, "max_votes_per_session")

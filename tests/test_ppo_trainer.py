@@ -214,6 +214,43 @@ def test_gradients_reach_only_policy_lora_and_value_head(policy, tiny_loaded, se
     assert optimised == expected | {id(p) for p in trainer.value_head.parameters()}
 
 
+def test_a_reward_function_that_switches_adapters_does_not_affect_ppo(policy, tiny_loaded, settings):
+    """The reward function shares the model and may leave another adapter active, trainable,
+    in train mode: the step must sample, update and end exactly as with one that does not."""
+    attach_new_adapter(policy, "reward", settings.lora)
+    perturb(policy, "reward")
+    policy.eval()
+    start = adapter_state(policy, "policy")
+    reward_before = adapter_state(policy, "reward")
+
+    def quiet(prompts, completions, finished):
+        return torch.tensor([float(len(c)) for c in completions])
+
+    def meddling(prompts, completions, finished):
+        policy.set_adapter("reward")
+        for p in policy.parameters():
+            p.requires_grad_(True)
+        policy.train()
+        return quiet(prompts, completions, finished)
+
+    runs = []
+    for reward_fn in (quiet, meddling):
+        restore_adapter_state(policy, "policy", start)
+        torch.manual_seed(0)
+        trainer = PPOTrainer(policy, tiny_loaded.tokenizer, reward_fn, FAST)
+        stats = [trainer.step([user(p) for p in PROMPTS]) for _ in range(2)]
+        runs.append((stats, adapter_state(policy, "policy")))
+        assert policy.active_adapter == "policy" and not policy.training
+    (quiet_stats, quiet_after), (meddling_stats, meddling_after) = runs
+    drop = ("time_s", "rollout_s")
+    assert [{k: v for k, v in s.items() if k not in drop} for s in meddling_stats] == [
+        {k: v for k, v in s.items() if k not in drop} for s in quiet_stats
+    ]
+    assert all(torch.equal(meddling_after[n], quiet_after[n]) for n in quiet_after)
+    assert any(not torch.equal(quiet_after[n], start[n]) for n in start)  # the steps did update
+    assert all(torch.equal(p, reward_before[n]) for n, p in adapter_state(policy, "reward").items())
+
+
 def test_rloo_trains_the_policy_lora_alone_without_a_value_head(policy, tiny_loaded, settings):
     attach_new_adapter(policy, "reward", settings.lora)
     torch.manual_seed(0)

@@ -79,18 +79,15 @@ def activate_adapter(model: Any, name: str, trainable: bool = False) -> list[Any
 
 
 @contextmanager
-def use_adapter(model: Any, name: str, trainable: bool = False) -> Iterator[list[Any]]:
-    """Run the block with adapter ``name`` active (see :func:`activate_adapter`), then give the
-    model back as found: the active adapter(s), every ``requires_grad`` flag, train/eval mode.
-    Parameters created inside the block (a new adapter) end frozen.
-
-    ``model`` must already be the PeftModel holding ``name`` (create or load the adapter
-    first; that may wrap a bare base). With ``trainable``, backward must run inside the
-    block: the flags restored on exit no longer let gradients reach the adapter."""
+def kept_adapter_state(model: Any) -> Iterator[None]:
+    """Run the block, then give the PEFT ``model`` back as found: the active adapter(s), every
+    ``requires_grad`` flag, train/eval mode. Parameters created inside the block (a new
+    adapter) end frozen. Whoever calls code that may switch adapters (a reward function)
+    from inside another role's block wraps that call in this."""
     before = {id(p): p.requires_grad for p in model.parameters()}
     previous, was_training = list(model.active_adapters), model.training
     try:
-        yield activate_adapter(model, name, trainable)
+        yield
     finally:
         alive = [a for a in previous if a in model.peft_config]
         if len(alive) == 1:
@@ -100,6 +97,29 @@ def use_adapter(model: Any, name: str, trainable: bool = False) -> Iterator[list
         for p in model.parameters():
             p.requires_grad_(before.get(id(p), False))
         model.train(was_training)
+
+
+@contextmanager
+def use_adapter(model: Any, name: str, trainable: bool = False) -> Iterator[list[Any]]:
+    """Run the block with adapter ``name`` active (see :func:`activate_adapter`), then give the
+    model back as found (see :func:`kept_adapter_state`). Yields the adapter's parameters.
+
+    ``model`` must already be the PeftModel holding ``name`` (create or load the adapter
+    first; that may wrap a bare base). With ``trainable``, backward must run inside the
+    block: the flags restored on exit no longer let gradients reach the adapter."""
+    with kept_adapter_state(model):
+        yield activate_adapter(model, name, trainable)
+
+
+@contextmanager
+def use_base(model: Any) -> Iterator[None]:
+    """Every adapter off for the block: the base, which is PPO's reference policy and what the
+    reward model reads its features from. A bare model (no PEFT wrapper) needs nothing."""
+    if not hasattr(model, "disable_adapter"):
+        yield
+        return
+    with model.disable_adapter():
+        yield
 
 
 def lora_config(settings: LoraSettings) -> Any:

@@ -1,7 +1,8 @@
 """PPO: rollouts, KL-penalised rewards, GAE/RLOO, clipped losses, the exact KL loss, adaptive KL.
 
 The math lives in :mod:`rlhf_demo.ppo.core` as pure tensor functions; the rollout /
-update loop on the shared base in :mod:`rlhf_demo.ppo.trainer`.
+update loop on the shared base in :mod:`rlhf_demo.ppo.trainer`, sampling and the
+forward pass over answers in :mod:`rlhf_demo.ppo.rollouts`.
 """
 
 from rlhf_demo.ppo.core import (
@@ -23,15 +24,8 @@ from rlhf_demo.ppo.core import (
     value_loss,
     whiten,
 )
-from rlhf_demo.ppo.trainer import (
-    PPOTrainer,
-    ResponseForward,
-    Rollout,
-    response_forward,
-    sample,
-    sample_and_score,
-    truncate_at_eos,
-)
+from rlhf_demo.ppo.rollouts import ResponseForward, response_forward, sample, sample_and_score, truncate_at_eos
+from rlhf_demo.ppo.trainer import PPOTrainer, Rollout
 
 __all__ = [
     "AdaptiveKLController",

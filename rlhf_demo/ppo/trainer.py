@@ -3,12 +3,13 @@
 One base model holds three roles (no second copy of any weight, no deepcopy):
 
 - policy: the PEFT adapter ``policy_adapter`` (trained);
-- reference: the same base inside ``model.disable_adapter()`` (never trained);
+- reference: the same base with every adapter off (``use_base``, never trained);
 - value function: a :class:`ScalarHead` on the policy's last hidden states (trained).
 
 ``step`` reads top to bottom like CleanRL's ``ppo.py``; every implementation detail of
 "The N Implementation Details of RLHF with PPO" (Huang et al. 2023) that lives here is a
-line with a ``# detail:`` comment. The math itself is in :mod:`rlhf_demo.ppo.core`.
+line with a ``# detail:`` comment. The math itself is in :mod:`rlhf_demo.ppo.core`, sampling
+and the forward pass over answers in :mod:`rlhf_demo.ppo.rollouts`.
 
 Shapes: ``B`` responses, ``P`` prompt length (left padded), ``T`` response length
 (right padded after EOS), ``H`` hidden size, ``V`` vocabulary.
@@ -16,43 +17,44 @@ Shapes: ``B`` responses, ``P`` prompt length (left padded), ``T`` response lengt
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from rlhf_demo.modeling.adapters import activate_adapter, adapter_state, restore_adapter_state, save_adapter, use_adapter
+from rlhf_demo.modeling.adapters import (
+    adapter_parameters,
+    adapter_state,
+    kept_adapter_state,
+    restore_adapter_state,
+    save_adapter,
+    use_adapter,
+    use_base,
+)
 from rlhf_demo.modeling.heads import ScalarHead, hidden_size
-from rlhf_demo.modeling.loading import eos_token_ids, pad_token_id
 from rlhf_demo.modeling.quantized import keep_4bit_differentiable
 from rlhf_demo.ppo.core import (
-    DEFAULT_CHUNK_ROWS,
     PPOConfig,
     apply_missing_eos_penalty,
-    entropy_from_logits,
     gae,
     kl_controller,
     kl_penalized_rewards,
-    kl_to_reference,
-    logprobs_from_logits,
     masked_mean,
     policy_loss,
     rloo_advantages,
     value_loss,
     whiten,
 )
-from rlhf_demo.serving.engine import AsIs, Engine, Request
-from rlhf_demo.serving.sampling import Sampling
+from rlhf_demo.ppo.rollouts import Messages, RewardFn, causal_lm, response_forward, sample, sample_and_score, truncate_at_eos
 
-Messages = list[dict[str, str]]
-# reward_fn(prompts, completions, finished) -> (B,) scores; finished[i] is False when answer i
-# was cut at max_new_tokens (the reward model reads it without an end-of-turn marker).
-RewardFn = Callable[[list[Messages], list[str], list[bool]], torch.Tensor]
+# sample, sample_and_score and truncate_at_eos are re-exported: the worker and benches import them from here.
+__all__ = ["PPOTrainer", "Rollout", "TrainResult", "sample", "sample_and_score", "truncate_at_eos"]
+
+
 ADAM_EPS = 1e-5  # CleanRL / OpenAI baselines; TRL keeps torch's 1e-8
 
 
@@ -77,227 +79,6 @@ class Rollout:
     raw_scores: torch.Tensor  # (B,) reward_fn output
     scores: torch.Tensor  # (B,) raw_scores after the missing-EOS penalty
     completions: list[str]
-
-
-# ── building blocks (pure functions of tensors and a model) ──────────────────────────
-
-
-def truncate_at_eos(
-    response_ids: torch.Tensor, eos_ids: Iterable[int], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut each generated row (B, T) after its first EOS.
-
-    Returns ``(ids, mask, has_eos)``: ids (B, T') with the EOS kept as the last real
-    token and ``pad_id`` after it, mask (B, T') bool, has_eos (B,) bool. A row without
-    EOS keeps all its tokens. T' is the longest kept row (trailing all-pad columns go).
-    """
-    eos = torch.tensor(list(eos_ids), device=response_ids.device)
-    is_eos = torch.isin(response_ids, eos)
-    has_eos = is_eos.any(dim=1)
-    T = response_ids.shape[1]
-    first_eos = is_eos.long().argmax(dim=1)  # first maximum: the first EOS
-    length = torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, T))
-    mask = torch.arange(T, device=response_ids.device).unsqueeze(0) < length.unsqueeze(1)
-    ids = torch.where(mask, response_ids, torch.full_like(response_ids, pad_id))
-    keep = int(length.max()) if T else 0
-    return ids[:, :keep], mask[:, :keep], has_eos
-
-
-def causal_lm(model: Any) -> Any:
-    """The transformers ``*ForCausalLM`` inside a PEFT wrapper (LoRA layers are injected
-    in place, so the adapter that is active, or disabled, still applies), or ``model``."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-class ResponseForward(NamedTuple):
-    """What one forward pass over prompt + response gives, each (B, T) and 0 at padding."""
-
-    logprobs: torch.Tensor  # log-probs of the response tokens
-    values: torch.Tensor | None  # value-head estimates (with a value head)
-    entropy: torch.Tensor | None  # policy entropy (with_entropy)
-    kl: torch.Tensor | None  # exact KL to the reference over the vocabulary (given reference_hidden)
-    hidden: torch.Tensor | None  # (B, T, H) last hidden states at the response positions (keep_hidden)
-
-
-def response_forward(
-    model: Any,
-    query_ids: torch.Tensor,
-    query_mask: torch.Tensor,
-    response_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-    temperature: float = 1.0,
-    value_head: ScalarHead | None = None,
-    with_entropy: bool = False,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    reference_hidden: torch.Tensor | None = None,
-    keep_hidden: bool = False,
-) -> ResponseForward:
-    """One forward pass over prompt + response: log-probs of the response tokens, and
-    optionally values, entropies, the exact per-token KL to the reference and the hidden states.
-
-    ``model`` is a causal LM or a PEFT model; whatever adapter state it is in is what
-    gets scored. Differentiable when grad is enabled. Logits are computed only for real
-    response tokens, ``chunk_rows`` rows at a time (never a (B, L, V) tensor); with
-    grad and several chunks, each is checkpointed, so backward keeps one chunk of logits.
-    ``reference_hidden`` (B, T, H) is what ``keep_hidden`` returned for the same batch with the
-    adapters off: the reference's logits are its rows through the shared (never adapted) lm_head.
-    """
-    lm = causal_lm(model)
-    input_ids = torch.cat([query_ids, response_ids], dim=1)
-    attention_mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
-    # detail: position ids from the attention mask, so left padding does not shift the
-    # positions of real tokens (the same ids HF generate used while sampling).
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    hidden = lm.get_decoder()(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-    ).last_hidden_state
-    P, T = query_ids.shape[1], response_ids.shape[1]
-    # detail: logits at position t predict token t + 1: response token j sits at P + j
-    # and is predicted by the hidden state at P + j - 1 (P - 1 is the last prompt token,
-    # always real with left padding). The value of that state uses the same position.
-    hidden = hidden[:, P - 1 : P + T - 1]
-    mask = response_mask.bool()
-    rows, labels = hidden[mask], response_ids[mask]  # (N, H), (N,): real tokens only
-    ref_rows = reference_hidden[mask] if reference_hidden is not None else None
-    lm_head = lm.get_output_embeddings()
-
-    def chunk_logits(h: torch.Tensor) -> torch.Tensor:
-        # detail: divide logits by the sampling temperature, so the log-probs are those
-        # of the distribution the tokens were sampled from (TRL, Huang et al.).
-        return (lm_head(h) / temperature).unsqueeze(0)  # (1, n, V)
-
-    def chunk_terms(h: torch.Tensor, y: torch.Tensor, h_ref: torch.Tensor | None = None) -> torch.Tensor:
-        """(1 or 2, n): the label's log-prob and, given the reference's rows, the exact KL."""
-        logits = chunk_logits(h)
-        logprob = logprobs_from_logits(logits, y.unsqueeze(0)).squeeze(0)
-        if h_ref is None:
-            return logprob.unsqueeze(0)
-        with torch.no_grad():
-            ref_logits = chunk_logits(h_ref)
-        return torch.stack([logprob, kl_to_reference(logits, ref_logits).squeeze(0)])
-
-    if with_entropy and torch.is_grad_enabled():
-        raise ValueError("with_entropy is for monitoring: call under torch.no_grad()")
-    logprob_rows, kl_rows, entropy_rows = [], [], []
-    row_chunks = rows.split(chunk_rows)
-    ref_chunks = ref_rows.split(chunk_rows) if ref_rows is not None else [None] * len(row_chunks)
-    # detail: with several chunks, each is recomputed in backward so one chunk of logits is
-    # alive at a time; a single chunk peaks the same either way, and recomputing it would
-    # cost two more lm_head passes (policy and reference) per minibatch.
-    recompute = len(row_chunks) > 1
-    for h, y, h_ref in zip(row_chunks, labels.split(chunk_rows), ref_chunks, strict=True):
-        if torch.is_grad_enabled():
-            terms = checkpoint(chunk_terms, h, y, h_ref, use_reentrant=False) if recompute else chunk_terms(h, y, h_ref)
-            logprob_rows.append(terms[0])
-            kl_rows += [terms[1]] if h_ref is not None else []
-            continue
-        logits = chunk_logits(h)
-        logprob_rows.append(logprobs_from_logits(logits, y.unsqueeze(0)).squeeze(0))
-        if h_ref is not None:
-            kl_rows.append(kl_to_reference(logits, chunk_logits(h_ref)).squeeze(0))
-        if with_entropy:
-            entropy_rows.append(entropy_from_logits(logits).squeeze(0))
-
-    def scatter(values: list[torch.Tensor]) -> torch.Tensor:
-        out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        return out.masked_scatter(mask, torch.cat(values).float()) if values else out
-
-    return ResponseForward(
-        logprobs=scatter(logprob_rows),
-        values=scatter([value_head(rows)]) if value_head is not None else None,
-        entropy=scatter(entropy_rows) if with_entropy else None,
-        kl=scatter(kl_rows) if ref_rows is not None else None,
-        hidden=torch.zeros_like(hidden).masked_scatter(mask.unsqueeze(-1), rows.detach()) if keep_hidden else None,
-    )
-
-
-@dataclass
-class Sampled:
-    """Answers sampled together by the engine (``sample``), cut at their first EOS."""
-
-    query_ids: torch.Tensor  # (B, P) chat-templated prompts, left padded
-    query_mask: torch.Tensor  # (B, P)
-    response_ids: torch.Tensor  # (B, T)
-    response_mask: torch.Tensor  # (B, T) bool
-    has_eos: torch.Tensor  # (B,) bool
-    completions: list[str]
-
-
-@torch.no_grad()
-def sample(model: Any, tokenizer: Any, prompts: list[Messages], config: PPOConfig) -> Sampled:
-    """One answer per prompt from whatever adapter state ``model`` is in, decoded together by
-    the serving engine: an answer that ends leaves the batch and costs nothing more."""
-    device = model.get_input_embeddings().weight.device
-    eos_ids, pad_id = eos_token_ids(model, tokenizer), pad_token_id(model, tokenizer)
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    # detail: left padding, so every prompt ends where its answer starts.
-    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
-    query_ids, query_mask = enc["input_ids"], enc["attention_mask"]
-    # detail: sample from exactly softmax(logits / temperature) within top_p: no top-k, no
-    # repetition penalty, the same distribution whose log-probs PPO optimises (TRL).
-    sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
-    rows = [Request(ids[keep.bool()].tolist(), None, sampling, frozenset(eos_ids)) for ids, keep in zip(query_ids, query_mask, strict=True)]
-    Engine(AsIs(model), pad_id, str(device)).run(rows)
-    answers = [row.tokens + ([row.eos_token] if row.eos_token is not None else []) for row in rows]
-    width = max(map(len, answers))
-    output = torch.tensor([answer + [pad_id] * (width - len(answer)) for answer in answers], device=device)
-    # detail: each answer ends at its first EOS (kept as last token), masked after.
-    response_ids, response_mask, has_eos = truncate_at_eos(output, eos_ids, pad_id)
-    completions = [
-        tokenizer.decode(ids[keep], skip_special_tokens=True).strip() for ids, keep in zip(response_ids, response_mask, strict=True)
-    ]
-    return Sampled(query_ids, query_mask, response_ids, response_mask, has_eos, completions)
-
-
-@dataclass
-class ScoredAnswers:
-    """Sampled answers of one adapter with their scores and KL to the reference (the gate's
-    and the learning benchmark's view of a policy), one entry per prompt given."""
-
-    texts: list[str]
-    scores: list[float]
-    kl: list[float]  # nats per answer: sum over its tokens of log pi - log pi_ref
-    tokens: list[int]
-    eos: list[bool]
-
-
-@torch.no_grad()
-def sample_and_score(
-    model: Any,
-    tokenizer: Any,
-    adapter: str | None,
-    prompts: list[Messages],
-    score_fn: RewardFn,
-    config: PPOConfig,
-    batch_size: int = 32,
-) -> ScoredAnswers:
-    """Sample one answer per prompt from ``adapter`` (None: the reference, i.e. the base),
-    score them with ``score_fn(prompts, texts, finished)`` and measure their KL to the reference."""
-    out = ScoredAnswers([], [], [], [], [])
-    for i in range(0, len(prompts), max(1, batch_size)):
-        chunk = prompts[i : i + batch_size]
-        if adapter is None:
-            with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
-                s = sample(model, tokenizer, chunk, config)
-            kl = torch.zeros(len(chunk))
-        else:
-            with use_adapter(model, adapter):
-                s = sample(model, tokenizer, chunk, config)
-                batch = (s.query_ids, s.query_mask, s.response_ids, s.response_mask)
-                logprobs = response_forward(model, *batch, config.temperature).logprobs
-                with model.disable_adapter():
-                    ref_logprobs = response_forward(model, *batch, config.temperature).logprobs
-            kl = (logprobs - ref_logprobs).sum(dim=1)
-        scores = torch.as_tensor(score_fn(chunk, s.completions, s.has_eos.tolist()), dtype=torch.float32).reshape(-1)
-        out.texts += s.completions
-        out.scores += scores.tolist()
-        out.kl += kl.tolist()
-        out.tokens += s.response_mask.sum(dim=1).tolist()
-        out.eos += s.has_eos.tolist()
-    return out
 
 
 @dataclass
@@ -353,41 +134,47 @@ class PPOTrainer:
                 # start, so early advantages are the rewards, not a random head's noise.
                 torch.nn.init.zeros_(value_head.linear.weight)
             self.value_head = value_head.to(self.device)
-        self.policy_params = self._activate_policy()
+        self.policy_params = list(adapter_parameters(model, policy_adapter).values())
         self.trainable_params = self.policy_params + (list(self.value_head.parameters()) if self.value_head else [])
         # detail: AdamW over the policy LoRA (+ value head) only, eps 1e-5 (CleanRL), no
         # weight decay (decay would pull the LoRA delta, i.e. the policy, to the base).
         self.optimizer = torch.optim.AdamW(self.trainable_params, lr=config.learning_rate, eps=ADAM_EPS, weight_decay=0.0)
         self.kl_ctl = kl_controller(config)
 
-    def _activate_policy(self) -> list[torch.nn.Parameter]:
-        """Make the policy the active adapter and its LoRA weights the only trainable
-        parameters; called before all policy work, since scoring with the reward model
-        switches adapters in between."""
+    @contextmanager
+    def as_policy(self) -> Iterator[None]:
+        """The block runs with the policy the active adapter and its LoRA weights the only
+        trainable model parameters; the model's previous adapter state comes back after.
+        Inside it, the reward function is called within :func:`kept_adapter_state` and the
+        reference within :func:`use_base`, so neither can leave another adapter active."""
         # detail: dropout off for rollouts AND updates (Huang et al.; activate_adapter sets
         # eval mode): log-probs of the rollout and the first update agree, ratio starts at 1.
-        params = activate_adapter(self.model, self.policy_adapter, trainable=True)
-        # NF4 on CPU: stop bitsandbytes' inference repacking, whose kernel has no backward.
-        keep_4bit_differentiable(self.model)
-        return params
+        with use_adapter(self.model, self.policy_adapter, trainable=True):
+            # NF4 on CPU: stop bitsandbytes' inference repacking, whose kernel has no backward.
+            keep_4bit_differentiable(self.model)
+            yield
 
     # ----- rollout --------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, prompts: list[Messages]) -> Rollout:
         """Sample one answer per prompt, score it, and recompute log-probs (and values)."""
-        self._activate_policy()
+        with self.as_policy():
+            return self._rollout(prompts)
+
+    def _rollout(self, prompts: list[Messages]) -> Rollout:
         s = sample(self.model, self.tokenizer, prompts, self.config)
-        raw_scores = torch.as_tensor(self.reward_fn(prompts, s.completions, s.has_eos.tolist()), dtype=torch.float32).to(self.device).reshape(-1)
+        with kept_adapter_state(self.model):
+            scored = self.reward_fn(prompts, s.completions, s.has_eos.tolist())
+        raw_scores = torch.as_tensor(scored, dtype=torch.float32).to(self.device).reshape(-1)
         if raw_scores.shape[0] != len(prompts):
             raise ValueError(f"reward_fn gave {raw_scores.shape[0]} scores for {len(prompts)} answers")
-        self._activate_policy()  # the reward function may have switched adapters
         # detail: missing-EOS penalty for answers truncated by max_new_tokens.
         scores = apply_missing_eos_penalty(raw_scores, s.has_eos, self.config.missing_eos_penalty)
         batch = (s.query_ids, s.query_mask, s.response_ids, s.response_mask)
         temperature = self.config.temperature
         logprobs, values, entropy, _, _ = response_forward(self.model, *batch, temperature, self.value_head, with_entropy=True)
         # detail: reference = the same base with adapters disabled (no model copy).
-        with self.model.disable_adapter():
+        with use_base(self.model):
             reference = response_forward(self.model, *batch, temperature, keep_hidden=self.config.kl_loss_coef > 0)
         assert entropy is not None
         return Rollout(
@@ -411,6 +198,10 @@ class PPOTrainer:
         """Rollout (``samples_per_prompt`` answers per prompt), advantages, then
         ``ppo_epochs`` epochs of clipped updates. With ``kl_stop``, a rollout whose KL to
         the reference passes it ends the step before any update (stat ``kl_stop`` = 1)."""
+        with self.as_policy():
+            return self._step(prompts, kl_stop)
+
+    def _step(self, prompts: list[Messages], kl_stop: float | None) -> dict[str, float]:
         started = time.perf_counter()
         cfg = self.config
         k = cfg.samples_per_prompt
@@ -435,65 +226,11 @@ class PPOTrainer:
         }
         if kl_stop is not None and kl_per_answer > kl_stop:
             return {**stats, "kl_stop": 1.0, "updates": 0.0, "time_s": time.perf_counter() - started}
-        if cfg.whiten_rewards:
-            # detail: reward whitening, scale only (shift_mean=False), TRL's option.
-            rewards = whiten(rewards, mask, shift_mean=False)
-        returns: torch.Tensor | None = None
-        if cfg.advantage == "rloo":
-            # detail: RLOO: one return per answer (score - beta * its KL), minus the mean
-            # return of the other answers to the same prompt, on every token of the answer.
-            per_answer = rloo_advantages(rewards.sum(dim=1), k)
-            advantages = per_answer.unsqueeze(1) * mask
-            # detail: scale-only advantage whitening: the leave-one-out baseline already centres.
-            advantages = whiten(advantages, mask, shift_mean=False)
-        else:
-            # detail: GAE (gamma, lambda) on the rollout values; returns = advantages + V.
-            advantages, returns = gae(r.values, rewards, mask, cfg.gamma, cfg.lam)
-            # detail: advantage whitening over the whole batch (TRL), before minibatching.
-            advantages = whiten(advantages, mask)
-
-        self._activate_policy()
-        B = r.response_ids.shape[0]
-        history: list[dict[str, float]] = []
-        early_stopped = False
-        for _epoch in range(cfg.ppo_epochs):
-            # detail: shuffled minibatches, a fresh permutation every epoch.
-            for idx in torch.randperm(B, device=self.device).split(cfg.mini_batch_size):
-                m = mask[idx]
-                batch = (r.query_ids[idx], r.query_mask[idx], r.response_ids[idx], m)
-                ref_hidden = r.ref_hidden[idx] if r.ref_hidden is not None else None
-                logprobs, values, _, kl_to_ref, _ = response_forward(self.model, *batch, cfg.temperature, self.value_head, reference_hidden=ref_hidden)
-                # detail: clipped surrogate policy loss (ratio to the rollout policy).
-                pg_loss, step_stats = policy_loss(logprobs, r.logprobs[idx], advantages[idx], m, cfg.cliprange)
-                loss = pg_loss
-                if kl_to_ref is not None:
-                    # detail: exact KL to the reference over the vocabulary at every visited
-                    # state, token mean, in the loss (GRPO puts a sampled estimate there).
-                    kl_loss = masked_mean(kl_to_ref, m)
-                    loss = loss + cfg.kl_loss_coef * kl_loss
-                    step_stats = {**step_stats, "kl_loss": kl_loss.item()}
-                if values is not None and returns is not None:
-                    # detail: clipped value loss around the rollout values.
-                    vf_loss, vf_stats = value_loss(values, r.values[idx], returns[idx], m, cfg.cliprange_value)
-                    # detail: one joint loss, value term weighted by vf_coef.
-                    loss = loss + cfg.vf_coef * vf_loss
-                    step_stats = {**step_stats, **vf_stats, "value_loss": vf_loss.item()}
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                # detail: global gradient-norm clipping.
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm)
-                self.optimizer.step()
-                history.append({"policy_loss": pg_loss.item(), "grad_norm": float(grad_norm), **step_stats})
-                # detail: approx-KL early stopping of the remaining updates.
-                if cfg.early_stop_kl is not None and step_stats["approx_kl"] > cfg.early_stop_kl:
-                    early_stopped = True
-                    break
-            if early_stopped:
-                break
-        self.optimizer.zero_grad(set_to_none=True)
+        advantages, returns = self._advantages(r, rewards)
+        history, early_stopped = self._update(r, advantages, returns)
 
         # detail: adaptive KL control, fed the mean KL per answer (sum over its tokens).
-        self.kl_ctl.update(kl_per_answer, B)
+        self.kl_ctl.update(kl_per_answer, r.response_ids.shape[0])
         means = {key: sum(h[key] for h in history) / len(history) for key in (history[0] if history else {})}
         return {
             **stats,
@@ -502,6 +239,69 @@ class PPOTrainer:
             "early_stopped": float(early_stopped),
             "time_s": time.perf_counter() - started,
         }
+
+    def _advantages(self, r: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token advantages (B, T) and, with GAE, the value targets (B, T)."""
+        cfg, mask = self.config, r.response_mask
+        if cfg.whiten_rewards:
+            # detail: reward whitening, scale only (shift_mean=False), TRL's option.
+            rewards = whiten(rewards, mask, shift_mean=False)
+        if cfg.advantage == "rloo":
+            # detail: RLOO: one return per answer (score - beta * its KL), minus the mean
+            # return of the other answers to the same prompt, on every token of the answer.
+            per_answer = rloo_advantages(rewards.sum(dim=1), cfg.samples_per_prompt)
+            advantages = per_answer.unsqueeze(1) * mask
+            # detail: scale-only advantage whitening: the leave-one-out baseline already centres.
+            return whiten(advantages, mask, shift_mean=False), None
+        # detail: GAE (gamma, lambda) on the rollout values; returns = advantages + V.
+        advantages, returns = gae(r.values, rewards, mask, cfg.gamma, cfg.lam)
+        # detail: advantage whitening over the whole batch (TRL), before minibatching.
+        return whiten(advantages, mask), returns
+
+    def _update(self, r: Rollout, advantages: torch.Tensor, returns: torch.Tensor | None) -> tuple[list[dict[str, float]], bool]:
+        """``ppo_epochs`` epochs of minibatch updates; the stats of each, and whether the
+        approx-KL early stop ended them."""
+        cfg = self.config
+        history: list[dict[str, float]] = []
+        for _epoch in range(cfg.ppo_epochs):
+            # detail: shuffled minibatches, a fresh permutation every epoch.
+            for idx in torch.randperm(r.response_ids.shape[0], device=self.device).split(cfg.mini_batch_size):
+                history.append(self._minibatch(r, idx, advantages, returns))
+                # detail: approx-KL early stopping of the remaining updates.
+                if cfg.early_stop_kl is not None and history[-1]["approx_kl"] > cfg.early_stop_kl:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return history, True
+        self.optimizer.zero_grad(set_to_none=True)
+        return history, False
+
+    def _minibatch(self, r: Rollout, idx: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor | None) -> dict[str, float]:
+        """One clipped PPO update on the rows ``idx`` of the rollout; its stats."""
+        cfg = self.config
+        m = r.response_mask[idx]
+        batch = (r.query_ids[idx], r.query_mask[idx], r.response_ids[idx], m)
+        ref_hidden = r.ref_hidden[idx] if r.ref_hidden is not None else None
+        logprobs, values, _, kl_to_ref, _ = response_forward(self.model, *batch, cfg.temperature, self.value_head, reference_hidden=ref_hidden)
+        # detail: clipped surrogate policy loss (ratio to the rollout policy).
+        pg_loss, step_stats = policy_loss(logprobs, r.logprobs[idx], advantages[idx], m, cfg.cliprange)
+        loss = pg_loss
+        if kl_to_ref is not None:
+            # detail: exact KL to the reference over the vocabulary at every visited
+            # state, token mean, in the loss (GRPO puts a sampled estimate there).
+            kl_loss = masked_mean(kl_to_ref, m)
+            loss = loss + cfg.kl_loss_coef * kl_loss
+            step_stats = {**step_stats, "kl_loss": kl_loss.item()}
+        if values is not None and returns is not None:
+            # detail: clipped value loss around the rollout values.
+            vf_loss, vf_stats = value_loss(values, r.values[idx], returns[idx], m, cfg.cliprange_value)
+            # detail: one joint loss, value term weighted by vf_coef.
+            loss = loss + cfg.vf_coef * vf_loss
+            step_stats = {**step_stats, **vf_stats, "value_loss": vf_loss.item()}
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # detail: global gradient-norm clipping.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm)
+        self.optimizer.step()
+        return {"policy_loss": pg_loss.item(), "grad_norm": float(grad_norm), **step_stats}
 
     # ----- the loop -------------------------------------------------------------------
     def train(

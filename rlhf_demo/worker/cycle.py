@@ -68,7 +68,7 @@ def train_reward(
         report(step=done, total=total)
 
     config = dataclasses.replace(settings.training.reward, max_seconds=budget_s)
-    cap = settings.training.max_votes_per_session
+    cap = settings.limits.max_training_votes
     pairs, thumbs = (cap_per_voter(rows, settings.limits.max_training_share, cap) for rows in (store.preference_pairs(), store.thumb_examples()))
     rm, metrics = train_reward_model(loaded.model, loaded.tokenizer, pairs, thumbs, config, progress=progress)
     metrics.votes_used = len(pairs) + len(thumbs)

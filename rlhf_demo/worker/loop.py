@@ -121,7 +121,7 @@ class Worker:
     def serve_forever(self) -> None:
         self.repair()
         self.report(state="idle", message="waiting for votes")
-        poll = self.settings.training.poll_seconds
+        poll = self.settings.training.vote_poll_seconds
         while not self._stop.is_set():
             manual = take_training_request(self.settings.worker_dir)
             try:
