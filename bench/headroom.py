@@ -40,7 +40,7 @@ from rlhf_demo.modeling.heads import hidden_size  # noqa: E402
 from rlhf_demo.ppo.trainer import sample_and_score  # noqa: E402
 from rlhf_demo.reward.model import RewardModel, default_layer  # noqa: E402
 from rlhf_demo.reward.trainer import train_reward_model  # noqa: E402
-from rlhf_demo.selection import most_different, thompson_pair  # noqa: E402
+from rlhf_demo.selection import thompson_pair  # noqa: E402
 
 Answer = dict  # {"text", "finished", "score"}
 
@@ -87,6 +87,21 @@ def best_of(answers: list[Answer], n: int, key: str, rng: random.Random, draws: 
         pick = max(rng.sample(answers, n), key=lambda a: a[key])["score"]
         wins += [1.0 if pick > a["score"] else 0.5 if pick == a["score"] else 0.0 for a in answers]
     return statistics.fmean(wins)
+
+
+def most_different(features: torch.Tensor, texts: list[str]) -> tuple[int, int]:
+    """The two answers whose base features are furthest apart (cosine), distinct texts first:
+    a candidate rule for rounds before any reward model, measured here (stop 18: fewer
+    decisive pairs than two plain samples), not adopted."""
+    unit = torch.nn.functional.normalize(features.float(), dim=1)
+    distance = 1.0 - unit @ unit.T
+    best, pair = float("-inf"), (0, 1)
+    for i in range(len(texts)):
+        for j in range(i + 1, len(texts)):
+            value = float(distance[i, j]) + (0.0 if texts[i] != texts[j] else -10.0)
+            if value > best:
+                best, pair = value, (i, j)
+    return pair
 
 
 def differ(scores: list[float], pair: tuple[int, int]) -> bool:

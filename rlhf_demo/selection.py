@@ -6,8 +6,9 @@ decisive; a decisive pair exists among 4 samples 20 % of the time, docs/learning
 therefore samples ``candidates`` answers in one batched call and shows the pair chosen by
 double Thompson sampling over the reward ensemble (Dwaracherla et al., 2024): two ensemble
 members, drawn at random, each pick their best answer, so the pair is one the votes have not
-yet settled. While no trusted reward model exists, the two answers the base reads as most
-different are shown instead. ``passive`` (two samples) stays a setting.
+yet settled. Before the first ensemble exists, a round is two plain samples, as ``passive``
+(which stays a setting): showing the two answers the base reads as most different was
+measured and made fewer pairs decisive than two plain samples (docs/learning.md, stop 18).
 
 Best-of-n: a chat answer can be the trusted reward model's pick of ``best_of`` samples.
 
@@ -41,21 +42,6 @@ THOMPSON_TRIES = 8  # second draws before the pair falls back to the most uncert
 # ── the rules (pure: features and scores in, indices out) ────────────────────────────
 
 
-def most_different(features: torch.Tensor, texts: Sequence[str]) -> tuple[int, int]:
-    """The two answers whose base features are furthest apart (cosine), distinct texts
-    first: what to show while no reward model can say which answers differ in what voters
-    care about."""
-    unit = torch.nn.functional.normalize(features.float(), dim=1)
-    distance = 1.0 - unit @ unit.T
-    best, pair = float("-inf"), (0, 1)
-    for i in range(len(texts)):
-        for j in range(i + 1, len(texts)):
-            value = float(distance[i, j]) + (0.0 if texts[i] != texts[j] else -10.0)
-            if value > best:
-                best, pair = value, (i, j)
-    return pair
-
-
 def thompson_pair(members: torch.Tensor, texts: Sequence[str], rng: random.Random) -> tuple[int, int]:
     """Double Thompson sampling over ``members`` (M, k) scores: a random member picks its
     best answer, further random members pick theirs until one differs (in text too). When
@@ -73,15 +59,12 @@ def thompson_pair(members: torch.Tensor, texts: Sequence[str], rng: random.Rando
     return first, second
 
 
-def choose_pair(reading: Reading, texts: Sequence[str], rng: random.Random) -> tuple[tuple[int, int], str]:
-    """The pair of candidates to show and the rule that chose it (``dts`` with a trusted
-    ensemble of two or more members, else ``most_different``), in random order: position
-    must not tell which answer the first draw preferred."""
-    if reading.trusted and len(reading.members) >= 2:
-        pair, rule = thompson_pair(reading.members, texts, rng), "dts"
-    else:
-        pair, rule = most_different(reading.features, texts), "most_different"
-    return (pair if rng.random() < 0.5 else (pair[1], pair[0])), rule
+def choose_pair(reading: Reading, texts: Sequence[str], rng: random.Random) -> tuple[int, int]:
+    """The pair of candidates to show, by double Thompson sampling over the ensemble (trusted
+    or not: an untrusted ensemble is the most uncertain, which is when exploring pays), in
+    random order: position must not tell which answer the first draw preferred."""
+    pair = thompson_pair(reading.members, texts, rng)
+    return pair if rng.random() < 0.5 else (pair[1], pair[0])
 
 
 # ── reading answers in the serving process ───────────────────────────────────────────
@@ -163,7 +146,7 @@ class Round:
     """A Compare round: the two answers shown, and how they were chosen."""
 
     pair: list[Generation]
-    rule: str  # "passive" | "most_different" | "dts"
+    rule: str  # "passive" (the setting, or no ensemble yet) | "dts"
     candidates: int
 
 
@@ -193,7 +176,7 @@ def compare_round(
     ``candidates`` are), then the :class:`Round`. ``passive``: two samples of the served
     version in one batched call, streamed, exactly as before selection existed."""
     active = server.active
-    if config.rule == "passive":
+    if config.rule == "passive" or len(judge.model().members) < 2:  # no ensemble yet: nothing to choose by
         results: list[Generation] = []
         for item in server.stream_pair(messages, (active, active), sampling, should_stop=should_stop):
             if isinstance(item, list):
@@ -211,8 +194,8 @@ def compare_round(
         else:
             line = _progress(config.candidates, item, "candidate answers to choose a pair from")
             yield line, line
-    (i, j), rule = choose_pair(judge.read(generations), [g.text for g in generations], rng)
-    yield Round([generations[i], generations[j]], rule, config.candidates)
+    i, j = choose_pair(judge.read(generations), [g.text for g in generations], rng)
+    yield Round([generations[i], generations[j]], "dts", config.candidates)
 
 
 def best_answer(
@@ -235,4 +218,4 @@ def best_answer(
         yield Pick(item, 1) if isinstance(item, Generation) else item
 
 
-__all__ = ["Judge", "LocalBase", "Pick", "Reading", "Round", "best_answer", "choose_pair", "compare_round", "most_different", "thompson_pair"]
+__all__ = ["Judge", "LocalBase", "Pick", "Reading", "Round", "best_answer", "choose_pair", "compare_round", "thompson_pair"]

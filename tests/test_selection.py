@@ -1,5 +1,5 @@
 """Which answers visitors see: Compare's pair (double Thompson sampling over the reward
-ensemble, the most different pair before a trusted model, ``passive`` as before) and
+ensemble, two plain samples before the first ensemble, ``passive`` as before) and
 best-of-n chat answers, on the rules alone and through the serving runtime."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from rlhf_demo.config import SelectionSettings
 from rlhf_demo.reward import train_reward_model
 from rlhf_demo.reward.model import RewardModel
-from rlhf_demo.selection import Pick, Reading, Round, best_answer, choose_pair, compare_round, most_different, thompson_pair
+from rlhf_demo.selection import Pick, Reading, Round, best_answer, choose_pair, compare_round, thompson_pair
 from rlhf_demo.ui.handlers import ChatState, Handlers
 
 TEXTS = ["a", "b", "c", "d", "e"]
@@ -42,21 +42,10 @@ def test_thompson_pair_never_shows_the_same_text_twice():
         assert {i, j} != {0, 1}
 
 
-def test_most_different_picks_the_features_furthest_apart():
-    features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [-1.0, 0.05], [0.95, 0.0]])
-    assert most_different(features, ["w", "x", "y", "z"]) in {(0, 2), (1, 2), (2, 3)}
-    assert set(most_different(features, ["w", "x", "y", "z"])) == {0, 2}
-
-
-def test_choose_pair_uses_thompson_only_with_a_trusted_ensemble():
-    features = torch.eye(4)
+def test_choose_pair_explores_with_any_ensemble_in_random_order():
     members = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
-    untrusted = Reading(features, torch.zeros(4), members, trusted=False)
-    assert choose_pair(untrusted, TEXTS[:4], random.Random(0))[1] == "most_different"
-    trusted = dataclasses.replace(untrusted, trusted=True)
-    (i, j), rule = choose_pair(trusted, TEXTS[:4], random.Random(0))
-    assert rule == "dts" and {i, j} == {2, 3}
-    orders = {choose_pair(trusted, TEXTS[:4], random.Random(seed))[0] for seed in range(20)}
+    reading = Reading(torch.eye(4), torch.zeros(4), members, trusted=False)
+    orders = {choose_pair(reading, TEXTS[:4], random.Random(seed)) for seed in range(20)}
     assert orders == {(2, 3), (3, 2)}  # the first draw's favourite is not always shown as A
 
 
@@ -100,12 +89,16 @@ def test_passive_is_two_samples_as_before(runtime):
     assert [g.text for g in round_.pair] == [g.text for g in before]
 
 
-def test_dts_round_before_any_reward_model_shows_the_most_different_pair(runtime):
-    server = runtime.server
-    stream = list(compare_round(server, runtime.judge, [{"role": "user", "content": "Hi"}], server.sampling(max_new_tokens=8), SelectionSettings(candidates=5), random.Random(0)))
+def test_dts_round_is_two_plain_samples_until_an_ensemble_exists_then_chooses_among_candidates(runtime):
+    server, prompt = runtime.server, [{"role": "user", "content": "Hi"}]
+    sampling, config = server.sampling(max_new_tokens=8), SelectionSettings(candidates=5)
+    *_, before = compare_round(server, runtime.judge, prompt, sampling, config, random.Random(0))
+    assert before.rule == "passive" and before.candidates == 2
+    save_trusted_model(runtime, torch.ones(runtime.judge.model().weight.shape[0]))
+    stream = list(compare_round(server, runtime.judge, prompt, sampling, config, random.Random(0)))
     assert all("Writing 5 candidate" in a for a, _ in stream[:-1])  # progress while candidates are written
     round_ = stream[-1]
-    assert round_.rule == "most_different" and round_.candidates == 5 and len(round_.pair) == 2
+    assert round_.rule == "dts" and round_.candidates == 5 and len(round_.pair) == 2
 
 
 def save_trusted_model(runtime, weight: torch.Tensor) -> None:
