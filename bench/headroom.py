@@ -10,7 +10,7 @@ held-out prompts, judges against all base answers of the prompt (ties ½):
 * the reward model's pick among ``n`` random answers (the headroom of this reward model);
 * the rater's own pick (an oracle: the headroom of the base's answers at that KL).
 
-PPO's win-rate at a KL can be read against these (docs/learning.md, stop 15).
+PPO's win-rate at a KL can be read against these (docs/learning.md, headroom).
 
     python bench/headroom.py --rater bench.raters:enthusiasm --seeds 3
     python bench/headroom.py --quick                     # tiny model: plumbing only
@@ -91,8 +91,8 @@ def best_of(answers: list[Answer], n: int, key: str, rng: random.Random, draws: 
 
 def most_different(features: torch.Tensor, texts: list[str]) -> tuple[int, int]:
     """The two answers whose base features are furthest apart (cosine), distinct texts first:
-    a candidate rule for rounds before any reward model, measured here (stop 18: fewer
-    decisive pairs than two plain samples), not adopted."""
+    a candidate rule for rounds before any reward model, measured here (fewer decisive pairs
+    than two plain samples), not adopted."""
     unit = torch.nn.functional.normalize(features.float(), dim=1)
     distance = 1.0 - unit @ unit.T
     best, pair = float("-inf"), (0, 1)

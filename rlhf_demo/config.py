@@ -129,7 +129,7 @@ class PPOConfig:
     """``"rloo"``: REINFORCE leave-one-out (Ahmadian et al. 2024) - the advantage of an answer
     is its KL-penalised score minus the mean of the other answers to the same prompt, no
     value head; ``"gae"``: GAE on a value head trained alongside and kept with each version
-    (classic RLHF PPO). On the same runs neither won (docs/learning.md, stop 17)."""
+    (classic RLHF PPO). On the same runs neither won (docs/learning.md, RLOO vs GAE)."""
     gamma: float = 1.0
     """Discount (GAE); 1.0: the score comes once, at the end of a short episode (TRL)."""
     lam: float = 0.95
@@ -143,12 +143,12 @@ class PPOConfig:
     init_kl_coef: float = 0.0
     """Initial beta of the KL penalty in the reward (Ziegler et al., TRL <= 0.11: minus beta
     times the answer's sampled KL, summed over its tokens). Off by default: ``kl_loss_coef``
-    does that job without its noise (docs/learning.md, stop 16; stop 15 used 0.15)."""
+    does that job without its noise (docs/learning.md, the KL as a loss term)."""
     kl_loss_coef: float = 0.2
     """Weight of the exact KL to the reference (over the vocabulary, at every state the
     rollouts visited, token mean) in the loss. The reward's penalty is a one-sample estimate
     per answer; this term has no sampling noise at a state, so it pulls back the directions
-    the policy drifted in on noise alone (docs/learning.md, stop 16: 0.2 measured best of
+    the policy drifted in on noise alone (docs/learning.md: 0.2 measured best of
     0.2 / 0.5 / 1.0). 0: off."""
     target_kl: float = 6.0
     """Target KL per answer (summed over its tokens) of the adaptive controller."""
@@ -245,12 +245,12 @@ class SelectionSettings:
     """Compare's pair: ``dts`` picks 2 of ``candidates`` samples by double Thompson sampling
     over the reward ensemble (two plain samples until the first ensemble exists);
     ``passive``: two samples. On base answers, 67 votes, 3 seeds: decisive pairs 0.33 vs 0.26
-    (enthusiasm) and 0.16 vs 0.14 (keyword) for ``dts`` vs ``passive`` (docs/learning.md, stop 18)."""
+    (enthusiasm) and 0.16 vs 0.14 (keyword) for ``dts`` vs ``passive`` (docs/learning.md, pair selection)."""
     candidates: int = 4
     """Samples a ``dts`` Compare round draws, in one batched call. 4: a decisive pair exists
     among 4 base samples about as often as among 8 (keyword 20 / 23 %, enthusiasm 40 / 47 %),
     and a round of 4 plus the reward model's reading took 1.31x today's two samples on this
-    CPU (docs/learning.md, stop 18)."""
+    CPU (docs/learning.md, pair selection)."""
     candidate_temperature: float | None = None
     """Temperature of those samples; None: the visitor's (the served policy's)."""
     best_of: int = 1

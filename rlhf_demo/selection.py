@@ -8,7 +8,7 @@ double Thompson sampling over the reward ensemble (Dwaracherla et al., 2024): tw
 members, drawn at random, each pick their best answer, so the pair is one the votes have not
 yet settled. Before the first ensemble exists, a round is two plain samples, as ``passive``
 (which stays a setting): showing the two answers the base reads as most different was
-measured and made fewer pairs decisive than two plain samples (docs/learning.md, stop 18).
+measured and made fewer pairs decisive than two plain samples (docs/learning.md, pair selection).
 
 Best-of-n: a chat answer can be the trusted reward model's pick of ``best_of`` samples.
 

@@ -1,4 +1,4 @@
-"""Hostile input, one table (issue 11): every kind of bad value a browser (or a buggy caller)
+"""Hostile input, one table: every kind of bad value a browser (or a buggy caller)
 can hand to an entry point is refused with the project's own clear message, and nothing is
 written.
 

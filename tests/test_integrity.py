@@ -1,4 +1,4 @@
-"""Visitor identity and vote integrity (issue 11): one person cannot steer the model, one
+"""Visitor identity and vote integrity: one person cannot steer the model, one
 pair gets one vote, the model sees only the server's record, bad input writes nothing."""
 
 from __future__ import annotations

@@ -554,7 +554,7 @@ class NoisyKL(KLRamp):
 def test_a_noisy_first_batch_does_not_end_training(policy, tiny_loaded):
     """The first rollouts show the starting policy (which the gate measured on more answers), not
     an update of this call: a batch of 32 answers reads its KL ±1 nat, so one high reading must
-    not throw the cycle away (stop 15: two runs lost their last cycle this way)."""
+    not throw the cycle away (measured runs lost their last cycle this way)."""
     trainer = PPOTrainer(policy, tiny_loaded.tokenizer, random_reward, dataclasses.replace(FAST, kl_stop=2.5))
     trainer.step = NoisyKL(policy, [3.0, 1.5, 2.0])
     result = trainer.train([user(p) for p in PROMPTS], 3)

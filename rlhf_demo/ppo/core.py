@@ -341,7 +341,7 @@ def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Ten
     divided by the sampling temperature). Returns (...). Differentiable with respect to
     ``logits``. Unlike the sampled-token estimate ``log pi(a) - log pi_ref(a)``, it has no
     sampling noise at a visited state, so as a loss term it pulls every direction the
-    policy drifted in back toward the reference (docs/learning.md, stop 16).
+    policy drifted in back toward the reference (docs/learning.md, the KL as a loss term).
     """
     dtype = _compute_dtype(logits.dtype)
     logp = torch.log_softmax(logits.to(dtype), dim=-1)

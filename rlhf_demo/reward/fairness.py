@@ -113,3 +113,11 @@ def cap_per_voter(rows: Sequence[dict[str, Any]], max_share: float, cap: int = 0
         actor_sizes[actor] += min(visitor_sizes[visitor], visitor_cap)
     actor_cap = _limit(list(actor_sizes.values()), max_share, cap)
     return _keep_newest(rows, [(visitors, visitor_cap), (actors, actor_cap)])
+
+
+def training_votes(store: Any, limits: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The A/B pairs and thumbs the next reward model trains on: each kind capped per voter
+    by ``limits`` (``max_training_share``, ``max_training_votes``). The worker trains on
+    exactly these; the dashboard counts them."""
+    share, cap = limits.max_training_share, limits.max_training_votes
+    return cap_per_voter(store.preference_pairs(), share, cap), cap_per_voter(store.thumb_examples(), share, cap)

@@ -20,17 +20,16 @@ the policy's adapters, ``requires_grad`` flags and train/eval mode as they were.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhf_demo.config import RewardConfig
-from rlhf_demo.modeling.adapters import AdapterError
+from rlhf_demo.modeling.adapters import AdapterError, use_base
 from rlhf_demo.reward.losses import normalize_scores
 
 PROBE_FILE = "probe.safetensors"
@@ -62,13 +61,6 @@ def default_layer(model: Any) -> int:
     config = model.config
     layers = getattr(config, "num_hidden_layers", None) or config.get_text_config().num_hidden_layers
     return max(1, round(2 * int(layers) / 3))
-
-
-@contextlib.contextmanager
-def base_only(model: Any) -> Iterator[None]:
-    """Every adapter off for the block (a bare model needs nothing)."""
-    with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
-        yield
 
 
 class _Reached(Exception):
@@ -237,7 +229,7 @@ class RewardModel:
         was_training = self.model.training
         self.model.eval()
         try:
-            with base_only(self.model):
+            with use_base(self.model):
                 for first in range(0, len(order), max(1, batch_size)):
                     chunk = order[first : first + batch_size]
                     width = max(len(encoded[i][0]) for i in chunk)
@@ -285,4 +277,4 @@ class RewardModel:
         return normalize_scores(raw, self.mean, self.std) if normalized else raw
 
 
-__all__ = ["MAX_LENGTH", "NORMALIZER_FILE", "PROBE_FILE", "RewardModel", "base_only", "chat_text", "default_layer", "prompt_text"]
+__all__ = ["MAX_LENGTH", "NORMALIZER_FILE", "PROBE_FILE", "RewardModel", "chat_text", "default_layer", "prompt_text"]

@@ -11,7 +11,7 @@ from typing import Any
 
 from rlhf_demo.analytics import leaderboard, matches_from_votes
 from rlhf_demo.config import Settings
-from rlhf_demo.reward.fairness import cap_per_voter
+from rlhf_demo.reward.fairness import training_votes
 from rlhf_demo.reward.trainer import RewardMetrics
 from rlhf_demo.runtime import Runtime
 from rlhf_demo.store import FeedbackStore
@@ -120,14 +120,13 @@ def counted_markdown(store: FeedbackStore, settings: Settings) -> str:
 def votes_kept(store: FeedbackStore, settings: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(the vote examples the next reward model trains on, all of them): the worker keeps each
     visitor's and network's newest, within its share."""
-    share, cap = settings.limits.max_training_share, settings.training.max_votes_per_session
-    rows = (store.preference_pairs(), store.thumb_examples())
-    return [row for r in rows for row in cap_per_voter(r, share, cap)], [row for r in rows for row in r]
+    pairs, thumbs = training_votes(store, settings.limits)
+    return [*pairs, *thumbs], [*store.preference_pairs(), *store.thumb_examples()]
 
 
 def cap_rule(settings: Settings) -> str:
-    share, cap = settings.limits.max_training_share, settings.training.max_votes_per_session
-    return f"one visitor or network may hold at most {share:.0%} of them (an equal share while there are few voters), and {cap} of each kind"
+    share, cap = settings.limits.max_training_share, settings.limits.max_training_votes
+    return f"one voter (their visitor ids and networks together) may hold at most {share:.0%} of them (while there are few voters, no more than another voter), and at most {cap} of each kind"
 
 
 def _metric_series(store: FeedbackStore, run_id: int, phase: str, name: str) -> tuple[list[int], list[float]]:

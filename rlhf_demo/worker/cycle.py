@@ -22,7 +22,7 @@ from rlhf_demo.modeling.adapters import attach_new_adapter, put_adapter
 from rlhf_demo.modeling.heads import HEAD_FILE, ScalarHead, hidden_size
 from rlhf_demo.ppo.trainer import PPOTrainer, sample_and_score
 from rlhf_demo.reward import holdout_split
-from rlhf_demo.reward.fairness import cap_per_voter
+from rlhf_demo.reward.fairness import training_votes
 from rlhf_demo.reward.model import RewardModel
 from rlhf_demo.reward.trainer import RewardMetrics, train_reward_model
 from rlhf_demo.store import FeedbackStore
@@ -68,8 +68,7 @@ def train_reward(
         report(step=done, total=total)
 
     config = dataclasses.replace(settings.training.reward, max_seconds=budget_s)
-    cap = settings.limits.max_training_votes
-    pairs, thumbs = (cap_per_voter(rows, settings.limits.max_training_share, cap) for rows in (store.preference_pairs(), store.thumb_examples()))
+    pairs, thumbs = training_votes(store, settings.limits)
     rm, metrics = train_reward_model(loaded.model, loaded.tokenizer, pairs, thumbs, config, progress=progress)
     metrics.votes_used = len(pairs) + len(thumbs)
     rm.trusted = untrusted_reward(metrics, gate) is None
@@ -100,8 +99,8 @@ def resume_point(store: FeedbackStore, active: str | None, gate: GateConfig) -> 
     A candidate the gate turned down only for want of confidence (its held-out gain over the
     active version was positive, its KL within bound, its answers sane) is promising but
     unproven. Training it further, instead of starting again from the active version, lets
-    small steps add up across cycles: in stop 14 every cycle of the enthusiasm run began
-    again from the base and each fell short of the gate by noise. Only the latest cycle that
+    small steps add up across cycles: when every cycle began again from the base, each fell
+    short of the gate by noise (docs/learning.md). Only the latest cycle that
     trained counts: when it kept nothing (its KL budget spent) or a version was published
     since, the chain ends and training starts from what is served.
     """
