@@ -51,7 +51,7 @@ def from_env(obj: Any, prefix: str, env: dict[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
         current, key = getattr(obj, f.name), f"{prefix}{f.name.upper()}"
-        if dataclasses.is_dataclass(current):
+        if dataclasses.is_dataclass(current) and not isinstance(current, type):
             nested = from_env(current, f"{key}__", env)
             if nested:
                 try:

@@ -107,7 +107,7 @@ def matmul_kernels(model: Any, tokens: int) -> Iterator[None]:
         yield
         return
     before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a settable flag at run time
     try:
         yield
     finally:

@@ -78,7 +78,7 @@ class ServingEngine(Protocol):
         versions: tuple[str, str],
         sampling: Sampling | None = None,
         should_stop: Callable[[], bool] | None = None,
-    ) -> Iterator[tuple[str, str] | list[Generation]]:
+    ) -> Iterator[tuple[str, ...] | list[Generation]]:
         """Answers to one prompt, one per version: the texts as they grow, then the list of
         results; ``should_stop`` ends every row at its next token (Compare's Stop)."""
 

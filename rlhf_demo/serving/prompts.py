@@ -73,7 +73,8 @@ def encode(tokenizer: Any, messages: Any, budget: PromptBudget) -> tuple[list[di
     for _ in range(_MAX_PASSES):
         total = int(ids["input_ids"].shape[1])
         overhead = max(0.0, (total - sum(counts)) / len(kept))  # template tokens per message
-        keep, cut, excess = _first_droppable(kept), _first_droppable(kept), total - budget.max_tokens
+        keep, cut = _first_droppable(kept), _first_droppable(kept)
+        excess: float = total - budget.max_tokens
         while excess > 0 and cut < len(kept) - 1:
             excess -= counts[cut] + overhead
             cut += 1

@@ -151,7 +151,7 @@ class PolicyServer:
         """``count`` answers of one version to one prompt, decoded in shared steps (Compare's
         candidates, best-of-n): the texts as they grow, then the finished answers."""
         for item in self._stream_rows(messages, [version] * count, sampling, should_stop):
-            yield [item] if isinstance(item, Generation) else item  # type: ignore[misc]
+            yield [item] if isinstance(item, Generation) else item
 
     def generate_many(
         self, conversations: list[list[dict[str, str]]], version: str | None = None, sampling: Sampling | None = None

@@ -145,7 +145,7 @@ class VllmEngine:
         should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[str | Generation]:
         for item in self._stream_rows(self._groups([messages], [version]), sampling, should_stop):
-            yield item[0]  # type: ignore[misc]
+            yield item[0]
 
     def generate(self, messages: list[dict[str, str]], version: str | None = None, sampling: Sampling | None = None) -> Generation:
         *_, result = self.stream(messages, version, sampling)

@@ -98,7 +98,7 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
 
 
 def check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_INTEGER:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) <= MAX_INTEGER:
         raise InvalidInputError(f"{name} must be a whole number from 0 to {MAX_INTEGER}, got {shown(value)}")
     return int(value)
 
@@ -114,9 +114,9 @@ def is_finite_number(value: object) -> bool:
 
 
 def check_seconds(name: str, value: object) -> float:
-    if not is_finite_number(value) or value < 0:
+    if not is_finite_number(value) or float(value) < 0:  # type: ignore[arg-type]  # a finite Real
         raise InvalidInputError(f"{name} must be a finite number >= 0, got {shown(value)}")
-    return float(value)
+    return float(value)  # type: ignore[arg-type]
 
 
 def check_key(what: str, key: object) -> str | int:

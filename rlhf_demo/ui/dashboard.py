@@ -142,8 +142,8 @@ def _figure() -> tuple[Any, Any]:
     import matplotlib.pyplot as plt
 
     grey = "#8a8a8a"
-    style = {"text.color": grey, "axes.labelcolor": grey, "axes.edgecolor": grey, "xtick.color": grey, "ytick.color": grey, "axes.facecolor": "none", "legend.framealpha": 0.0}
-    with plt.rc_context(style):
+    style: dict[str, Any] = {"text.color": grey, "axes.labelcolor": grey, "axes.edgecolor": grey, "xtick.color": grey, "ytick.color": grey, "axes.facecolor": "none", "legend.framealpha": 0.0}
+    with plt.rc_context(style):  # type: ignore[arg-type]  # rcParams keys, checked by matplotlib at run time
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
     fig.patch.set_alpha(0.0)
     return fig, axes
@@ -281,7 +281,7 @@ def build_dashboard_tab(events: DashboardEvents, demo: Any) -> Any:
     """The Dashboard tab inside the current Blocks."""
     import gradio as gr
 
-    private = {"api_visibility": "private"}
+    private: dict[str, Any] = {"api_visibility": "private"}
     with gr.Tab("Dashboard") as tab:
         worker_md = gr.Markdown()
         sync_md = gr.Markdown()

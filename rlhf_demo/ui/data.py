@@ -93,8 +93,8 @@ def build_data_tab(events: DataEvents, model_info: gr.Markdown, chat: list[Any],
         export_pref.click(events.export_preferences, None, export_file, api_name="export_preferences")
         export_kto.click(events.export_unpaired, None, export_file, api_name="export_unpaired")
         # Two steps: the first click only asks; deleting needs the confirmation.
-        delete_mine.click(ask_delete, None, [confirm_row, delete_status], api_name=False)
-        cancel_delete.click(hide_row, None, confirm_row, api_name=False)
+        delete_mine.click(ask_delete, None, [confirm_row, delete_status], **PRIVATE)
+        cancel_delete.click(hide_row, None, confirm_row, **PRIVATE)
         confirm_delete.click(events.on_delete, None, [delete_status, confirm_row, counts, export_file, *chat], api_name="delete_my_data")
         if runtime.settings.admin_token:  # absent, not just disabled, without a token
             build_admin(events, export_file)

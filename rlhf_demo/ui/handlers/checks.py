@@ -6,7 +6,7 @@ with a message written for the visitor (nothing has been written at that point).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 from rlhf_demo.config import Limits
 from rlhf_demo.serving import strip_control
@@ -127,6 +127,6 @@ def check_liked(liked: Any) -> int | None:
     return LIKED[liked]
 
 
-def two_strings(value: Any) -> bool:
+def two_strings(value: Any) -> TypeGuard[tuple[str, str]]:
     """A pair state's ids or versions: exactly two strings."""
     return isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, str) for v in value)

@@ -46,7 +46,7 @@ class CompareHandlers(TabHandlers):
         text = check_message(message, self.limits)
         checked = {k: v for k, v in check_sampling(**sampling).items() if v is not None}
         source = SOURCES.get(source_label, source_label) if isinstance(source_label, str) else None
-        if source not in SOURCES.values():
+        if source is None or source not in SOURCES.values():
             raise UserError(f"Unknown comparison source {str(source_label)[:40]!r}.")
         state = PairState(source=source, generating=True)
         results: list[Generation] = []
@@ -104,7 +104,7 @@ class CompareHandlers(TabHandlers):
         version wrote which answer."""
         visitor = check_visitor(visitor)
         outcome = OUTCOMES.get(outcome_label, outcome_label) if isinstance(outcome_label, str) else None
-        if outcome not in OUTCOMES.values():
+        if outcome is None or outcome not in OUTCOMES.values():
             raise UserError(f"Unknown outcome {str(outcome_label)[:40]!r}.")
         if isinstance(state, PairState) and state.generating:
             raise UserError("Wait until both answers are finished.")
