@@ -136,3 +136,17 @@ def test_editing_a_sent_question_branches_from_its_parent(events, runtime):
     answer_edit = ev({"index": 3, "value": "I am root", "previous_value": ""})
     with pytest.raises(gr.Error, match="Only your own messages"):
         list(events.on_edit(browser_copy(edited), state, 0.7, 0.9, 4, answer_edit, FakeRequest()))
+
+
+def test_an_empty_chat_from_the_page_starts_a_new_conversation(runtime):
+    """An API client (or a page whose chat was emptied) sending ``history=[]`` asks a fresh
+    question: the answer is the first of a new conversation, and a vote on position 1 lands on
+    it, not on the first answer of the earlier conversation."""
+    handlers, state = Handlers(runtime), ChatState()
+    *_, first = handlers.chat(VISITOR, "first question", [], state, 0.0, 1.0, 4)
+    first_id, first_conversation = state.response_ids[1], state.conversation_id
+    *_, second = handlers.chat(VISITOR, "second question", [], state, 0.0, 1.0, 4)
+    assert [m["content"] for m in second if m["role"] == "user"] == ["second question"]
+    assert state.conversation_id != first_conversation and state.response_ids[1] != first_id
+    assert handlers.rate_api(VISITOR, state, 1, True) == "👍 recorded."
+    assert runtime.store.get_response(state.response_ids[1])["prompt"][-1]["content"] == "second question"

@@ -234,7 +234,7 @@ def test_a_hot_swap_under_load_fails_no_request_and_an_app_restart_finds_the_reg
         assert handlers.like("visitor-1", state, 1, True) == "👍 recorded."
         *_, (a, b, pair) = handlers.compare_stream("visitor-1", "Say hi", "Active vs previous version", max_new_tokens=8)
         assert set(pair.versions) == {"v1", "v2"} and a and b
-        assert handlers.vote_pair("visitor-1", pair, "A is better")[0].startswith("Vote recorded.")
+        assert handlers.vote_pair("visitor-1", pair, "A is better")[0].startswith("Vote recorded")
     finally:
         restarted.close()
 

@@ -133,6 +133,9 @@ class ChatHandlers(TabHandlers):
         text = check_message(message, self.limits)
         sampling = check_sampling(temperature, top_p, max_new_tokens)
         visitor, state = self._checked(visitor, chat, state)
+        if chat == [] and state.messages:  # the page shows no conversation: this asks a new one
+            fresh = ChatState()
+            state.conversation_id, state.response_ids, state.messages, state.disliked = None, fresh.response_ids, fresh.messages, None
         if sum(1 for m in state.messages if m["role"] == "user") >= self.limits.max_turns:
             raise UserError(f"This conversation reached {self.limits.max_turns} turns; press Clear to start a new one.")
         record, parent = self.recorded_history(visitor, state)
