@@ -69,13 +69,28 @@ def simulate_votes(answers: dict[str, list[Answer]], budget: int, rng: random.Ra
         msgs = messages(prompt)
         if a["score"] != b["score"]:
             chosen, rejected = (a, b) if a["score"] > b["score"] else (b, a)
-            pairs.append({"prompt": msgs, "chosen": chosen["text"], "rejected": rejected["text"], "chosen_finished": chosen["finished"], "rejected_finished": rejected["finished"]})
+            pairs.append(
+                {
+                    "prompt": msgs,
+                    "chosen": chosen["text"],
+                    "rejected": rejected["text"],
+                    "chosen_finished": chosen["finished"],
+                    "rejected_finished": rejected["finished"],
+                }
+            )
         votes += 1
         median = statistics.median(seen)
         for answer in rng.sample([a, b], 2):
             if votes >= budget:
                 break
-            thumbs.append({"prompt": msgs, "completion": answer["text"], "label": 1 if answer["score"] > median else -1, "finished": answer["finished"]})
+            thumbs.append(
+                {
+                    "prompt": msgs,
+                    "completion": answer["text"],
+                    "label": 1 if answer["score"] > median else -1,
+                    "finished": answer["finished"],
+                }
+            )
             votes += 1
     return pairs, thumbs
 
@@ -109,7 +124,9 @@ def differ(scores: list[float], pair: tuple[int, int]) -> bool:
     return scores[pair[0]] != scores[pair[1]]
 
 
-def selection_study(loaded, train: list[str], config: PPOConfig, raters: list[str], k: int, budget: int, seeds: int, temperatures: list[float]) -> dict:
+def selection_study(
+    loaded, train: list[str], config: PPOConfig, raters: list[str], k: int, budget: int, seeds: int, temperatures: list[float]
+) -> dict:
     """How often a Compare pair is decisive (the rater does not call it a tie) under each rule,
     on base answers: ``passive`` (two samples), the most different of ``k`` (no reward
     model yet), double Thompson sampling over an ensemble fitted on ``budget`` passive votes
@@ -123,7 +140,9 @@ def selection_study(loaded, train: list[str], config: PPOConfig, raters: list[st
         texts = base_answers(loaded, shown, k, sampled, lambda p, r: 0.0)
         vote_answers = base_answers(loaded, voted, 2, dataclasses.replace(config, top_p=0.9), lambda p, r: 0.0)
         reader = RewardModel(loaded.model, loaded.tokenizer, default_layer(loaded.model), torch.zeros(hidden_size(loaded.model)))
-        features = {p: reader.features([messages(p)] * k, [a["text"] for a in texts[p]], [a["finished"] for a in texts[p]]) for p in shown}
+        features = {
+            p: reader.features([messages(p)] * k, [a["text"] for a in texts[p]], [a["finished"] for a in texts[p]]) for p in shown
+        }
         for name in raters:
             rater = load_rater(name)
             answers[name] = {p: [{**a, "score": float(rater(p, a["text"]))} for a in texts[p]] for p in shown}
@@ -140,10 +159,25 @@ def selection_study(loaded, train: list[str], config: PPOConfig, raters: list[st
                     counts["most_different"] += differ(scores, most_different(features[p], texts_p))
                     counts["dts"] += differ(scores, thompson_pair(rm.member_scores(features[p]), texts_p, rng))
                     counts["oracle"] += any(differ(scores, (i, j)) for i in range(k) for j in range(i + 1, k))
-                rows.append({"seed": seed, "rm_agreement": metrics.agreement, "rm_lower_bound": metrics.agreement_lower_bound, **{r: c / len(shown) for r, c in counts.items()}})
-            mean = {key: statistics.fmean([r[key] for r in rows if r[key] is not None] or [float("nan")]) for key in rows[0] if key != "seed"}
+                rows.append(
+                    {
+                        "seed": seed,
+                        "rm_agreement": metrics.agreement,
+                        "rm_lower_bound": metrics.agreement_lower_bound,
+                        **{r: c / len(shown) for r, c in counts.items()},
+                    }
+                )
+            mean = {
+                key: statistics.fmean([r[key] for r in rows if r[key] is not None] or [float("nan")])
+                for key in rows[0]
+                if key != "seed"
+            }
             out[f"{name} T={temperature}"] = {"mean": mean, "seeds": rows, "prompts": len(shown)}
-            print(f"decisive pairs, {name}, T={temperature}, k={k}, RM on {budget} votes: " + ", ".join(f"{r} {mean[r]:.2f}" for r in ("passive", "most_different", "dts", "oracle")) + f" (RM agreement {mean['rm_agreement']:.2f})")
+            print(
+                f"decisive pairs, {name}, T={temperature}, k={k}, RM on {budget} votes: "
+                + ", ".join(f"{r} {mean[r]:.2f}" for r in ("passive", "most_different", "dts", "oracle"))
+                + f" (RM agreement {mean['rm_agreement']:.2f})"
+            )
     return out
 
 
@@ -193,11 +227,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--quick", action="store_true", help="tiny model, 12 prompts, 4 answers: plumbing only")
-    p.add_argument("--pairs", help="comma-separated raters: measure Compare's decisive pairs per selection rule instead (docs/learning.md)")
+    p.add_argument(
+        "--pairs", help="comma-separated raters: measure Compare's decisive pairs per selection rule instead (docs/learning.md)"
+    )
     p.add_argument("--temperatures", default="0.7", help="candidate temperatures for --pairs")
     p.add_argument("--latency", help="comma-separated n: time n answers to one prompt in the server instead (best-of-n, Compare)")
     p.add_argument("--latency-prompts", type=int, default=8)
-    p.add_argument("--latency-tokens", type=int, default=SamplingBounds().max_new_tokens, help="new tokens per answer (default: chat's)")
+    p.add_argument(
+        "--latency-tokens", type=int, default=SamplingBounds().max_new_tokens, help="new tokens per answer (default: chat's)"
+    )
     args = p.parse_args()
     if args.quick:
         args.model, args.answers, args.votes, args.seeds, args.heldout = TINY_MODEL, 4, 30, 1, 4
@@ -212,13 +250,17 @@ def main() -> None:
         sizes = [int(n) for n in args.latency.split(",")]
         figures = latency(loaded, held[: args.latency_prompts], sizes, 8 if args.quick else args.latency_tokens)
         if args.json:
-            args.json.write_text(json.dumps({"model": args.model, "threads": args.threads, "tokens": args.latency_tokens, **figures}, indent=1))
+            args.json.write_text(
+                json.dumps({"model": args.model, "threads": args.threads, "tokens": args.latency_tokens, **figures}, indent=1)
+            )
         return
     if args.pairs:
         temperatures = [float(t) for t in args.temperatures.split(",")]
         study = selection_study(loaded, train, config, args.pairs.split(","), args.answers, args.votes, args.seeds, temperatures)
         if args.json:
-            args.json.write_text(json.dumps({"model": args.model, "k": args.answers, "votes": args.votes, "study": study}, indent=1))
+            args.json.write_text(
+                json.dumps({"model": args.model, "k": args.answers, "votes": args.votes, "study": study}, indent=1)
+            )
         return
     train_answers = base_answers(loaded, train, args.answers, config, rater)
     held_answers = base_answers(loaded, held, args.answers, config, rater)
@@ -229,7 +271,9 @@ def main() -> None:
         pairs, thumbs = simulate_votes(train_answers, args.votes, rng)
         rm, metrics = train_reward_model(loaded.model, loaded.tokenizer, pairs, thumbs, RewardConfig())
         for prompt, answers in held_answers.items():
-            rewards = rm.score([messages(prompt)] * len(answers), [a["text"] for a in answers], finished=[a["finished"] for a in answers])
+            rewards = rm.score(
+                [messages(prompt)] * len(answers), [a["text"] for a in answers], finished=[a["finished"] for a in answers]
+            )
             for answer, reward in zip(answers, rewards.tolist(), strict=True):
                 answer["reward"] = reward
         row = {"seed": seed, "rm_agreement": metrics.agreement}
@@ -238,10 +282,25 @@ def main() -> None:
             row[f"oracle_best_of_{n}"] = statistics.fmean(best_of(a, n, "score", rng, 8) for a in held_answers.values())
         rows.append(row)
     mean = {key: statistics.fmean(r[key] for r in rows) for key in rows[0] if key != "seed"}
-    cells = " | ".join(f"n={n} (KL {math.log(n) - (n - 1) / n:.2f}): RM {mean[f'rm_best_of_{n}']:.2f}, oracle {mean[f'oracle_best_of_{n}']:.2f}" for n in sizes)
+    cells = " | ".join(
+        f"n={n} (KL {math.log(n) - (n - 1) / n:.2f}): RM {mean[f'rm_best_of_{n}']:.2f}, oracle {mean[f'oracle_best_of_{n}']:.2f}"
+        for n in sizes
+    )
     print(f"headroom {args.rater}: {cells}; RM agreement {mean['rm_agreement']:.2f} ({args.seeds} vote seeds)")
     if args.json:
-        args.json.write_text(json.dumps({"rater": args.rater, "model": args.model, "answers": args.answers, "votes": args.votes, "mean": mean, "seeds": rows}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "rater": args.rater,
+                    "model": args.model,
+                    "answers": args.answers,
+                    "votes": args.votes,
+                    "mean": mean,
+                    "seeds": rows,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,9 @@ def publish_random_version(runtime: Runtime, worker_model, seed: int) -> tuple[s
         for name, param in model.named_parameters():
             if "lora_B.policy." in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    version = publish(runtime.store, model, "policy", runtime.settings.adapters_dir, runtime.store.active_version(), {"bench": True})
+    version = publish(
+        runtime.store, model, "policy", runtime.settings.adapters_dir, runtime.store.active_version(), {"bench": True}
+    )
     model.delete_adapter("policy")
     return version, model
 
@@ -102,10 +104,16 @@ def run(
             time.sleep(0.05)
         first = min((t for t, v in answers if v == version and t > published_at), default=float("nan"))
         swap = next((s for s in reversed(runtime.status.swaps) if s["version"] == version), {})
-        results.append({
-            "version": version, "mode": swap.get("mode"), "swap_load_ms": swap.get("load_ms"), "swap_prepare_ms": swap.get("prepare_ms"),
-            "swap_total_ms": swap.get("total_ms"), "publish_to_first_answer_s": first - published_at,
-        })
+        results.append(
+            {
+                "version": version,
+                "mode": swap.get("mode"),
+                "swap_load_ms": swap.get("load_ms"),
+                "swap_prepare_ms": swap.get("prepare_ms"),
+                "swap_total_ms": swap.get("total_ms"),
+                "publish_to_first_answer_s": first - published_at,
+            }
+        )
     folders = {row["version"]: row["path"] for row in runtime.store.list_versions()}
     for result in results:  # the old way, same folders, chat still running
         result["baseline_load_ms"] = baseline_load_ms(runtime, folders[result["version"]])
@@ -114,7 +122,14 @@ def run(
         t.join(timeout=300)
     demo.close()
     runtime.close()
-    return {"model": runtime.loaded.describe(), "clients": clients, "requests": requests[0], "failed": len(failures), "failures": failures[:5], "swaps": results}
+    return {
+        "model": runtime.loaded.describe(),
+        "clients": clients,
+        "requests": requests[0],
+        "failed": len(failures),
+        "failures": failures[:5],
+        "swaps": results,
+    }
 
 
 def main() -> None:
@@ -141,8 +156,10 @@ def main() -> None:
     locked = [s["swap_load_ms"] for s in r["swaps"] if s["swap_load_ms"] is not None]
     baseline = [s["baseline_load_ms"] for s in r["swaps"]]
     if locked:
-        print(f"median time the swap held the generation lock: {statistics.median(locked):.1f} ms "
-              f"(baseline load_adapter: {statistics.median(baseline):.1f} ms)")
+        print(
+            f"median time the swap held the generation lock: {statistics.median(locked):.1f} ms "
+            f"(baseline load_adapter: {statistics.median(baseline):.1f} ms)"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(r, indent=2))

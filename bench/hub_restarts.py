@@ -45,8 +45,15 @@ def seconds_between(start: str, end: str) -> float:
 def hub_env(endpoint: str, token: str, home: Path) -> dict[str, str]:
     """The app's environment: Hub sync on, huggingface_hub pointed at the fake Hub."""
     return dict(
-        os.environ, HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1", HF_TOKEN=token, HF_HOME=str(home),
-        RLHF_DEMO_HUB_DATASET=REPO, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_DISABLE_TELEMETRY="1",
+        os.environ,
+        HF_ENDPOINT=endpoint,
+        HF_HUB_OFFLINE="0",
+        HF_HUB_DISABLE_XET="1",
+        HF_TOKEN=token,
+        HF_HOME=str(home),
+        RLHF_DEMO_HUB_DATASET=REPO,
+        GRADIO_ANALYTICS_ENABLED="False",
+        HF_HUB_DISABLE_TELEMETRY="1",
     )
 
 
@@ -65,7 +72,9 @@ def voted_markers(db_path: Path) -> set[str]:
         return set()
     con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
-        rows = con.execute("SELECT r.prompt_json FROM ratings t JOIN responses r ON r.id = t.response_id WHERE t.value = 1").fetchall()
+        rows = con.execute(
+            "SELECT r.prompt_json FROM ratings t JOIN responses r ON r.id = t.response_id WHERE t.value = 1"
+        ).fetchall()
     finally:
         con.close()
     return {json.loads(prompt)[-1]["content"] for (prompt,) in rows}
@@ -96,11 +105,26 @@ def vote_until_stopped(url: str, cycle: int, app: subprocess.Popen, acknowledged
             first_vote.start()
 
 
-def one_cycle(cycle: int, rng: random.Random, work: Path, env: dict[str, str], model: str, port: int, window_s: float) -> dict[str, Any]:
+def one_cycle(
+    cycle: int, rng: random.Random, work: Path, env: dict[str, str], model: str, port: int, window_s: float
+) -> dict[str, Any]:
     """Start, (maybe) vote, SIGTERM at a random moment, wait; what was acknowledged and what was restored at start."""
     data_dir = work / f"data-{cycle}"
-    command = [sys.executable, str(ROOT / "app.py"), "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port),
-               "--model", model, "--quantization", "fp32", "--no-worker"]
+    command = [
+        sys.executable,
+        str(ROOT / "app.py"),
+        "--data-dir",
+        str(data_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        model,
+        "--quantization",
+        "fp32",
+        "--no-worker",
+    ]
     log = (work / f"app-{cycle}.log").open("wb")
     app = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url, acknowledged, restored = f"http://127.0.0.1:{port}/", [], set()
@@ -132,8 +156,15 @@ def one_cycle(cycle: int, rng: random.Random, work: Path, env: dict[str, str], m
     if pushed:
         after = f", {seconds_between(stopping_at.group(1), pushed.group(1))} s after the signal" if stopping_at else ""
         final_push = f"{pushed.group(2)} in {pushed.group(3)} s{after}"
-    return {"cycle": cycle, "killed": "starting" if during_startup else "serving", "acknowledged": acknowledged,
-            "restored_at_start": sorted(restored), "exit_code": code, "stop_s": stop_s, "final_push": final_push}
+    return {
+        "cycle": cycle,
+        "killed": "starting" if during_startup else "serving",
+        "acknowledged": acknowledged,
+        "restored_at_start": sorted(restored),
+        "exit_code": code,
+        "stop_s": stop_s,
+        "final_push": final_push,
+    }
 
 
 def run(hub: Any, model: str, work: Path, cycles: int, seed: int = 0, window_s: float = 6.0) -> dict[str, Any]:
@@ -156,9 +187,16 @@ def run(hub: Any, model: str, work: Path, cycles: int, seed: int = 0, window_s: 
         final.write_bytes(final_db)
     restored = voted_markers(final)
     return {
-        "cycles": cycles, "seed": seed, "acknowledged": len(acknowledged), "restored": len(set(acknowledged) & restored),
-        "lost": sorted(set(acknowledged) - restored), "exit_codes": [r["exit_code"] for r in results],
-        "stop_s_max": max(r["stop_s"] for r in results), "final_pushes": [r["final_push"] for r in results], "history_commits": len(hub.repo(REPO, "dataset").commits), "per_cycle": results,
+        "cycles": cycles,
+        "seed": seed,
+        "acknowledged": len(acknowledged),
+        "restored": len(set(acknowledged) & restored),
+        "lost": sorted(set(acknowledged) - restored),
+        "exit_codes": [r["exit_code"] for r in results],
+        "stop_s_max": max(r["stop_s"] for r in results),
+        "final_pushes": [r["final_push"] for r in results],
+        "history_commits": len(hub.repo(REPO, "dataset").commits),
+        "per_cycle": results,
     }
 
 

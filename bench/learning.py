@@ -141,7 +141,16 @@ def cast_votes(
     the score is above the running median of all scores so far).
     """
     server, store = runtime.server, runtime.store
-    cast: dict[str, Any] = {"ab": 0, "ties": 0, "thumbs_up": 0, "thumbs_down": 0, "pairs": 0, "answer_tokens": [], "scores": [], "rules": {}}
+    cast: dict[str, Any] = {
+        "ab": 0,
+        "ties": 0,
+        "thumbs_up": 0,
+        "thumbs_down": 0,
+        "pairs": 0,
+        "answer_tokens": [],
+        "scores": [],
+        "rules": {},
+    }
     started = time.perf_counter()
 
     def votes() -> int:
@@ -150,7 +159,14 @@ def cast_votes(
     while votes() < budget:
         prompt = next(prompts)
         session = f"bench-rater-{cast['pairs'] % SESSIONS}"  # under the per-session vote cap
-        *_, round_ = compare_round(server, runtime.judge, messages(prompt), server.sampling(max_new_tokens=max_new_tokens), runtime.settings.selection, rng)
+        *_, round_ = compare_round(
+            server,
+            runtime.judge,
+            messages(prompt),
+            server.sampling(max_new_tokens=max_new_tokens),
+            runtime.settings.selection,
+            rng,
+        )
         assert isinstance(round_, Round)
         pair = round_.pair
         cast["rules"][round_.rule] = cast["rules"].get(round_.rule, 0) + 1
@@ -196,14 +212,21 @@ def cast_votes(
 
 
 def sample_answers(
-    loaded: LoadedModel, folder: str | Path | None, rater: Rater, prompts: list[list[dict[str, str]]], config: PPOConfig, batch: int
+    loaded: LoadedModel,
+    folder: str | Path | None,
+    rater: Rater,
+    prompts: list[list[dict[str, str]]],
+    config: PPOConfig,
+    batch: int,
 ) -> dict[str, list]:
     """Answers of the adapter in ``folder`` (None: the base) to ``prompts``, sampled as PPO
     and the gate sample (``sample_and_score``: the training temperature, no top-k/top-p),
     judged by the rater, with their KL to the reference (sum over the answer of
     log pi - log ref, the gate's and PPO's estimator)."""
 
-    def rater_scores(batch_prompts: list, completions: list[str], finished: list[bool]) -> torch.Tensor:  # the rater reads the text
+    def rater_scores(
+        batch_prompts: list, completions: list[str], finished: list[bool]
+    ) -> torch.Tensor:  # the rater reads the text
         return torch.tensor([float(rater(p[-1]["content"], c)) for p, c in zip(batch_prompts, completions, strict=True)])
 
     adapter = None
@@ -213,10 +236,18 @@ def sample_answers(
     answers = sample_and_score(loaded.model, loaded.tokenizer, adapter, prompts, rater_scores, config, batch)
     if adapter is not None and len(loaded.model.peft_config) > 1:
         loaded.model.delete_adapter(EVAL_ADAPTER)
-    return {"texts": answers.texts, "scores": answers.scores, "kl": answers.kl, "tokens": answers.tokens, "eos": [float(e) for e in answers.eos]}
+    return {
+        "texts": answers.texts,
+        "scores": answers.scores,
+        "kl": answers.kl,
+        "tokens": answers.tokens,
+        "eos": [float(e) for e in answers.eos],
+    }
 
 
-def served_answers(runtime: Runtime, rater: Rater, prompts: list[str], per_prompt: int, max_new_tokens: int, base: bool = False) -> dict[str, list]:
+def served_answers(
+    runtime: Runtime, rater: Rater, prompts: list[str], per_prompt: int, max_new_tokens: int, base: bool = False
+) -> dict[str, list]:
     """What a visitor is served: ``per_prompt`` chat answers per prompt through the app's own
     path (``selection.best_answer``: the served version, best-of-n as configured), many at a
     time so the engine decodes them in shared steps; ``base``: plain samples of the base."""
@@ -252,7 +283,9 @@ def feature_gap(runtime: Runtime, worker: LoadedModel, folder: Path, generations
         return None
     served = runtime.judge.read(generations).features
     rm = RewardModel.load(worker.model, worker.tokenizer, folder)
-    fitted = rm.features([g.prompt for g in generations], [g.text for g in generations], [g.finish_reason == "stop" for g in generations])
+    fitted = rm.features(
+        [g.prompt for g in generations], [g.text for g in generations], [g.finish_reason == "stop" for g in generations]
+    )
     return float((served - fitted).abs().max() / fitted.abs().max().clamp(min=1e-6))
 
 
@@ -265,13 +298,22 @@ def win_rate(wins: list[float], group_size: int) -> tuple[float, float]:
 
 
 def evaluate(
-    active: dict[str, list], base: dict[str, list], prompts: list[list[dict[str, str]]], version: str, seconds: float, group_size: int, base_group: int
+    active: dict[str, list],
+    base: dict[str, list],
+    prompts: list[list[dict[str, str]]],
+    version: str,
+    seconds: float,
+    group_size: int,
+    base_group: int,
 ) -> dict[str, Any]:
     """Rater verdicts, served version vs base, on the same held-out prompts: each of the
     ``group_size`` served answers to a prompt is judged against each of the prompt's
     ``base_group`` base answers (ties 1/2), so the base's own sampling noise averages out."""
     verdicts = [
-        [1.0 if a > b else 0.0 if a < b else 0.5 for b in base["scores"][(i // group_size) * base_group : (i // group_size + 1) * base_group]]
+        [
+            1.0 if a > b else 0.0 if a < b else 0.5
+            for b in base["scores"][(i // group_size) * base_group : (i // group_size + 1) * base_group]
+        ]
         for i, a in enumerate(active["scores"])
     ]
     rate, se = win_rate([statistics.fmean(v) for v in verdicts], group_size)
@@ -328,7 +370,9 @@ def rm_agreement(
     r_active = rm.score(prompts, active["texts"], normalized=False, batch_size=16, finished=[bool(e) for e in active["eos"]])
     r_base = rm.score(base_prompts, base["texts"], normalized=False, batch_size=16, finished=[bool(e) for e in base["eos"]])
     agree = [
-        ((float(r_active[i]) > float(r_base[j])) == (active["scores"][i] > base["scores"][j])) if float(r_active[i]) != float(r_base[j]) else 0.5
+        ((float(r_active[i]) > float(r_base[j])) == (active["scores"][i] > base["scores"][j]))
+        if float(r_active[i]) != float(r_base[j])
+        else 0.5
         for i, j in pairs
     ]
     return {"rm_eval_accuracy": statistics.fmean(float(a) for a in agree), "rm_eval_pairs": len(pairs)}
@@ -342,7 +386,16 @@ def ppo_curve(runtime: Runtime) -> list[dict[str, float]]:
     run = runtime.store.list_runs(limit=1)[0]
     steps: dict[int, dict[str, float]] = {}
     for m in runtime.store.run_metrics(run["id"]):
-        if m["phase"] == "ppo" and m["name"] in ("score", "kl", "kl_coef", "response_length", "has_eos", "time_s", "approx_kl", "clipfrac"):
+        if m["phase"] == "ppo" and m["name"] in (
+            "score",
+            "kl",
+            "kl_coef",
+            "response_length",
+            "has_eos",
+            "time_s",
+            "approx_kl",
+            "clipfrac",
+        ):
             steps.setdefault(m["step"], {})[m["name"]] = m["value"]
     return [steps[k] for k in sorted(steps)]
 
@@ -393,16 +446,24 @@ def make_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
         "gate": {"prompts": args.gate_prompts, "samples_per_prompt": args.gate_samples, "confidence": args.gate_confidence},
     }
     parts = {
-        name: dataclasses.replace(getattr(training, name), **{k: v for k, v in fields.items() if v is not None}) for name, fields in changes.items()
+        name: dataclasses.replace(getattr(training, name), **{k: v for k, v in fields.items() if v is not None})
+        for name, fields in changes.items()
     }
     if args.cycle_budget is not None:
         parts["time_budget_s"] = args.cycle_budget
     if args.restart_rejected:
         parts["resume_rejected"] = False
     training = dataclasses.replace(training, **parts)
-    chosen = {"rule": args.selection, "candidates": args.candidates, "candidate_temperature": args.candidate_temperature, "best_of": args.best_of}
+    chosen = {
+        "rule": args.selection,
+        "candidates": args.candidates,
+        "candidate_temperature": args.candidate_temperature,
+        "best_of": args.best_of,
+    }
     selection = dataclasses.replace(SelectionSettings(), **{k: v for k, v in chosen.items() if v is not None})
-    return load_settings(model=args.model, data_dir=data_dir, quantization=args.quantization, training=training, selection=selection)
+    return load_settings(
+        model=args.model, data_dir=data_dir, quantization=args.quantization, training=training, selection=selection
+    )
 
 
 def gate_config(args: argparse.Namespace) -> GateConfig | None:
@@ -452,22 +513,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         version = runtime.store.active_version() or "v0"
         path = runtime.store.get_version(version)["path"]
         answers = sample_answers(worker, path, rater, eval_prompts, sampler, args.eval_batch)
-        policy = evaluate(answers, base_answers, eval_prompts, version, time.perf_counter() - started, args.eval_samples, args.base_samples)
+        policy = evaluate(
+            answers, base_answers, eval_prompts, version, time.perf_counter() - started, args.eval_samples, args.base_samples
+        )
         served = served_answers(runtime, rater, heldout, args.served_samples, sampler.max_new_tokens)
-        result = evaluate(served, served_base, served_prompts, version, time.perf_counter() - started, args.served_samples, args.base_samples)
+        result = evaluate(
+            served, served_base, served_prompts, version, time.perf_counter() - started, args.served_samples, args.base_samples
+        )
         result.update(kl=policy["kl"], kl_max=policy["kl_max"], picked_from=statistics.fmean(served["picked_from"]))
-        result["policy"] = {k: policy[k] for k in ("win_rate", "win_rate_se", "comparisons", "mean_score", "mean_tokens", "eos_rate")}
+        result["policy"] = {
+            k: policy[k] for k in ("win_rate", "win_rate_se", "comparisons", "mean_score", "mean_tokens", "eos_rate")
+        }
         if reward_folder is not None:
-            result.update(rm_agreement(worker, reward_folder, eval_prompts, answers, base_answers, args.eval_samples, args.base_samples))
+            result.update(
+                rm_agreement(worker, reward_folder, eval_prompts, answers, base_answers, args.eval_samples, args.base_samples)
+            )
             result["feature_gap"] = feature_gap(runtime, worker, reward_folder, served["generations"][:8])
         return result
 
     rows: list[dict[str, Any]] = []
     base_eval = evaluation()
     base_eval["base_sampling_seconds"] = base_s
-    rows.append({"cycle": 0, "votes": 0, "decision": "base", "eval": base_eval, "elapsed_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
+    rows.append(
+        {
+            "cycle": 0,
+            "votes": 0,
+            "decision": "base",
+            "eval": base_eval,
+            "elapsed_s": time.perf_counter() - t0,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+    )
     result = write(out, args, rows, setup_s, t0, settings)
-    log.info("cycle 0 (before training): win-rate %.2f, score %.2f, %.1f s", base_eval["win_rate"], base_eval["mean_score"], base_eval["seconds"])
+    log.info(
+        "cycle 0 (before training): win-rate %.2f, score %.2f, %.1f s",
+        base_eval["win_rate"],
+        base_eval["mean_score"],
+        base_eval["seconds"],
+    )
 
     prompts = prompt_stream(train_prompts, rng)
     seen_scores: list[float] = []
@@ -552,7 +635,9 @@ def record(runs: dict[int, dict[str, Any]], args: argparse.Namespace, command: s
     return path
 
 
-def write(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]], setup_s: float, t0: float, settings: Settings) -> dict[str, Any]:
+def write(
+    out: Path, args: argparse.Namespace, rows: list[dict[str, Any]], setup_s: float, t0: float, settings: Settings
+) -> dict[str, Any]:
     last = rows[-1]
     elapsed = time.perf_counter() - t0
     eval_s = rows[0]["eval"].get("base_sampling_seconds", 0.0) + sum(r["eval"]["seconds"] for r in rows)
@@ -659,19 +744,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cycles", type=int, default=3)
     p.add_argument("--out", default="bench/out/learning")
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--models-from", "--data-dir", dest="models_from", default="data", help="data dir holding (or receiving) the converted model")
+    p.add_argument(
+        "--models-from",
+        "--data-dir",
+        dest="models_from",
+        default="data",
+        help="data dir holding (or receiving) the converted model",
+    )
     p.add_argument("--quantization", default=None, help="default: fp32 on a CPU (docs/precision.md), nf4 on CUDA")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2): one run each, in parallel where cores allow, summarised as mean ± SE")
+    p.add_argument(
+        "--seeds", help="comma-separated seeds (e.g. 0,1,2): one run each, in parallel where cores allow, summarised as mean ± SE"
+    )
     p.add_argument("--parallel", type=int, default=0, help="seeds run at once; 0: cores / threads")
     p.add_argument("--threads", type=int, default=2, help="torch threads; 0: torch's choice")
     p.add_argument("--prompts", default=str(PROMPTS_DIR), help="a folder of *.txt (one prompt a line) and *.json files")
     p.add_argument("--heldout", type=int, default=36, help="held-out prompts for the win-rate")
-    p.add_argument("--eval-samples", type=int, default=2, help="the policy's own samples per held-out prompt (its KL; the win-rate of earlier stops)")
-    p.add_argument("--served-samples", type=int, default=8, help="answers served to a visitor per held-out prompt (the headline win-rate)")
-    p.add_argument("--base-samples", type=int, default=6, help="answers of the base per held-out prompt (sampled once); each served answer is judged against each")
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=2,
+        help="the policy's own samples per held-out prompt (its KL; the win-rate of earlier stops)",
+    )
+    p.add_argument(
+        "--served-samples", type=int, default=8, help="answers served to a visitor per held-out prompt (the headline win-rate)"
+    )
+    p.add_argument(
+        "--base-samples",
+        type=int,
+        default=6,
+        help="answers of the base per held-out prompt (sampled once); each served answer is judged against each",
+    )
     p.add_argument("--eval-batch", type=int, default=36)
-    p.add_argument("--thumbs-per-pair", type=int, default=2, choices=(0, 1, 2), help="thumbs cast on the answers of each A/B pair")
+    p.add_argument(
+        "--thumbs-per-pair", type=int, default=2, choices=(0, 1, 2), help="thumbs cast on the answers of each A/B pair"
+    )
     p.add_argument("--record", action="store_true", help="also write bench/results/learning-<rater>.json (committed figures)")
     library = p.add_argument_group("library settings (default: the live worker's, TrainingSettings in rlhf_demo/config.py)")
     library.add_argument("--max-new-tokens", type=int, help="PPOConfig.max_new_tokens (votes, PPO, gate, eval)")
@@ -689,13 +796,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     library.add_argument("--gate-prompts", type=int, help="GateConfig.prompts")
     library.add_argument("--gate-samples", type=int, help="GateConfig.samples_per_prompt")
     library.add_argument("--gate-confidence", type=float, help="GateConfig.confidence")
-    library.add_argument("--restart-rejected", action="store_true", help="TrainingSettings.resume_rejected=False: PPO always starts from the served version")
+    library.add_argument(
+        "--restart-rejected",
+        action="store_true",
+        help="TrainingSettings.resume_rejected=False: PPO always starts from the served version",
+    )
     library.add_argument("--cycle-budget", type=float, help="TrainingSettings.time_budget_s per cycle")
     library.add_argument("--selection", choices=SELECTION_RULES, help="SelectionSettings.rule (Compare's pair)")
     library.add_argument("--candidates", type=int, help="SelectionSettings.candidates")
     library.add_argument("--candidate-temperature", type=float, help="SelectionSettings.candidate_temperature")
     library.add_argument("--best-of", type=int, help="SelectionSettings.best_of (chat answers, and so the evaluation)")
-    p.add_argument("--gate", choices=("default", "off"), default="default", help="off: publish every candidate (measurement only)")
+    p.add_argument(
+        "--gate", choices=("default", "off"), default="default", help="off: publish every candidate (measurement only)"
+    )
     p.add_argument("--quick", action="store_true", help="tiny model, few votes: a smoke run under a minute")
     args = p.parse_args(argv)
     if args.quantization is None:
@@ -751,7 +864,9 @@ def run_seeds(args: argparse.Namespace, seeds: list[int], argv: list[str]) -> No
             running.append(subprocess.Popen(command))
         time.sleep(2)
         running = [proc for proc in running if proc.poll() is None]
-    runs = {seed: json.loads((out / "learning.json").read_text()) for seed, out in outs.items() if (out / "learning.json").is_file()}
+    runs = {
+        seed: json.loads((out / "learning.json").read_text()) for seed, out in outs.items() if (out / "learning.json").is_file()
+    }
     if not runs:
         raise SystemExit("no seed wrote any figures")
     summary = summarize(runs, args.rater, command_line(), device_name(), args.threads or torch.get_num_threads())
@@ -759,7 +874,9 @@ def run_seeds(args: argparse.Namespace, seeds: list[int], argv: list[str]) -> No
     if args.record:
         record(runs, args, command_line())
     for c in summary["cycles"]:
-        print(f"cycle {c['cycle']}: win-rate {c['win_rate']:.3f} ± {c['win_rate_se'] or 0:.3f} (seeds {summary['seeds']}), KL {c['kl']:.2f}, decisive {c['decisive_fraction']}")
+        print(
+            f"cycle {c['cycle']}: win-rate {c['win_rate']:.3f} ± {c['win_rate_se'] or 0:.3f} (seeds {summary['seeds']}), KL {c['kl']:.2f}, decisive {c['decisive_fraction']}"
+        )
 
 
 if __name__ == "__main__":

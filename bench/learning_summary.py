@@ -38,8 +38,12 @@ def cycle_row(r: dict[str, Any]) -> dict[str, Any]:
         "rm_accuracy": r.get("rm_accuracy"),
         "rm_eval_accuracy": ev.get("rm_eval_accuracy"),
         "feature_gap": ev.get("feature_gap"),
-        "gate": {k: r["gate"].get(k) for k in ("improvement", "lower_bound", "units", "kl", "reasons")} if r.get("gate") else None,
-        "ppo": [{k: round(v, 4) for k, v in step.items() if k in ("score", "kl", "response_length")} for step in r.get("ppo", [])],
+        "gate": {k: r["gate"].get(k) for k in ("improvement", "lower_bound", "units", "kl", "reasons")}
+        if r.get("gate")
+        else None,
+        "ppo": [
+            {k: round(v, 4) for k, v in step.items() if k in ("score", "kl", "response_length")} for step in r.get("ppo", [])
+        ],
         "win_rate": ev["win_rate"],
         "win_rate_se": ev["win_rate_se"],
         "policy_win_rate": (ev.get("policy") or {}).get("win_rate"),

@@ -28,7 +28,11 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     prompts = [
-        tok.apply_chat_template([{"role": "user", "content": f"Write a short story about robot number {i}."}], add_generation_prompt=True, return_dict=False)
+        tok.apply_chat_template(
+            [{"role": "user", "content": f"Write a short story about robot number {i}."}],
+            add_generation_prompt=True,
+            return_dict=False,
+        )
         for i in range(8)
     ]
     config = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id or 0)

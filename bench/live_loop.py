@@ -47,7 +47,17 @@ def start_app(data_dir: Path, port: int, output: Any, *flags: str) -> subprocess
     """``python app.py`` exactly as a user runs it, loopback only, offline; ``flags`` are its own
     (``--model``, ``--quantization`` …); stdout and stderr go to ``output``."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    command = [sys.executable, str(ROOT / "app.py"), "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port), *flags]
+    command = [
+        sys.executable,
+        str(ROOT / "app.py"),
+        "--data-dir",
+        str(data_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *flags,
+    ]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
 
 
@@ -118,9 +128,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 liked = score >= statistics.median(scores)
                 log.get_by_role("button", name="Like" if liked else "Dislike", exact=True).last.click()
                 page.get_by_text("👍 recorded." if liked else "👎 recorded.").last.wait_for()
-                report["votes"].append({"prompt": prompt, "version": version, "words": len(answer.split()),
-                                        "liked": liked, "answer_s": round(time.monotonic() - asked, 1)})
-                print(f"vote {i + 1}/{args.votes}: {'👍' if liked else '👎'} {len(answer.split())} words by {version}", flush=True)
+                report["votes"].append(
+                    {
+                        "prompt": prompt,
+                        "version": version,
+                        "words": len(answer.split()),
+                        "liked": liked,
+                        "answer_s": round(time.monotonic() - asked, 1),
+                    }
+                )
+                print(
+                    f"vote {i + 1}/{args.votes}: {'👍' if liked else '👎'} {len(answer.split())} words by {version}", flush=True
+                )
                 clear_chat(page)  # each prompt its own conversation
                 if i == 0:
                     page.screenshot(path=str(out / "01-first-vote.png"), full_page=True)
@@ -132,8 +151,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     break
                 time.sleep(5)
             report["runs"] = [
-                {"id": r["id"], "status": r["status"], "candidate": r.get("candidate_version"), "error": r.get("error"),
-                 "gate": (r.get("summary") or {}).get("gate"), "started_at": r.get("started_at"), "finished_at": r.get("finished_at")}
+                {
+                    "id": r["id"],
+                    "status": r["status"],
+                    "candidate": r.get("candidate_version"),
+                    "error": r.get("error"),
+                    "gate": (r.get("summary") or {}).get("gate"),
+                    "started_at": r.get("started_at"),
+                    "finished_at": r.get("finished_at"),
+                }
                 for r in finished_runs(store)
             ]
             published = [v["version"] for v in store.list_versions() if v["version"] != "v0" and v["status"] in SERVABLE_STATUSES]
@@ -146,7 +172,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     answer, version = last_answer(log)
                     clear_chat(page)
                     if version == target:
-                        report["served_new_version"] = {"version": version, "after_s": round(time.monotonic() - waited, 1), "answer": answer}
+                        report["served_new_version"] = {
+                            "version": version,
+                            "after_s": round(time.monotonic() - waited, 1),
+                            "answer": answer,
+                        }
                         break
             page.get_by_role("tab", name="Dashboard").click()
             page.get_by_role("button", name="Refresh plots").click()
@@ -186,7 +216,9 @@ def main() -> None:
     for r in report["runs"]:
         print(f"run {r['id']}: {r['status']} candidate={r['candidate']} gate={json.dumps(r['gate'])} error={r['error']}")
     print(f"published: {report.get('published')}; served: {report.get('served_new_version')}")
-    print(f"page errors {report.get('page_errors')}; app alive at the end: {report.get('app_alive')}; total {report.get('total_s')} s")
+    print(
+        f"page errors {report.get('page_errors')}; app alive at the end: {report.get('app_alive')}; total {report.get('total_s')} s"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

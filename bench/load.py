@@ -41,7 +41,9 @@ def session(url: str, index: int, turns: int, max_new_tokens: int) -> dict:
         client.predict(len(chat) - 1, turn % 2 == 0, api_name="/rate")
         timings["vote"].append(time.perf_counter() - t)
         votes += 1
-    client.predict(f"Compare for visitor {index}", "Two samples of the active policy", 0.7, 0.9, max_new_tokens, api_name="/compare")
+    client.predict(
+        f"Compare for visitor {index}", "Two samples of the active policy", 0.7, 0.9, max_new_tokens, api_name="/compare"
+    )
     t = time.perf_counter()
     client.predict(api_name="/vote_A")
     timings["vote"].append(time.perf_counter() - t)
@@ -54,11 +56,19 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(
-    model: str, sessions: int, turns: int, max_new_tokens: int, data_dir: Path, models_dir: Path | None = None, concurrency: int | None = None
+    model: str,
+    sessions: int,
+    turns: int,
+    max_new_tokens: int,
+    data_dir: Path,
+    models_dir: Path | None = None,
+    concurrency: int | None = None,
 ) -> dict:
     settings = load_settings(env={}, model=model, data_dir=data_dir, quantization="fp32")
     if concurrency is not None:  # Limits.max_concurrent_generations: events Gradio runs at once
-        settings = dataclasses.replace(settings, limits=dataclasses.replace(settings.limits, max_concurrent_generations=concurrency))
+        settings = dataclasses.replace(
+            settings, limits=dataclasses.replace(settings.limits, max_concurrent_generations=concurrency)
+        )
     if models_dir is not None and not settings.models_dir.exists():  # reuse the converted offline model
         settings.models_dir.symlink_to(models_dir.resolve(), target_is_directory=True)
     runtime = Runtime(settings)
@@ -101,10 +111,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         r = run(args.model, args.sessions, args.turns, args.max_new_tokens, Path(scratch), args.models_dir, args.concurrency)
-    print(f"{r['sessions']} sessions x {r['turns']} turns, model {args.model}, {args.max_new_tokens} new tokens, {r['concurrency']} generations at once, wall {r['wall_s']:.1f} s")
+    print(
+        f"{r['sessions']} sessions x {r['turns']} turns, model {args.model}, {args.max_new_tokens} new tokens, {r['concurrency']} generations at once, wall {r['wall_s']:.1f} s"
+    )
     print(f"chat latency p50 {r['chat_p50_s']:.2f} s, p95 {r['chat_p95_s']:.2f} s")
     print(f"vote latency p50 {r['vote_p50_s'] * 1000:.0f} ms, p95 {r['vote_p95_s'] * 1000:.0f} ms")
-    print(f"thumbs sent {r['thumbs_sent']} stored {r['thumbs_stored']}; pairs sent {r['pairs_sent']} stored {r['pairs_stored']}; errors {len(r['errors'])}")
+    print(
+        f"thumbs sent {r['thumbs_sent']} stored {r['thumbs_stored']}; pairs sent {r['pairs_sent']} stored {r['pairs_stored']}; errors {len(r['errors'])}"
+    )
     for e in r["errors"][:5]:
         print("  error:", e)
 

@@ -107,7 +107,9 @@ def main() -> None:
         "median_s": {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()},
     }
     result["engine_vs_generate"] = result["median_s"]["generate"] / result["median_s"]["engine"]
-    print(f"\nmodel {args.model}, {len(prompts)} answers x up to {args.tokens} tokens, T={config.temperature}, {result['device']}")
+    print(
+        f"\nmodel {args.model}, {len(prompts)} answers x up to {args.tokens} tokens, T={config.temperature}, {result['device']}"
+    )
     for name, rs in runs.items():
         tokens = statistics.mean(r["tokens"] for r in rs)
         eos = statistics.mean(r["eos"] for r in rs)

@@ -177,14 +177,23 @@ def concurrency_levels(args: argparse.Namespace) -> dict:
     levels = [int(x) for x in args.concurrency.split(",")]
     engines = args.engine.split(",")
     with tempfile.TemporaryDirectory() as scratch:
-        bare = load_model(load_settings(model=args.model, data_dir=args.data_dir, quantization=plain_quant, compute_dtype=plain_compute))
+        bare = load_model(
+            load_settings(model=args.model, data_dir=args.data_dir, quantization=plain_quant, compute_dtype=plain_compute)
+        )
         bare.model.generation_config.eos_token_id = None
         runtimes = {}
         for engine in engines:
             settings = load_settings(
-                model=args.model, data_dir=Path(scratch) / engine, quantization=quant, compute_dtype=compute, engine=engine, engine_url=args.engine_url
+                model=args.model,
+                data_dir=Path(scratch) / engine,
+                quantization=quant,
+                compute_dtype=compute,
+                engine=engine,
+                engine_url=args.engine_url,
             )
-            loaded = load_model(load_settings(model=args.model, data_dir=args.data_dir, quantization=quant, compute_dtype=compute))
+            loaded = load_model(
+                load_settings(model=args.model, data_dir=args.data_dir, quantization=quant, compute_dtype=compute)
+            )
             runtimes[engine] = fixed_length(Runtime(settings, loaded))
             time_concurrent(runtimes[engine], 1, 4)
         time_plain(bare, 4)

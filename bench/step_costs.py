@@ -59,7 +59,12 @@ def forward_loop(model, ids, tokens: int, cache=None, forward=None, kernels: boo
         next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
         with matmul_kernels(model, 1 if kernels else 2):
             out = forward(
-                input_ids=next_ids, position_ids=position[None], cache_position=position, past_key_values=cache, logits_to_keep=1, **kwargs
+                input_ids=next_ids,
+                position_ids=position[None],
+                cache_position=position,
+                past_key_values=cache,
+                logits_to_keep=1,
+                **kwargs,
             )
     return 1000 * (time.perf_counter() - started) / (tokens - 1)
 
@@ -158,11 +163,15 @@ def main() -> None:
         runtime.server.pool.release(version)
         runtime.close()
     weights = sum(p.numel() * p.element_size() for p in bare.model.parameters())
-    print(f"\nmodel {args.model}, {args.precision}, {args.tokens} tokens greedy, median of {args.repeats}, cpu ({torch.get_num_threads()} threads)")
+    print(
+        f"\nmodel {args.model}, {args.precision}, {args.tokens} tokens greedy, median of {args.repeats}, cpu ({torch.get_num_threads()} threads)"
+    )
     for name, values in times.items():
         print(f"{name:>24}: {statistics.median(values):6.1f} ms/token   ({', '.join(f'{v:.1f}' for v in values)})")
     reads = statistics.median(times["forward, DynamicCache"]) - statistics.median(times["twin forward"])
-    print(f"{'weights':>24}: {weights / 1e6:.0f} MB; forward - twin = {reads:.1f} ms -> {weights / max(reads, 1e-3) / 1e6:.1f} GB/s")
+    print(
+        f"{'weights':>24}: {weights / 1e6:.0f} MB; forward - twin = {reads:.1f} ms -> {weights / max(reads, 1e-3) / 1e6:.1f} GB/s"
+    )
     for name, ms in per_step_micro(bare.model.config.vocab_size).items():
         print(f"{name:>24}: {ms:6.2f} ms/step")
     if args.compile:

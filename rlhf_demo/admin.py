@@ -67,9 +67,15 @@ class AdminGate:
             while recent and now - recent[0] > 60:
                 recent.popleft()
             if len(recent) >= ATTEMPTS_PER_MINUTE:
-                raise AdminRefused(f"Too many wrong admin tokens: at most {ATTEMPTS_PER_MINUTE} per minute. Please wait a minute.")
+                raise AdminRefused(
+                    f"Too many wrong admin tokens: at most {ATTEMPTS_PER_MINUTE} per minute. Please wait a minute."
+                )
             # surrogatepass: a token holding a lone surrogate (JSON "\udc80") is just a wrong token
-            if self._token and isinstance(presented, str) and hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), self._token.encode()):
+            if (
+                self._token
+                and isinstance(presented, str)
+                and hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), self._token.encode())
+            ):
                 return
             recent.append(now)
             if len(self._failures) > 100_000:  # a client rotating addresses cannot grow the table without bound

@@ -98,5 +98,7 @@ def leaderboard(matches: Sequence[Match], rounds: int = 200, seed: int = 0) -> l
         values = sorted(samples[p]) or [point[p]]
         lo, hi = values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))]
         lo, hi = min(lo, point[p]), max(hi, point[p])
-        rows.append(VersionRow(p, point[p], lo, hi, ", ".join(opponents), score / len(played) if played else None, len(played), ranks[p]))
+        rows.append(
+            VersionRow(p, point[p], lo, hi, ", ".join(opponents), score / len(played) if played else None, len(played), ranks[p])
+        )
     return rows

@@ -29,16 +29,22 @@ def _model_options() -> argparse.ArgumentParser:
     """What loads and runs the model: only commands that do (serve, worker, train-once) take these."""
     model = argparse.ArgumentParser(add_help=False, parents=[_data_option()])
     model.add_argument("--model", help=f"hub id, local folder, or 'tiny' ({_default('model')})")
-    model.add_argument("--quantization", choices=QUANTIZATIONS, help=f"precision of the base weights ({_default('quantization')})")
     model.add_argument(
-        "--compute-dtype", choices=COMPUTE_DTYPES, help=f"compute precision; auto: bfloat16 on CUDA or with bf16 weights, else float32 ({_default('compute_dtype')})"
+        "--quantization", choices=QUANTIZATIONS, help=f"precision of the base weights ({_default('quantization')})"
+    )
+    model.add_argument(
+        "--compute-dtype",
+        choices=COMPUTE_DTYPES,
+        help=f"compute precision; auto: bfloat16 on CUDA or with bf16 weights, else float32 ({_default('compute_dtype')})",
     )
     model.add_argument("--device", help=f"auto | cpu | cuda | cuda:N ({_default('device')})")
     return model
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help=f"address to listen on; 0.0.0.0 for every interface ({_default('host')}, or GRADIO_SERVER_NAME)")
+    parser.add_argument(
+        "--host", help=f"address to listen on; 0.0.0.0 for every interface ({_default('host')}, or GRADIO_SERVER_NAME)"
+    )
     parser.add_argument("--port", type=int, help=f"TCP port ({_default('port')}, or GRADIO_SERVER_PORT / PORT)")
     parser.add_argument("--no-worker", action="store_true", help="do not start the training worker (default: start it)")
     parser.add_argument("--engine", choices=ENGINES, help=f"who generates: this process, or a vLLM server ({_default('engine')})")
@@ -53,17 +59,54 @@ def _parser() -> argparse.ArgumentParser:
     def command(name: str, parents: list[argparse.ArgumentParser], summary: str, details: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=parents, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {details}")
 
-    _add_serve_arguments(command("serve", [model], "run the web app", "Chat, votes and the dashboard on one port; the training worker runs beside it unless --no-worker."))
-    command("worker", [model], "run the training worker against a data directory", "Retrains the reward model and runs PPO whenever enough new votes arrived; publishes versions the gate accepts.")
-    command("train-once", [model], "run one training cycle now (if there are votes) and exit", "The worker's cycle, once: reward model, PPO, gate, publish.")
-    export = command("export", [data], "write TRL-format JSONL exports", "Reads the data directory's votes; writes one JSONL file in the format TRL's trainers load.")
-    export.add_argument("--kind", choices=("preferences", "unpaired"), default="preferences", help="preferences: prompt/chosen/rejected; unpaired: prompt/completion/label (default: preferences)")
+    _add_serve_arguments(
+        command(
+            "serve",
+            [model],
+            "run the web app",
+            "Chat, votes and the dashboard on one port; the training worker runs beside it unless --no-worker.",
+        )
+    )
+    command(
+        "worker",
+        [model],
+        "run the training worker against a data directory",
+        "Retrains the reward model and runs PPO whenever enough new votes arrived; publishes versions the gate accepts.",
+    )
+    command(
+        "train-once",
+        [model],
+        "run one training cycle now (if there are votes) and exit",
+        "The worker's cycle, once: reward model, PPO, gate, publish.",
+    )
+    export = command(
+        "export",
+        [data],
+        "write TRL-format JSONL exports",
+        "Reads the data directory's votes; writes one JSONL file in the format TRL's trainers load.",
+    )
+    export.add_argument(
+        "--kind",
+        choices=("preferences", "unpaired"),
+        default="preferences",
+        help="preferences: prompt/chosen/rejected; unpaired: prompt/completion/label (default: preferences)",
+    )
     export.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
-    push = command("push", [data], "upload a published adapter version to a Hub model repo (token: HF_TOKEN)", "The adapter's config and card name the base model by its Hub id.")
+    push = command(
+        "push",
+        [data],
+        "upload a published adapter version to a Hub model repo (token: HF_TOKEN)",
+        "The adapter's config and card name the base model by its Hub id.",
+    )
     push.add_argument("--model", help=f"Hub id of the base model the adapter was trained on ({_default('model')})")
     push.add_argument("--version", required=True, help="the version to upload, e.g. v3 (active or retired)")
     push.add_argument("--base-model", help="hub id of the base, when --model is a local folder (default: --model)")
-    push_data = command("push-data", [data], "upload the feedback as a Hub dataset repo (token: HF_TOKEN)", "Both TRL exports with a card; no visitor, session or network identifiers.")
+    push_data = command(
+        "push-data",
+        [data],
+        "upload the feedback as a Hub dataset repo (token: HF_TOKEN)",
+        "Both TRL exports with a card; no visitor, session or network identifiers.",
+    )
     for each in (push, push_data):
         each.add_argument("--repo", required=True, help="the Hub repo id, owner/name (created if missing)")
         each.add_argument("--private", action="store_true", help="create the repo private (default: public)")
@@ -73,14 +116,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def serve_parser(prog: str = "app.py") -> argparse.ArgumentParser:
     """The parser of ``python app.py``: the ``serve`` flags under the script's own name."""
-    parser = argparse.ArgumentParser(prog=prog, parents=[_model_options()], description="Run the rlhf-demo web app (and its training worker).")
+    parser = argparse.ArgumentParser(
+        prog=prog, parents=[_model_options()], description="Run the rlhf-demo web app (and its training worker)."
+    )
     _add_serve_arguments(parser)
     return parser
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     overrides = {
-        key: getattr(args, key, None) for key in ("model", "data_dir", "quantization", "compute_dtype", "device", "host", "port", "engine", "engine_url")
+        key: getattr(args, key, None)
+        for key in ("model", "data_dir", "quantization", "compute_dtype", "device", "host", "port", "engine", "engine_url")
     }
     if getattr(args, "no_worker", False):
         overrides["worker"] = False
@@ -208,7 +254,9 @@ def push(settings: Settings, args: argparse.Namespace) -> None:
         store = FeedbackStore(existing_database(settings))
         try:
             if args.command == "push":
-                url = push_adapter(store, settings.model, args.version, args.repo, token, args.private, args.base_model, args.license)
+                url = push_adapter(
+                    store, settings.model, args.version, args.repo, token, args.private, args.base_model, args.license
+                )
             else:
                 url = push_dataset(store, args.repo, token, args.private, args.license)
         finally:
@@ -217,7 +265,9 @@ def push(settings: Settings, args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - no network, DNS, offline mode, HTTP errors: one line, not a traceback
         reason = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise CliError(f"could not push to {args.repo} ({type(exc).__name__}: {reason}); check the network, HF_ENDPOINT / HF_HUB_OFFLINE and the token") from None
+        raise CliError(
+            f"could not push to {args.repo} ({type(exc).__name__}: {reason}); check the network, HF_ENDPOINT / HF_HUB_OFFLINE and the token"
+        ) from None
     print(f"pushed to {args.repo}: {url}")
 
 

@@ -42,7 +42,9 @@ class Limits:
     max_message_chars: int = 4000
     max_turns: int = 20
     votes_per_minute: int = 30  # per visitor (server-issued id)
-    max_concurrent_generations: int = 8  # generation events Gradio runs at once; they share the engine's decode steps (load p95 14 -> 11 s, docs/benchmarks.md)
+    max_concurrent_generations: int = (
+        8  # generation events Gradio runs at once; they share the engine's decode steps (load p95 14 -> 11 s, docs/benchmarks.md)
+    )
     votes_per_minute_per_ip: int = 120  # per client address: bounds cookie-dropping clients
     max_training_share: float = 0.10  # of the reward model's rows, per visitor and per address
     max_training_votes: int = 60  # per visitor and kind (pairs, thumbs): one visitor cannot dominate the RM
@@ -368,7 +370,9 @@ def resolve_device(requested: str = "auto") -> str:
     if not torch.cuda.is_available():
         raise SettingError(f"device {requested!r}: this torch {torch.__version__} sees no CUDA GPU; use --device cpu or auto")
     if int(index or 0) >= torch.cuda.device_count():
-        raise SettingError(f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        raise SettingError(
+            f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     return requested
 
 

@@ -40,9 +40,13 @@ def hub_token(env: dict[str, str] | None = None) -> str:
 def hub_base_model(model: str, override: str | None = None) -> str:
     """The hub id of the base model; a local folder or the test model cannot be named in a card."""
     name = (override or model).strip()
-    looks_local = name == TINY_MODEL or Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") != 1
+    looks_local = (
+        name == TINY_MODEL or Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") != 1
+    )
     if looks_local:
-        raise HubError(f"base model {name!r} is not a Hub id (owner/name); pass --base-model with the id of the model the adapter was trained on")
+        raise HubError(
+            f"base model {name!r} is not a Hub id (owner/name); pass --base-model with the id of the model the adapter was trained on"
+        )
     return name
 
 
@@ -54,7 +58,9 @@ def publishable_version(store: FeedbackStore, version: str) -> dict[str, Any]:
         raise HubError(f"unknown version {version!r}; publishable versions: {known}")
     if row["status"] not in SERVABLE_STATUSES:
         why = f": {row['broken_reason']}" if row.get("broken_reason") else ""
-        raise HubError(f"version {version} is {row['status']}{why}; only versions that were served (active or retired) are published")
+        raise HubError(
+            f"version {version} is {row['status']}{why}; only versions that were served (active or retired) are published"
+        )
     try:
         check_adapter_folder(Path(row["path"]))
     except AdapterError as exc:
@@ -76,7 +82,13 @@ def model_card(repo_id: str, base: str, row: dict[str, Any], counts: dict[str, i
     """README.md of an adapter repo: what it was trained on and how well it did, from the registry."""
     metrics = row.get("metrics") or {}
     gate, reward = metrics.get("gate") or {}, metrics.get("reward") or {}
-    meta = {"base_model": base, "library_name": "peft", "license": license_id, "pipeline_tag": "text-generation", "tags": ["rlhf", "lora", "ppo", "peft", "rlhf-demo"]}
+    meta = {
+        "base_model": base,
+        "library_name": "peft",
+        "license": license_id,
+        "pipeline_tag": "text-generation",
+        "tags": ["rlhf", "lora", "ppo", "peft", "rlhf-demo"],
+    }
     gate_rows = [
         ("passed", gate.get("passed")),
         ("candidate reward (held-out prompts)", gate.get("candidate_score")),
@@ -132,8 +144,14 @@ def stage_adapter(folder: Path, target: Path, base: str, card: str) -> Path:
 
 
 def push_adapter(
-    store: FeedbackStore, model: str, version: str, repo_id: str, token: str,
-    private: bool = False, base_model: str | None = None, license_id: str = "apache-2.0",
+    store: FeedbackStore,
+    model: str,
+    version: str,
+    repo_id: str,
+    token: str,
+    private: bool = False,
+    base_model: str | None = None,
+    license_id: str = "apache-2.0",
 ) -> str:
     """Upload ``version`` as a PEFT model repo; returns the commit URL."""
     from huggingface_hub import HfApi
@@ -145,7 +163,9 @@ def push_adapter(
     with tempfile.TemporaryDirectory(prefix="rlhf-push-") as tmp:
         staged = stage_adapter(Path(row["path"]), Path(tmp) / version, base, card)
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=staged, repo_id=repo_id, repo_type="model", commit_message=f"rlhf-demo adapter {version}")
+        info = api.upload_folder(
+            folder_path=staged, repo_id=repo_id, repo_type="model", commit_message=f"rlhf-demo adapter {version}"
+        )
     return str(info)
 
 
@@ -154,7 +174,9 @@ def dataset_card(repo_id: str, rows: dict[str, int], counts: dict[str, int], lic
     meta = {
         "license": license_id,
         "tags": ["rlhf", "preferences", "trl", "human-feedback", "rlhf-demo"],
-        "configs": [{"config_name": name, "data_files": [{"split": "train", "path": path}]} for name, path in DATA_CONFIGS.items()],
+        "configs": [
+            {"config_name": name, "data_files": [{"split": "train", "path": path}]} for name, path in DATA_CONFIGS.items()
+        ],
     }
     lines = [
         _front_matter(meta),
@@ -195,6 +217,8 @@ def push_dataset(store: FeedbackStore, repo_id: str, token: str, private: bool =
         }
         (folder / "README.md").write_text(dataset_card(repo_id, rows, store.counts(), license_id))
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="dataset", commit_message="rlhf-demo feedback export")
+        info = api.upload_folder(
+            folder_path=folder, repo_id=repo_id, repo_type="dataset", commit_message="rlhf-demo feedback export"
+        )
     api.super_squash_history(repo_id, repo_type="dataset", commit_message="rlhf-demo feedback export")
     return str(info)

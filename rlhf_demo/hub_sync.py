@@ -143,7 +143,7 @@ def _download_folder(repo_id: str, token: str, files: list[str], prefix: str, ta
     for name in files:
         if name.startswith(prefix):
             cached = hf_hub_download(repo_id, name, repo_type="dataset", token=token)
-            dest = staging / name[len(prefix):]
+            dest = staging / name[len(prefix) :]
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cached, dest)
     staging.replace(target)
@@ -169,7 +169,9 @@ def restore_models(data_dir: Path, db_path: Path, repo_id: str, token: str) -> l
             restored.append(f"adapters/{version}")
         if Path(path).resolve() != target.resolve():
             _relocate(db_path, version, target)
-    runs = sorted({f.split("/")[1] for f in files if f.startswith(f"{REWARD_DIR}/") and f.endswith(f"/{PROBE_FILE}")}, key=_run_number)
+    runs = sorted(
+        {f.split("/")[1] for f in files if f.startswith(f"{REWARD_DIR}/") and f.endswith(f"/{PROBE_FILE}")}, key=_run_number
+    )
     local_runs = [p.name for p in (data_dir / REWARD_DIR).glob("run-*") if (p / PROBE_FILE).exists()]
     if runs and not local_runs:
         _download_folder(repo_id, token, files, f"{REWARD_DIR}/{runs[-1]}/", data_dir / REWARD_DIR / runs[-1])
@@ -201,10 +203,17 @@ def stage_models(data_dir: Path, db_path: Path, folder: Path, remote: set[str]) 
     staged = []
     for version, path, status in _registry(db_path):
         source, target = Path(path), folder / "adapters" / version
-        if status in SERVABLE_STATUSES and source.is_dir() and not target.exists() and f"adapters/{version}/adapter_config.json" not in remote:
+        if (
+            status in SERVABLE_STATUSES
+            and source.is_dir()
+            and not target.exists()
+            and f"adapters/{version}/adapter_config.json" not in remote
+        ):
             _link_tree(source, target)
             staged.append(f"adapters/{version}")
-    runs = sorted((p for p in (data_dir / REWARD_DIR).glob("run-*") if (p / PROBE_FILE).exists()), key=lambda p: _run_number(p.name))
+    runs = sorted(
+        (p for p in (data_dir / REWARD_DIR).glob("run-*") if (p / PROBE_FILE).exists()), key=lambda p: _run_number(p.name)
+    )
     if runs and f"{REWARD_DIR}/{runs[-1].name}/{PROBE_FILE}" not in remote and not (folder / REWARD_DIR / runs[-1].name).exists():
         for old in (folder / REWARD_DIR).glob("run-*"):  # uploaded already; only the latest is restored
             shutil.rmtree(old, ignore_errors=True)
@@ -273,7 +282,9 @@ class HubSync:
             self.api.create_commit(self.repo_id, repo_type="dataset", operations=operations, commit_message="rlhf-demo snapshot")
             self._sent.update(changed)
             try:
-                self.api.super_squash_history(self.repo_id, repo_type="dataset", commit_message="rlhf-demo snapshot (history squashed)")
+                self.api.super_squash_history(
+                    self.repo_id, repo_type="dataset", commit_message="rlhf-demo snapshot (history squashed)"
+                )
             except Exception as exc:  # noqa: BLE001 - the snapshot is safe; the older ones stay in the history until the next push
                 log.warning("could not squash the history of %s: %s", self.repo_id, _first_line(exc))
             return True
@@ -342,7 +353,7 @@ def persistence_note(db_path: Path, env: dict[str, str] | None = None) -> str:
     if target:
         return (
             f"Votes are stored in SQLite at `{db_path}` and copied to the Hub dataset `{target[0]}` every few minutes, "
-            "after each \"Delete my data\" and on shutdown."
+            'after each "Delete my data" and on shutdown.'
         )
     if env.get("SPACE_ID"):
         return (

@@ -79,7 +79,9 @@ def check_writable(data_dir: Path, db_path: Path | None = None) -> None:
         reason = getattr(exc, "strerror", None) or str(exc)
         existing = next(p for p in (data_dir, *data_dir.resolve().parents) if p.exists())
         if shutil.disk_usage(existing).free < 2 * PROBE_BYTES:
-            raise StartupError(f"the data directory {data_dir.resolve()} has no space left ({reason}); free space there, or {hint}") from None
+            raise StartupError(
+                f"the data directory {data_dir.resolve()} has no space left ({reason}); free space there, or {hint}"
+            ) from None
         raise StartupError(f"the data directory {data_dir.resolve()} is not writable ({reason}); {hint}") from None
     db_path = Path(db_path or data_dir / "feedback.db")
     for path in (db_path, db_path.with_name(db_path.name + "-wal"), db_path.with_name(db_path.name + "-shm")):
@@ -145,7 +147,9 @@ class Runtime:
             save_adapter(model, FIRST_VERSION, folder)
             model.delete_adapter(FIRST_VERSION)  # the server loads it like any other version
             self.loaded.model = model
-        self.store.register_version(FIRST_VERSION, str(folder), None, "active", {"note": "identity LoRA"}, content_hash=content_hash(folder))
+        self.store.register_version(
+            FIRST_VERSION, str(folder), None, "active", {"note": "identity LoRA"}, content_hash=content_hash(folder)
+        )
 
     def sync_registry(self) -> str:
         """Make the server serve the registry's active version; a bad adapter is refused.
@@ -190,7 +194,17 @@ class Runtime:
             self.server.unload_unused(self.settings.adapter_cache)
             self.status.last_error = ""
             total_ms = 1000 * (time.perf_counter() - started)
-            self.status.swaps = [*self.status.swaps[-49:], {"version": wanted, "mode": mode, "load_ms": load_ms, "prepare_ms": prepare_ms, "total_ms": total_ms, "at": time.time()}]
+            self.status.swaps = [
+                *self.status.swaps[-49:],
+                {
+                    "version": wanted,
+                    "mode": mode,
+                    "load_ms": load_ms,
+                    "prepare_ms": prepare_ms,
+                    "total_ms": total_ms,
+                    "at": time.time(),
+                },
+            ]
         except (AdapterError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
             self.status.refused[wanted] = reason

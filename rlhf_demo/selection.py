@@ -119,7 +119,9 @@ class Judge:
         if self._model is None:
             model = self.server.model
             layer = self.config.layer if self.config.layer is not None else default_layer(model)
-            self._model = RewardModel(model, self.server.tokenizer, layer, torch.zeros(hidden_size(model)), max_length=self.config.max_length)
+            self._model = RewardModel(
+                model, self.server.tokenizer, layer, torch.zeros(hidden_size(model)), max_length=self.config.max_length
+            )
         return self._model
 
     @property

@@ -146,14 +146,18 @@ class VisitorMiddleware:
                 if not presented:
                     https = self.secure or scope.get("scheme") == "https"
                     attrs = "; Secure; SameSite=None; Partitioned" if https else "; SameSite=Lax"
-                    cookie = f"{COOKIE}={self.signer.cookie_value(visitor_id)}; Path=/; Max-Age={COOKIE_MAX_AGE_S}; HttpOnly{attrs}"
+                    cookie = (
+                        f"{COOKIE}={self.signer.cookie_value(visitor_id)}; Path=/; Max-Age={COOKIE_MAX_AGE_S}; HttpOnly{attrs}"
+                    )
                     message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode("latin-1"))]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_cookie)
         except Exception as exc:  # noqa: BLE001 - the client gets a short answer, the log one line
-            log.warning("request %s %s failed: %s: %s", scope.get("method"), scope.get("path"), type(exc).__name__, str(exc)[:200])
+            log.warning(
+                "request %s %s failed: %s: %s", scope.get("method"), scope.get("path"), type(exc).__name__, str(exc)[:200]
+            )
             if started:
                 raise
             body = b'{"error": "bad request: the server could not process it"}'
@@ -252,5 +256,7 @@ def identify(request: Any, signer: Signer, trust_proxy: bool) -> Visitor:
     peer = getattr(client, "host", None) if client is not None else None
     address = client_address(headers, peer, trust_proxy)
     visitor_id = oauth_visitor_id(signer, _oauth_userinfo(request)) if oauth_enabled() else None
-    visitor_id = visitor_id or headers.get(HEADER_ID) or signer.verify(_cookie(headers.get("cookie", ""), COOKIE)) or signer.new_id()
+    visitor_id = (
+        visitor_id or headers.get(HEADER_ID) or signer.verify(_cookie(headers.get("cookie", ""), COOKIE)) or signer.new_id()
+    )
     return Visitor(visitor_id, signer.ip_key(address))

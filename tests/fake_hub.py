@@ -38,7 +38,9 @@ import pytest
 
 TOKEN = "hf_fake_token_for_tests"
 _PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
-_API = re.compile(r"^/api/(models|datasets|spaces)/([^/]+/[^/]+?)(?:/(preupload|commit|tree|revision|super-squash)/([^/]+)(/.*)?)?$")
+_API = re.compile(
+    r"^/api/(models|datasets|spaces)/([^/]+/[^/]+?)(?:/(preupload|commit|tree|revision|super-squash)/([^/]+)(/.*)?)?$"
+)
 _RESOLVE = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
 
 
@@ -151,7 +153,10 @@ class FakeHub:
             status, headers, payload = 500, {}, {"error": f"fake hub: {type(exc).__name__}: {exc}"}
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         req.send_response(status)
-        headers = {"Content-Type": "application/json" if not isinstance(payload, bytes) else "application/octet-stream", **headers}
+        headers = {
+            "Content-Type": "application/json" if not isinstance(payload, bytes) else "application/octet-stream",
+            **headers,
+        }
         for key, value in headers.items():
             req.send_header(key, value)
         req.send_header("Content-Length", str(len(data)))
@@ -159,7 +164,9 @@ class FakeHub:
         if method != "HEAD":
             req.wfile.write(data)
 
-    def _route(self, method: str, path: str, query: dict[str, list[str]], body: bytes, authorized: bool) -> tuple[int, dict[str, str], Any]:
+    def _route(
+        self, method: str, path: str, query: dict[str, list[str]], body: bytes, authorized: bool
+    ) -> tuple[int, dict[str, str], Any]:
         if method == "POST" and path == "/api/repos/create":
             return self._create_repo(json.loads(body), authorized)
         if method == "POST" and path == "/api/validate-yaml":
@@ -175,7 +182,11 @@ class FakeHub:
                 return _error(401, "Invalid credentials in Authorization header")
             if method == "POST" and action == "preupload":
                 files = json.loads(body)["files"]
-                return 200, {}, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]}
+                return (
+                    200,
+                    {},
+                    {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]},
+                )
             if method == "POST" and action == "commit":
                 return self._commit(repo, body)
             if method == "POST" and action == "super-squash":
@@ -188,10 +199,23 @@ class FakeHub:
             if snapshot is None:
                 return _error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
             if method == "GET" and action == "tree":
-                return 200, {}, _tree(snapshot[1], (rest or "").strip("/"), query.get("recursive", ["false"])[0].lower() == "true")
+                return (
+                    200,
+                    {},
+                    _tree(snapshot[1], (rest or "").strip("/"), query.get("recursive", ["false"])[0].lower() == "true"),
+                )
             if method == "GET" and action in (None, "revision"):
                 sha, files = snapshot
-                return 200, {}, {"id": repo_id, "sha": sha, "private": repo.private, "siblings": [{"rfilename": name} for name in sorted(files)]}
+                return (
+                    200,
+                    {},
+                    {
+                        "id": repo_id,
+                        "sha": sha,
+                        "private": repo.private,
+                        "siblings": [{"rfilename": name} for name in sorted(files)],
+                    },
+                )
         if method in ("GET", "HEAD") and (match := _RESOLVE.match(path)):
             kind, repo_id, revision, filename = match.groups()
             repo = self.repos.get(((kind or "models")[:-1], repo_id))
@@ -213,7 +237,11 @@ class FakeHub:
         repo_id = f"{payload.get('organization') or 'user'}/{payload['name']}"
         url = f"{self.endpoint}/{_PREFIX[repo_type]}{repo_id}"
         if (repo_type, repo_id) in self.repos:  # the Hub names the repo in its 409 too: exist_ok reads "url"
-            return 409, {"X-Error-Message": "You already created this repo"}, {"error": "You already created this repo", "url": url}
+            return (
+                409,
+                {"X-Error-Message": "You already created this repo"},
+                {"error": "You already created this repo", "url": url},
+            )
         self._create(repo_id, repo_type, payload.get("visibility") == "private" or bool(payload.get("private")))
         return 200, {}, {"url": url, "name": repo_id}
 
@@ -244,7 +272,7 @@ def _tree(files: dict[str, bytes], folder: str, recursive: bool) -> list[dict[st
     for name, data in sorted(files.items()):
         if not name.startswith(prefix):
             continue
-        rest = name[len(prefix):]
+        rest = name[len(prefix) :]
         if recursive or "/" not in rest:
             if recursive:  # the Hub lists the folders too
                 parts = name.split("/")
@@ -259,7 +287,11 @@ def _tree(files: dict[str, bytes], folder: str, recursive: bool) -> list[dict[st
 
 
 def _error(status: int, message: str, code: str | None = None) -> tuple[int, dict[str, str], Any]:
-    return status, ({"X-Error-Code": code, "X-Error-Message": message} if code else {"X-Error-Message": message}), {"error": message}
+    return (
+        status,
+        ({"X-Error-Code": code, "X-Error-Message": message} if code else {"X-Error-Message": message}),
+        {"error": message},
+    )
 
 
 @pytest.fixture

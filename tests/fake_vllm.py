@@ -78,7 +78,9 @@ class FakeVllm:
                 if name in fake.refuse:
                     return self._json(400, {"error": {"message": f"Loading lora {name} failed: bad rank", "code": 400}})
                 if name in fake.adapters:
-                    return self._json(400, {"error": {"message": f"The lora adapter '{name}' has already been loaded.", "code": 400}})
+                    return self._json(
+                        400, {"error": {"message": f"The lora adapter '{name}' has already been loaded.", "code": 400}}
+                    )
                 fake.adapters[name] = body["lora_path"]
                 self._json(200, {})
 

@@ -50,13 +50,8 @@ def respond(
 def table_counts(path: Path) -> dict[str, int]:
     """Row counts read through a separate connection: proves what was committed."""
     with sqlite3.connect(path) as conn:
-        names = [
-            r[0]
-            for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-        ]
-        return {
-            n: conn.execute(f'SELECT COUNT(*) FROM "{n}"').fetchone()[0] for n in names
-        }
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {n: conn.execute(f'SELECT COUNT(*) FROM "{n}"').fetchone()[0] for n in names}
 
 
 @pytest.fixture
@@ -96,4 +91,3 @@ def voted_store(store: FeedbackStore) -> FeedbackStore:
     )
     store.rate("s1", a, 1)
     return store
-

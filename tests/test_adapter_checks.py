@@ -22,7 +22,9 @@ def flip_exponent_bits(path, flips: int, seed: int) -> None:
     header_len = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8 : 8 + header_len])
     start = 8 + header_len
-    offsets = [start + o for k, v in header.items() if k != "__metadata__" for o in range(v["data_offsets"][0], v["data_offsets"][1], 4)]
+    offsets = [
+        start + o for k, v in header.items() if k != "__metadata__" for o in range(v["data_offsets"][0], v["data_offsets"][1], 4)
+    ]
     for offset in random.Random(seed).sample(offsets, flips):
         raw[offset + 3] ^= 0x40  # little-endian: bit 30 of the float is in the last byte
     path.write_bytes(bytes(raw))

@@ -27,7 +27,11 @@ def test_the_oldest_version_counts_its_votes_and_has_a_real_interval():
 def test_matches_between_any_two_versions_count_not_only_predecessors():
     """v3 never met v2 (its predecessor) but beat v0 and v1: it ranks first."""
     matches = matches_from_votes(
-        votes("v1", "v0", "A", 5) + votes("v2", "v1", "A", 5) + votes("v3", "v0", "A", 5) + votes("v3", "v1", "A", 5) + votes("v2", "v0", "tie", 2)
+        votes("v1", "v0", "A", 5)
+        + votes("v2", "v1", "A", 5)
+        + votes("v3", "v0", "A", 5)
+        + votes("v3", "v1", "A", 5)
+        + votes("v2", "v0", "tie", 2)
     )
     rows = leaderboard(matches, rounds=50)
     assert [r.version for r in rows] == ["v0", "v1", "v2", "v3"]

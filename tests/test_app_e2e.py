@@ -55,7 +55,11 @@ def call(app_url: str, api_name: str, raw_data: str) -> str:
     import httpx
 
     with httpx.Client(timeout=30) as http:
-        posted = http.post(f"{app_url}gradio_api/call/{api_name}", content=f'{{"data": {raw_data}}}', headers={"content-type": "application/json"})
+        posted = http.post(
+            f"{app_url}gradio_api/call/{api_name}",
+            content=f'{{"data": {raw_data}}}',
+            headers={"content-type": "application/json"},
+        )
         if posted.status_code != 200:
             return posted.text
         return http.get(f"{app_url}gradio_api/call/{api_name}/{posted.json()['event_id']}").text
@@ -112,7 +116,9 @@ def test_session_rotation_through_the_api_is_bounded_per_address(runtime):
 
     from rlhf_demo.ui.app import launch_local
 
-    runtime.settings = dataclasses.replace(runtime.settings, limits=dataclasses.replace(runtime.settings.limits, votes_per_minute_per_ip=4))
+    runtime.settings = dataclasses.replace(
+        runtime.settings, limits=dataclasses.replace(runtime.settings.limits, votes_per_minute_per_ip=4)
+    )
     demo, url = launch_local(runtime)
     results = []
     try:

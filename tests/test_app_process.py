@@ -50,7 +50,9 @@ def test_stopping_the_app_stops_its_worker(stop: str, when: str, tiny_model_dir:
     """``starting``: the signal comes as soon as the worker runs, while Gradio is still starting
     (a SIGTERM there once ended the app with a traceback and status 1)."""
     port = free_port()
-    app = live_loop.start_app(tmp_path / "data", port, subprocess.DEVNULL, "--model", str(tiny_model_dir), "--quantization", "fp32")
+    app = live_loop.start_app(
+        tmp_path / "data", port, subprocess.DEVNULL, "--model", str(tiny_model_dir), "--quantization", "fp32"
+    )
     try:
         wait_until(lambda: worker_pid(tmp_path / "data") is not None or app.poll() is not None, 120, "the worker's status file")
         if when == "serving":
@@ -70,14 +72,20 @@ def test_stopping_the_app_stops_its_worker(stop: str, when: str, tiny_model_dir:
 
 def test_worker_started_for_a_dead_app_exits_at_once():
     """The app may die between starting the worker and the worker's prctl call."""
-    script = "import os, sys; from rlhf_demo.worker.loop import follow_parent; follow_parent(int(sys.argv[1])); print('following')"
-    gone = subprocess.run([sys.executable, "-c", script, str(os.getpid() + 10**6)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    script = (
+        "import os, sys; from rlhf_demo.worker.loop import follow_parent; follow_parent(int(sys.argv[1])); print('following')"
+    )
+    gone = subprocess.run(
+        [sys.executable, "-c", script, str(os.getpid() + 10**6)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert gone.returncode != 0 and "is gone" in gone.stderr
     alive = subprocess.run([sys.executable, "-c", script, str(os.getpid())], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert alive.returncode == 0 and "following" in alive.stdout, alive.stderr
 
 
-def test_sigterm_while_gradio_starts_is_a_clean_stop(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigterm_while_gradio_starts_is_a_clean_stop(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The exact moment the subprocess tests above can only hit by chance: SIGTERM inside
     ``launch`` before it serves. ``serve`` must return (exit 0), not raise a traceback."""
     launched: list[bool] = []
@@ -91,7 +99,18 @@ def test_sigterm_while_gradio_starts_is_a_clean_stop(tiny_model_dir: Path, tmp_p
     monkeypatch.setattr(gr.Blocks, "launch", launch)
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        cli.main(["serve", "--model", str(tiny_model_dir), "--quantization", "fp32", "--data-dir", str(tmp_path / "data"), "--no-worker"])
+        cli.main(
+            [
+                "serve",
+                "--model",
+                str(tiny_model_dir),
+                "--quantization",
+                "fp32",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--no-worker",
+            ]
+        )
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert launched

@@ -202,7 +202,9 @@ def test_chat_like_compare_vote_and_data_in_a_real_browser(tab: Tab, app_url: st
     page.get_by_role("button", name="Generate two answers").click()
     expect(page.get_by_text("Which answer is better?")).to_be_visible(timeout=GENERATION_TIMEOUT_S * 1000)
     for side in ("A", "B"):
-        answer = page.get_by_test_id("markdown").filter(has=page.locator(f'p:first-child > strong:text-is("{side}")'), has_not_text="Keys:")
+        answer = page.get_by_test_id("markdown").filter(
+            has=page.locator(f'p:first-child > strong:text-is("{side}")'), has_not_text="Keys:"
+        )
         expect(answer).to_have_count(1)
         expect(answer).to_contain_text(re.compile(rf"^\s*{side}\s*\S"))  # the header plus a non-empty answer
     tab.shot("04-compare-answers")
@@ -337,7 +339,9 @@ def test_every_chat_control_in_a_real_browser(tab: Tab, app_url: str, runtime, m
 
     # Retry: Gradio sends the question's index; the answer is replaced by a new one.
     log.get_by_role("button", name="Retry").last.click()
-    wait_until(lambda: runtime.store.counts()["responses"] == 2, timeout=GENERATION_TIMEOUT_S, what="the retried answer in SQLite")
+    wait_until(
+        lambda: runtime.store.counts()["responses"] == 2, timeout=GENERATION_TIMEOUT_S, what="the retried answer in SQLite"
+    )
     expect(bot).to_have_count(1)
     expect(bot.last).to_contain_text(ANSWER_DONE)
     expect(log.get_by_test_id("user")).to_have_text("First question")
@@ -364,8 +368,12 @@ def test_every_chat_control_in_a_real_browser(tab: Tab, app_url: str, runtime, m
     expect(bot.last).to_contain_text(ANSWER_DONE)
     expect(stop).to_be_hidden()
     expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
-    wait_until(lambda: runtime.store.counts()["responses"] == 3, timeout=GENERATION_TIMEOUT_S, what="the stopped answer in SQLite")
-    stopped = runtime.store.db.execute("select finish_reason, conversation_id from responses order by rowid desc limit 1").fetchone()
+    wait_until(
+        lambda: runtime.store.counts()["responses"] == 3, timeout=GENERATION_TIMEOUT_S, what="the stopped answer in SQLite"
+    )
+    stopped = runtime.store.db.execute(
+        "select finish_reason, conversation_id from responses order by rowid desc limit 1"
+    ).fetchone()
     assert stopped[0] == "cancelled"
     tab.shot("13-chat-stopped")
     monkeypatch.undo()
@@ -412,7 +420,9 @@ def test_indented_question_keeps_its_conversation_and_a_vote_can_be_removed(tab:
     page = tab.page
     page.goto(app_url)
     log = send_chat(page, "Fix this code:\n\n    def f():\n        return 1")
-    expect(log.get_by_test_id("user").first.locator("pre")).to_contain_text(re.compile(r"def f\(\):\n {4}return 1"))  # an indented code block
+    expect(log.get_by_test_id("user").first.locator("pre")).to_contain_text(
+        re.compile(r"def f\(\):\n {4}return 1")
+    )  # an indented code block
     send_chat(page, "Thanks")
     wait_until(lambda: runtime.store.counts()["responses"] == 2, what="the second turn in SQLite")
     log.get_by_role("button", name="Like", exact=True).last.click()

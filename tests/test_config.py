@@ -11,7 +11,11 @@ from rlhf_demo.config import GateConfig, PPOConfig, RewardConfig, SettingError, 
 
 def test_the_training_tree_holds_each_default_once():
     training = load_settings(env={}).training
-    assert isinstance(training.ppo, PPOConfig) and isinstance(training.reward, RewardConfig) and isinstance(training.gate, GateConfig)
+    assert (
+        isinstance(training.ppo, PPOConfig)
+        and isinstance(training.reward, RewardConfig)
+        and isinstance(training.gate, GateConfig)
+    )
     assert training == TrainingSettings()  # no second copy of a default anywhere on the way
     assert training.ppo.kl_stop < training.gate.max_kl  # PPO hands the gate a candidate it can accept
 
@@ -31,7 +35,12 @@ def test_nested_settings_come_from_the_environment_typed_by_their_annotation():
     }
     s = load_settings(env=env)
     assert s.training.every_votes == 20 and s.training.ppo.learning_rate == 5e-4 and s.training.ppo.kl_stop is None
-    assert s.training.ppo.advantage == "gae" and s.training.reward.l2 == 0.1 and s.training.reward.layer == 12 and s.training.gate.confidence == 0.9
+    assert (
+        s.training.ppo.advantage == "gae"
+        and s.training.reward.l2 == 0.1
+        and s.training.reward.layer == 12
+        and s.training.gate.confidence == 0.9
+    )
     assert s.lora.target_modules == ("q_proj", "v_proj") and s.worker is False
 
 
@@ -76,7 +85,15 @@ def test_every_settings_dataclass_is_frozen():
 
 
 def test_each_poll_interval_and_vote_cap_has_one_field_of_its_own():
-    env = {"RLHF_DEMO_REGISTRY_POLL_SECONDS": "1", "RLHF_DEMO_TRAINING__VOTE_POLL_SECONDS": "2", "RLHF_DEMO_LIMITS__MAX_TRAINING_VOTES": "7"}
+    env = {
+        "RLHF_DEMO_REGISTRY_POLL_SECONDS": "1",
+        "RLHF_DEMO_TRAINING__VOTE_POLL_SECONDS": "2",
+        "RLHF_DEMO_LIMITS__MAX_TRAINING_VOTES": "7",
+    }
     s = load_settings(env=env)
     assert (s.registry_poll_seconds, s.training.vote_poll_seconds, s.limits.max_training_votes) == (1.0, 2.0, 7)
-    assert not hasattr(s, "poll_seconds") and not hasattr(s.training, "poll_seconds") and not hasattr(s.training, "max_votes_per_session")
+    assert (
+        not hasattr(s, "poll_seconds")
+        and not hasattr(s.training, "poll_seconds")
+        and not hasattr(s.training, "max_votes_per_session")
+    )

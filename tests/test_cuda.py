@@ -78,7 +78,8 @@ def test_reward_model_trains_on_cuda(cuda_settings):
 
     loaded = load_model(cuda_settings)
     pairs = [
-        {"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": f"good answer {i}", "rejected": f"bad {i}"} for i in range(24)
+        {"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": f"good answer {i}", "rejected": f"bad {i}"}
+        for i in range(24)
     ]
     config = dataclasses.replace(cuda_settings.training.reward, max_length=64)
     rm, metrics = train_reward_model(loaded.model, loaded.tokenizer, pairs, [], config)

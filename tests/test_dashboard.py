@@ -10,7 +10,16 @@ PROMPT = [{"role": "user", "content": "q"}]
 
 
 def answer(store, version: str = "v0", text: str = "x") -> str:
-    return store.log_response(session_id="s", prompt=PROMPT, text=text, adapter_version=version, sampling={}, prompt_tokens=1, completion_tokens=1, latency_s=0.1)
+    return store.log_response(
+        session_id="s",
+        prompt=PROMPT,
+        text=text,
+        adapter_version=version,
+        sampling={},
+        prompt_tokens=1,
+        completion_tokens=1,
+        latency_s=0.1,
+    )
 
 
 def test_votes_until_the_next_training_count_down(runtime):
@@ -39,7 +48,13 @@ def test_empty_dashboard_says_so(runtime):
 def test_leaderboard_rows_count_every_match_of_the_oldest_version(runtime):
     store = runtime.store
     for outcome in ("B", "B", "A"):
-        store.prefer(session_id="s", response_a_id=answer(store, "v0"), response_b_id=answer(store, "v1"), outcome=outcome, source="two_versions")
+        store.prefer(
+            session_id="s",
+            response_a_id=answer(store, "v0"),
+            response_b_id=answer(store, "v1"),
+            outcome=outcome,
+            source="two_versions",
+        )
     rows = dashboard.leaderboard_rows(store)
     assert dashboard.LEADERBOARD_COLUMNS[5] == "votes" and dashboard.LEADERBOARD_COLUMNS[6] == "rank"
     v0, v1 = rows
@@ -53,7 +68,13 @@ def test_leaderboard_rows_count_every_match_of_the_oldest_version(runtime):
 def test_equal_ratings_share_a_rank(runtime):
     store = runtime.store
     for outcome in ("A", "B"):  # one win each: the same rating
-        store.prefer(session_id="s", response_a_id=answer(store, "v0"), response_b_id=answer(store, "v1"), outcome=outcome, source="two_versions")
+        store.prefer(
+            session_id="s",
+            response_a_id=answer(store, "v0"),
+            response_b_id=answer(store, "v1"),
+            outcome=outcome,
+            source="two_versions",
+        )
     rows = dashboard.leaderboard_rows(store)
     assert rows[0][1] == rows[1][1] and [r[6] for r in rows] == [1, 1]
 
@@ -62,7 +83,9 @@ def finished_run(store, ppo_steps: int, decision: str = "rejected", reasons: tup
     run = store.start_run("cycle")
     for step in range(1, ppo_steps + 1):
         store.log_metrics(run, "ppo", step, {"score": 0.1 * step, "kl": 0.01 * step})
-    store.finish_run(run, "succeeded", {"decision": decision, "gate": {"passed": decision == "published", "reasons": list(reasons)}})
+    store.finish_run(
+        run, "succeeded", {"decision": decision, "gate": {"passed": decision == "published", "reasons": list(reasons)}}
+    )
     return run
 
 

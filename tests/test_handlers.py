@@ -35,7 +35,7 @@ def test_chat_records_response_with_exact_prompt_and_version(handlers, runtime):
     state = ChatState()
     final = chat_once(handlers, state, "Hello there")
     assert final[-1]["role"] == "assistant" and "adapter v0" in final[-1]["content"]
-    (index, response_id), = state.response_ids.items()
+    ((index, response_id),) = state.response_ids.items()
     assert index == 1
     stored = runtime.store.get_response(response_id)
     assert stored["prompt"] == [{"role": "user", "content": "Hello there"}]
@@ -90,7 +90,9 @@ def test_pair_reasons_need_the_vote_and_land_in_the_db(handlers, runtime):
         handlers.pair_reasons(SESSION, state, ["rude"], "")
     _, state = handlers.vote_pair(SESSION, state, "Both bad")
     handlers.pair_reasons(SESSION, state, ["rude", "unsafe"], "Both are curt.")
-    assert {(tuple(e["reasons"]), e["comment"]) for e in runtime.store.thumb_examples()} == {(("unsafe", "rude"), "Both are curt.")}
+    assert {(tuple(e["reasons"]), e["comment"]) for e in runtime.store.thumb_examples()} == {
+        (("unsafe", "rude"), "Both are curt.")
+    }
     assert handlers.pair_reasons(SESSION, state, [], "") == "Reasons removed from your vote."
 
 
@@ -105,7 +107,9 @@ def test_compare_vote_lands_in_db_and_reveals_versions(handlers, runtime):
     assert message.startswith("Vote changed: you chose **A is better**.")
     (pair,) = runtime.store.preference_pairs()
     assert pair["chosen"] == a
-    assert handlers.vote_pair(SESSION, state, "A is better")[0].startswith("That vote was already recorded: you chose **A is better**.")
+    assert handlers.vote_pair(SESSION, state, "A is better")[0].startswith(
+        "That vote was already recorded: you chose **A is better**."
+    )
     assert table_count(runtime, "preferences") == 1
 
 
@@ -307,7 +311,13 @@ def test_the_reveal_repeats_the_choice(handlers):
 def test_the_header_names_the_model_without_server_paths_or_library_details(handlers, runtime):
     text = handlers.model_markdown()
     assert "tiny" in text and "v0" in text
-    for secret in (str(runtime.settings.data_dir.resolve()), str(runtime.loaded.source.path), "float32", "compute on", "Data directory"):
+    for secret in (
+        str(runtime.settings.data_dir.resolve()),
+        str(runtime.loaded.source.path),
+        "float32",
+        "compute on",
+        "Data directory",
+    ):
         assert secret not in text, secret
 
 

@@ -19,8 +19,18 @@ fake_hub = fake_hub_module.fake_hub  # the fixture, usable in this module
 
 HUB_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 METRICS = {
-    "gate": {"passed": True, "candidate_score": 0.61, "active_score": 0.42, "improvement": 0.19, "lower_bound": 0.05,
-             "confidence": 0.9, "units": 12, "kl": 0.031, "degenerate_fraction": 0.0, "reasons": []},
+    "gate": {
+        "passed": True,
+        "candidate_score": 0.61,
+        "active_score": 0.42,
+        "improvement": 0.19,
+        "lower_bound": 0.05,
+        "confidence": 0.9,
+        "units": 12,
+        "kl": 0.031,
+        "degenerate_fraction": 0.0,
+        "reasons": [],
+    },
     "reward": {"pairwise_accuracy": 0.72, "thumb_accuracy": 0.66},
     "run_id": 7,
 }
@@ -30,14 +40,28 @@ def add_feedback(store: FeedbackStore) -> None:
     """Two thumbs and one decisive A/B vote, from sessions with ip keys (which must never leave)."""
     prompt = [{"role": "user", "content": "Say hi"}]
     ids = [
-        store.log_response(session_id="secret-session", prompt=prompt, text=text, adapter_version="v0", sampling={},
-                           prompt_tokens=1, completion_tokens=1, latency_s=0.1)
+        store.log_response(
+            session_id="secret-session",
+            prompt=prompt,
+            text=text,
+            adapter_version="v0",
+            sampling={},
+            prompt_tokens=1,
+            completion_tokens=1,
+            latency_s=0.1,
+        )
         for text in ("Hi there!", "Go away.")
     ]
     store.rate("secret-session", ids[0], 1, ip_key="secret-ip")
     store.rate("secret-session", ids[1], -1, ip_key="secret-ip")
-    store.record_preference(session_id="other-secret", response_a_id=ids[0], response_b_id=ids[1], outcome="A",
-                            source="two_samples", ip_key="secret-ip-2")
+    store.record_preference(
+        session_id="other-secret",
+        response_a_id=ids[0],
+        response_b_id=ids[1],
+        outcome="A",
+        source="two_samples",
+        ip_key="secret-ip-2",
+    )
     store.annotate_rating("secret-session", ids[1], ["rude"], "Not friendly.")
     store.annotate_preference("other-secret", ids[0], ids[1], ["unhelpful", "rude"], "B refuses.")
 
@@ -93,7 +117,16 @@ def test_push_uploads_an_adapter_peft_loads_with_the_hub_base_and_a_card(fake_hu
     meta = front_matter(card)
     assert meta["base_model"] == HUB_BASE and meta["library_name"] == "peft" and meta["license"] == "apache-2.0"
     assert {"rlhf", "lora"} <= set(meta["tags"])
-    for figure in ("0.720", "0.660", "0.031", "0.610", "0.050", "PeftModel.from_pretrained", "1 A/B preference votes", "1 thumbs up"):
+    for figure in (
+        "0.720",
+        "0.660",
+        "0.031",
+        "0.610",
+        "0.050",
+        "PeftModel.from_pretrained",
+        "1 A/B preference votes",
+        "1 thumbs up",
+    ):
         assert figure in card, figure
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -167,12 +200,18 @@ def test_push_data_makes_a_dataset_with_two_configs_and_no_visitor_ids(fake_hub,
     meta = front_matter((local / "README.md").read_text())
     configs = {c["config_name"]: c["data_files"][0]["path"] for c in meta["configs"]}
     assert set(configs) == {"preferences", "unpaired"} and meta["license"] == "apache-2.0"
-    prefs = datasets.load_dataset("json", data_files=str(local / configs["preferences"]), split="train", cache_dir=str(tmp_path / "ds-cache"))
-    unpaired = datasets.load_dataset("json", data_files=str(local / configs["unpaired"]), split="train", cache_dir=str(tmp_path / "ds-cache"))
+    prefs = datasets.load_dataset(
+        "json", data_files=str(local / configs["preferences"]), split="train", cache_dir=str(tmp_path / "ds-cache")
+    )
+    unpaired = datasets.load_dataset(
+        "json", data_files=str(local / configs["unpaired"]), split="train", cache_dir=str(tmp_path / "ds-cache")
+    )
     assert prefs.column_names == ["prompt", "chosen", "rejected", "reasons", "comment"] and len(prefs) == 1
     assert prefs[0]["chosen"] == [{"role": "assistant", "content": "Hi there!"}]
     assert (prefs[0]["reasons"], prefs[0]["comment"]) == (["unhelpful", "rude"], "B refuses.")  # why, as the rater said
-    assert sorted(unpaired.column_names) == ["comment", "completion", "label", "prompt", "reasons"] and sorted(unpaired["label"]) == [False, True]
+    assert sorted(unpaired.column_names) == ["comment", "completion", "label", "prompt", "reasons"] and sorted(
+        unpaired["label"]
+    ) == [False, True]
     assert sorted(unpaired["comment"]) == ["", "Not friendly."]
     assert "`reasons`" in (local / "README.md").read_text()
     # The card's ``configs:`` as the datasets library reads them (a downloaded repo folder, like the Hub's).
@@ -265,7 +304,9 @@ def test_delete_my_data_reaches_the_hub_snapshot_its_history_and_the_next_start(
         sync.close()
     assert "Hub backup no longer holds it" in said
     history = fake_hub.every_version("user/space-data", "dataset")
-    assert history and not any(b"zebra-42" in data for data in history)  # neither the snapshot (free pages included) nor an older commit
+    assert history and not any(
+        b"zebra-42" in data for data in history
+    )  # neither the snapshot (free pages included) nor an older commit
     assert any(b"a public question" in data for data in history)
     assert len(fake_hub.repo("user/space-data", "dataset").commits) == 1 and fake_hub.squashes
 
@@ -279,7 +320,9 @@ def test_delete_my_data_reaches_the_hub_snapshot_its_history_and_the_next_start(
     assert b"zebra-42" not in (fresh / "feedback.db").read_bytes()
 
 
-def test_a_restore_that_fails_turns_syncing_off_instead_of_overwriting_the_hub(fake_hub, published, settings, tmp_path, monkeypatch):
+def test_a_restore_that_fails_turns_syncing_off_instead_of_overwriting_the_hub(
+    fake_hub, published, settings, tmp_path, monkeypatch
+):
     from rlhf_demo.hub_sync import HubSync, HubUnavailable, restore_from_hub
 
     store, _ = published

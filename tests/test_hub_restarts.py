@@ -19,7 +19,9 @@ fake_hub = fake_hub_module.fake_hub  # the fixture, usable in this module
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="signals as on a Space")
-def test_votes_acknowledged_before_a_sigterm_are_restored_on_a_fresh_start(fake_hub, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_votes_acknowledged_before_a_sigterm_are_restored_on_a_fresh_start(
+    fake_hub, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     figures = hub_restarts.run(fake_hub, str(tiny_model_dir), tmp_path, cycles=2, seed=0, window_s=4.0)
     serving = [c for c in figures["per_cycle"] if c["killed"] == "serving"]
     assert serving and figures["acknowledged"] > 0, "no cycle cast a vote: the test proves nothing"

@@ -9,7 +9,13 @@ import pytest
 
 from rlhf_demo.visitors import HEADER_ID, Signer, identify, login_button, network_of, oauth_visitor_id
 
-SPACE_ENV = {"SYSTEM": "spaces", "SPACE_ID": "me/space", "OAUTH_CLIENT_ID": "client", "OAUTH_CLIENT_SECRET": "secret", "OAUTH_SCOPES": "openid profile"}
+SPACE_ENV = {
+    "SYSTEM": "spaces",
+    "SPACE_ID": "me/space",
+    "OAUTH_CLIENT_ID": "client",
+    "OAUTH_CLIENT_SECRET": "secret",
+    "OAUTH_SCOPES": "openid profile",
+}
 
 
 class FakeRequest:
@@ -106,7 +112,9 @@ def test_an_oauth_account_maps_to_one_stable_visitor_id_without_network(monkeypa
     account = {"sub": "6123abc", "preferred_username": "alice", "name": "Alice"}
     vid = oauth_visitor_id(signer, account)
     assert vid is not None and len(vid) == 32 and all(c in "0123456789abcdef" for c in vid)
-    assert oauth_visitor_id(signer, {**account, "preferred_username": "alice-renamed"}) == vid  # keyed on the account, not the name
+    assert (
+        oauth_visitor_id(signer, {**account, "preferred_username": "alice-renamed"}) == vid
+    )  # keyed on the account, not the name
     assert oauth_visitor_id(signer, {"sub": "other"}) != vid
     assert oauth_visitor_id(Signer(b"z" * 32), account) != vid  # another server's secret, another id
     for bad in (None, {}, {"sub": ""}, {"sub": 5}, {"sub": "x" * 500}, "sub"):

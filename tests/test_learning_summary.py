@@ -7,7 +7,23 @@ import pytest
 
 from bench.learning_summary import summarize
 
-FIELDS = {"rater", "votes", "seeds", "win_rate", "win_rate_se", "comparisons", "kl", "wall_s", "eval_s", "device", "command", "selection", "best_of", "decisive_fraction", "cycles"}
+FIELDS = {
+    "rater",
+    "votes",
+    "seeds",
+    "win_rate",
+    "win_rate_se",
+    "comparisons",
+    "kl",
+    "wall_s",
+    "eval_s",
+    "device",
+    "command",
+    "selection",
+    "best_of",
+    "decisive_fraction",
+    "cycles",
+}
 
 
 def run(wins: list[float], decisive: list[float | None]) -> dict:
@@ -17,12 +33,24 @@ def run(wins: list[float], decisive: list[float | None]) -> dict:
             "votes": 67 * i,
             "decision": "base" if i == 0 else "published",
             "decisive_fraction": d,
-            "eval": {"win_rate": w, "win_rate_se": 0.01, "kl": 0.5 * i, "mean_score": 0.0, "mean_tokens": 30.0, "seconds": 10.0, "comparisons": 1728},
+            "eval": {
+                "win_rate": w,
+                "win_rate_se": 0.01,
+                "kl": 0.5 * i,
+                "mean_score": 0.0,
+                "mean_tokens": 30.0,
+                "seconds": 10.0,
+                "comparisons": 1728,
+            },
             "elapsed_s": 100.0 * i,
         }
         for i, (w, d) in enumerate(zip(wins, decisive, strict=True))
     ]
-    return {"cycles": cycles, "final": {"wall_s": 900.0, "eval_s": 120.0}, "selection": {"rule": "dts", "candidates": 4, "candidate_temperature": None, "best_of": 1}}
+    return {
+        "cycles": cycles,
+        "final": {"wall_s": 900.0, "eval_s": 120.0},
+        "selection": {"rule": "dts", "candidates": 4, "candidate_temperature": None, "best_of": 1},
+    }
 
 
 def test_summary_is_mean_and_se_over_seeds_on_the_cycles_all_seeds_finished():

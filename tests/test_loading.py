@@ -51,7 +51,15 @@ def test_importing_bitsandbytes_says_nothing_about_the_optional_kernels_package(
 
 
 def test_other_kernel_failures_are_still_reported():
-    record = logging.LogRecord(CPU_OPS_LOGGER, logging.WARNING, "ops.py", 1, "Failed to load CPU gemm_4bit_forward from kernels-community: %s.", (RuntimeError("bad kernel"),), None)
+    record = logging.LogRecord(
+        CPU_OPS_LOGGER,
+        logging.WARNING,
+        "ops.py",
+        1,
+        "Failed to load CPU gemm_4bit_forward from kernels-community: %s.",
+        (RuntimeError("bad kernel"),),
+        None,
+    )
     missing = ModuleNotFoundError("No module named 'kernels'", name="kernels")
     assert logging.getLogger(CPU_OPS_LOGGER).filter(record)
     record.args = (missing,)

@@ -64,6 +64,19 @@ def test_serve_on_a_taken_port_names_it(tmp_path, caplog):
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(SystemExit) as stop:
-            main(["serve", "--model", "tiny", "--data-dir", str(tmp_path), "--host", "127.0.0.1", "--port", str(port), "--no-worker"])
+            main(
+                [
+                    "serve",
+                    "--model",
+                    "tiny",
+                    "--data-dir",
+                    str(tmp_path),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--no-worker",
+                ]
+            )
     assert stop.value.code == 2
     assert f"cannot listen on 127.0.0.1:{port}" in caplog.text

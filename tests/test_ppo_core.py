@@ -33,9 +33,7 @@ SQ_DEV = (1 - MEAN) ** 2 + (2 - MEAN) ** 2 + (4 - MEAN) ** 2  # = 14 / 3
 
 
 def close(a, b, tol=1e-6):
-    return torch.allclose(
-        torch.as_tensor(a).double(), torch.as_tensor(b).double(), atol=tol
-    )
+    return torch.allclose(torch.as_tensor(a).double(), torch.as_tensor(b).double(), atol=tol)
 
 
 # ── masked statistics ────────────────────────────────────────────────────────────────
@@ -83,9 +81,7 @@ def test_whiten_single_token_is_finite():
 
 
 def test_kl_penalized_rewards_hand_case():
-    logprobs = torch.tensor(
-        [[-1.0, -2.0, -3.0], [-0.5, -1.0, -1.0], [-1.0, -1.0, -1.0]]
-    )
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.0, -1.0], [-1.0, -1.0, -1.0]])
     ref = torch.tensor([[-1.5, -1.0, -5.0], [-1.0, -2.0, -2.0], [-2.0, -1.0, -0.5]])
     # lengths 2, 1 (single token), 3 (full row)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
@@ -105,9 +101,7 @@ def test_kl_penalized_rewards_hand_case():
 def test_last_token_index_and_empty_row_gets_no_score():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
     assert last_token_index(mask).tolist() == [1, 0, -1]
-    rewards, _ = kl_penalized_rewards(
-        torch.tensor([1.0, 1.0, 1.0]), torch.zeros(3, 3), torch.zeros(3, 3), mask, 0.1
-    )
+    rewards, _ = kl_penalized_rewards(torch.tensor([1.0, 1.0, 1.0]), torch.zeros(3, 3), torch.zeros(3, 3), mask, 0.1)
     assert close(rewards, [[0, 1, 0], [1, 0, 0], [0, 0, 0]])
 
 
@@ -132,10 +126,7 @@ def naive_gae(values, rewards, lengths, gamma, lam):
             delta = rewards[b][t] + gamma * next_v - values[b][t]
             last = delta + gamma * lam * last
             adv[b][t] = last
-    ret = [
-        [adv[b][t] + (values[b][t] if t < lengths[b] else 0.0) for t in range(T)]
-        for b in range(B)
-    ]
+    ret = [[adv[b][t] + (values[b][t] if t < lengths[b] else 0.0) for t in range(T)] for b in range(B)]
     return adv, ret
 
 
@@ -158,9 +149,7 @@ def test_gae_matches_naive_loop_with_padding(gamma, lam):
     mask = torch.tensor([[1.0] * n + [0.0] * (4 - n) for n in lengths])
     values = torch.randn(3, 4, generator=g)
     rewards = torch.randn(3, 4, generator=g)
-    expected_adv, expected_ret = naive_gae(
-        values.tolist(), rewards.tolist(), lengths, gamma, lam
-    )
+    expected_adv, expected_ret = naive_gae(values.tolist(), rewards.tolist(), lengths, gamma, lam)
     # junk in padding must change nothing
     junk_values = torch.where(mask.bool(), values, torch.full_like(values, 50.0))
     junk_rewards = torch.where(mask.bool(), rewards, torch.full_like(rewards, -7.0))
@@ -240,27 +229,19 @@ def test_chunked_logprobs_gradcheck_and_bf16():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
     labels = torch.randint(0, 5, (2, 3), generator=g)
-    assert torch.autograd.gradcheck(
-        lambda z: logprobs_from_logits(z, labels, chunk_size=2), (logits,)
-    )
+    assert torch.autograd.gradcheck(lambda z: logprobs_from_logits(z, labels, chunk_size=2), (logits,))
 
     low = logits.detach().to(torch.bfloat16)
     out = logprobs_from_logits(low, labels)
-    ref = (
-        torch.log_softmax(low.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    )
+    ref = torch.log_softmax(low.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-6)
 
 
 def test_entropy_from_logits():
-    logits = torch.tensor(
-        [[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]]]
-    )
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]]])
     p = torch.softmax(logits[0, 2], -1).tolist()
     h = -sum(q * math.log(q) for q in p)
-    assert close(
-        entropy_from_logits(logits, chunk_size=2), [[math.log(4), 0.0, h]], 1e-5
-    )
+    assert close(entropy_from_logits(logits, chunk_size=2), [[math.log(4), 0.0, h]], 1e-5)
 
 
 # ── KL controllers, config ───────────────────────────────────────────────────────────

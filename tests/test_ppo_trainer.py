@@ -23,7 +23,9 @@ PROMPTS = [
     "one two",
     "Thanks for asking: tell me a story about Rome, Paris and the sea.",
 ]
-FAST = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=8, samples_per_prompt=2)  # RLOO, the default estimator
+FAST = PPOConfig(
+    batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=8, samples_per_prompt=2
+)  # RLOO, the default estimator
 GAE = dataclasses.replace(FAST, advantage="gae", samples_per_prompt=1)  # value head
 
 
@@ -599,7 +601,10 @@ def test_the_kl_loss_keeps_noise_from_moving_the_policy(policy, tiny_loaded, see
     prompts = [user(p) for p in PROMPTS]
     base = adapter_state(policy, "policy")
     kl = {}
-    arms = {"in the reward": {"init_kl_coef": 0.15, "kl_loss_coef": 0.0}, "in the loss": {"init_kl_coef": 0.0, "kl_loss_coef": 1.0}}
+    arms = {
+        "in the reward": {"init_kl_coef": 0.15, "kl_loss_coef": 0.0},
+        "in the loss": {"init_kl_coef": 0.0, "kl_loss_coef": 1.0},
+    }
     for arm, penalty in arms.items():
         torch.manual_seed(seed)
         restore_adapter_state(policy, "policy", base)
@@ -620,7 +625,16 @@ def test_the_kl_loss_pulls_a_drifted_policy_back_with_either_estimator(policy, t
     with the value head's loss in the sum too (GAE)."""
     prompts = [user(p) for p in PROMPTS]
     perturb(policy, "policy", std=0.2)
-    cfg = PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=8, learning_rate=1e-2, kl_stop=None, kl_loss_coef=1.0, advantage=advantage, samples_per_prompt=2 if advantage == "rloo" else 1)
+    cfg = PPOConfig(
+        batch_size=8,
+        mini_batch_size=4,
+        max_new_tokens=8,
+        learning_rate=1e-2,
+        kl_stop=None,
+        kl_loss_coef=1.0,
+        advantage=advantage,
+        samples_per_prompt=2 if advantage == "rloo" else 1,
+    )
     trainer = PPOTrainer(policy, tiny_loaded.tokenizer, lambda p, c, f: torch.zeros(len(c)), cfg)
     torch.manual_seed(0)
     with torch.no_grad():

@@ -33,9 +33,7 @@ def test_bradley_terry_hand_case_and_centering():
     base = (softplus(-1.0) + softplus(2.0)) / 2
     assert bradley_terry_loss(rc, rr).item() == pytest.approx(base)
     # + 0.01 * mean((1 + 0)^2, (0 + 2)^2)
-    assert bradley_terry_loss(rc, rr, center_coef=0.01).item() == pytest.approx(
-        base + 0.01 * 2.5
-    )
+    assert bradley_terry_loss(rc, rr, center_coef=0.01).item() == pytest.approx(base + 0.01 * 2.5)
 
 
 def test_bradley_terry_gradient_direction():
@@ -46,9 +44,7 @@ def test_bradley_terry_gradient_direction():
 
 def test_thumb_loss_neutral_and_symmetric():
     r = torch.tensor([0.7, -1.3, 2.0])
-    assert thumb_loss(torch.zeros(3), torch.tensor([1, -1, 1])).item() == pytest.approx(
-        math.log(2)
-    )
+    assert thumb_loss(torch.zeros(3), torch.tensor([1, -1, 1])).item() == pytest.approx(math.log(2))
     up = thumb_loss(r, torch.tensor([1, 1, 1]))
     assert up.item() == pytest.approx(thumb_loss(-r, torch.tensor([-1, -1, -1])).item())
     expected = (softplus(-0.7) + softplus(1.3) + softplus(-2.0)) / 3

@@ -103,13 +103,21 @@ def test_thumbs_on_one_prompt_form_capped_pairs():
 def test_examples_keep_whether_each_answer_was_cut_off():
     p = user("q")
     pairs = [{"prompt": p, "chosen": "ended.", "rejected": "cut off mid", "chosen_finished": True, "rejected_finished": False}]
-    thumbs = [{"prompt": p, "completion": "also cut", "label": False, "finished": False}, {"prompt": p, "completion": "fine.", "label": True}]
+    thumbs = [
+        {"prompt": p, "completion": "also cut", "label": False, "finished": False},
+        {"prompt": p, "completion": "fine.", "label": True},
+    ]
     pair_ex, thumb_ex = build_examples(pairs, thumbs)
     ab = next(e for e in pair_ex if e["source"] == "ab")
     assert (ab["chosen_finished"], ab["rejected_finished"]) == (True, False)
     assert {e["completion"]: e["finished"] for e in thumb_ex} == {"also cut": False, "fine.": True}  # default: ended
     derived = next(e for e in pair_ex if e["source"] == "thumbs")
-    assert (derived["chosen"], derived["chosen_finished"], derived["rejected"], derived["rejected_finished"]) == ("fine.", True, "also cut", False)
+    assert (derived["chosen"], derived["chosen_finished"], derived["rejected"], derived["rejected_finished"]) == (
+        "fine.",
+        True,
+        "also cut",
+        False,
+    )
 
 
 # ── training on the tiny model ───────────────────────────────────────────────────────
@@ -156,8 +164,21 @@ def trained(tiny_model_dir, tmp_path_factory):
     before = snapshot(peft)
     calls: list[tuple[int, int]] = []
     pairs, thumbs = synthetic_pairs(200), synthetic_thumbs(30)
-    rm, metrics = train_reward_model(peft, loaded.tokenizer, pairs, thumbs, FAST, progress=lambda done, total, m: calls.append((done, total)))
-    return SimpleNamespace(loaded=loaded, base=base, peft=peft, before=before, policy_flags=policy_flags, calls=calls, rm=rm, metrics=metrics, pairs=pairs, thumbs=thumbs)
+    rm, metrics = train_reward_model(
+        peft, loaded.tokenizer, pairs, thumbs, FAST, progress=lambda done, total, m: calls.append((done, total))
+    )
+    return SimpleNamespace(
+        loaded=loaded,
+        base=base,
+        peft=peft,
+        before=before,
+        policy_flags=policy_flags,
+        calls=calls,
+        rm=rm,
+        metrics=metrics,
+        pairs=pairs,
+        thumbs=thumbs,
+    )
 
 
 def test_learns_a_synthetic_preference(trained):
@@ -172,7 +193,11 @@ def test_learns_a_synthetic_preference(trained):
     assert trained.calls and trained.calls[-1] == (m.answers, m.answers) and m.answers_left_out == 0
     stored = json.loads(json.dumps(m.as_dict(), allow_nan=False))  # plain numbers, None where undefined
     assert stored == dataclasses.asdict(m) and stored["votes_used"] == 0
-    assert m.accuracies() == {"pairwise_accuracy": m.pairwise_accuracy, "thumb_accuracy": m.thumb_accuracy, "agreement": m.agreement}
+    assert m.accuracies() == {
+        "pairwise_accuracy": m.pairwise_accuracy,
+        "thumb_accuracy": m.thumb_accuracy,
+        "agreement": m.agreement,
+    }
     # new answers, never voted on, follow the rule
     rng = random.Random(9)
     good = trained.rm.score([user("describe tea")] * 20, [answer(rng, "tea", True) for _ in range(20)])
@@ -227,7 +252,13 @@ def test_reward_model_sees_whether_an_answer_was_cut_off(tiny_model_dir, tmp_pat
         return " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
 
     pairs = [
-        {"prompt": user(f"question {i}"), "chosen": answer(), "rejected": answer(), "chosen_finished": True, "rejected_finished": False}
+        {
+            "prompt": user(f"question {i}"),
+            "chosen": answer(),
+            "rejected": answer(),
+            "chosen_finished": True,
+            "rejected_finished": False,
+        }
         for i in range(160)
     ]
     rm, metrics = train_reward_model(loaded.model, tok, pairs, [], FAST)

@@ -104,7 +104,9 @@ def test_dts_round_is_two_plain_samples_until_an_ensemble_exists_then_chooses_am
 def save_trusted_model(runtime, weight: torch.Tensor) -> None:
     model = runtime.judge.model()
     members = torch.stack([weight, weight])
-    RewardModel(model.model, model.tokenizer, model.layer, weight, members=members, member_bias=torch.zeros(2), trusted=True).save(runtime.settings.data_dir / "reward" / "run-1")
+    RewardModel(
+        model.model, model.tokenizer, model.layer, weight, members=members, member_bias=torch.zeros(2), trusted=True
+    ).save(runtime.settings.data_dir / "reward" / "run-1")
 
 
 def test_best_of_n_serves_the_trusted_models_pick(runtime):
@@ -138,14 +140,33 @@ def test_serving_process_reads_the_ensemble_the_worker_saved_with_its_verdict(ru
     store = runtime.store
     for i in range(12):
         prompt = [{"role": "user", "content": f"question number {i}?"}]
-        ids = [store.log_response(session_id=f"s{i % 3}", prompt=prompt, text=t, adapter_version="v0", sampling={}, prompt_tokens=5, completion_tokens=3, latency_s=0.1) for t in (f"great answer {i}", f"poor {i}")]
+        ids = [
+            store.log_response(
+                session_id=f"s{i % 3}",
+                prompt=prompt,
+                text=t,
+                adapter_version="v0",
+                sampling={},
+                prompt_tokens=5,
+                completion_tokens=3,
+                latency_s=0.1,
+            )
+            for t in (f"great answer {i}", f"poor {i}")
+        ]
         store.prefer(session_id=f"s{i % 3}", response_a_id=ids[0], response_b_id=ids[1], outcome="A", source="two_samples")
     training = settings.training
     small = dataclasses.replace(
         settings,
-        training=dataclasses.replace(training, ppo=dataclasses.replace(training.ppo, steps=1, batch_size=4, mini_batch_size=2, samples_per_prompt=2, max_new_tokens=4)),
+        training=dataclasses.replace(
+            training,
+            ppo=dataclasses.replace(
+                training.ppo, steps=1, batch_size=4, mini_batch_size=2, samples_per_prompt=2, max_new_tokens=4
+            ),
+        ),
     )
-    summary = run_cycle(small, store, load_model(settings), gate_config=GateConfig(prompts=2, samples_per_prompt=2, min_improvement=float("inf")))
+    summary = run_cycle(
+        small, store, load_model(settings), gate_config=GateConfig(prompts=2, samples_per_prompt=2, min_improvement=float("inf"))
+    )
     rm = runtime.judge.model()
     assert runtime.judge.newest().name == f"run-{store.list_runs(limit=1)[0]['id']}"
     assert len(rm.members) == settings.training.reward.ensemble

@@ -217,7 +217,9 @@ def test_swap_on_an_nf4_base_never_writes_the_base_weights(tiny_model_dir, tmp_p
     from rlhf_demo.modeling import load_model
     from rlhf_demo.runtime import Runtime
 
-    settings = load_settings(env={}, model=str(tiny_model_dir), data_dir=tmp_path / "data", quantization="nf4", compute_dtype="float32")
+    settings = load_settings(
+        env={}, model=str(tiny_model_dir), data_dir=tmp_path / "data", quantization="nf4", compute_dtype="float32"
+    )
     runtime = Runtime(settings)
     try:
         server = runtime.server

@@ -15,9 +15,7 @@ db_path = store_fixtures.db_path  # the fixture, usable in this module
 store = store_fixtures.store  # the fixture, usable in this module
 
 
-def test_log_response_round_trip_survives_reopen(
-    store: FeedbackStore, db_path: Path
-) -> None:
+def test_log_response_round_trip_survives_reopen(store: FeedbackStore, db_path: Path) -> None:
     conversation = store.new_conversation("s1")
     response_id = respond(store, conversation_id=conversation, finish_reason="length")
     store.close()
@@ -76,9 +74,7 @@ def test_log_response_rejects_bad_numbers(store: FeedbackStore) -> None:
     }
     for tokens, latency in [(-1, 0.1), (True, 0.1), (1, float("nan")), (1, -0.5)]:
         with pytest.raises(InvalidInputError):
-            store.log_response(
-                **base, prompt_tokens=tokens, completion_tokens=1, latency_s=latency
-            )
+            store.log_response(**base, prompt_tokens=tokens, completion_tokens=1, latency_s=latency)
     with pytest.raises(InvalidInputError):
         store.log_response(
             **{**base, "sampling": {"f": object()}},
@@ -103,4 +99,3 @@ def test_continued_conversation_must_hold_only_recorded_turns(store: FeedbackSto
         respond(store, "x", session_id="s2", prompt=follow, parent_id=first)
     respond(store, "x", session_id="s1", prompt=forged)  # an unchained multi-turn prompt ...
     assert store.recent_prompts(10) == [follow, q1]  # ... is never a PPO prompt
-

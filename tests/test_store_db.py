@@ -40,16 +40,12 @@ def test_migration_from_v1_keeps_data(db_path: Path) -> None:
             "created_at": "2024-01-01T00:00:00.000000+00:00",
         }
     )
-    assert "idx_ratings_response_id" not in {
-        i.name for i in db.table("ratings").indexes
-    }
+    assert "idx_ratings_response_id" not in {i.name for i in db.table("ratings").indexes}
     db.close()
 
     with FeedbackStore(db_path) as store:
         assert schema_version(store.db) == LATEST_VERSION
-        assert "idx_ratings_response_id" in {
-            i.name for i in store.db.table("ratings").indexes
-        }
+        assert "idx_ratings_response_id" in {i.name for i in store.db.table("ratings").indexes}
         assert store.get_response("r1")["text"] == "Green."
         store.rate("old", "r1", 1)
     with FeedbackStore(db_path) as again:  # opening an up-to-date file changes nothing
@@ -62,15 +58,32 @@ def test_migration_to_v3_keeps_the_newest_of_duplicate_pair_votes(db_path: Path)
     migrate(db, target=2)
     for rid in ("ra", "rb"):
         db.table("responses").insert(
-            {"id": rid, "session_id": "old", "prompt_json": json.dumps(OTHER_PROMPT), "text": rid,
-             "adapter_version": "v0", "sampling_json": "{}", "prompt_tokens": 1, "completion_tokens": 1,
-             "latency_s": 0.1, "finish_reason": "stop", "created_at": "2024-01-01T00:00:00.000000+00:00"}
+            {
+                "id": rid,
+                "session_id": "old",
+                "prompt_json": json.dumps(OTHER_PROMPT),
+                "text": rid,
+                "adapter_version": "v0",
+                "sampling_json": "{}",
+                "prompt_tokens": 1,
+                "completion_tokens": 1,
+                "latency_s": 0.1,
+                "finish_reason": "stop",
+                "created_at": "2024-01-01T00:00:00.000000+00:00",
+            }
         )
     for i, (a, b, outcome) in enumerate([("ra", "rb", "A"), ("rb", "ra", "A"), ("ra", "rb", "B")]):
         db.table("preferences").insert(
-            {"id": f"p{i}", "session_id": "old", "prompt_json": json.dumps(OTHER_PROMPT), "response_a_id": a,
-             "response_b_id": b, "outcome": outcome, "source": "two_samples",
-             "created_at": f"2024-01-01T00:00:0{i}.000000+00:00"}
+            {
+                "id": f"p{i}",
+                "session_id": "old",
+                "prompt_json": json.dumps(OTHER_PROMPT),
+                "response_a_id": a,
+                "response_b_id": b,
+                "outcome": outcome,
+                "source": "two_samples",
+                "created_at": f"2024-01-01T00:00:0{i}.000000+00:00",
+            }
         )
     db.close()
     with FeedbackStore(db_path) as store:
@@ -88,19 +101,12 @@ def test_newer_schema_is_refused(db_path: Path) -> None:
 
 
 def test_store_does_not_import_heavy_libraries() -> None:
-    code = (
-        "import sys, rlhf_demo.store; "
-        "print([m for m in ('torch', 'gradio', 'transformers') if m in sys.modules])"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
+    code = "import sys, rlhf_demo.store; print([m for m in ('torch', 'gradio', 'transformers') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
-def test_locked_database_raises_busy_and_writes_nothing(
-    store: FeedbackStore, db_path: Path
-) -> None:
+def test_locked_database_raises_busy_and_writes_nothing(store: FeedbackStore, db_path: Path) -> None:
     response_id = respond(store)
     locker = sqlite3.connect(db_path, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
@@ -171,7 +177,6 @@ def test_a_held_write_lock_does_not_block_reads(store: FeedbackStore, db_path: P
 def test_read_connections_cannot_write(store: FeedbackStore) -> None:
     with pytest.raises(StoreError):
         store._query("DELETE FROM ratings")
-
 
 
 def test_migration_5_drops_what_nothing_writes_and_keeps_servable_versions(db_path: Path) -> None:

@@ -28,17 +28,13 @@ def test_exports_load_with_datasets(voted_store: FeedbackStore, tmp_path: Path) 
     assert export_unpaired(voted_store, kto_path) == 3
     cache = str(tmp_path / "hf-cache")
 
-    prefs = datasets.load_dataset(
-        "json", data_files=str(pref_path), split="train", cache_dir=cache
-    )
+    prefs = datasets.load_dataset("json", data_files=str(pref_path), split="train", cache_dir=cache)
     assert sorted(prefs.column_names) == ["chosen", "comment", "prompt", "reasons", "rejected"]
     assert prefs[0]["prompt"] == PROMPT
     assert prefs[0]["chosen"] == [{"role": "assistant", "content": "Blue."}]
     assert prefs[1]["rejected"] == [{"role": "assistant", "content": "Apple."}]
 
-    kto = datasets.load_dataset(
-        "json", data_files=str(kto_path), split="train", cache_dir=cache
-    )
+    kto = datasets.load_dataset("json", data_files=str(kto_path), split="train", cache_dir=cache)
     assert sorted(kto.column_names) == ["comment", "completion", "label", "prompt", "reasons"]
     assert kto["label"] == [False, False, True]
     assert kto[2]["completion"] == [{"role": "assistant", "content": "Blue."}]
@@ -61,7 +57,10 @@ def test_reasons_and_comment_land_in_the_db_and_in_both_exports(voted_store: Fee
     store.annotate_preference("s1", b, a, ["too long", "wrong"], "  B rambles.  ")  # either order names the pair
     store.rate("s9", b, -1)
     store.annotate_rating("s9", b, ("rude",), "Curt.")
-    assert store.db.execute("SELECT reasons, comment FROM preferences WHERE session_id = 's1'").fetchone() == ('["wrong", "too long"]', "B rambles.")
+    assert store.db.execute("SELECT reasons, comment FROM preferences WHERE session_id = 's1'").fetchone() == (
+        '["wrong", "too long"]',
+        "B rambles.",
+    )
     assert store.db.execute("SELECT reasons, comment FROM ratings WHERE session_id = 's9'").fetchone() == ('["rude"]', "Curt.")
 
     pref_path, kto_path = tmp_path / "prefs.jsonl", tmp_path / "kto.jsonl"
@@ -101,4 +100,3 @@ def test_export_disk_full_leaves_no_partial_file(
         export_unpaired(voted_store, previous)
     assert sorted(p.name for p in out.iterdir()) == ["prefs.jsonl"]
     assert previous.read_text() == "old export\n"
-

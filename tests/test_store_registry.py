@@ -58,7 +58,6 @@ def test_broken_version_is_recorded_and_newest_good_one_served(store: FeedbackSt
     assert store.active_version() == "v1"
 
 
-
 def test_get_version_finds_one_row_or_none(store: FeedbackStore) -> None:
     store.register_version("v0", "/a/v0", status="active", metrics={"note": "first"})
     store.register_version("v1", "/a/v1", parent="v0", status="rejected")

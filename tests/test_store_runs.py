@@ -38,4 +38,3 @@ def test_runs_metrics_and_stale_runs(store: FeedbackStore) -> None:
     assert (runs[0]["status"], runs[0]["error"]) == ("failed", "interrupted")
     assert runs[1]["summary"] == {"acc": 0.7} and runs[1]["candidate_version"] == "v1"
     assert len(store.list_runs(limit=1)) == 1
-

@@ -138,4 +138,3 @@ def test_count_votes_since_and_recent_prompts(store: FeedbackStore) -> None:
     third = [{"role": "user", "content": "Name a tree."}]
     respond(store, prompt=third)
     assert store.recent_prompts(1) == [third]
-

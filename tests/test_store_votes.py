@@ -42,9 +42,7 @@ def test_rate_change_and_remove(store: FeedbackStore, db_path: Path) -> None:
 
 
 @pytest.mark.parametrize("value", [0, 2, -2, True, False, "1", 1.0])
-def test_rate_rejects_invalid_values(
-    store: FeedbackStore, db_path: Path, value: object
-) -> None:
+def test_rate_rejects_invalid_values(store: FeedbackStore, db_path: Path, value: object) -> None:
     response_id = respond(store)
     with pytest.raises(InvalidInputError):
         store.rate("s1", response_id, value)  # type: ignore[arg-type]
@@ -58,9 +56,7 @@ def test_rate_rejects_empty_session(store: FeedbackStore) -> None:
             store.rate(session, response_id, 1)  # type: ignore[arg-type]
 
 
-def test_vote_on_unknown_response_writes_nothing(
-    store: FeedbackStore, db_path: Path
-) -> None:
+def test_vote_on_unknown_response_writes_nothing(store: FeedbackStore, db_path: Path) -> None:
     known = respond(store)
     before = table_counts(db_path)
     with pytest.raises(UnknownIdError):
@@ -135,8 +131,7 @@ def test_same_pair_race_stores_one_row_per_visitor(db_path: Path) -> None:
     assert errors == []
     with sqlite3.connect(db_path) as conn:
         per = conn.execute(
-            "SELECT session_id, min(response_a_id, response_b_id), COUNT(*) "
-            "FROM preferences GROUP BY 1, 2"
+            "SELECT session_id, min(response_a_id, response_b_id), COUNT(*) FROM preferences GROUP BY 1, 2"
         ).fetchall()
     assert len(per) == 2 * len(pairs)
     assert {n for *_, n in per} == {1}
@@ -199,4 +194,3 @@ def test_reasons_need_the_voters_own_thumbs_down_or_pair_vote(voted_store: Feedb
         voted_store.annotate_rating("nobody", a, ["wrong"], "")
     with pytest.raises(InvalidInputError, match="vote on this pair first"):
         voted_store.annotate_preference("nobody", a, b, ["wrong"], "")
-

@@ -28,7 +28,10 @@ def tokenizer(tiny_model_dir):
 
 @pytest.fixture
 def fake(tokenizer):
-    answers = {name: tokenizer.encode(text, add_special_tokens=False) for name, text in [("base", " plain answer"), ("v1", " one one"), ("v2", " two two two")]}
+    answers = {
+        name: tokenizer.encode(text, add_special_tokens=False)
+        for name, text in [("base", " plain answer"), ("v1", " one one"), ("v2", " two two two")]
+    }
     server = FakeVllm(answers, eos=EOS)
     yield server
     server.close()
@@ -56,7 +59,13 @@ def test_a_stream_sends_our_prompt_tokens_and_settings_and_returns_our_generatio
     body = fake.requests[-1]
     _, ids = engine.encode(HELLO)
     assert body["prompt"] == ids["input_ids"][0].tolist() and body["model"] == "base"
-    assert (body["temperature"], body["max_tokens"], body["n"], body["stop_token_ids"], body["ignore_eos"]) == (0.0, 40, 1, [EOS], False)
+    assert (body["temperature"], body["max_tokens"], body["n"], body["stop_token_ids"], body["ignore_eos"]) == (
+        0.0,
+        40,
+        1,
+        [EOS],
+        False,
+    )
     assert result.token_ids == tuple(fake.answers["base"])  # the EOS is not part of the answer
     assert result.text == "plain answer" and result.finish_reason == "stop" and result.version == BASE_VERSION
     assert (result.prompt_tokens, result.completion_tokens) == (len(body["prompt"]), len(fake.answers["base"]))

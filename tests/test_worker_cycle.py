@@ -36,7 +36,9 @@ def small_training(training, steps: int = 2):
     return dataclasses.replace(
         training,
         min_votes=4,
-        ppo=dataclasses.replace(training.ppo, steps=steps, batch_size=4, mini_batch_size=2, samples_per_prompt=2, max_new_tokens=8),
+        ppo=dataclasses.replace(
+            training.ppo, steps=steps, batch_size=4, mini_batch_size=2, samples_per_prompt=2, max_new_tokens=8
+        ),
         gate=dataclasses.replace(training.gate, prompts=2, samples_per_prompt=2),
     )
 
@@ -50,7 +52,16 @@ def cast_votes(store: FeedbackStore, n_prompts: int = 12) -> None:
     for i in range(n_prompts):
         prompt = [{"role": "user", "content": f"question number {i}?"}]
         ids = [
-            store.log_response(session_id=f"s{i % 3}", prompt=prompt, text=text, adapter_version="v0", sampling={}, prompt_tokens=5, completion_tokens=3, latency_s=0.1)
+            store.log_response(
+                session_id=f"s{i % 3}",
+                prompt=prompt,
+                text=text,
+                adapter_version="v0",
+                sampling={},
+                prompt_tokens=5,
+                completion_tokens=3,
+                latency_s=0.1,
+            )
             for text in (f"great answer {i}", f"poor {i}")
         ]
         store.rate(f"s{i % 3}", ids[0], 1)
@@ -83,7 +94,11 @@ def test_full_cycle_publishes_and_server_swaps(runtime, settings):
         (line,) = axis.get_lines()
         assert list(line.get_xdata()) == [0, 1], f"{axis.get_title()}: no curve for the 2 PPO steps"
     # ... and the RM's cross-validated accuracy
-    plotted = {line.get_label(): list(line.get_ydata()) for line in figure.axes[0].get_lines() if len(line.get_xdata()) and not line.get_label().startswith("_")}
+    plotted = {
+        line.get_label(): list(line.get_ydata())
+        for line in figure.axes[0].get_lines()
+        if len(line.get_xdata()) and not line.get_label().startswith("_")
+    }
     assert set(plotted) == {"A/B pairs", "thumbs", "all votes"}, "RM accuracy plot is empty"
     assert all(0 <= y <= 1 for ys in plotted.values() for y in ys)
     # the published version carries the same numbers, under the same names
@@ -116,7 +131,12 @@ def test_gae_value_head_is_kept_with_the_version_and_warm_starts_the_next_cycle(
     from rlhf_demo.worker import cycle as cycle_module
 
     settings = small(settings)
-    settings = dataclasses.replace(settings, training=dataclasses.replace(settings.training, ppo=dataclasses.replace(settings.training.ppo, advantage="gae", samples_per_prompt=1)))
+    settings = dataclasses.replace(
+        settings,
+        training=dataclasses.replace(
+            settings.training, ppo=dataclasses.replace(settings.training.ppo, advantage="gae", samples_per_prompt=1)
+        ),
+    )
     starts: list[dict[str, torch.Tensor]] = []
 
     class Recording(cycle_module.PPOTrainer):
@@ -133,7 +153,9 @@ def test_gae_value_head_is_kept_with_the_version_and_warm_starts_the_next_cycle(
     assert torch.count_nonzero(starts[0]["linear.weight"]) == 0  # the first cycle starts cold (V = 0)
     assert torch.count_nonzero(saved["linear.weight"]) > 0  # ... and learned something
     second = run_cycle(settings, runtime.store, worker_model, gate_config=NEVER)
-    assert torch.equal(starts[1]["linear.weight"], saved["linear.weight"]) and torch.equal(starts[1]["linear.bias"], saved["linear.bias"])
+    assert torch.equal(starts[1]["linear.weight"], saved["linear.weight"]) and torch.equal(
+        starts[1]["linear.bias"], saved["linear.bias"]
+    )
     rejected = next(v for v in runtime.store.list_versions() if v["version"] == second["version"])
     assert (Path(rejected["path"]) / HEAD_FILE).is_file()
 
@@ -186,7 +208,10 @@ def assert_consistent(settings, runtime) -> None:
         con.close()
     assert runtime.store.active_version() == "v0"
     assert runtime.sync_registry() == "v0"
-    assert runtime.server.generate([{"role": "user", "content": "hi"}], sampling=runtime.server.sampling(max_new_tokens=4)).version == "v0"
+    assert (
+        runtime.server.generate([{"role": "user", "content": "hi"}], sampling=runtime.server.sampling(max_new_tokens=4)).version
+        == "v0"
+    )
     assert runtime.store.counts()["preferences"] == 12  # no vote lost
 
 
@@ -276,13 +301,17 @@ def test_cycle_whose_first_update_passes_the_kl_stop_ends_without_a_candidate(ru
 
 
 # ----- training continues from a promising rejected candidate ------------------------------
-def finished_cycle(store: FeedbackStore, tmp_path: Path, status: str, version: str | None, gate: dict | None, trained: bool = True) -> None:
+def finished_cycle(
+    store: FeedbackStore, tmp_path: Path, status: str, version: str | None, gate: dict | None, trained: bool = True
+) -> None:
     """A cycle run as run_cycle records it, with its candidate registered under ``version``."""
     run_id = store.start_run("cycle")
     if version is not None:
         folder = tmp_path / version
         folder.mkdir()
-        store.register_version(version, folder, store.active_version(), "active" if status == "succeeded" else "rejected", {"gate": gate or {}})
+        store.register_version(
+            version, folder, store.active_version(), "active" if status == "succeeded" else "rejected", {"gate": gate or {}}
+        )
     store.finish_run(run_id, status, summary={"ppo": {}} if trained else {"gate": {"passed": False}}, candidate_version=version)
 
 

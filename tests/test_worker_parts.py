@@ -23,15 +23,23 @@ PROMPT = [{"role": "user", "content": "hi"}]
 def add_votes(store: FeedbackStore, n: int, session: str = "s") -> None:
     for i in range(n):
         rid = store.log_response(
-            session_id=session, prompt=[{"role": "user", "content": f"q{i}"}], text=f"a{i}", adapter_version="v0",
-            sampling={}, prompt_tokens=1, completion_tokens=1, latency_s=0.1,
+            session_id=session,
+            prompt=[{"role": "user", "content": f"q{i}"}],
+            text=f"a{i}",
+            adapter_version="v0",
+            sampling={},
+            prompt_tokens=1,
+            completion_tokens=1,
+            latency_s=0.1,
         )
         store.rate(session, rid, 1 if i % 2 else -1)
 
 
 # ----- trigger -----------------------------------------------------------------------
 def test_due_needs_minimum_votes_then_every_n(settings, tmp_path):
-    settings = dataclasses.replace(settings, training=dataclasses.replace(settings.training, min_votes=4, every_votes=3, every_minutes=60))
+    settings = dataclasses.replace(
+        settings, training=dataclasses.replace(settings.training, min_votes=4, every_votes=3, every_minutes=60)
+    )
     store = FeedbackStore(tmp_path / "f.db")
     assert due(store, settings) is None
     assert due(store, settings, manual=True) is None  # nothing at all to learn from
@@ -72,7 +80,9 @@ def test_gate_needs_a_gain_beyond_its_noise_paired_by_prompt():
     texts = ["an answer"] * 12
     lucky = evaluate_gate([6.0] + [-0.4] * 5 + [0.0] * 6, [0.0] * 12, [1.0] * 12, texts, cfg, group_size=2)
     assert lucky.improvement > 0 and lucky.units == 6 and not lucky.passed
-    steady = evaluate_gate([0.3, 0.5, 0.2, 0.4, 0.5, 0.7, 0.3, 0.3, 0.4, 0.6, 0.2, 0.5], [0.0] * 12, [1.0] * 12, texts, cfg, group_size=2)
+    steady = evaluate_gate(
+        [0.3, 0.5, 0.2, 0.4, 0.5, 0.7, 0.3, 0.3, 0.4, 0.6, 0.2, 0.5], [0.0] * 12, [1.0] * 12, texts, cfg, group_size=2
+    )
     assert steady.passed and 0.0 < steady.lower_bound <= steady.improvement
     # paired: a prompt that is hard for both sides does not hide the gain
     hard = evaluate_gate([0.5, -2.5] * 6, [0.2, -2.8] * 6, [1.0] * 12, texts, cfg, group_size=1)
@@ -147,8 +157,13 @@ def test_status_file_round_trip_and_train_now(tmp_path):
 
 # ----- arena -------------------------------------------------------------------------
 def test_bradley_terry_orders_versions_and_win_rates():
-    votes = [{"version_a": "v1", "version_b": "v0", "outcome": "A"}] * 8 + [{"version_a": "v0", "version_b": "v1", "outcome": "A"}] * 2
-    votes += [{"version_a": "v0", "version_b": "v1", "outcome": "tie"}, {"version_a": "v0", "version_b": "v1", "outcome": "both_bad"}]
+    votes = [{"version_a": "v1", "version_b": "v0", "outcome": "A"}] * 8 + [
+        {"version_a": "v0", "version_b": "v1", "outcome": "A"}
+    ] * 2
+    votes += [
+        {"version_a": "v0", "version_b": "v1", "outcome": "tie"},
+        {"version_a": "v0", "version_b": "v1", "outcome": "both_bad"},
+    ]
     matches = matches_from_votes(votes)
     assert len(matches) == 11  # both-bad is no match
     ratings = bradley_terry(matches)
@@ -162,8 +177,26 @@ def test_bradley_terry_orders_versions_and_win_rates():
 
 def test_dashboard_tables_from_store(runtime):
     store = runtime.store
-    a = store.log_response(session_id="s", prompt=PROMPT, text="x", adapter_version="v0", sampling={}, prompt_tokens=1, completion_tokens=1, latency_s=0.1)
-    b = store.log_response(session_id="s", prompt=PROMPT, text="y", adapter_version="v1", sampling={}, prompt_tokens=1, completion_tokens=1, latency_s=0.1)
+    a = store.log_response(
+        session_id="s",
+        prompt=PROMPT,
+        text="x",
+        adapter_version="v0",
+        sampling={},
+        prompt_tokens=1,
+        completion_tokens=1,
+        latency_s=0.1,
+    )
+    b = store.log_response(
+        session_id="s",
+        prompt=PROMPT,
+        text="y",
+        adapter_version="v1",
+        sampling={},
+        prompt_tokens=1,
+        completion_tokens=1,
+        latency_s=0.1,
+    )
     store.prefer(session_id="s", response_a_id=a, response_b_id=b, outcome="B", source="two_versions")
     assert store.version_votes() == [{"version_a": "v0", "version_b": "v1", "outcome": "B"}]
     rows = dashboard.leaderboard_rows(store)

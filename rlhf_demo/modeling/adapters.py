@@ -200,7 +200,9 @@ def check_adapter_folder(folder: Path, expected: dict[str, tuple[int, ...]] | No
                     raise AdapterError(f"{folder}: tensor {key} holds NaN or inf")
                 largest = float(values.abs().max()) if values.numel() else 0.0
                 if largest > MAX_ABS_WEIGHT:
-                    raise AdapterError(f"{folder}: tensor {key} holds a weight of {largest:.3g}, past the bound of {MAX_ABS_WEIGHT:g} (corrupt)")
+                    raise AdapterError(
+                        f"{folder}: tensor {key} holds a weight of {largest:.3g}, past the bound of {MAX_ABS_WEIGHT:g} (corrupt)"
+                    )
                 if expected is not None and key in expected and tuple(tensor.shape) != expected[key]:
                     raise AdapterError(f"{folder}: {key} has shape {tuple(tensor.shape)}, model expects {expected[key]}")
     except AdapterError:
@@ -213,8 +215,20 @@ def check_adapter_folder(folder: Path, expected: dict[str, tuple[int, ...]] | No
 
 
 # What decides a LoRA slot's module shapes and its output besides the weights themselves.
-_SHAPE_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "lora_dropout", "rank_pattern", "alpha_pattern",
-               "fan_in_fan_out", "bias", "modules_to_save", "layers_to_transform", "layers_pattern")
+_SHAPE_KEYS = (
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "use_dora",
+    "lora_dropout",
+    "rank_pattern",
+    "alpha_pattern",
+    "fan_in_fan_out",
+    "bias",
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+)
 
 
 def read_lora_config(folder: Path) -> Any:

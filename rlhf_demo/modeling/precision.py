@@ -191,7 +191,9 @@ def choose_cpu_quantization(
     names = candidates(weights, available_bytes(meminfo), nf4_loads())
     started = time.perf_counter()
     choice = decide(measure(model_dir, names), key)
-    log.info("quantization auto on CPU: %s (%s; measured in %.1f s)", choice.quantization, choice.reason, time.perf_counter() - started)
+    log.info(
+        "quantization auto on CPU: %s (%s; measured in %.1f s)", choice.quantization, choice.reason, time.perf_counter() - started
+    )
     data_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(choice)))

@@ -23,9 +23,7 @@ DEFAULT_CHUNK_ROWS = 512  # rows of (V,) logits per chunk: 512 x 49k x 4 B ~ 100
 # ── masked statistics ────────────────────────────────────────────────────────────────
 
 
-def masked_mean(
-    x: torch.Tensor, mask: torch.Tensor, dim: int | None = None
-) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of ``x`` over positions where ``mask`` is 1.
 
     x, mask: same shape, e.g. (B, T). ``dim=None`` gives a scalar, ``dim=1`` (B,).
@@ -40,9 +38,7 @@ def masked_mean(
     return total.sum(dim) / count.sum(dim).clamp(min=1)
 
 
-def masked_var(
-    x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True
-) -> torch.Tensor:
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance (scalar) of ``x`` over all positions where ``mask`` is 1 (as TRL).
 
     ``unbiased`` applies Bessel's correction n / (n - 1). With n <= 1 real element the
@@ -58,9 +54,7 @@ def masked_var(
     return var
 
 
-def whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True
-) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """Normalise ``x`` (B, T) to zero mean / unit variance over the masked positions.
 
     TRL semantics: ``(x - mean) / sqrt(var + 1e-8)`` with masked mean and (unbiased)
@@ -78,9 +72,7 @@ def whiten(
 # ── rewards, advantages ──────────────────────────────────────────────────────────────
 
 
-def apply_missing_eos_penalty(
-    scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None
-) -> torch.Tensor:
+def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
     """Subtract ``penalty`` from the score (B,) of each response whose ``has_eos``
     (B,) is False (a truncated answer). ``penalty=None`` returns ``scores`` as is."""
     if penalty is None:
@@ -93,11 +85,7 @@ def apply_missing_eos_penalty(
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """Index (B,) of the last real token in each row of ``mask`` (B, T); -1 if none."""
     positions = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape)
-    return (
-        torch.where(mask.bool(), positions, torch.full_like(positions, -1))
-        .max(dim=1)
-        .values
-    )
+    return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
 
 
 def kl_penalized_rewards(
@@ -210,9 +198,7 @@ def policy_loss(
         approx_kl = 0.5 * masked_mean(log_ratio**2, mask)
         clipfrac = masked_mean((pg_losses_clipped > pg_losses).to(ratio.dtype), mask)
         ratio_mean = masked_mean(ratio, mask)
-        approx_kl_f, clipfrac_f, ratio_mean_f = torch.stack(
-            [approx_kl, clipfrac, ratio_mean]
-        ).tolist()
+        approx_kl_f, clipfrac_f, ratio_mean_f = torch.stack([approx_kl, clipfrac, ratio_mean]).tolist()
     return loss, {
         "approx_kl": approx_kl_f,
         "clipfrac": clipfrac_f,
@@ -239,9 +225,7 @@ def value_loss(
     vf_losses_clipped = (values_clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.max(vf_losses, vf_losses_clipped), mask)
     with torch.no_grad():
-        vf_clipfrac = masked_mean(
-            (vf_losses_clipped > vf_losses).to(values.dtype), mask
-        )
+        vf_clipfrac = masked_mean((vf_losses_clipped > vf_losses).to(values.dtype), mask)
     return loss, {"vf_clipfrac": vf_clipfrac.item()}
 
 
@@ -299,9 +283,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         return grad, None, None
 
 
-def logprobs_from_logits(
-    logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_ROWS
-) -> torch.Tensor:
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
     """Log-probability of ``labels`` under ``softmax(logits)``.
 
     logits: (B, T, V) any float dtype, already aligned so that ``logits[:, t]``
@@ -314,9 +296,7 @@ def logprobs_from_logits(
     return _ChunkedLogprobs.apply(logits, labels.long(), chunk_size)
 
 
-def entropy_from_logits(
-    logits: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_ROWS
-) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
     """Entropy (B, T) of ``softmax(logits)`` for logits (B, T, V), in fp32, chunked.
 
     H = logsumexp(z) - sum(softmax(z) * z). Meant for monitoring (call under no_grad):
@@ -326,9 +306,7 @@ def entropy_from_logits(
     pieces = []
     for b, t0, t1 in _row_chunks(B, T, chunk_size):
         z = logits[b, t0:t1].to(_compute_dtype(logits.dtype))
-        pieces.append(
-            torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
-        )
+        pieces.append(torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1))
     if not pieces:
         return logits.new_zeros(B, T, dtype=_compute_dtype(logits.dtype))
     return torch.cat(pieces).view(B, T)
@@ -388,7 +366,5 @@ class FixedKLController:
 def kl_controller(config: PPOConfig) -> AdaptiveKLController | FixedKLController:
     """The KL controller that ``config`` asks for."""
     if config.adap_kl_ctrl:
-        return AdaptiveKLController(
-            config.init_kl_coef, config.target_kl, config.horizon
-        )
+        return AdaptiveKLController(config.init_kl_coef, config.target_kl, config.horizon)
     return FixedKLController(config.init_kl_coef)

@@ -211,7 +211,10 @@ def sample(model: Any, tokenizer: Any, prompts: list[Messages], config: PPOConfi
     # detail: sample from exactly softmax(logits / temperature) within top_p: no top-k, no
     # repetition penalty, the same distribution whose log-probs PPO optimises (TRL).
     sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
-    rows = [Request(ids[keep.bool()].tolist(), None, sampling, frozenset(eos_ids)) for ids, keep in zip(query_ids, query_mask, strict=True)]
+    rows = [
+        Request(ids[keep.bool()].tolist(), None, sampling, frozenset(eos_ids))
+        for ids, keep in zip(query_ids, query_mask, strict=True)
+    ]
     Engine(AsIs(model), pad_id, str(device)).run(rows)
     answers = [row.tokens + ([row.eos_token] if row.eos_token is not None else []) for row in rows]
     width = max(map(len, answers))
@@ -219,7 +222,8 @@ def sample(model: Any, tokenizer: Any, prompts: list[Messages], config: PPOConfi
     # detail: each answer ends at its first EOS (kept as last token), masked after.
     response_ids, response_mask, has_eos = truncate_at_eos(output, eos_ids, pad_id)
     completions = [
-        tokenizer.decode(ids[keep], skip_special_tokens=True).strip() for ids, keep in zip(response_ids, response_mask, strict=True)
+        tokenizer.decode(ids[keep], skip_special_tokens=True).strip()
+        for ids, keep in zip(response_ids, response_mask, strict=True)
     ]
     return Sampled(query_ids, query_mask, response_ids, response_mask, has_eos, completions)
 

@@ -274,13 +274,17 @@ class PPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return history, False
 
-    def _minibatch(self, r: Rollout, idx: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor | None) -> dict[str, float]:
+    def _minibatch(
+        self, r: Rollout, idx: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor | None
+    ) -> dict[str, float]:
         """One clipped PPO update on the rows ``idx`` of the rollout; its stats."""
         cfg = self.config
         m = r.response_mask[idx]
         batch = (r.query_ids[idx], r.query_mask[idx], r.response_ids[idx], m)
         ref_hidden = r.ref_hidden[idx] if r.ref_hidden is not None else None
-        logprobs, values, _, kl_to_ref, _ = response_forward(self.model, *batch, cfg.temperature, self.value_head, reference_hidden=ref_hidden)
+        logprobs, values, _, kl_to_ref, _ = response_forward(
+            self.model, *batch, cfg.temperature, self.value_head, reference_hidden=ref_hidden
+        )
         # detail: clipped surrogate policy loss (ratio to the rollout policy).
         pg_loss, step_stats = policy_loss(logprobs, r.logprobs[idx], advantages[idx], m, cfg.cliprange)
         loss = pg_loss

@@ -55,6 +55,7 @@ def build_examples(
         key = example_key(prompt, chosen, rejected)
         entry = ab.setdefault(key, {"prompt": prompt, "a": chosen, "b": rejected, "net": 0})
         entry["net"] += 1 if chosen == entry["a"] else -1
+
     def pair(prompt: Any, chosen: str, rejected: str, key: str, source: str, votes: int) -> dict[str, Any]:
         return {
             **_pair(prompt, chosen, rejected, key, source, votes),
@@ -63,7 +64,9 @@ def build_examples(
         }
 
     pair_examples = [
-        pair(e["prompt"], e["a"], e["b"], key, "ab", e["net"]) if e["net"] > 0 else pair(e["prompt"], e["b"], e["a"], key, "ab", -e["net"])
+        pair(e["prompt"], e["a"], e["b"], key, "ab", e["net"])
+        if e["net"] > 0
+        else pair(e["prompt"], e["b"], e["a"], key, "ab", -e["net"])
         for key, e in ab.items()
         if e["net"] != 0
     ]

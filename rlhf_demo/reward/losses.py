@@ -18,9 +18,7 @@ import torch.nn.functional as F
 # ── losses ───────────────────────────────────────────────────────────────────────────
 
 
-def bradley_terry_loss(
-    r_chosen: torch.Tensor, r_rejected: torch.Tensor, center_coef: float | None = None
-) -> torch.Tensor:
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, center_coef: float | None = None) -> torch.Tensor:
     """Pairwise loss ``mean(-log sigmoid(r_chosen - r_rejected))`` (scalar).
 
     r_chosen, r_rejected: (N,) rewards of the preferred / other response of each pair.
@@ -39,9 +37,7 @@ def _signs(labels: torch.Tensor) -> torch.Tensor:
     return torch.where(labels > 0, 1.0, -1.0)
 
 
-def thumb_loss(
-    rewards: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
-) -> torch.Tensor:
+def thumb_loss(rewards: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Logistic loss on thumbs: weighted mean of ``-log sigmoid(y * r)`` (scalar).
 
     rewards: (N,). labels: (N,) with y = +1 for label > 0 and -1 otherwise, so +-1, 0/1

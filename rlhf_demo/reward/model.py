@@ -131,7 +131,9 @@ class RewardModel:
         self.device = model.get_input_embeddings().weight.device
         # the ensemble: bootstrap probes on the same standardised features (rows: members)
         self.members = torch.zeros(0, size) if members is None else members.detach().float().cpu().reshape(-1, size)
-        self.member_bias = torch.zeros(len(self.members)) if member_bias is None else member_bias.detach().float().cpu().reshape(-1)
+        self.member_bias = (
+            torch.zeros(len(self.members)) if member_bias is None else member_bias.detach().float().cpu().reshape(-1)
+        )
         self.trusted = bool(trusted)
         """Whether the worker's trust gate passed this model (cross-validated agreement)."""
 
@@ -241,7 +243,9 @@ class RewardModel:
                         input_ids[row, : len(ids)] = torch.as_tensor(ids)
                         mask[row, : len(ids)] = 1
                         answer[row, start : len(ids)] = 1.0
-                    hidden = hidden_state_at(self.model, self.layer, input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device))
+                    hidden = hidden_state_at(
+                        self.model, self.layer, input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)
+                    )
                     answer = answer.to(hidden.device)
                     pooled = (hidden.float() * answer[..., None]).sum(1) / answer.sum(1, keepdim=True)
                     out[chunk] = pooled.cpu()

@@ -171,7 +171,10 @@ def read_features(
     size = rm.weight.shape[0]
     chosen, rejected, pair_groups = [], [], []
     for ex in pair_examples:
-        c, r = row(ex["prompt"], ex["chosen"], ex.get("chosen_finished", True)), row(ex["prompt"], ex["rejected"], ex.get("rejected_finished", True))
+        c, r = (
+            row(ex["prompt"], ex["chosen"], ex.get("chosen_finished", True)),
+            row(ex["prompt"], ex["rejected"], ex.get("rejected_finished", True)),
+        )
         if c is not None and r is not None:
             chosen.append(c)
             rejected.append(r)
@@ -187,7 +190,9 @@ def read_features(
     def stack(xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(xs) if xs else torch.zeros(0, size)
 
-    data = ProbeData(stack(chosen), stack(rejected), pair_groups, stack(thumbs), torch.tensor(labels), thumb_groups, stack(list(rows.values())))
+    data = ProbeData(
+        stack(chosen), stack(rejected), pair_groups, stack(thumbs), torch.tensor(labels), thumb_groups, stack(list(rows.values()))
+    )
     return data, len(keys) - len(rows)
 
 
@@ -296,7 +301,9 @@ def cross_validate(data: ProbeData, config: RewardConfig) -> dict[str, Any]:
         "agreement": agreement,
         # plus one right and one wrong judgement (a uniform prior): two lucky comparisons
         # must not earn the trust that PPO is then spent on
-        "agreement_lower_bound": None if agreement is None else wilson_lower_bound((right + 1) / (judged + 2), int(judged) + 2, config.confidence),
+        "agreement_lower_bound": None
+        if agreement is None
+        else wilson_lower_bound((right + 1) / (judged + 2), int(judged) + 2, config.confidence),
         "judged": int(judged),
     }
 
@@ -375,4 +382,14 @@ def train_reward_model(
     return rm, metrics
 
 
-__all__ = ["ProbeData", "Progress", "RewardConfig", "RewardMetrics", "cross_validate", "fit_ensemble", "fit_probe", "train_reward_model", "wilson_lower_bound"]
+__all__ = [
+    "ProbeData",
+    "Progress",
+    "RewardConfig",
+    "RewardMetrics",
+    "cross_validate",
+    "fit_ensemble",
+    "fit_probe",
+    "train_reward_model",
+    "wilson_lower_bound",
+]

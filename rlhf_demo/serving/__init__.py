@@ -8,4 +8,15 @@ from rlhf_demo.serving.sampling import Generation, Sampling, strip_control
 from rlhf_demo.serving.server import PolicyServer
 from rlhf_demo.serving.slots import BASE_VERSION, slot_key
 
-__all__ = ["BASE_VERSION", "EngineError", "Generation", "PolicyServer", "PromptBudget", "PromptRefused", "Sampling", "ServingEngine", "slot_key", "strip_control"]
+__all__ = [
+    "BASE_VERSION",
+    "EngineError",
+    "Generation",
+    "PolicyServer",
+    "PromptBudget",
+    "PromptRefused",
+    "Sampling",
+    "ServingEngine",
+    "slot_key",
+    "strip_control",
+]

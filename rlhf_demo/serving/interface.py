@@ -54,7 +54,9 @@ class ServingEngine(Protocol):
 
     def close(self) -> None: ...
 
-    def sampling(self, temperature: float | None = None, top_p: float | None = None, max_new_tokens: int | None = None) -> Sampling:
+    def sampling(
+        self, temperature: float | None = None, top_p: float | None = None, max_new_tokens: int | None = None
+    ) -> Sampling:
         """Loose values (None: the default) within the configured bounds."""
 
     def encode(self, messages: Any) -> tuple[list[dict[str, str]], Any]:
@@ -70,7 +72,9 @@ class ServingEngine(Protocol):
         """The answer's text as it grows, then the finished :class:`Generation`; ``should_stop``
         (or leaving the iterator) ends it early, ``finish_reason="cancelled"``."""
 
-    def generate(self, messages: list[dict[str, str]], version: str | None = None, sampling: Sampling | None = None) -> Generation: ...
+    def generate(
+        self, messages: list[dict[str, str]], version: str | None = None, sampling: Sampling | None = None
+    ) -> Generation: ...
 
     def stream_pair(
         self,
@@ -82,7 +86,9 @@ class ServingEngine(Protocol):
         """Answers to one prompt, one per version: the texts as they grow, then the list of
         results; ``should_stop`` ends every row at its next token (Compare's Stop)."""
 
-    def generate_pair(self, messages: list[dict[str, str]], versions: tuple[str, str], sampling: Sampling | None = None) -> list[Generation]: ...
+    def generate_pair(
+        self, messages: list[dict[str, str]], versions: tuple[str, str], sampling: Sampling | None = None
+    ) -> list[Generation]: ...
 
     def stream_samples(
         self,

@@ -131,7 +131,9 @@ class VllmEngine:
         self.client.close()
 
     # ----- requests -------------------------------------------------------------------
-    def sampling(self, temperature: float | None = None, top_p: float | None = None, max_new_tokens: int | None = None) -> Sampling:
+    def sampling(
+        self, temperature: float | None = None, top_p: float | None = None, max_new_tokens: int | None = None
+    ) -> Sampling:
         return Sampling.clamp(self.bounds, temperature, top_p, max_new_tokens)
 
     def encode(self, messages: Any) -> tuple[list[dict[str, str]], Any]:
@@ -147,7 +149,9 @@ class VllmEngine:
         for item in self._stream_rows(self._groups([messages], [version]), sampling, should_stop):
             yield item[0]
 
-    def generate(self, messages: list[dict[str, str]], version: str | None = None, sampling: Sampling | None = None) -> Generation:
+    def generate(
+        self, messages: list[dict[str, str]], version: str | None = None, sampling: Sampling | None = None
+    ) -> Generation:
         *_, result = self.stream(messages, version, sampling)
         assert isinstance(result, Generation)
         return result
@@ -163,7 +167,9 @@ class VllmEngine:
         request with ``n = k``."""
         yield from self._stream_rows(self._groups([messages], list(versions)), sampling, should_stop)
 
-    def generate_pair(self, messages: list[dict[str, str]], versions: tuple[str, ...], sampling: Sampling | None = None) -> list[Generation]:
+    def generate_pair(
+        self, messages: list[dict[str, str]], versions: tuple[str, ...], sampling: Sampling | None = None
+    ) -> list[Generation]:
         *_, result = self.stream_pair(messages, versions, sampling)
         assert isinstance(result, list)
         return result
@@ -231,7 +237,9 @@ class VllmEngine:
         started = time.perf_counter()
         try:
             for group in groups:
-                threading.Thread(target=self._read, args=(group, sampling, events, cancel), name="vllm-stream", daemon=True).start()
+                threading.Thread(
+                    target=self._read, args=(group, sampling, events, cancel), name="vllm-stream", daemon=True
+                ).start()
             texts, open_groups = [""] * len(rows), len(groups)
             while open_groups:
                 item = events.get()
@@ -279,7 +287,9 @@ class VllmEngine:
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
                         for choice in json.loads(line[6:]).get("choices", []):
-                            events.put((group, choice["index"], list(choice.get("token_ids") or []), choice.get("finish_reason") or ""))
+                            events.put(
+                                (group, choice["index"], list(choice.get("token_ids") or []), choice.get("finish_reason") or "")
+                            )
                     return
         except httpx.TransportError as exc:
             log.error("vLLM at %s: %s", self.url, exc)

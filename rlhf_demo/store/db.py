@@ -132,7 +132,9 @@ class StoreBase:
         now = file_id(self.path)
         if now != self._file_id:
             how = "deleted" if now is None else "replaced"
-            raise StoreError(f"the feedback database {self.path} was {how} while the app ran; nothing was written: restart the app")
+            raise StoreError(
+                f"the feedback database {self.path} was {how} while the app ran; nothing was written: restart the app"
+            )
 
     def _truncate_log(self) -> None:
         """Copy the write-ahead log into the file and empty it (best effort: a reader in

@@ -27,9 +27,7 @@ class StoreBusyError(StoreError):
 def translate_sqlite_error(exc: sqlite3.Error, busy_timeout_ms: int) -> StoreError:
     """Map a sqlite3 error to a StoreError; callers never need to import sqlite3."""
     message = str(exc)
-    if isinstance(exc, sqlite3.OperationalError) and (
-        "locked" in message or "busy" in message
-    ):
+    if isinstance(exc, sqlite3.OperationalError) and ("locked" in message or "busy" in message):
         return StoreBusyError(
             f"the feedback database stayed locked by another writer for more than "
             f"{busy_timeout_ms} ms; nothing was written, please try again"

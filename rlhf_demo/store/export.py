@@ -37,9 +37,7 @@ def _write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> int
     tmp_name: str | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-        )
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         with open(fd, "w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -51,15 +49,11 @@ def _write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> int
         if tmp_name is not None and os.path.exists(tmp_name):
             os.unlink(tmp_name)
         reason = exc.strerror or str(exc)
-        raise StoreError(
-            f"could not write export to {target}: {reason}; nothing was written"
-        ) from exc
+        raise StoreError(f"could not write export to {target}: {reason}; nothing was written") from exc
     return count
 
 
-def export_preferences(
-    store: FeedbackStore, path: str | Path, include_session_ids: bool = False
-) -> int:
+def export_preferences(store: FeedbackStore, path: str | Path, include_session_ids: bool = False) -> int:
     """One JSON line per decisive A/B vote; returns the number of pairs written."""
     rows = []
     for pair in store.preference_pairs():
@@ -76,9 +70,7 @@ def export_preferences(
     return _write_jsonl_atomic(path, rows)
 
 
-def export_unpaired(
-    store: FeedbackStore, path: str | Path, include_session_ids: bool = False
-) -> int:
+def export_unpaired(store: FeedbackStore, path: str | Path, include_session_ids: bool = False) -> int:
     """One JSON line per thumb, two per both-bad vote; returns the number written."""
     rows = []
     for example in store.thumb_examples():

@@ -214,10 +214,7 @@ def _m3_integrity(db: sqlite_utils.Database) -> None:
     db.table("ratings").add_column("ip_key", str)
     db.table("responses").add_column("parent_id", str)
     db.table("adapter_versions").add_column("broken_reason", str)
-    db.execute(
-        f"CREATE UNIQUE INDEX {PAIR_VOTE_INDEX} ON preferences "
-        f"(session_id, {PAIR_KEY_SQL})"
-    )
+    db.execute(f"CREATE UNIQUE INDEX {PAIR_VOTE_INDEX} ON preferences (session_id, {PAIR_KEY_SQL})")
     db.table("ratings").create_index(["ip_key"])
     db.table("preferences").create_index(["ip_key"])
     db.table("preferences").create_index(["updated_at"])

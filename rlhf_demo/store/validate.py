@@ -67,9 +67,7 @@ def normalize_ts(iso_ts: str) -> str:
     return parsed.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-def check_str(
-    name: str, value: object, max_bytes: int, allow_empty: bool = False
-) -> str:
+def check_str(name: str, value: object, max_bytes: int, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise InvalidInputError(f"{name} must be a string, got {kind_of(value)}")
     if len(value) > max_bytes:  # a character is at least one byte: refused before any copy
@@ -83,17 +81,13 @@ def check_str(
     except UnicodeEncodeError as exc:
         raise InvalidInputError(f"{name} is not valid Unicode text") from exc
     if size > max_bytes:
-        raise InvalidInputError(
-            f"{name} is {size} bytes, over the limit of {max_bytes}"
-        )
+        raise InvalidInputError(f"{name} is {size} bytes, over the limit of {max_bytes}")
     return value
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise InvalidInputError(
-            f"{name} must be one of {', '.join(choices)}; got {shown(value)}"
-        )
+        raise InvalidInputError(f"{name} must be one of {', '.join(choices)}; got {shown(value)}")
     return value
 
 
@@ -144,9 +138,7 @@ def encode_json(name: str, value: object, finite: bool = False) -> str:
     try:
         text = json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=not finite)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise InvalidInputError(
-            f"{name} must hold only text, finite numbers, true/false, None, lists and mappings"
-        ) from exc
+        raise InvalidInputError(f"{name} must hold only text, finite numbers, true/false, None, lists and mappings") from exc
     return check_str(name, text, MAX_PROMPT_BYTES)
 
 
@@ -157,9 +149,7 @@ def encode_prompt(prompt: object) -> str:
     messages = []
     for i, message in enumerate(prompt):
         if not isinstance(message, dict) or set(message) != {"role", "content"}:
-            raise InvalidInputError(
-                f"prompt[{i}] must be a dict with exactly the keys 'role' and 'content'"
-            )
+            raise InvalidInputError(f"prompt[{i}] must be a dict with exactly the keys 'role' and 'content'")
         role = check_choice(f"prompt[{i}]['role']", message["role"], ROLES)
         content = check_str(
             f"prompt[{i}]['content']",
@@ -168,9 +158,7 @@ def encode_prompt(prompt: object) -> str:
             allow_empty=True,
         )
         messages.append({"role": role, "content": content})
-    return check_str(
-        "prompt", json.dumps(messages, ensure_ascii=False), MAX_PROMPT_BYTES
-    )
+    return check_str("prompt", json.dumps(messages, ensure_ascii=False), MAX_PROMPT_BYTES)
 
 
 def check_reasons(tags: object, comment: object) -> tuple[list[str], str]:

@@ -43,7 +43,12 @@ def launch_options(runtime: Runtime) -> dict[str, Any]:
 
     trust_forwarded_headers(runtime.settings.trust_proxy)
     return {
-        "app_kwargs": {"middleware": [Middleware(RequestLimits, max_body_bytes=runtime.settings.limits.max_request_bytes), Middleware(VisitorMiddleware, signer=runtime.signer, secure=runtime.settings.trust_proxy)]},
+        "app_kwargs": {
+            "middleware": [
+                Middleware(RequestLimits, max_body_bytes=runtime.settings.limits.max_request_bytes),
+                Middleware(VisitorMiddleware, signer=runtime.signer, secure=runtime.settings.trust_proxy),
+            ]
+        },
         "max_file_size": runtime.settings.limits.max_upload_size,
         "show_error": False,
         "js": KEYBOARD_JS,
@@ -58,7 +63,9 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
     # delete_cache: Gradio's copies of downloaded exports go within the hour, so "delete
     # my data" does not leave them behind for long.
     with gr.Blocks(title="rlhf-demo: a chat that learns from your votes", delete_cache=(1800, 3600)) as demo:
-        gr.Markdown("# rlhf-demo\nChat, rate answers with 👍/👎, compare two answers, and watch the model learn.", elem_id="header")
+        gr.Markdown(
+            "# rlhf-demo\nChat, rate answers with 👍/👎, compare two answers, and watch the model learn.", elem_id="header"
+        )
         login_button()  # "Sign in with Hugging Face" on a Space with hf_oauth; absent elsewhere
         model_info = gr.Markdown(elem_id="model-info")
         # fresh on every page load (a callable value would be listed as an API endpoint)

@@ -52,7 +52,9 @@ class ChatEvents:
         self.h.remember(visitor, state)
 
     @friendly
-    def on_retry(self, chat: list, state: ChatState, t: float, p: float, n: int, data: gr.EventData, request: gr.Request) -> Iterator[Any]:
+    def on_retry(
+        self, chat: list, state: ChatState, t: float, p: float, n: int, data: gr.EventData, request: gr.Request
+    ) -> Iterator[Any]:
         index = check_event(data, ("index",))["index"]
         visitor = self._visitor(request)
         for value in self.h.retry(visitor, chat, state, index, temperature=t, top_p=p, max_new_tokens=n):
@@ -60,11 +62,15 @@ class ChatEvents:
         self.h.remember(visitor, state)
 
     @friendly
-    def on_edit(self, chat: list, state: ChatState, t: float, p: float, n: int, data: gr.EventData, request: gr.Request) -> Iterator[Any]:
+    def on_edit(
+        self, chat: list, state: ChatState, t: float, p: float, n: int, data: gr.EventData, request: gr.Request
+    ) -> Iterator[Any]:
         """An edited question: answered anew as a branch of the conversation (the old one stays recorded)."""
         payload = check_event(data, ("index", "value"))
         visitor = self._visitor(request)
-        for value in self.h.retry(visitor, chat, state, payload["index"], payload["value"], temperature=t, top_p=p, max_new_tokens=n):
+        for value in self.h.retry(
+            visitor, chat, state, payload["index"], payload["value"], temperature=t, top_p=p, max_new_tokens=n
+        ):
             yield display(value), state
         self.h.remember(visitor, state)
 
@@ -118,7 +124,9 @@ class ChatTab:
 def sampling_sliders(bounds: SamplingBounds) -> tuple[gr.Slider, gr.Slider, gr.Slider]:
     """Temperature, top-p and max new tokens, in a folded "Settings" accordion."""
     with gr.Accordion("Settings", open=False):
-        temperature = gr.Slider(bounds.min_temperature, bounds.max_temperature, bounds.temperature, step=0.05, label="Temperature (0 = greedy)")
+        temperature = gr.Slider(
+            bounds.min_temperature, bounds.max_temperature, bounds.temperature, step=0.05, label="Temperature (0 = greedy)"
+        )
         top_p = gr.Slider(bounds.min_top_p, 1.0, bounds.top_p, step=0.05, label="Top-p")
         max_new = gr.Slider(1, bounds.max_max_new_tokens, bounds.max_new_tokens, step=1, label="Max new tokens")
     return temperature, top_p, max_new
@@ -163,7 +171,9 @@ def build_chat_tab(events: ChatEvents, guidelines: str, demo: gr.Blocks) -> Chat
         # then un-👍) must reach the server with its own data, in order (one vote at a time: a
         # vote is one quick write). Gradio's default drops it; "always_last" replays the first
         # click's data.
-        chatbot.like(events.on_like, [state], [vote_status, state, *why.outputs], trigger_mode="multiple", concurrency_limit=1, **PRIVATE)
+        chatbot.like(
+            events.on_like, [state], [vote_status, state, *why.outputs], trigger_mode="multiple", concurrency_limit=1, **PRIVATE
+        )
         why.send.click(events.on_thumb_reasons, [state, why.tags, why.comment], [why.status], **PRIVATE)
         # The Chatbot's own trash button is the one Clear: it empties the chat in the browser,
         # this starts a new conversation on the server.

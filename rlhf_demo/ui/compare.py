@@ -39,7 +39,12 @@ class CompareEvents:
         visitor = visitor_of(self.h.runtime, request)
         for a, b, state in self.h.compare_stream(visitor, text, src, temperature=t, top_p=p, max_new_tokens=n):
             cursor = " ▌" if state.generating else ""
-            yield f"**A**\n\n{a}{cursor}", f"**B**\n\n{b}{cursor}", state, "Writing both answers…" if state.generating else "Which answer is better?"
+            yield (
+                f"**A**\n\n{a}{cursor}",
+                f"**B**\n\n{b}{cursor}",
+                state,
+                "Writing both answers…" if state.generating else "Which answer is better?",
+            )
 
     def on_vote(self, label: str) -> Callable[..., tuple[Any, ...]]:
         """The event of the vote button ``label`` (one endpoint per outcome for API clients)."""
@@ -68,7 +73,11 @@ def vote_controls(state: PairState) -> list[Any]:
     checks again."""
     ready = isinstance(state, PairState) and state.response_ids is not None and not state.generating
     voted = bool(ready and state.voted)
-    return [*(gr.Button(interactive=ready and not voted) for _ in range(VOTE_BUTTONS)), gr.Button(visible=voted), *reasons.shown(voted)]
+    return [
+        *(gr.Button(interactive=ready and not voted) for _ in range(VOTE_BUTTONS)),
+        gr.Button(visible=voted),
+        *reasons.shown(voted),
+    ]
 
 
 def locked() -> list[Any]:
@@ -115,7 +124,13 @@ def build_compare_tab(events: CompareEvents, guidelines: str) -> gr.Tab:
             trigger(locked, None, controls, queue=False, **PRIVATE)
             trigger(writing, None, [generate, stop], queue=False, **PRIVATE)
             visibility = "public" if api_name else "private"
-            answered = trigger(events.on_compare, [prompt, source, *sampling], [answer_a, answer_b, state, reveal], api_name=api_name, api_visibility=visibility)
+            answered = trigger(
+                events.on_compare,
+                [prompt, source, *sampling],
+                [answer_a, answer_b, state, reveal],
+                api_name=api_name,
+                api_visibility=visibility,
+            )
             # Gradio's `.then` does not follow a failed event: Generate must come back either way.
             for after in (answered.then, answered.failure):
                 after(idle, None, [generate, stop], queue=False, **PRIVATE)

@@ -71,7 +71,9 @@ def gate_summary(gate: dict[str, Any]) -> str:
     """One line for a gate decision: the reward gain with its confidence bound, and the KL."""
     text = f"reward {gate.get('candidate_score', 0):+.2f} vs {gate.get('active_score', 0):+.2f}"
     if "lower_bound" in gate:  # gates before the paired bootstrap (2026-11) have no bound
-        text += f" (gain ≥ {gate['lower_bound']:+.2f} at {gate.get('confidence', 0):.0%} confidence, {gate.get('units', 0)} prompts)"
+        text += (
+            f" (gain ≥ {gate['lower_bound']:+.2f} at {gate.get('confidence', 0):.0%} confidence, {gate.get('units', 0)} prompts)"
+        )
     return text + f", KL {gate.get('kl', 0):.2f}"
 
 
@@ -130,7 +132,11 @@ def cap_rule(settings: Settings) -> str:
 
 
 def _metric_series(store: FeedbackStore, run_id: int, phase: str, name: str) -> tuple[list[int], list[float]]:
-    points = [(m["step"], m["value"]) for m in store.run_metrics(run_id) if m["phase"] == phase and m["name"] == name and m["value"] is not None]
+    points = [
+        (m["step"], m["value"])
+        for m in store.run_metrics(run_id)
+        if m["phase"] == phase and m["name"] == name and m["value"] is not None
+    ]
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -142,7 +148,15 @@ def _figure() -> tuple[Any, Any]:
     import matplotlib.pyplot as plt
 
     grey = "#8a8a8a"
-    style: dict[str, Any] = {"text.color": grey, "axes.labelcolor": grey, "axes.edgecolor": grey, "xtick.color": grey, "ytick.color": grey, "axes.facecolor": "none", "legend.framealpha": 0.0}
+    style: dict[str, Any] = {
+        "text.color": grey,
+        "axes.labelcolor": grey,
+        "axes.edgecolor": grey,
+        "xtick.color": grey,
+        "ytick.color": grey,
+        "axes.facecolor": "none",
+        "legend.framealpha": 0.0,
+    }
     with plt.rc_context(style):  # type: ignore[arg-type]  # rcParams keys, checked by matplotlib at run time
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
     fig.patch.set_alpha(0.0)
@@ -205,7 +219,9 @@ def last_cycle_markdown(store: FeedbackStore) -> str:
     if run is None:
         return ""
     summary = run.get("summary") or {}
-    return f"**Last cycle** (run {run['id']}): {summary.get('decision') or run['status']}" + (f": {_why(run)}" if _why(run) else "")
+    return f"**Last cycle** (run {run['id']}): {summary.get('decision') or run['status']}" + (
+        f": {_why(run)}" if _why(run) else ""
+    )
 
 
 def _why(run: dict[str, Any]) -> str:

@@ -95,7 +95,9 @@ def build_data_tab(events: DataEvents, model_info: gr.Markdown, chat: list[Any],
         # Two steps: the first click only asks; deleting needs the confirmation.
         delete_mine.click(ask_delete, None, [confirm_row, delete_status], **PRIVATE)
         cancel_delete.click(hide_row, None, confirm_row, **PRIVATE)
-        confirm_delete.click(events.on_delete, None, [delete_status, confirm_row, counts, export_file, *chat], api_name="delete_my_data")
+        confirm_delete.click(
+            events.on_delete, None, [delete_status, confirm_row, counts, export_file, *chat], api_name="delete_my_data"
+        )
         if runtime.settings.admin_token:  # absent, not just disabled, without a token
             build_admin(events, export_file)
     return tab

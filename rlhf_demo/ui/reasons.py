@@ -36,7 +36,10 @@ def reasons_panel(elem_id: str, question: str) -> ReasonsPanel:
         tags = gr.CheckboxGroup(list(REASON_TAGS), label=question)
         with gr.Row():
             comment = gr.Textbox(
-                label="Comment (optional)", max_length=MAX_COMMENT_CHARS, max_lines=3, scale=5,
+                label="Comment (optional)",
+                max_length=MAX_COMMENT_CHARS,
+                max_lines=3,
+                scale=5,
                 placeholder=f"Anything else? Up to {MAX_COMMENT_CHARS} characters.",
             )
             send = gr.Button("Send reasons", scale=1)

@@ -132,7 +132,11 @@ def warm_value_head(start: dict[str, Any] | None, model: Any, advantage: str) ->
 
 
 def run_cycle(
-    settings: Settings, store: FeedbackStore, loaded: LoadedModel, report: Report | None = None, gate_config: GateConfig | None = None
+    settings: Settings,
+    store: FeedbackStore,
+    loaded: LoadedModel,
+    report: Report | None = None,
+    gate_config: GateConfig | None = None,
 ) -> dict[str, Any]:
     """Train, gate and publish (or reject) one candidate; returns the run summary.
 
@@ -181,7 +185,14 @@ def run_cycle(
         def reward_fn(batch_prompts: list, completions: list[str], finished: list[bool]) -> Any:
             return rm.score(batch_prompts, completions, normalized=True, finished=finished)
 
-        trainer = PPOTrainer(model, loaded.tokenizer, reward_fn, training.ppo, policy_adapter=POLICY, value_head=warm_value_head(origin, model, training.ppo.advantage))
+        trainer = PPOTrainer(
+            model,
+            loaded.tokenizer,
+            reward_fn,
+            training.ppo,
+            policy_adapter=POLICY,
+            value_head=warm_value_head(origin, model, training.ppo.advantage),
+        )
         random.Random(run_id).shuffle(train_prompts)  # each cycle starts on other prompts
 
         def on_step(step: int, total: int, stats: dict[str, Any]) -> None:
@@ -215,16 +226,29 @@ def run_cycle(
         baseline = sample_and_score(model, loaded.tokenizer, ACTIVE if active_row else None, asked, reward_fn, training.ppo)
         gate = evaluate_gate(candidate.scores, baseline.scores, candidate.kl, candidate.texts, gate_config, group_size=k)
         summary["gate"] = gate.as_metrics()
-        summary["samples"] = [{"prompt": p[-1]["content"], "answer": t} for p, t in zip(asked[::k][:3], candidate.texts[::k][:3], strict=False)]
+        summary["samples"] = [
+            {"prompt": p[-1]["content"], "answer": t} for p, t in zip(asked[::k][:3], candidate.texts[::k][:3], strict=False)
+        ]
         store.log_metrics(
             run_id,
             "gate",
             0,
-            {"candidate_score": gate.candidate_score, "active_score": gate.active_score, "lower_bound": gate.lower_bound, "kl": gate.kl, "passed": float(gate.passed)},
+            {
+                "candidate_score": gate.candidate_score,
+                "active_score": gate.active_score,
+                "lower_bound": gate.lower_bound,
+                "kl": gate.kl,
+                "passed": float(gate.passed),
+            },
         )
 
         report(phase="publish", step=0, total=1)
-        metrics = {"gate": summary["gate"], "reward": rm_metrics.accuracies(), "run_id": run_id, "trained_from": summary["trained_from"]}
+        metrics = {
+            "gate": summary["gate"],
+            "reward": rm_metrics.accuracies(),
+            "run_id": run_id,
+            "trained_from": summary["trained_from"],
+        }
 
         # save_policy keeps the value head (GAE) with its adapter, so the next cycle starts from it.
         if gate.passed:

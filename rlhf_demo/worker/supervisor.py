@@ -91,7 +91,9 @@ class WorkerSupervisor:
     def describe(self) -> dict[str, Any]:
         status = read_status(self.settings.worker_dir)
         return {
-            "process": "running" if self.state.pid else f"down (exit {self.state.last_exit}, restart in {self.state.next_start_in:.0f} s)",
+            "process": "running"
+            if self.state.pid
+            else f"down (exit {self.state.last_exit}, restart in {self.state.next_start_in:.0f} s)",
             "pid": self.state.pid,
             "restarts": self.state.restarts,
             "status": status,

@@ -83,7 +83,11 @@ class TabHandlers:
             prompt=result.prompt,
             text=result.text,
             adapter_version=result.version,
-            sampling={"temperature": result.sampling.temperature, "top_p": result.sampling.top_p, "max_new_tokens": result.sampling.max_new_tokens},
+            sampling={
+                "temperature": result.sampling.temperature,
+                "top_p": result.sampling.top_p,
+                "max_new_tokens": result.sampling.max_new_tokens,
+            },
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
             latency_s=result.latency_s,

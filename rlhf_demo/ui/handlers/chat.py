@@ -102,7 +102,9 @@ class ChatHandlers(TabHandlers):
     def forget(self, visitor: Visitor | str) -> None:
         self.saved.pop(check_visitor(visitor).id, None)
 
-    def recorded_history(self, visitor: Visitor, state: ChatState, upto: int | None = None) -> tuple[list[dict[str, str]], str | None]:
+    def recorded_history(
+        self, visitor: Visitor, state: ChatState, upto: int | None = None
+    ) -> tuple[list[dict[str, str]], str | None]:
         """The server's record of this page's conversation up to message ``upto`` (all when
         None), and the id of its last answer. The record of an answer is the prompt it was
         generated from plus its text (the model may have seen fewer of the oldest turns)."""
@@ -135,13 +137,20 @@ class ChatHandlers(TabHandlers):
         visitor, state = self._checked(visitor, chat, state)
         if chat == [] and state.messages:  # the page shows no conversation: this asks a new one
             fresh = ChatState()
-            state.conversation_id, state.response_ids, state.messages, state.disliked = None, fresh.response_ids, fresh.messages, None
+            state.conversation_id, state.response_ids, state.messages, state.disliked = (
+                None,
+                fresh.response_ids,
+                fresh.messages,
+                None,
+            )
         if sum(1 for m in state.messages if m["role"] == "user") >= self.limits.max_turns:
             raise UserError(f"This conversation reached {self.limits.max_turns} turns; press Clear to start a new one.")
         record, parent = self.recorded_history(visitor, state)
         yield from self._answer(visitor, [*state.messages, {"role": "user", "content": text}], record, parent, state, sampling)
 
-    def retry(self, visitor: Visitor | str, chat: Any, state: ChatState, index: Any, text: Any = None, **sampling: Any) -> Iterator[list[dict[str, str]]]:
+    def retry(
+        self, visitor: Visitor | str, chat: Any, state: ChatState, index: Any, text: Any = None, **sampling: Any
+    ) -> Iterator[list[dict[str, str]]]:
         """Answer a question again (or its edited ``text``): drop its answer and what followed,
         and generate anew. The new answer branches from the same parent; the old branch stays
         recorded.
@@ -212,7 +221,9 @@ class ChatHandlers(TabHandlers):
         pick: Pick | None = None
         server, best_of = self.runtime.server, self.runtime.settings.selection.best_of
         prompt = [*record, chat[-1]]
-        stream = best_answer(server, self.runtime.judge, prompt, server.sampling(**sampling), best_of, should_stop=lambda: state.stop_requested)
+        stream = best_answer(
+            server, self.runtime.judge, prompt, server.sampling(**sampling), best_of, should_stop=lambda: state.stop_requested
+        )
         for item in stream:
             if isinstance(item, Pick):
                 pick = item
@@ -224,7 +235,9 @@ class ChatHandlers(TabHandlers):
             state.conversation_id = self.runtime.store.new_conversation(visitor.id)
         response_id = self.record(visitor, result, state.conversation_id, parent)
         self._forget_from(state, len(chat) - 1)
-        state.messages.extend([chat[-1], {"role": "assistant", "content": tag_version(result.text, result.version, pick.picked_from)}])
+        state.messages.extend(
+            [chat[-1], {"role": "assistant", "content": tag_version(result.text, result.version, pick.picked_from)}]
+        )
         state.response_ids[len(chat)] = response_id
         yield list(state.messages)
 

@@ -56,7 +56,11 @@ def check_sampling(temperature: Any = None, top_p: Any = None, max_new_tokens: A
     """Finite numbers or None (the default); out-of-range values are clamped later by the
     server, but NaN and infinity are refused: they pass every ``min``/``max``."""
     checked: dict[str, Any] = {}
-    for name, label, value in (("temperature", "Temperature", temperature), ("top_p", "Top-p", top_p), ("max_new_tokens", "Max new tokens", max_new_tokens)):
+    for name, label, value in (
+        ("temperature", "Temperature", temperature),
+        ("top_p", "Top-p", top_p),
+        ("max_new_tokens", "Max new tokens", max_new_tokens),
+    ):
         if value is None:
             checked[name] = None
             continue

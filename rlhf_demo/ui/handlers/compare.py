@@ -39,7 +39,9 @@ class CompareHandlers(TabHandlers):
         *_, (a, b, state) = self.compare_stream(visitor, message, source_label, **sampling)
         return a, b, state
 
-    def compare_stream(self, visitor: Visitor | str, message: Any, source_label: Any, **sampling: Any) -> Iterator[tuple[str, str, PairState]]:
+    def compare_stream(
+        self, visitor: Visitor | str, message: Any, source_label: Any, **sampling: Any
+    ) -> Iterator[tuple[str, str, PairState]]:
         """:meth:`compare`, streamed: ``(a, b, state)`` as both answers grow (``state.generating``
         until both are finished and recorded; no vote before that)."""
         visitor = check_visitor(visitor)
@@ -50,7 +52,9 @@ class CompareHandlers(TabHandlers):
             raise UserError(f"Unknown comparison source {str(source_label)[:40]!r}.")
         state = PairState(source=source, generating=True)
         results: list[Generation] = []
-        for item in self.compare_candidates([{"role": "user", "content": text}], self._versions(source), checked, lambda: state.stop_requested):
+        for item in self.compare_candidates(
+            [{"role": "user", "content": text}], self._versions(source), checked, lambda: state.stop_requested
+        ):
             if isinstance(item, list):
                 results = item
             else:
@@ -83,7 +87,9 @@ class CompareHandlers(TabHandlers):
             return
         # two samples of the served version: the pair the reward ensemble learns most from
         settings = self.runtime.settings.selection
-        rounds = compare_round(server, self.runtime.judge, prompt, server.sampling(**sampling), settings, random.Random(), should_stop)
+        rounds = compare_round(
+            server, self.runtime.judge, prompt, server.sampling(**sampling), settings, random.Random(), should_stop
+        )
         for item in rounds:
             yield item.pair if isinstance(item, Round) else item
 
@@ -119,7 +125,10 @@ class CompareHandlers(TabHandlers):
         )
         state.voted = True
         label = next(k for k, v in OUTCOMES.items() if v == outcome)
-        return f"{PAIR_SAID[result.change]}: you chose **{label}**. A was written by **{state.versions[0]}**, B by **{state.versions[1]}**.", state
+        return (
+            f"{PAIR_SAID[result.change]}: you chose **{label}**. A was written by **{state.versions[0]}**, B by **{state.versions[1]}**.",
+            state,
+        )
 
     def pair_reasons(self, visitor: Visitor | str, state: PairState, tags: Any, comment: Any) -> str:
         """Reason tags and a comment for this page's vote on the current pair."""
