@@ -39,48 +39,58 @@ def build_examples(
     :func:`rlhf_demo.reward.trainer.cross_validate` folds). ``*finished`` (rows: ``chosen_finished``/``rejected_finished``,
     ``finished``; default True): whether the answer ended, or was cut at the length limit.
     """
-    finished: dict[str, bool] = {}  # by example_key(prompt, answer)
+    finished: dict[str, bool] = {}  # by example_key(prompt, answer): the first row that shows it decides
+    ab = _net_ab_votes(pairs, finished)
+    pair_examples = [
+        _pair_ended(e["prompt"], *((e["a"], e["b"]) if e["net"] > 0 else (e["b"], e["a"])), key, "ab", abs(e["net"]), finished)
+        for key, e in ab.items()
+        if e["net"] != 0
+    ]
+    thumb_examples = _net_thumbs(thumbs, finished)
+    pair_examples += _thumb_pairs(thumb_examples, set(ab), max_pairs_per_prompt, finished)
+    return pair_examples, thumb_examples
 
-    def note(prompt: Any, text: str, ended: Any) -> None:
-        finished.setdefault(example_key(prompt, text), ended is not False)
 
-    # A/B votes: net votes per unordered pair, in the orientation first seen.
+def _note(finished: dict[str, bool], prompt: Any, text: str, ended: Any) -> None:
+    finished.setdefault(example_key(prompt, text), ended is not False)
+
+
+def _pair_ended(
+    prompt: Any, chosen: str, rejected: str, key: str, source: str, votes: int, finished: dict[str, bool]
+) -> dict[str, Any]:
+    return {
+        **_pair(prompt, chosen, rejected, key, source, votes),
+        "chosen_finished": finished[example_key(prompt, chosen)],
+        "rejected_finished": finished[example_key(prompt, rejected)],
+    }
+
+
+def _net_ab_votes(pairs: Sequence[dict[str, Any]], finished: dict[str, bool]) -> dict[str, dict[str, Any]]:
+    """A/B votes: net votes per unordered pair, in the orientation first seen."""
     ab: dict[str, dict[str, Any]] = {}
     for row in pairs:
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
         if chosen == rejected:
             continue
-        note(prompt, chosen, row.get("chosen_finished"))
-        note(prompt, rejected, row.get("rejected_finished"))
+        _note(finished, prompt, chosen, row.get("chosen_finished"))
+        _note(finished, prompt, rejected, row.get("rejected_finished"))
         key = example_key(prompt, chosen, rejected)
         entry = ab.setdefault(key, {"prompt": prompt, "a": chosen, "b": rejected, "net": 0})
         entry["net"] += 1 if chosen == entry["a"] else -1
+    return ab
 
-    def pair(prompt: Any, chosen: str, rejected: str, key: str, source: str, votes: int) -> dict[str, Any]:
-        return {
-            **_pair(prompt, chosen, rejected, key, source, votes),
-            "chosen_finished": finished[example_key(prompt, chosen)],
-            "rejected_finished": finished[example_key(prompt, rejected)],
-        }
 
-    pair_examples = [
-        pair(e["prompt"], e["a"], e["b"], key, "ab", e["net"])
-        if e["net"] > 0
-        else pair(e["prompt"], e["b"], e["a"], key, "ab", -e["net"])
-        for key, e in ab.items()
-        if e["net"] != 0
-    ]
-
-    # Thumbs: net 👍 minus 👎 per (prompt, answer).
+def _net_thumbs(thumbs: Sequence[dict[str, Any]], finished: dict[str, bool]) -> list[dict[str, Any]]:
+    """Thumbs: net 👍 minus 👎 per (prompt, answer); a tie is dropped."""
     rated: dict[str, dict[str, Any]] = {}
     for row in thumbs:
         if row.get("label") is None:
             continue
         key = example_key(row["prompt"], row["completion"])
-        note(row["prompt"], row["completion"], row.get("finished"))
+        _note(finished, row["prompt"], row["completion"], row.get("finished"))
         entry = rated.setdefault(key, {"prompt": row["prompt"], "text": row["completion"], "net": 0})
         entry["net"] += 1 if row["label"] > 0 else -1
-    thumb_examples = [
+    return [
         {
             "prompt": e["prompt"],
             "completion": e["text"],
@@ -94,12 +104,17 @@ def build_examples(
         if e["net"] != 0
     ]
 
-    # 👍 x 👎 on the same prompt -> pairs, diagonal order (u0d0, u0d1, u1d0, u1d1, ...).
+
+def _thumb_pairs(
+    thumb_examples: list[dict[str, Any]], seen: set[str], max_pairs_per_prompt: int, finished: dict[str, bool]
+) -> list[dict[str, Any]]:
+    """👍 x 👎 on the same prompt -> pairs, diagonal order (u0d0, u0d1, u1d0, u1d1, ...), none
+    that ``seen`` (the A/B pairs) already holds."""
     by_prompt: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
     for ex in thumb_examples:
         ups, downs = by_prompt.setdefault(ex["group"], ([], []))
         (ups if ex["label"] else downs).append(ex)
-    seen = set(ab)
+    out = []
     for ups, downs in by_prompt.values():
         combos = sorted(itertools.product(range(len(ups)), range(len(downs))), key=lambda ij: (ij[0] + ij[1], ij[0]))
         for i, j in combos[: max(0, max_pairs_per_prompt)]:
@@ -107,8 +122,8 @@ def build_examples(
             key = example_key(up["prompt"], up["completion"], down["completion"])
             if key not in seen:
                 seen.add(key)
-                pair_examples.append(pair(up["prompt"], up["completion"], down["completion"], key, "thumbs", 1))
-    return pair_examples, thumb_examples
+                out.append(_pair_ended(up["prompt"], up["completion"], down["completion"], key, "thumbs", 1, finished))
+    return out
 
 
 def _pair(prompt: Any, chosen: str, rejected: str, key: str, source: str, votes: int) -> dict[str, Any]:

@@ -131,6 +131,68 @@ def warm_value_head(start: dict[str, Any] | None, model: Any, advantage: str) ->
     return ScalarHead.load(Path(start["path"]), hidden_size(model))
 
 
+def _rejected(store: FeedbackStore, run_id: int, summary: dict[str, Any], reason: str) -> dict[str, Any]:
+    """End the run with nothing to gate or publish, saying why."""
+    summary.update(decision="rejected", version=None, gate={"passed": False, "reasons": [reason]})
+    store.finish_run(run_id, "rejected", summary=summary)
+    log.info("cycle %d: no candidate (%s)", run_id, reason)
+    return summary
+
+
+def _policy_model(
+    settings: Settings, loaded: LoadedModel, origin: dict[str, Any] | None, active_row: dict[str, Any] | None
+) -> Any:
+    """The worker's model with the policy to train (from ``origin``, else fresh) and the active
+    version (the gate's baseline) as adapters."""
+    model = loaded.model
+    if origin is not None:
+        model = put_adapter(model, POLICY, origin["path"], trainable=True)
+    else:
+        if POLICY in model.peft_config:
+            model.delete_adapter(POLICY)
+        model = attach_new_adapter(model, POLICY, settings.lora)
+    if active_row is not None:
+        model = put_adapter(model, ACTIVE, active_row["path"], trainable=False)
+    loaded.model = model
+    return model
+
+
+def _no_update_reason(result: Any, kl_stop: float | None) -> str:
+    if result.last.get("kl_stop"):
+        return (
+            f"no PPO update kept: the policy's KL to the reference already passes {kl_stop} "
+            "nats after one update (raise the gate's max_kl, or reset to base for a fresh budget)"
+        )
+    return "no PPO update kept: the cycle's time budget ran out first"
+
+
+def _gate(
+    store: FeedbackStore,
+    run_id: int,
+    model: Any,
+    loaded: LoadedModel,
+    reward_fn: Any,
+    gate_prompts: list,
+    has_active: bool,
+    settings: Settings,
+    gate_config: GateConfig,
+    summary: dict[str, Any],
+) -> Any:
+    """k answers per held-out prompt from the candidate and from the active version (the base
+    when none is published), paired by prompt, scored by the same reward model."""
+    ppo, k = settings.training.ppo, gate_config.samples_per_prompt
+    asked = [p for p in gate_prompts for _ in range(k)]
+    candidate = sample_and_score(model, loaded.tokenizer, POLICY, asked, reward_fn, ppo)
+    baseline = sample_and_score(model, loaded.tokenizer, ACTIVE if has_active else None, asked, reward_fn, ppo)
+    gate = evaluate_gate(candidate.scores, baseline.scores, candidate.kl, candidate.texts, gate_config, group_size=k)
+    summary["gate"] = gate.as_metrics()
+    shown = zip(asked[::k][:3], candidate.texts[::k][:3], strict=False)
+    summary["samples"] = [{"prompt": p[-1]["content"], "answer": t} for p, t in shown]
+    figures = {"candidate_score": gate.candidate_score, "active_score": gate.active_score, "lower_bound": gate.lower_bound}
+    store.log_metrics(run_id, "gate", 0, {**figures, "kl": gate.kl, "passed": float(gate.passed)})
+    return gate
+
+
 def run_cycle(
     settings: Settings,
     store: FeedbackStore,
@@ -160,39 +222,21 @@ def run_cycle(
         summary["reward"] = rm_metrics.as_dict()
         reason = untrusted_reward(rm_metrics, gate_config)
         if reason is not None:
-            summary.update(decision="rejected", version=None, gate={"passed": False, "reasons": [reason]})
-            store.finish_run(run_id, "rejected", summary=summary)
-            log.info("cycle %d: no PPO (%s)", run_id, reason)
-            return summary
-        model = loaded.model
+            return _rejected(store, run_id, summary, reason)
 
         # The candidate starts from the last promising candidate, else from the active version
         # (or fresh when only the base is served); the gate always compares with the active one.
         start = resume_point(store, active, gate_config) if training.resume_rejected else None
         origin = start or active_row
         summary["trained_from"] = (origin or {}).get("version")
-        if origin is not None:
-            model = put_adapter(model, POLICY, origin["path"], trainable=True)
-        else:
-            if POLICY in model.peft_config:
-                model.delete_adapter(POLICY)
-            model = attach_new_adapter(model, POLICY, settings.lora)
-        if active_row is not None:
-            model = put_adapter(model, ACTIVE, active_row["path"], trainable=False)
-        loaded.model = model
+        model = _policy_model(settings, loaded, origin, active_row)
         rm.model = model  # the reward model reads through the PeftModel, which can switch its adapters off
 
         def reward_fn(batch_prompts: list, completions: list[str], finished: list[bool]) -> Any:
             return rm.score(batch_prompts, completions, normalized=True, finished=finished)
 
-        trainer = PPOTrainer(
-            model,
-            loaded.tokenizer,
-            reward_fn,
-            training.ppo,
-            policy_adapter=POLICY,
-            value_head=warm_value_head(origin, model, training.ppo.advantage),
-        )
+        value_head = warm_value_head(origin, model, training.ppo.advantage)
+        trainer = PPOTrainer(model, loaded.tokenizer, reward_fn, training.ppo, policy_adapter=POLICY, value_head=value_head)
         random.Random(run_id).shuffle(train_prompts)  # each cycle starts on other prompts
 
         def on_step(step: int, total: int, stats: dict[str, Any]) -> None:
@@ -203,45 +247,13 @@ def run_cycle(
         ppo_seconds = deadline - 0.15 * training.time_budget_s - time.monotonic()
         result = trainer.train(train_prompts, max_seconds=max(0.0, ppo_seconds), progress=on_step)
         summary["ppo"] = {**result.last, "kept_updates": float(result.kept_updates), "stopped": result.stopped}
+        if not result.kept_updates:  # the candidate is the active version unchanged: a gate would compare noise
+            return _rejected(store, run_id, summary, _no_update_reason(result, training.ppo.kl_stop))
 
-        if not result.kept_updates:
-            # The candidate is the active version unchanged: a gate would only compare noise.
-            reason = (
-                f"no PPO update kept: the policy's KL to the reference already passes {training.ppo.kl_stop} "
-                "nats after one update (raise the gate's max_kl, or reset to base for a fresh budget)"
-                if result.last.get("kl_stop")
-                else "no PPO update kept: the cycle's time budget ran out first"
-            )
-            summary.update(decision="rejected", version=None, gate={"passed": False, "reasons": [reason]})
-            store.finish_run(run_id, "rejected", summary=summary)
-            log.info("cycle %d: nothing to gate (%s)", run_id, reason)
-            return summary
-
-        # Gate: k answers per held-out prompt from the candidate and from the active version
-        # (the base when none is published), paired by prompt, scored by the same reward model.
         report(phase="gate", step=0, total=1)
-        k = gate_config.samples_per_prompt
-        asked = [p for p in gate_prompts for _ in range(k)]
-        candidate = sample_and_score(model, loaded.tokenizer, POLICY, asked, reward_fn, training.ppo)
-        baseline = sample_and_score(model, loaded.tokenizer, ACTIVE if active_row else None, asked, reward_fn, training.ppo)
-        gate = evaluate_gate(candidate.scores, baseline.scores, candidate.kl, candidate.texts, gate_config, group_size=k)
-        summary["gate"] = gate.as_metrics()
-        summary["samples"] = [
-            {"prompt": p[-1]["content"], "answer": t} for p, t in zip(asked[::k][:3], candidate.texts[::k][:3], strict=False)
-        ]
-        store.log_metrics(
-            run_id,
-            "gate",
-            0,
-            {
-                "candidate_score": gate.candidate_score,
-                "active_score": gate.active_score,
-                "lower_bound": gate.lower_bound,
-                "kl": gate.kl,
-                "passed": float(gate.passed),
-            },
+        gate = _gate(
+            store, run_id, model, loaded, reward_fn, gate_prompts, active_row is not None, settings, gate_config, summary
         )
-
         report(phase="publish", step=0, total=1)
         metrics = {
             "gate": summary["gate"],
@@ -249,15 +261,10 @@ def run_cycle(
             "run_id": run_id,
             "trained_from": summary["trained_from"],
         }
-
         # save_policy keeps the value head (GAE) with its adapter, so the next cycle starts from it.
-        if gate.passed:
-            version = publish(store, model, POLICY, settings.adapters_dir, active, metrics, write=trainer.save_policy)
-            summary["decision"] = "published"
-        else:
-            version = keep_rejected(store, model, POLICY, settings.adapters_dir, active, metrics, write=trainer.save_policy)
-            summary["decision"] = "rejected"
-        summary["version"] = version
+        keep = publish if gate.passed else keep_rejected
+        version = keep(store, model, POLICY, settings.adapters_dir, active, metrics, write=trainer.save_policy)
+        summary.update(decision="published" if gate.passed else "rejected", version=version)
         store.finish_run(run_id, "succeeded" if gate.passed else "rejected", summary=summary, candidate_version=version)
         log.info("cycle %d: %s %s (%s)", run_id, summary["decision"], version, "; ".join(gate.reasons) or "gate passed")
         return summary
