@@ -210,6 +210,36 @@ def spoofed_networks(url: str, db: Path | None, networks: int = 60, votes_each: 
     return out
 
 
+def training_share(
+    honest: int = 20, votes_each: int = 15, attacker_ids: int = 40, attacker_networks: int = 5
+) -> dict[str, object]:
+    """The worker's per-voter rule (``reward.fairness.training_votes``' ``cap_per_voter``) on rows
+    shaped as the store returns them: ``honest`` voters, each on their own network, and one
+    actor rotating ``attacker_ids`` cookies over ``attacker_networks`` addresses (each cookie
+    voting ``votes_each * 2`` times). Offline: from one machine every client shares 127.0.0.1."""
+    from rlhf_demo.config import Limits
+    from rlhf_demo.reward.fairness import cap_per_voter
+
+    rows = [{"session_id": f"honest-{v}", "ip_key": f"net-{v}", "vote": i} for v in range(honest) for i in range(votes_each)]
+    rows += [
+        {"session_id": f"attacker-{c}", "ip_key": f"attacker-net-{c % attacker_networks}", "vote": i}
+        for c in range(attacker_ids)
+        for i in range(2 * votes_each)
+    ]
+    limits = Limits()
+    kept = cap_per_voter(rows, limits.max_training_share, limits.max_training_votes)
+    attacker = sum(1 for r in kept if r["session_id"].startswith("attacker"))
+    return {
+        "rows cast": len(rows),
+        "attacker rows cast": attacker_ids * 2 * votes_each,
+        "rows kept": len(kept),
+        "attacker rows kept": attacker,
+        "attacker share of kept": round(attacker / len(kept), 3),
+        "honest rows kept": len(kept) - attacker,
+        "honest rows cast": honest * votes_each,
+    }
+
+
 def uploads(url: str) -> dict[str, str]:
     """The app takes no files: small and large uploads alike must be refused."""
     import httpx
@@ -238,7 +268,12 @@ def main() -> None:
     if urlparse(args.url).hostname not in LOOPBACK:
         raise SystemExit("abuse.py only talks to an app on this machine (127.0.0.1)")
     url = args.url if args.url.endswith("/") else args.url + "/"
-    figures: dict[str, object] = {}
+    figures: dict[str, object] = {
+        "one actor, 40 cookies from 1 address, among 20 honest voters (training rows)": training_share(attacker_networks=1),
+        "one actor, 40 cookies from 5 unlinked addresses, among 20 honest voters (training rows)": training_share(
+            attacker_networks=5
+        ),
+    }
     figures["300 MB message"] = huge_message(url, args.pid)
     figures["uploads"] = uploads(url)
     figures["spoofed X-Forwarded-For"] = spoofed_networks(url, args.db)
