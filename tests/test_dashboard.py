@@ -125,3 +125,14 @@ def test_the_counter_says_how_many_votes_count_after_the_per_voter_cap(runtime):
     store.rate("someone", answer(store), -1)
     text = dashboard.counted_markdown(store, runtime.settings)
     assert "2 of 11" in text and "10%" in text
+
+
+def test_the_run_and_version_tables_wrap_long_reasons(runtime):
+    """A gate's reasons run to a sentence or two: the tables wrap them instead of cutting them off."""
+    import gradio as gr
+
+    from rlhf_demo.ui.app import build_app
+
+    demo = build_app(runtime)
+    tables = {tuple(b.headers): b for b in demo.blocks.values() if isinstance(b, gr.Dataframe)}
+    assert tables[tuple(dashboard.RUN_COLUMNS)].wrap and tables[tuple(dashboard.VERSION_COLUMNS)].wrap

@@ -313,9 +313,9 @@ def build_dashboard_tab(events: DashboardEvents, demo: Any) -> Any:
         board_md = gr.Markdown()
         board = gr.Dataframe(headers=LEADERBOARD_COLUMNS, interactive=False)
         gr.Markdown("**Versions**")
-        versions = gr.Dataframe(headers=VERSION_COLUMNS, interactive=False)
+        versions = gr.Dataframe(headers=VERSION_COLUMNS, interactive=False, wrap=True)
         gr.Markdown("**Recent training runs**")
-        runs = gr.Dataframe(headers=RUN_COLUMNS, interactive=False)
+        runs = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, wrap=True)
         refresh = gr.Button("Refresh plots")
 
         tables = [next_training, counted, curves_md, curves, board_md, board, versions, runs]
