@@ -52,6 +52,12 @@ class ChatState:
     stop_requested: bool = False  # the Stop button: the answer being written ends at the next token
     disliked: str | None = None  # the response this page last voted 👎: the one reasons go to
 
+    def restart(self) -> None:
+        """Forget the conversation in place: Gradio keeps this object as the page's state."""
+        fresh = ChatState()
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(fresh, f.name))
+
 
 def tag_version(text: str, version: str, picked_from: int = 1) -> str:
     """The answer plus which version wrote it (and, for best-of-n, from how many samples the
@@ -136,13 +142,7 @@ class ChatHandlers(TabHandlers):
         sampling = check_sampling(temperature, top_p, max_new_tokens)
         visitor, state = self._checked(visitor, chat, state)
         if chat == [] and state.messages:  # the page shows no conversation: this asks a new one
-            fresh = ChatState()
-            state.conversation_id, state.response_ids, state.messages, state.disliked = (
-                None,
-                fresh.response_ids,
-                fresh.messages,
-                None,
-            )
+            state.restart()
         if sum(1 for m in state.messages if m["role"] == "user") >= self.limits.max_turns:
             raise UserError(f"This conversation reached {self.limits.max_turns} turns; press Clear to start a new one.")
         record, parent = self.recorded_history(visitor, state)
