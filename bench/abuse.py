@@ -220,15 +220,15 @@ def training_share(
     from rlhf_demo.config import Limits
     from rlhf_demo.reward.fairness import cap_per_voter
 
-    rows = [{"session_id": f"honest-{v}", "ip_key": f"net-{v}", "vote": i} for v in range(honest) for i in range(votes_each)]
+    rows = [{"visitor_id": f"honest-{v}", "ip_key": f"net-{v}", "vote": i} for v in range(honest) for i in range(votes_each)]
     rows += [
-        {"session_id": f"attacker-{c}", "ip_key": f"attacker-net-{c % attacker_networks}", "vote": i}
+        {"visitor_id": f"attacker-{c}", "ip_key": f"attacker-net-{c % attacker_networks}", "vote": i}
         for c in range(attacker_ids)
         for i in range(2 * votes_each)
     ]
     limits = Limits()
     kept = cap_per_voter(rows, limits.max_training_share, limits.max_training_votes)
-    attacker = sum(1 for r in kept if r["session_id"].startswith("attacker"))
+    attacker = sum(1 for r in kept if r["visitor_id"].startswith("attacker"))
     return {
         "rows cast": len(rows),
         "attacker rows cast": attacker_ids * 2 * votes_each,
@@ -286,7 +286,7 @@ def main() -> None:
         if args.db:
             figures["(voter, pair) groups with more than one stored vote"] = count(
                 args.db,
-                "SELECT COUNT(*) FROM (SELECT 1 FROM preferences GROUP BY session_id, "
+                "SELECT COUNT(*) FROM (SELECT 1 FROM preferences GROUP BY visitor_id, "
                 "min(response_a_id, response_b_id), max(response_a_id, response_b_id) HAVING COUNT(*) > 1)",
             )
         figures["bad inputs"] = bad_inputs(url)

@@ -172,7 +172,7 @@ def cast_votes(
         cast["rules"][round_.rule] = cast["rules"].get(round_.rule, 0) + 1
         ids = [
             store.log_response(
-                session_id=session,
+                visitor_id=session,
                 prompt=g.prompt,
                 text=g.text,
                 adapter_version=g.version,
@@ -190,7 +190,7 @@ def cast_votes(
         cast["answer_tokens"] += [g.completion_tokens for g in pair]
         cast["scores"] += scores
         outcome = "A" if scores[0] > scores[1] else "B" if scores[1] > scores[0] else "tie"
-        store.prefer(session_id=session, response_a_id=ids[0], response_b_id=ids[1], outcome=outcome, source="two_samples")
+        store.prefer(visitor_id=session, response_a_id=ids[0], response_b_id=ids[1], outcome=outcome, source="two_samples")
         cast["ab" if outcome != "tie" else "ties"] += 1  # a tie is a vote too, but teaches the RM nothing
         median = statistics.median(seen_scores)
         order = [0, 1] if rng.random() < 0.5 else [1, 0]

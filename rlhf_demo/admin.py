@@ -1,4 +1,4 @@
-"""The admin token: who may roll back, reset, train now and export with session ids.
+"""The admin token: who may roll back, reset, train now and export with visitor ids.
 
 A token is a password that a browser form sends, so three rules keep it from being
 guessed: it must be long (``MIN_TOKEN_CHARS``), it must not be a value printed in our own

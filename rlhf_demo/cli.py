@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         "push-data",
         [data],
         "upload the feedback as a Hub dataset repo (token: HF_TOKEN)",
-        "Both TRL exports with a card; no visitor, session or network identifiers.",
+        "Both TRL exports with a card; no visitor or network identifiers.",
     )
     for each in (push, push_data):
         each.add_argument("--repo", required=True, help="the Hub repo id, owner/name (created if missing)")

@@ -108,7 +108,7 @@ def model_card(repo_id: str, base: str, row: dict[str, Any], counts: dict[str, i
         "## Training data\n",
         f"- {counts.get('preferences', 0)} A/B preference votes ({counts.get('ties', 0)} ties, {counts.get('both_bad', 0)} both-bad)",
         f"- {counts.get('thumbs_up', 0)} thumbs up, {counts.get('thumbs_down', 0)} thumbs down",
-        f"- from {counts.get('sessions', 0)} visitor sessions (counts at push time; the adapter saw the votes up to its training run)\n",
+        f"- from {counts.get('visitors', 0)} visitors (counts at push time; the adapter saw the votes up to its training run)\n",
         "## Reward model (held-out accuracy)\n",
         f"- pairwise accuracy: {_fmt(reward.get('pairwise_accuracy'))}",
         f"- thumb accuracy: {_fmt(reward.get('thumb_accuracy'))}\n",
@@ -181,7 +181,7 @@ def dataset_card(repo_id: str, rows: dict[str, int], counts: dict[str, int], lic
     lines = [
         _front_matter(meta),
         f"# {repo_id.split('/')[-1]}: votes from a live rlhf-demo chat\n",
-        "Visitors chatted with a small model and voted on its answers. No visitor, session or network identifiers are included.\n",
+        "Visitors chatted with a small model and voted on its answers. No visitor or network identifiers are included.\n",
         "| config | format (TRL) | rows |",
         "|---|---|---|",
         f"| `preferences` | conversational preference: `prompt`, `chosen`, `rejected` (decisive A/B votes) | {rows['preferences']} |",
@@ -190,7 +190,7 @@ def dataset_card(repo_id: str, rows: dict[str, int], counts: dict[str, int], lic
         f"Both configs also carry `reasons` (the rater's optional tags on a 👎 or an A/B vote: {', '.join(REASON_TAGS)}; "
         "a list, empty when none) and `comment` (the rater's optional note, \"\" when none); TRL's trainers ignore them.\n",
         f"Votes behind them: {counts.get('preferences', 0)} A/B, {counts.get('ties', 0)} ties, {counts.get('both_bad', 0)} both-bad, "
-        f"{counts.get('thumbs_up', 0)} thumbs up, {counts.get('thumbs_down', 0)} thumbs down, from {counts.get('sessions', 0)} sessions.\n",
+        f"{counts.get('thumbs_up', 0)} thumbs up, {counts.get('thumbs_down', 0)} thumbs down, from {counts.get('visitors', 0)} visitors.\n",
         "```python",
         "from datasets import load_dataset\n",
         f'pairs = load_dataset("{repo_id}", "preferences", split="train")',
@@ -202,7 +202,7 @@ def dataset_card(repo_id: str, rows: dict[str, int], counts: dict[str, int], lic
 
 
 def push_dataset(store: FeedbackStore, repo_id: str, token: str, private: bool = False, license_id: str = "apache-2.0") -> str:
-    """Upload the store's TRL exports (without session ids) as a dataset repo; returns the commit URL.
+    """Upload the store's TRL exports (without visitor ids) as a dataset repo; returns the commit URL.
 
     The repo's history is squashed to this one commit: a push after visitors deleted their
     data then leaves no older commit holding what they deleted."""
@@ -212,8 +212,8 @@ def push_dataset(store: FeedbackStore, repo_id: str, token: str, private: bool =
     with tempfile.TemporaryDirectory(prefix="rlhf-push-data-") as tmp:
         folder = Path(tmp)
         rows = {
-            "preferences": export_preferences(store, folder / DATA_CONFIGS["preferences"], include_session_ids=False),
-            "unpaired": export_unpaired(store, folder / DATA_CONFIGS["unpaired"], include_session_ids=False),
+            "preferences": export_preferences(store, folder / DATA_CONFIGS["preferences"], include_visitor_ids=False),
+            "unpaired": export_unpaired(store, folder / DATA_CONFIGS["unpaired"], include_visitor_ids=False),
         }
         (folder / "README.md").write_text(dataset_card(repo_id, rows, store.counts(), license_id))
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)

@@ -30,12 +30,12 @@ def store(db_path: Path):
 def respond(
     store: FeedbackStore,
     text: str = "Blue.",
-    session_id: str = "s1",
+    visitor_id: str = "s1",
     prompt: list[dict[str, str]] = PROMPT,
     **extra,
 ) -> str:
     return store.log_response(
-        session_id=session_id,
+        visitor_id=visitor_id,
         prompt=prompt,
         text=text,
         adapter_version="v0",
@@ -62,28 +62,28 @@ def voted_store(store: FeedbackStore) -> FeedbackStore:
         respond(store, "?", prompt=OTHER_PROMPT),
     )
     store.prefer(
-        session_id="s1",
+        visitor_id="s1",
         response_a_id=a,
         response_b_id=b,
         outcome="A",
         source="two_samples",
     )
     store.prefer(
-        session_id="s2",
+        visitor_id="s2",
         response_a_id=c,
         response_b_id=d,
         outcome="B",
         source="two_versions",
     )
     store.prefer(
-        session_id="s4",
+        visitor_id="s4",
         response_a_id=c,
         response_b_id=d,
         outcome="tie",
         source="two_samples",
     )
     store.prefer(
-        session_id="s3",
+        visitor_id="s3",
         response_a_id=a,
         response_b_id=b,
         outcome="both_bad",

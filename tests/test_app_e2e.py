@@ -135,7 +135,7 @@ def test_session_rotation_through_the_api_is_bounded_per_address(runtime):
     assert all("Too many votes" in r for r in results if "recorded" not in r)
     con = sqlite3.connect(runtime.settings.db_path)
     try:
-        assert con.execute("select count(distinct session_id) from responses").fetchone()[0] == 8
+        assert con.execute("select count(distinct visitor_id) from responses").fetchone()[0] == 8
         assert con.execute("select count(*) from ratings").fetchone()[0] == 4
     finally:
         con.close()

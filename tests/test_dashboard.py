@@ -11,7 +11,7 @@ PROMPT = [{"role": "user", "content": "q"}]
 
 def answer(store, version: str = "v0", text: str = "x") -> str:
     return store.log_response(
-        session_id="s",
+        visitor_id="s",
         prompt=PROMPT,
         text=text,
         adapter_version=version,
@@ -49,7 +49,7 @@ def test_leaderboard_rows_count_every_match_of_the_oldest_version(runtime):
     store = runtime.store
     for outcome in ("B", "B", "A"):
         store.prefer(
-            session_id="s",
+            visitor_id="s",
             response_a_id=answer(store, "v0"),
             response_b_id=answer(store, "v1"),
             outcome=outcome,
@@ -69,7 +69,7 @@ def test_equal_ratings_share_a_rank(runtime):
     store = runtime.store
     for outcome in ("A", "B"):  # one win each: the same rating
         store.prefer(
-            session_id="s",
+            visitor_id="s",
             response_a_id=answer(store, "v0"),
             response_b_id=answer(store, "v1"),
             outcome=outcome,

@@ -21,11 +21,11 @@ SHARE = 0.10
 
 def votes(voter: str, n: int, ip: str | None = None) -> list[dict[str, Any]]:
     """``n`` rows from one visitor id on one network (its own unless given)."""
-    return [{"session_id": voter, "ip_key": ip or f"net-{voter}"} for _ in range(n)]
+    return [{"visitor_id": voter, "ip_key": ip or f"net-{voter}"} for _ in range(n)]
 
 
 def kept_per_voter(rows: list[dict[str, Any]]) -> Counter[str]:
-    return Counter(r["session_id"] for r in cap_per_voter(rows, SHARE))
+    return Counter(r["visitor_id"] for r in cap_per_voter(rows, SHARE))
 
 
 def test_a_one_row_newcomer_does_not_cut_five_voters_to_one_row_each() -> None:
@@ -55,8 +55,8 @@ def test_one_actor_with_many_ids_and_addresses_holds_at_most_ten_percent() -> No
     address (or each address sees the last cookie): the votes link them into one actor."""
     chain = []
     for i in range(150):
-        chain += [{"session_id": f"cookie-{i}", "ip_key": f"addr-{i}", "attacker": True}]
-        chain += [{"session_id": f"cookie-{i}", "ip_key": f"addr-{i + 1}", "attacker": True}]
+        chain += [{"visitor_id": f"cookie-{i}", "ip_key": f"addr-{i}", "attacker": True}]
+        chain += [{"visitor_id": f"cookie-{i}", "ip_key": f"addr-{i + 1}", "attacker": True}]
     honest = [row for i in range(20) for row in votes(f"honest-{i}", 6)]
     kept = cap_per_voter(chain + honest, SHARE)
     from_attacker = sum(bool(r.get("attacker")) for r in kept)
@@ -70,7 +70,7 @@ def test_a_crowd_behind_one_address_is_one_actor_and_offline_rows_group_by_visit
     honest = [row for i in range(20) for row in votes(f"honest-{i}", 4)]
     kept = cap_per_voter(crowd + honest, SHARE)
     assert sum(r["ip_key"] == "one-address" for r in kept) <= SHARE * len(kept)
-    offline = [{"session_id": s, "ip_key": None} for s, n in (("a", 5), ("b", 5), ("c", 5)) for _ in range(n)]
+    offline = [{"visitor_id": s, "ip_key": None} for s, n in (("a", 5), ("b", 5), ("c", 5)) for _ in range(n)]
     assert len(cap_per_voter(offline, SHARE)) == 15
 
 
@@ -85,7 +85,7 @@ def _space(rng: random.Random) -> list[dict[str, Any]]:
         else:
             networks[f"v{i}"] = [f"n{i}", f"n{i}b"] if kind < 0.4 else [f"n{i}"]
         rows += [
-            {"session_id": f"v{i}", "ip_key": rng.choice(networks[f"v{i}"])}
+            {"visitor_id": f"v{i}", "ip_key": rng.choice(networks[f"v{i}"])}
             for _ in range(rng.choice([1, 2, 3, 5, 8, 20, 40, 100]))
         ]
     return rows
@@ -96,8 +96,8 @@ def _kept_per_actor(rows: list[dict[str, Any]]) -> tuple[Counter[str], dict[str,
     actor_of: dict[str, str] = {}
     first: dict[int, str] = {}
     for row, actor in zip(rows, actor_ids(rows), strict=True):
-        actor_of[row["session_id"]] = first.setdefault(actor, row["session_id"])
-    return Counter(actor_of[r["session_id"]] for r in cap_per_voter(rows, SHARE)), actor_of
+        actor_of[row["visitor_id"]] = first.setdefault(actor, row["visitor_id"])
+    return Counter(actor_of[r["visitor_id"]] for r in cap_per_voter(rows, SHARE)), actor_of
 
 
 @pytest.mark.parametrize("seed", range(60))
@@ -108,13 +108,13 @@ def test_adding_one_vote_never_cuts_another_voter_beyond_its_share(seed: int) ->
     may be cut when the tenth visitor arrives (a crowd behind one address)."""
     rng = random.Random(seed)
     rows = _space(rng)
-    voter = rng.choice([*sorted({r["session_id"] for r in rows}), "newcomer"])
-    network = rng.choice([r["ip_key"] for r in rows if r["session_id"] == voter] or ["new network"])
-    after_rows = [*rows, {"session_id": voter, "ip_key": network}]
+    voter = rng.choice([*sorted({r["visitor_id"] for r in rows}), "newcomer"])
+    network = rng.choice([r["ip_key"] for r in rows if r["visitor_id"] == voter] or ["new network"])
+    after_rows = [*rows, {"visitor_id": voter, "ip_key": network}]
     before, _ = _kept_per_actor(rows)
     after, actor_of = _kept_per_actor(after_rows)
     total = sum(after.values())
-    tenth_visitor = len({r["session_id"] for r in rows}) < 1 / SHARE <= len({r["session_id"] for r in after_rows})
+    tenth_visitor = len({r["visitor_id"] for r in rows}) < 1 / SHARE <= len({r["visitor_id"] for r in after_rows})
     for actor, kept in before.items():
         now = after[actor_of[actor]]
         if actor_of[actor] == actor_of[voter] or now >= kept or tenth_visitor:
@@ -146,10 +146,10 @@ def test_share_cap_is_the_largest_cap_that_holds() -> None:
 
 
 def test_an_absolute_cap_still_applies_per_actor() -> None:
-    rows = [{"session_id": "loud", "ip_key": None, "i": i} for i in range(100)] + [
-        {"session_id": "quiet", "ip_key": None, "i": 100}
+    rows = [{"visitor_id": "loud", "ip_key": None, "i": i} for i in range(100)] + [
+        {"visitor_id": "quiet", "ip_key": None, "i": 100}
     ]
     kept = cap_per_voter(rows, max_share=1.0, cap=10)
-    assert sum(r["session_id"] == "loud" for r in kept) == 10
+    assert sum(r["visitor_id"] == "loud" for r in kept) == 10
     assert [r["i"] for r in kept][-11:] == [*range(90, 100), 100]  # newest kept, order preserved
     assert cap_per_voter(rows, max_share=1.0, cap=0) == rows

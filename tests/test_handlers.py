@@ -274,9 +274,9 @@ def test_retry_refuses_bad_indexes(handlers, runtime, index):
     assert table_count(runtime, "responses") == 1
 
 
-def test_export_with_session_ids_needs_admin(handlers, runtime):
+def test_export_with_visitor_ids_needs_admin(handlers, runtime):
     with pytest.raises(UserError, match="admin"):
-        handlers.export("preferences", include_session_ids=True, admin_token="guess")
+        handlers.export("preferences", include_visitor_ids=True, admin_token="guess")
     path = handlers.export("preferences")
     assert path.endswith("preferences.jsonl")
 

@@ -161,7 +161,7 @@ class World:
     # ----- the store's public write methods ----------------------------------------------
     def log(self, **bad: Any) -> str:
         good: dict[str, Any] = {
-            "session_id": self.me.id,
+            "visitor_id": self.me.id,
             "prompt": [{"role": "user", "content": "Hi"}],
             "text": "Hello.",
             "adapter_version": "v0",
@@ -173,12 +173,12 @@ class World:
         return self.store.log_response(**{**good, **bad})
 
     def rate_s(self, **bad: Any) -> Any:
-        args = {"session_id": self.me.id, "response_id": self.answer_me, "value": -1, "ip_key": None, **bad}
-        return self.store.rate(args["session_id"], args["response_id"], args["value"], ip_key=args["ip_key"])
+        args = {"visitor_id": self.me.id, "response_id": self.answer_me, "value": -1, "ip_key": None, **bad}
+        return self.store.rate(args["visitor_id"], args["response_id"], args["value"], ip_key=args["ip_key"])
 
     def prefer(self, method: str = "record_preference", **bad: Any) -> Any:
         a, b = self.pair_me.response_ids
-        args = {"session_id": self.me.id, "response_a_id": a, "response_b_id": b, "outcome": "B", "source": "two_samples"}
+        args = {"visitor_id": self.me.id, "response_a_id": a, "response_b_id": b, "outcome": "B", "source": "two_samples"}
         return getattr(self.store, method)(**{**args, **bad})
 
     def metrics(self, run: Any = OWN, phase: Any = "reward", step: Any = 1, values: Any = OWN) -> Any:
@@ -472,10 +472,10 @@ CASES: list[tuple[str, C]] = [
     ("export/kind-dict", lambda w: w.h.export({"preferences": 1})),
     ("export/kind-upper-case", lambda w: w.h.export("PREFERENCES")),
     ("export/kind-empty", lambda w: w.h.export("")),
-    ("export/with-sessions-no-token", lambda w: w.h.export("preferences", True, "")),
-    ("export/with-sessions-string-flag", lambda w: w.h.export("unpaired", "false")),
-    ("export/with-sessions-int-flag-wrong-token", lambda w: w.h.export("preferences", 1, "guess")),
-    ("export/with-sessions-valid-token-bad-kind", lambda w: w.h.export(TRAVERSAL, True, TOKEN)),
+    ("export/with-visitor-ids-no-token", lambda w: w.h.export("preferences", True, "")),
+    ("export/with-visitor-ids-string-flag", lambda w: w.h.export("unpaired", "false")),
+    ("export/with-visitor-ids-int-flag-wrong-token", lambda w: w.h.export("preferences", 1, "guess")),
+    ("export/with-visitor-ids-valid-token-bad-kind", lambda w: w.h.export(TRAVERSAL, True, TOKEN)),
     ("raw-export/token-none", lambda w: w.raw_export(None)),
     ("raw-export/token-prefix", lambda w: w.raw_export(TOKEN[:-1])),
     ("raw-export/token-surrogate", lambda w: w.raw_export(TOKEN + "\udc80")),
@@ -512,9 +512,9 @@ CASES: list[tuple[str, C]] = [
     ("train/token-bytes", lambda w: w.ui["train_now"](TOKEN.encode())),
     ("train/token-whitespace", lambda w: w.ui["train_now"]("   ")),
     # ----- store: log_response -------------------------------------------------------------------
-    ("store.log_response/session-none", lambda w: w.log(session_id=None)),
-    ("store.log_response/session-too-long", lambda w: w.log(session_id="s" * 201)),
-    ("store.log_response/session-surrogate", lambda w: w.log(session_id=SURROGATE)),
+    ("store.log_response/session-none", lambda w: w.log(visitor_id=None)),
+    ("store.log_response/session-too-long", lambda w: w.log(visitor_id="s" * 201)),
+    ("store.log_response/session-surrogate", lambda w: w.log(visitor_id=SURROGATE)),
     ("store.log_response/prompt-none", lambda w: w.log(prompt=None)),
     ("store.log_response/prompt-string", lambda w: w.log(prompt="Hi")),
     ("store.log_response/prompt-dict", lambda w: w.log(prompt={"role": "user", "content": "Hi"})),
@@ -555,9 +555,9 @@ CASES: list[tuple[str, C]] = [
         lambda w: w.log(parent_id=w.answer_me, prompt=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}]),
     ),
     # ----- store: rate ----------------------------------------------------------------------------
-    ("store.rate/session-too-long", lambda w: w.rate_s(session_id="s" * 201)),
-    ("store.rate/session-int", lambda w: w.rate_s(session_id=1)),
-    ("store.rate/session-none", lambda w: w.rate_s(session_id=None)),
+    ("store.rate/session-too-long", lambda w: w.rate_s(visitor_id="s" * 201)),
+    ("store.rate/session-int", lambda w: w.rate_s(visitor_id=1)),
+    ("store.rate/session-none", lambda w: w.rate_s(visitor_id=None)),
     ("store.rate/ip-key-int", lambda w: w.rate_s(ip_key=127001)),
     ("store.rate/ip-key-nul", lambda w: w.rate_s(ip_key="ip\x00")),
     ("store.rate/response-none", lambda w: w.rate_s(response_id=None)),
@@ -580,7 +580,7 @@ CASES: list[tuple[str, C]] = [
     ("store.record_preference/a-nonexistent", lambda w: w.prefer(response_a_id="9" * 32)),
     ("store.record_preference/b-huge-int", lambda w: w.prefer(response_b_id=HUGE)),
     ("store.record_preference/b-surrogate", lambda w: w.prefer(response_b_id=SURROGATE)),
-    ("store.record_preference/session-none", lambda w: w.prefer(session_id=None)),
+    ("store.record_preference/session-none", lambda w: w.prefer(visitor_id=None)),
     ("store.record_preference/ip-key-too-long", lambda w: w.prefer(ip_key="i" * 201)),
     ("store.prefer/outcome-list", lambda w: w.prefer("prefer", outcome=["A"])),
     ("store.prefer/source-none", lambda w: w.prefer("prefer", source=None)),
@@ -659,9 +659,9 @@ CASES: list[tuple[str, C]] = [
         lambda w: w.store.finish_run(w.run_open, "succeeded", candidate_version="latest"),
     ),
     ("store.finish_run/summary-list", lambda w: w.store.finish_run(w.run_open, "succeeded", summary=[1])),
-    ("store.delete_session_data/session-none", lambda w: w.store.delete_session_data(None)),
-    ("store.delete_session_data/session-list", lambda w: w.store.delete_session_data([ME_ID])),
-    ("store.delete_session_data/session-too-long", lambda w: w.store.delete_session_data(ME_ID * 7)),
+    ("store.delete_visitor_data/session-none", lambda w: w.store.delete_visitor_data(None)),
+    ("store.delete_visitor_data/session-list", lambda w: w.store.delete_visitor_data([ME_ID])),
+    ("store.delete_visitor_data/session-too-long", lambda w: w.store.delete_visitor_data(ME_ID * 7)),
 ]
 
 

@@ -41,7 +41,7 @@ def add_feedback(store: FeedbackStore) -> None:
     prompt = [{"role": "user", "content": "Say hi"}]
     ids = [
         store.log_response(
-            session_id="secret-session",
+            visitor_id="secret-session",
             prompt=prompt,
             text=text,
             adapter_version="v0",
@@ -55,7 +55,7 @@ def add_feedback(store: FeedbackStore) -> None:
     store.rate("secret-session", ids[0], 1, ip_key="secret-ip")
     store.rate("secret-session", ids[1], -1, ip_key="secret-ip")
     store.record_preference(
-        session_id="other-secret",
+        visitor_id="other-secret",
         response_a_id=ids[0],
         response_b_id=ids[1],
         outcome="A",
@@ -367,7 +367,7 @@ def test_push_data_after_a_deletion_leaves_no_deleted_text_in_the_dataset_histor
     store, _ = published
     push_dataset(store, "user/votes", TOKEN)
     assert any(b"B refuses." in data for data in fake_hub.every_version("user/votes", "dataset"))
-    store.delete_session_data("other-secret")  # the visitor who wrote "B refuses."
+    store.delete_visitor_data("other-secret")  # the visitor who wrote "B refuses."
     push_dataset(store, "user/votes", TOKEN)
     history = fake_hub.every_version("user/votes", "dataset")
     assert not any(b"B refuses." in data for data in history) and any(b"Not friendly." in data for data in history)

@@ -227,20 +227,20 @@ def test_concurrent_pair_votes_from_one_visitor_store_one_row(handlers, runtime)
 
 # ----- training share -----------------------------------------------------------------------
 def test_one_actor_holds_at_most_ten_percent_of_training_rows_however_many_sessions():
-    attacker = [{"session_id": f"rotated-{i}", "ip_key": "attacker-ip", "i": i} for i in range(300)]
-    honest = [{"session_id": f"honest-{i}", "ip_key": f"ip-{i}", "i": 1000 + i} for i in range(40) for _ in range(2)]
+    attacker = [{"visitor_id": f"rotated-{i}", "ip_key": "attacker-ip", "i": i} for i in range(300)]
+    honest = [{"visitor_id": f"honest-{i}", "ip_key": f"ip-{i}", "i": 1000 + i} for i in range(40) for _ in range(2)]
     kept = cap_per_voter(attacker + honest, max_share=0.10)
     from_attacker = sum(r["ip_key"] == "attacker-ip" for r in kept)
     assert 0 < from_attacker <= 0.10 * len(kept)
     assert sum(r["ip_key"] != "attacker-ip" for r in kept) == len(honest)  # honest voters keep everything
-    one_cookie_many_ips = [{"session_id": "one", "ip_key": f"ip-{i}"} for i in range(300)]
+    one_cookie_many_ips = [{"visitor_id": "one", "ip_key": f"ip-{i}"} for i in range(300)]
     kept = cap_per_voter(one_cookie_many_ips + honest, max_share=0.10)
-    assert sum(r["session_id"] == "one" for r in kept) <= 0.10 * len(kept)
+    assert sum(r["visitor_id"] == "one" for r in kept) <= 0.10 * len(kept)
 
 
 def test_few_voters_get_equal_shares_not_nothing():
     assert share_cap([100, 4, 4], 0.10) == 4
-    rows_ = [{"session_id": s, "ip_key": None} for s, n in (("a", 4), ("b", 4), ("c", 4)) for _ in range(n)]
+    rows_ = [{"visitor_id": s, "ip_key": None} for s, n in (("a", 4), ("b", 4), ("c", 4)) for _ in range(n)]
     assert len(cap_per_voter(rows_, 0.10)) == 12
     assert share_cap([], 0.1) == 0
 
@@ -257,10 +257,10 @@ def test_delete_my_data_is_by_visitor_and_rewrites_exports(handlers, runtime):
     handlers.vote_pair(ME, pair, "A is better")
     handlers.export("preferences")
     handlers.export("unpaired")
-    with_ids = runtime.settings.exports_dir / "preferences-with-sessions.jsonl"
+    with_ids = runtime.settings.exports_dir / "preferences-with-visitor-ids.jsonl"
     from rlhf_demo.store import export_preferences
 
-    export_preferences(runtime.store, with_ids, include_session_ids=True)
+    export_preferences(runtime.store, with_ids, include_visitor_ids=True)
     assert ME.id in with_ids.read_text()
 
     handlers.delete_my_data(Visitor(other.id))  # someone else's id deletes only theirs

@@ -142,7 +142,7 @@ def test_serving_process_reads_the_ensemble_the_worker_saved_with_its_verdict(ru
         prompt = [{"role": "user", "content": f"question number {i}?"}]
         ids = [
             store.log_response(
-                session_id=f"s{i % 3}",
+                visitor_id=f"s{i % 3}",
                 prompt=prompt,
                 text=t,
                 adapter_version="v0",
@@ -153,7 +153,7 @@ def test_serving_process_reads_the_ensemble_the_worker_saved_with_its_verdict(ru
             )
             for t in (f"great answer {i}", f"poor {i}")
         ]
-        store.prefer(session_id=f"s{i % 3}", response_a_id=ids[0], response_b_id=ids[1], outcome="A", source="two_samples")
+        store.prefer(visitor_id=f"s{i % 3}", response_a_id=ids[0], response_b_id=ids[1], outcome="A", source="two_samples")
     training = settings.training
     small = dataclasses.replace(
         settings,

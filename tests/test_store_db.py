@@ -195,3 +195,59 @@ def test_migration_5_drops_what_nothing_writes_and_keeps_servable_versions(db_pa
         assert "messages" not in store.db.table_names()
         assert [v["status"] for v in store.list_versions()] == ["active", "retired", "rejected"]
         assert store.mark_broken("v0", "gone") == "v1"
+
+
+def test_migration_7_renames_session_id_to_visitor_id_and_keeps_rows(db_path: Path) -> None:
+    """A file at schema 6 holds the voter's identity in ``session_id`` columns; after the
+    upgrade the same rows answer under ``visitor_id``, its indexes still enforce one vote
+    per visitor, and no index or column is left under the old name."""
+    db_path.parent.mkdir(parents=True)
+    db = sqlite_utils.Database(db_path)
+    migrate(db, target=6)
+    db.table("conversations").insert({"id": "c1", "session_id": "old", "created_at": "2024"})
+    for rid in ("ra", "rb"):
+        db.table("responses").insert(
+            {
+                "id": rid,
+                "session_id": "old",
+                "conversation_id": "c1",
+                "prompt_json": json.dumps(PROMPT),
+                "text": rid,
+                "adapter_version": "v0",
+                "sampling_json": "{}",
+                "prompt_tokens": 1,
+                "completion_tokens": 1,
+                "latency_s": 0.1,
+                "finish_reason": "stop",
+                "created_at": "2024-01-01T00:00:00.000000+00:00",
+            }
+        )
+    db.table("ratings").insert({"session_id": "old", "response_id": "ra", "value": 1, "created_at": "2024", "updated_at": "2024"})
+    db.table("preferences").insert(
+        {
+            "id": "p1",
+            "session_id": "old",
+            "prompt_json": json.dumps(PROMPT),
+            "response_a_id": "ra",
+            "response_b_id": "rb",
+            "outcome": "A",
+            "source": "two_samples",
+            "created_at": "2024",
+            "updated_at": "2024",
+        }
+    )
+    db.close()
+
+    with FeedbackStore(db_path) as store:
+        assert schema_version(store.db) == LATEST_VERSION
+        for table in ("conversations", "responses", "ratings", "preferences"):
+            columns = store.db.table(table).columns_dict
+            assert "visitor_id" in columns and "session_id" not in columns, table
+            assert [r["visitor_id"] for r in store.db.table(table).rows] == ["old"] * store.db.table(table).count
+        index_sql = " ".join(r["name"] + " " + (r["sql"] or "") for r in store.db.query("SELECT name, sql FROM sqlite_master"))
+        assert "session_id" not in index_sql
+        assert store.rate("old", "ra", -1).change == "updated"  # the same visitor's thumb, not a second row
+        assert store.db.table("ratings").count == 1
+        (pair,) = store.preference_pairs()
+        assert pair["visitor_id"] == "old"
+        assert store.delete_visitor_data("old")["responses"] == 2

@@ -39,11 +39,11 @@ def test_exports_load_with_datasets(voted_store: FeedbackStore, tmp_path: Path) 
     assert kto["label"] == [False, False, True]
     assert kto[2]["completion"] == [{"role": "assistant", "content": "Blue."}]
 
-    export_preferences(voted_store, pref_path, include_session_ids=True)
-    export_unpaired(voted_store, kto_path, include_session_ids=True)
+    export_preferences(voted_store, pref_path, include_visitor_ids=True)
+    export_unpaired(voted_store, kto_path, include_visitor_ids=True)
     first = json.loads(pref_path.read_text().splitlines()[0])
-    assert set(first) == {"prompt", "chosen", "rejected", "reasons", "comment", "session_id"}
-    assert json.loads(kto_path.read_text().splitlines()[0])["session_id"] == "s3"
+    assert set(first) == {"prompt", "chosen", "rejected", "reasons", "comment", "visitor_id"}
+    assert json.loads(kto_path.read_text().splitlines()[0])["visitor_id"] == "s3"
 
 
 def test_reasons_and_comment_land_in_the_db_and_in_both_exports(voted_store: FeedbackStore, tmp_path: Path) -> None:
@@ -52,16 +52,16 @@ def test_reasons_and_comment_land_in_the_db_and_in_both_exports(voted_store: Fee
     datasets = pytest.importorskip("datasets")
     store = voted_store
     blue = store.preference_pairs()[0]
-    a, b = store.db.execute("SELECT response_a_id, response_b_id FROM preferences WHERE session_id = 's1'").fetchone()
+    a, b = store.db.execute("SELECT response_a_id, response_b_id FROM preferences WHERE visitor_id = 's1'").fetchone()
     assert blue["reasons"] == [] and blue["comment"] == ""
     store.annotate_preference("s1", b, a, ["too long", "wrong"], "  B rambles.  ")  # either order names the pair
     store.rate("s9", b, -1)
     store.annotate_rating("s9", b, ("rude",), "Curt.")
-    assert store.db.execute("SELECT reasons, comment FROM preferences WHERE session_id = 's1'").fetchone() == (
+    assert store.db.execute("SELECT reasons, comment FROM preferences WHERE visitor_id = 's1'").fetchone() == (
         '["wrong", "too long"]',
         "B rambles.",
     )
-    assert store.db.execute("SELECT reasons, comment FROM ratings WHERE session_id = 's9'").fetchone() == ('["rude"]', "Curt.")
+    assert store.db.execute("SELECT reasons, comment FROM ratings WHERE visitor_id = 's9'").fetchone() == ('["rude"]', "Curt.")
 
     pref_path, kto_path = tmp_path / "prefs.jsonl", tmp_path / "kto.jsonl"
     export_preferences(store, pref_path)
@@ -74,12 +74,12 @@ def test_reasons_and_comment_land_in_the_db_and_in_both_exports(voted_store: Fee
     assert [(r["reasons"], r["comment"]) for r in kto if r["comment"]] == [(["rude"], "Curt.")]
 
     store.rate("s9", b, 1)  # the 👎 became a 👍: its reasons explained the old vote
-    assert store.db.execute("SELECT reasons, comment FROM ratings WHERE session_id = 's9'").fetchone() == (None, None)
-    store.prefer(session_id="s1", response_a_id=a, response_b_id=b, outcome="B", source="two_samples")
+    assert store.db.execute("SELECT reasons, comment FROM ratings WHERE visitor_id = 's9'").fetchone() == (None, None)
+    store.prefer(visitor_id="s1", response_a_id=a, response_b_id=b, outcome="B", source="two_samples")
     assert store.preference_pairs()[-1]["reasons"] == []
     store.annotate_preference("s1", a, b, ["unsafe"], "")
     assert store.annotate_preference("s1", a, b, [], "  ").change == "removed"
-    assert store.db.execute("SELECT reasons, comment FROM preferences WHERE session_id = 's1'").fetchone() == (None, None)
+    assert store.db.execute("SELECT reasons, comment FROM preferences WHERE visitor_id = 's1'").fetchone() == (None, None)
 
 
 def test_export_disk_full_leaves_no_partial_file(

@@ -12,23 +12,23 @@ db_path = store_fixtures.db_path  # the fixture, usable in this module
 store = store_fixtures.store  # the fixture, usable in this module
 
 
-def test_delete_session_data(store: FeedbackStore, db_path: Path) -> None:
+def test_delete_visitor_data(store: FeedbackStore, db_path: Path) -> None:
     conversation = store.new_conversation("gone")
-    a = respond(store, session_id="gone", conversation_id=conversation)
-    b = respond(store, "Red.", session_id="gone", conversation_id=conversation)
-    kept = respond(store, session_id="stays")
+    a = respond(store, visitor_id="gone", conversation_id=conversation)
+    b = respond(store, "Red.", visitor_id="gone", conversation_id=conversation)
+    kept = respond(store, visitor_id="stays")
     store.rate("gone", a, 1)
     store.rate("stays", a, -1)  # a vote on a deleted response goes with it
     store.rate("stays", kept, 1)
     store.prefer(
-        session_id="gone",
+        visitor_id="gone",
         response_a_id=a,
         response_b_id=b,
         outcome="A",
         source="two_samples",
     )
 
-    deleted = store.delete_session_data("gone")
+    deleted = store.delete_visitor_data("gone")
     assert deleted == {
         "preferences": 1,
         "ratings": 2,
@@ -42,7 +42,7 @@ def test_delete_session_data(store: FeedbackStore, db_path: Path) -> None:
         1,
         0,
     )
-    assert store.delete_session_data("gone") == dict.fromkeys(deleted, 0)
+    assert store.delete_visitor_data("gone") == dict.fromkeys(deleted, 0)
 
 
 def test_delete_reaches_run_summaries_and_leaves_no_copy_in_the_file(store: FeedbackStore, db_path: Path) -> None:
@@ -51,8 +51,8 @@ def test_delete_reaches_run_summaries_and_leaves_no_copy_in_the_file(store: Feed
     deleted text is left in the database file or its write-ahead log."""
     mine = [{"role": "user", "content": "My secret recipe is saffron?"}]
     theirs = [{"role": "user", "content": "Name a tree."}]
-    respond(store, "Secret answer about saffron.", session_id="gone", prompt=mine)
-    respond(store, "Oak.", session_id="stays", prompt=theirs)
+    respond(store, "Secret answer about saffron.", visitor_id="gone", prompt=mine)
+    respond(store, "Oak.", visitor_id="stays", prompt=theirs)
     samples = [
         {"prompt": "My secret recipe is saffron?", "answer": "Candidate text on saffron."},
         {"prompt": "Name a tree.", "answer": "Birch."},
@@ -64,7 +64,7 @@ def test_delete_reaches_run_summaries_and_leaves_no_copy_in_the_file(store: Feed
     other = store.start_run("cycle")
     store.finish_run(other, "rejected", summary={"samples": samples[1:]})
 
-    deleted = store.delete_session_data("gone")
+    deleted = store.delete_visitor_data("gone")
 
     assert deleted["run summaries"] == 1
     runs = {r["id"]: r["summary"] for r in store.list_runs()}

@@ -16,7 +16,7 @@ store = store_fixtures.store  # the fixture, usable in this module
 
 def test_training_data_says_which_answers_were_cut_at_the_length_limit(store: FeedbackStore) -> None:
     ended, cut = respond(store, "Blue."), respond(store, "The sky is blue because", finish_reason="length")
-    store.prefer(session_id="s1", response_a_id=cut, response_b_id=ended, outcome="B", source="two_samples")
+    store.prefer(visitor_id="s1", response_a_id=cut, response_b_id=ended, outcome="B", source="two_samples")
     store.rate("s1", cut, -1)
     (pair,) = store.preference_pairs()
     assert (pair["chosen"], pair["chosen_finished"], pair["rejected_finished"]) == ("Blue.", True, False)
@@ -30,7 +30,7 @@ def test_an_answer_stopped_by_the_visitor_is_not_finished(store: FeedbackStore) 
     store.rate("s1", stopped, 1)
     (thumb,) = store.thumb_examples()
     assert (thumb["completion"], thumb["finished"]) == ("Once upon a", False)
-    store.prefer(session_id="s1", response_a_id=stopped, response_b_id=respond(store, "Blue."), outcome="A", source="two_samples")
+    store.prefer(visitor_id="s1", response_a_id=stopped, response_b_id=respond(store, "Blue."), outcome="A", source="two_samples")
     (pair,) = store.preference_pairs()
     assert (pair["chosen_finished"], pair["rejected_finished"]) == (False, True)
 
@@ -38,28 +38,28 @@ def test_an_answer_stopped_by_the_visitor_is_not_finished(store: FeedbackStore) 
 def test_prefer_round_trip_and_training_data(store: FeedbackStore) -> None:
     a, b = respond(store, "Blue."), respond(store, "I cannot answer.")
     store.prefer(
-        session_id="s1",
+        visitor_id="s1",
         response_a_id=a,
         response_b_id=b,
         outcome="A",
         source="two_samples",
     )
     store.prefer(
-        session_id="s2",
+        visitor_id="s2",
         response_a_id=a,
         response_b_id=b,
         outcome="B",
         source="two_versions",
     )
     store.prefer(
-        session_id="s4",  # one vote per pair per voter: s2 voting again would update
+        visitor_id="s4",  # one vote per pair per voter: s2 voting again would update
         response_a_id=a,
         response_b_id=b,
         outcome="tie",
         source="two_samples",
     )
     store.prefer(
-        session_id="s3",
+        visitor_id="s3",
         response_a_id=a,
         response_b_id=b,
         outcome="both_bad",
@@ -75,7 +75,7 @@ def test_prefer_round_trip_and_training_data(store: FeedbackStore) -> None:
             "rejected": "I cannot answer.",
             "chosen_finished": True,
             "rejected_finished": True,
-            "session_id": "s1",
+            "visitor_id": "s1",
             "ip_key": None,
             "reasons": [],
             "comment": "",
@@ -86,14 +86,14 @@ def test_prefer_round_trip_and_training_data(store: FeedbackStore) -> None:
             "rejected": "Blue.",
             "chosen_finished": True,
             "rejected_finished": True,
-            "session_id": "s2",
+            "visitor_id": "s2",
             "ip_key": None,
             "reasons": [],
             "comment": "",
         },
     ]
     thumbs = store.thumb_examples()
-    assert [(t["completion"], t["label"], t["session_id"]) for t in thumbs] == [
+    assert [(t["completion"], t["label"], t["visitor_id"]) for t in thumbs] == [
         ("Blue.", False, "s3"),
         ("I cannot answer.", False, "s3"),
         ("Blue.", True, "s1"),
@@ -106,9 +106,9 @@ def test_prefer_round_trip_and_training_data(store: FeedbackStore) -> None:
         "preferences": 2,
         "ties": 1,
         "both_bad": 1,
-        "sessions": 4,
+        "visitors": 4,
     }
-    assert store.votes_per_session() == [2, 1, 1, 1]
+    assert store.votes_per_visitor() == [2, 1, 1, 1]
 
 
 def test_count_votes_since_and_recent_prompts(store: FeedbackStore) -> None:
@@ -117,7 +117,7 @@ def test_count_votes_since_and_recent_prompts(store: FeedbackStore) -> None:
     store.rate("s1", a, 1)
     mark = store.get_response(b)["created_at"]
     store.prefer(
-        session_id="s1",
+        visitor_id="s1",
         response_a_id=a,
         response_b_id=b,
         outcome="A",

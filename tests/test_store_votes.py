@@ -26,7 +26,7 @@ def test_rate_change_and_remove(store: FeedbackStore, db_path: Path) -> None:
     store.rate("s1", response_id, -1)  # a second thumb changes the first
     assert (store.counts()["thumbs_up"], store.counts()["thumbs_down"]) == (0, 1)
     assert table_counts(db_path)["ratings"] == 1
-    store.rate("s2", response_id, 1)  # another session has its own vote
+    store.rate("s2", response_id, 1)  # another visitor has its own vote
     assert table_counts(db_path)["ratings"] == 2
     store.rate("s1", response_id, None)
     store.rate("s1", response_id, None)  # removing twice is fine
@@ -37,7 +37,7 @@ def test_rate_change_and_remove(store: FeedbackStore, db_path: Path) -> None:
         "preferences": 0,
         "ties": 0,
         "both_bad": 0,
-        "sessions": 1,
+        "visitors": 1,
     }
 
 
@@ -49,11 +49,11 @@ def test_rate_rejects_invalid_values(store: FeedbackStore, db_path: Path, value:
     assert table_counts(db_path)["ratings"] == 0
 
 
-def test_rate_rejects_empty_session(store: FeedbackStore) -> None:
+def test_rate_rejects_empty_visitor(store: FeedbackStore) -> None:
     response_id = respond(store)
-    for session in ["", "   ", None]:
+    for visitor in ["", "   ", None]:
         with pytest.raises(InvalidInputError):
-            store.rate(session, response_id, 1)  # type: ignore[arg-type]
+            store.rate(visitor, response_id, 1)  # type: ignore[arg-type]
 
 
 def test_vote_on_unknown_response_writes_nothing(store: FeedbackStore, db_path: Path) -> None:
@@ -63,7 +63,7 @@ def test_vote_on_unknown_response_writes_nothing(store: FeedbackStore, db_path: 
         store.rate("s1", "0" * 32, 1)
     with pytest.raises(UnknownIdError):
         store.prefer(
-            session_id="s1",
+            visitor_id="s1",
             response_a_id=known,
             response_b_id="missing",
             outcome="A",
@@ -76,7 +76,7 @@ def test_prefer_validation(store: FeedbackStore, db_path: Path) -> None:
     a, b = respond(store), respond(store, "Red.")
     other = respond(store, prompt=OTHER_PROMPT)
     ok = {
-        "session_id": "s1",
+        "visitor_id": "s1",
         "response_a_id": a,
         "response_b_id": b,
         "outcome": "A",
@@ -88,7 +88,7 @@ def test_prefer_validation(store: FeedbackStore, db_path: Path) -> None:
         {"source": "vibes"},
         {"response_b_id": a},
         {"response_b_id": other},  # answers another prompt
-        {"session_id": ""},
+        {"visitor_id": ""},
     ]:
         with pytest.raises(InvalidInputError):
             store.prefer(**{**ok, **bad})
@@ -112,7 +112,7 @@ def test_same_pair_race_stores_one_row_per_visitor(db_path: Path) -> None:
             for a, b in pairs:
                 first_a = i % 4 < 2
                 store.record_preference(
-                    session_id=f"visitor-{i // 8}",
+                    visitor_id=f"visitor-{i // 8}",
                     response_a_id=a if first_a else b,
                     response_b_id=b if first_a else a,
                     outcome="A" if i % 3 else "B",
@@ -131,7 +131,7 @@ def test_same_pair_race_stores_one_row_per_visitor(db_path: Path) -> None:
     assert errors == []
     with sqlite3.connect(db_path) as conn:
         per = conn.execute(
-            "SELECT session_id, min(response_a_id, response_b_id), COUNT(*) FROM preferences GROUP BY 1, 2"
+            "SELECT visitor_id, min(response_a_id, response_b_id), COUNT(*) FROM preferences GROUP BY 1, 2"
         ).fetchall()
     assert len(per) == 2 * len(pairs)
     assert {n for *_, n in per} == {1}
@@ -139,19 +139,19 @@ def test_same_pair_race_stores_one_row_per_visitor(db_path: Path) -> None:
 
 def test_unique_pair_vote_is_enforced_by_the_database(store: FeedbackStore, db_path: Path) -> None:
     a, b = respond(store), respond(store, "Red.")
-    store.prefer(session_id="s1", response_a_id=a, response_b_id=b, outcome="A", source="two_samples")
+    store.prefer(visitor_id="s1", response_a_id=a, response_b_id=b, outcome="A", source="two_samples")
     with sqlite3.connect(db_path) as conn, pytest.raises(sqlite3.IntegrityError):
         conn.execute(
-            "INSERT INTO preferences (id, session_id, prompt_json, response_a_id, response_b_id, "
+            "INSERT INTO preferences (id, visitor_id, prompt_json, response_a_id, response_b_id, "
             "outcome, source, created_at, updated_at) "
-            "SELECT 'x', session_id, prompt_json, response_b_id, response_a_id, 'B', source, "
+            "SELECT 'x', visitor_id, prompt_json, response_b_id, response_a_id, 'B', source, "
             "created_at, updated_at FROM preferences"
         )
 
 
 def test_changing_a_vote_is_an_update_and_reported(store: FeedbackStore, db_path: Path) -> None:
     a, b = respond(store), respond(store, "Red.")
-    vote = {"session_id": "s1", "source": "two_samples"}
+    vote = {"visitor_id": "s1", "source": "two_samples"}
     first = store.record_preference(**vote, response_a_id=a, response_b_id=b, outcome="A")
     assert first.change == "created"
     assert store.record_preference(**vote, response_a_id=a, response_b_id=b, outcome="A").change == "unchanged"
@@ -180,14 +180,14 @@ def test_changing_a_vote_is_an_update_and_reported(store: FeedbackStore, db_path
     ],
 )
 def test_bad_reasons_are_refused_with_a_clear_message(voted_store: FeedbackStore, tags: Any, comment: Any, message: str) -> None:
-    a, b = voted_store.db.execute("SELECT response_a_id, response_b_id FROM preferences WHERE session_id = 's1'").fetchone()
+    a, b = voted_store.db.execute("SELECT response_a_id, response_b_id FROM preferences WHERE visitor_id = 's1'").fetchone()
     with pytest.raises(InvalidInputError, match=re.escape(message)):
         voted_store.annotate_preference("s1", a, b, tags, comment)
-    assert voted_store.db.execute("SELECT reasons, comment FROM preferences WHERE session_id = 's1'").fetchone() == (None, None)
+    assert voted_store.db.execute("SELECT reasons, comment FROM preferences WHERE visitor_id = 's1'").fetchone() == (None, None)
 
 
 def test_reasons_need_the_voters_own_thumbs_down_or_pair_vote(voted_store: FeedbackStore) -> None:
-    a, b = voted_store.db.execute("SELECT response_a_id, response_b_id FROM preferences WHERE session_id = 's1'").fetchone()
+    a, b = voted_store.db.execute("SELECT response_a_id, response_b_id FROM preferences WHERE visitor_id = 's1'").fetchone()
     with pytest.raises(InvalidInputError, match="vote 👎 on this answer first"):
         voted_store.annotate_rating("s1", a, ["wrong"], "")  # s1's thumb on it is a 👍
     with pytest.raises(InvalidInputError, match="vote 👎 on this answer first"):

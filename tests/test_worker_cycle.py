@@ -53,7 +53,7 @@ def cast_votes(store: FeedbackStore, n_prompts: int = 12) -> None:
         prompt = [{"role": "user", "content": f"question number {i}?"}]
         ids = [
             store.log_response(
-                session_id=f"s{i % 3}",
+                visitor_id=f"s{i % 3}",
                 prompt=prompt,
                 text=text,
                 adapter_version="v0",
@@ -66,7 +66,7 @@ def cast_votes(store: FeedbackStore, n_prompts: int = 12) -> None:
         ]
         store.rate(f"s{i % 3}", ids[0], 1)
         store.rate(f"s{i % 3}", ids[1], -1)
-        store.prefer(session_id=f"s{i % 3}", response_a_id=ids[0], response_b_id=ids[1], outcome="A", source="two_samples")
+        store.prefer(visitor_id=f"s{i % 3}", response_a_id=ids[0], response_b_id=ids[1], outcome="A", source="two_samples")
 
 
 def test_full_cycle_publishes_and_server_swaps(runtime, settings):

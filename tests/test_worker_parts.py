@@ -23,7 +23,7 @@ PROMPT = [{"role": "user", "content": "hi"}]
 def add_votes(store: FeedbackStore, n: int, session: str = "s") -> None:
     for i in range(n):
         rid = store.log_response(
-            session_id=session,
+            visitor_id=session,
             prompt=[{"role": "user", "content": f"q{i}"}],
             text=f"a{i}",
             adapter_version="v0",
@@ -178,7 +178,7 @@ def test_bradley_terry_orders_versions_and_win_rates():
 def test_dashboard_tables_from_store(runtime):
     store = runtime.store
     a = store.log_response(
-        session_id="s",
+        visitor_id="s",
         prompt=PROMPT,
         text="x",
         adapter_version="v0",
@@ -188,7 +188,7 @@ def test_dashboard_tables_from_store(runtime):
         latency_s=0.1,
     )
     b = store.log_response(
-        session_id="s",
+        visitor_id="s",
         prompt=PROMPT,
         text="y",
         adapter_version="v1",
@@ -197,7 +197,7 @@ def test_dashboard_tables_from_store(runtime):
         completion_tokens=1,
         latency_s=0.1,
     )
-    store.prefer(session_id="s", response_a_id=a, response_b_id=b, outcome="B", source="two_versions")
+    store.prefer(visitor_id="s", response_a_id=a, response_b_id=b, outcome="B", source="two_versions")
     assert store.version_votes() == [{"version_a": "v0", "version_b": "v1", "outcome": "B"}]
     rows = dashboard.leaderboard_rows(store)
     assert [r[0] for r in rows] == ["v0", "v1"] and rows[1][4] == "100%"

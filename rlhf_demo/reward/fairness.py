@@ -1,6 +1,6 @@
 """One actor must not dominate the reward model: cap each actor's share of the rows.
 
-An *actor* is every visitor id (``session_id``: the server-issued id) and every network
+An *actor* is every visitor id (``visitor_id``: the server-issued id) and every network
 (``ip_key``: a keyed hash of the address) that the votes link: a visitor who votes from two
 networks joins them, and a network that two visitors vote from joins those. So dropping the
 cookie keeps the network, changing address keeps the cookie, and a chain of both stays one
@@ -29,11 +29,11 @@ def actor_ids(rows: Sequence[dict[str, Any]]) -> list[int]:
         return node
 
     for row in rows:
-        visitor = root(("visitor", row.get("session_id", "")))
+        visitor = root(("visitor", row.get("visitor_id", "")))
         if row.get("ip_key"):
             parent[root(("network", row["ip_key"]))] = visitor
     labels: dict[Hashable, int] = {}
-    return [labels.setdefault(root(("visitor", row.get("session_id", ""))), len(labels)) for row in rows]
+    return [labels.setdefault(root(("visitor", row.get("visitor_id", ""))), len(labels)) for row in rows]
 
 
 def share_cap(sizes: Sequence[int], max_share: float) -> int:
@@ -104,7 +104,7 @@ def cap_per_voter(rows: Sequence[dict[str, Any]], max_share: float, cap: int = 0
     on what the visitors keep, so the share bound holds for the rows finally kept. Both caps
     come from counts that only grow as votes are added, so neither falls when one is.
     """
-    visitors = [row.get("session_id", "") for row in rows]
+    visitors = [row.get("visitor_id", "") for row in rows]
     visitor_sizes = Counter(visitors)
     visitor_cap = _limit(list(visitor_sizes.values()), max_share, cap)
     actors = actor_ids(rows)

@@ -1,6 +1,6 @@
 """Chats: conversations and the answers the model gave, with the turns the server recorded.
 
-The ``session_id`` arguments and columns hold the *voter's identity*: the server-issued
+The ``visitor_id`` arguments and columns hold the *voter's identity*: the server-issued
 visitor id in the app (see :mod:`rlhf_demo.visitors`), a fixed name in offline tools.
 """
 
@@ -28,7 +28,7 @@ from .validate import (
 MAX_CHAIN = 1000  # a conversation has a turn limit; a cycle in hand-edited data must not hang
 
 
-def recorded_turns(db: sqlite_utils.Database, response_id: str, session_id: str) -> set[tuple[str, str]]:
+def recorded_turns(db: sqlite_utils.Database, response_id: str, visitor_id: str) -> set[tuple[str, str]]:
     """Every (role, content) the server recorded along a chain of answers for one voter,
     followed through ``parent_id``."""
     turns: set[tuple[str, str]] = set()
@@ -37,7 +37,7 @@ def recorded_turns(db: sqlite_utils.Database, response_id: str, session_id: str)
         if current is None:
             break
         row = get_row(db, "responses", current, "parent response")
-        if row["session_id"] != session_id:
+        if row["visitor_id"] != visitor_id:
             raise InvalidInputError("that conversation belongs to another visitor")
         turns.add(("assistant", row["text"]))
         turns.update((m["role"], m["content"]) for m in json.loads(row["prompt_json"]))
@@ -48,17 +48,17 @@ def recorded_turns(db: sqlite_utils.Database, response_id: str, session_id: str)
 class Chats(StoreBase):
     """Conversations and logged responses."""
 
-    def new_conversation(self, session_id: str) -> str:
-        check_str("session_id", session_id, MAX_ID_BYTES)
+    def new_conversation(self, visitor_id: str) -> str:
+        check_str("visitor_id", visitor_id, MAX_ID_BYTES)
         conversation_id = uuid.uuid4().hex
         with self._write() as db:
-            db.table("conversations").insert({"id": conversation_id, "session_id": session_id, "created_at": utc_now()})
+            db.table("conversations").insert({"id": conversation_id, "visitor_id": visitor_id, "created_at": utc_now()})
         return conversation_id
 
     def log_response(
         self,
         *,
-        session_id: str,
+        visitor_id: str,
         prompt: list[dict[str, str]],
         text: str,
         adapter_version: str,
@@ -83,7 +83,7 @@ class Chats(StoreBase):
                 raise InvalidInputError("a continued conversation must end with a user turn")
         row = {
             "id": uuid.uuid4().hex,
-            "session_id": check_str("session_id", session_id, MAX_ID_BYTES),
+            "visitor_id": check_str("visitor_id", visitor_id, MAX_ID_BYTES),
             "conversation_id": conversation_id,
             "parent_id": parent_id,
             "prompt_json": prompt_json,
@@ -99,10 +99,10 @@ class Chats(StoreBase):
         with self._write() as db:
             if conversation_id is not None:
                 conversation = get_row(db, "conversations", conversation_id, "conversation")
-                if conversation["session_id"] != session_id:
+                if conversation["visitor_id"] != visitor_id:
                     raise InvalidInputError("that conversation belongs to another visitor")
             if parent_id is not None:
-                recorded = recorded_turns(db, parent_id, session_id)
+                recorded = recorded_turns(db, parent_id, visitor_id)
                 forged = [m for m in prompt[:-1] if (m["role"], m["content"]) not in recorded]
                 if forged:
                     raise InvalidInputError(

@@ -53,7 +53,7 @@ def _write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> int
     return count
 
 
-def export_preferences(store: FeedbackStore, path: str | Path, include_session_ids: bool = False) -> int:
+def export_preferences(store: FeedbackStore, path: str | Path, include_visitor_ids: bool = False) -> int:
     """One JSON line per decisive A/B vote; returns the number of pairs written."""
     rows = []
     for pair in store.preference_pairs():
@@ -64,13 +64,13 @@ def export_preferences(store: FeedbackStore, path: str | Path, include_session_i
             "reasons": pair["reasons"],
             "comment": pair["comment"],
         }
-        if include_session_ids:
-            row["session_id"] = pair["session_id"]
+        if include_visitor_ids:
+            row["visitor_id"] = pair["visitor_id"]
         rows.append(row)
     return _write_jsonl_atomic(path, rows)
 
 
-def export_unpaired(store: FeedbackStore, path: str | Path, include_session_ids: bool = False) -> int:
+def export_unpaired(store: FeedbackStore, path: str | Path, include_visitor_ids: bool = False) -> int:
     """One JSON line per thumb, two per both-bad vote; returns the number written."""
     rows = []
     for example in store.thumb_examples():
@@ -81,7 +81,7 @@ def export_unpaired(store: FeedbackStore, path: str | Path, include_session_ids:
             "reasons": example["reasons"],
             "comment": example["comment"],
         }
-        if include_session_ids:
-            row["session_id"] = example["session_id"]
+        if include_visitor_ids:
+            row["visitor_id"] = example["visitor_id"]
         rows.append(row)
     return _write_jsonl_atomic(path, rows)

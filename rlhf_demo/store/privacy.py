@@ -16,24 +16,24 @@ import sqlite_utils
 from .db import StoreBase
 from .validate import MAX_ID_BYTES, check_str, encode_json
 
-_OWN_CONVERSATIONS = "SELECT id FROM conversations WHERE session_id = :s"
-_OWN_RESPONSES = f"SELECT id FROM responses WHERE session_id = :s OR conversation_id IN ({_OWN_CONVERSATIONS})"
+_OWN_CONVERSATIONS = "SELECT id FROM conversations WHERE visitor_id = :s"
+_OWN_RESPONSES = f"SELECT id FROM responses WHERE visitor_id = :s OR conversation_id IN ({_OWN_CONVERSATIONS})"
 # Children before parents, so foreign keys hold at every step.
 _PLAN = [
     (
         "preferences",
-        f"session_id = :s OR response_a_id IN ({_OWN_RESPONSES}) OR response_b_id IN ({_OWN_RESPONSES})",
+        f"visitor_id = :s OR response_a_id IN ({_OWN_RESPONSES}) OR response_b_id IN ({_OWN_RESPONSES})",
     ),
-    ("ratings", f"session_id = :s OR response_id IN ({_OWN_RESPONSES})"),
+    ("ratings", f"visitor_id = :s OR response_id IN ({_OWN_RESPONSES})"),
     ("responses", f"id IN ({_OWN_RESPONSES})"),
-    ("conversations", "session_id = :s"),
+    ("conversations", "visitor_id = :s"),
 ]
 
 
-def _own_texts(db: sqlite_utils.Database, session_id: str) -> set[str]:
+def _own_texts(db: sqlite_utils.Database, visitor_id: str) -> set[str]:
     """Every prompt turn and answer the visitor's recorded responses hold (none empty)."""
     texts: set[str] = set()
-    for row in db.query(f"SELECT prompt_json, text FROM responses WHERE id IN ({_OWN_RESPONSES})", {"s": session_id}):
+    for row in db.query(f"SELECT prompt_json, text FROM responses WHERE id IN ({_OWN_RESPONSES})", {"s": visitor_id}):
         texts.add(row["text"])
         texts.update(message["content"] for message in json.loads(row["prompt_json"]))
     return {text for text in texts if text.strip()}
@@ -73,17 +73,17 @@ def _scrub_run_summaries(db: sqlite_utils.Database, texts: set[str]) -> int:
 class Privacy(StoreBase):
     """Forgetting a visitor."""
 
-    def delete_session_data(self, session_id: str) -> dict[str, int]:
-        """Forget a session: its votes, responses, chats, votes on its responses, and its
+    def delete_visitor_data(self, visitor_id: str) -> dict[str, int]:
+        """Forget a visitor: their votes, responses, chats, votes on their responses, and their
         prompts and answers in run summaries; returns how many of each went."""
-        check_str("session_id", session_id, MAX_ID_BYTES)
+        check_str("visitor_id", visitor_id, MAX_ID_BYTES)
         deleted: dict[str, int] = {}
         with self._write() as db:
-            texts = _own_texts(db, session_id)
+            texts = _own_texts(db, visitor_id)
             for table_name, where in _PLAN:
                 table = db.table(table_name)
-                deleted[table_name] = table.count_where(where, {"s": session_id})
-                table.delete_where(where, {"s": session_id})
+                deleted[table_name] = table.count_where(where, {"s": visitor_id})
+                table.delete_where(where, {"s": visitor_id})
             deleted["run summaries"] = _scrub_run_summaries(db, texts) if texts else 0
         self._truncate_log()
         return deleted

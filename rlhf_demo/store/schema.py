@@ -197,8 +197,8 @@ def _m3_integrity(db: sqlite_utils.Database) -> None:
       continues; PPO takes multi-turn prompts only from such server-recorded chains.
     - ``adapter_versions.broken_reason``: why the server refused a version ('broken').
 
-    The ``session_id`` columns keep their name but hold the server-issued visitor id
-    (a signed cookie), never Gradio's client-chosen session hash.
+    The ``session_id`` columns hold the server-issued visitor id (a signed cookie), never
+    Gradio's client-chosen session hash; migration 7 renames them ``visitor_id``.
     """
     db.execute(
         """
@@ -244,11 +244,31 @@ def _m6_content_hash(db: sqlite_utils.Database) -> None:
     db.table("adapter_versions").add_column("content_hash", str)
 
 
+def _m7_visitor_id(db: sqlite_utils.Database) -> None:
+    """``session_id`` becomes ``visitor_id``: the column always held the server-issued
+    visitor id, never a Gradio session. SQLite rewrites the indexes over a renamed column;
+    the two whose names spell the old one are rebuilt under the new name."""
+    for table in ("conversations", "responses", "ratings", "preferences"):
+        db.execute(f"ALTER TABLE {table} RENAME COLUMN session_id TO visitor_id")
+    db.execute("DROP INDEX idx_ratings_session_id_response_id")
+    db.table("ratings").create_index(["visitor_id", "response_id"], unique=True)
+    db.execute("DROP INDEX idx_responses_session_id")
+    db.table("responses").create_index(["visitor_id"])
+
+
 # The unordered pair {a, b}: a vote on (b, a) is a vote on the same pair as (a, b).
 PAIR_KEY_SQL = "min(response_a_id, response_b_id), max(response_a_id, response_b_id)"
 PAIR_VOTE_INDEX = "idx_preferences_one_vote_per_pair"
 
-MIGRATIONS: list[Migration] = [_m1_initial, _m2_indexes, _m3_integrity, _m4_reasons, _m5_drop_dead_parts, _m6_content_hash]
+MIGRATIONS: list[Migration] = [
+    _m1_initial,
+    _m2_indexes,
+    _m3_integrity,
+    _m4_reasons,
+    _m5_drop_dead_parts,
+    _m6_content_hash,
+    _m7_visitor_id,
+]
 LATEST_VERSION = len(MIGRATIONS)
 
 

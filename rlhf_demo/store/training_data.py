@@ -1,6 +1,6 @@
 """What the worker trains on: preference pairs, thumbs as labelled examples, prompts.
 
-Rows come oldest first with the voter (``session_id``) and network (``ip_key``) of each
+Rows come oldest first with the voter (``visitor_id``) and network (``ip_key``) of each
 vote, so training can cap one voter's share (see :mod:`rlhf_demo.reward.fairness`).
 """
 
@@ -33,7 +33,7 @@ def _pair(row: dict[str, Any]) -> dict[str, Any]:
         "rejected": row["b_text"] if a_won else row["a_text"],
         "chosen_finished": bool(row["a_ended"] if a_won else row["b_ended"]),
         "rejected_finished": bool(row["b_ended"] if a_won else row["a_ended"]),
-        "session_id": row["session_id"],
+        "visitor_id": row["visitor_id"],
         "ip_key": row["ip_key"],
         **_reasons(row),
     }
@@ -47,7 +47,7 @@ class TrainingData(StoreBase):
         ``chosen_finished``/``rejected_finished``: False for an answer cut at the length limit."""
         rows = self._query(
             f"""
-            SELECT p.prompt_json, p.outcome, p.session_id, p.ip_key, p.reasons, p.comment,
+            SELECT p.prompt_json, p.outcome, p.visitor_id, p.ip_key, p.reasons, p.comment,
                    a.text AS a_text, b.text AS b_text, {ended("a")} AS a_ended, {ended("b")} AS b_ended
             FROM preferences p
             JOIN responses a ON a.id = p.response_a_id
@@ -62,7 +62,7 @@ class TrainingData(StoreBase):
         """Compare-tab votes between two different versions: the arena's match list.
 
         Each row: ``version_a``, ``version_b``, ``outcome`` (A / B / tie / both_bad),
-        oldest first; no session ids.
+        oldest first; no visitor ids.
         """
         return self._query(
             """
@@ -79,13 +79,13 @@ class TrainingData(StoreBase):
         """Thumbs as prompt/completion/label (+ ``finished``: False for an answer cut at the
         length limit); a both-bad vote gives two bad examples."""
         both_bad = """
-            SELECT p.updated_at, {k}, p.session_id, p.ip_key, x.prompt_json, x.text, {ended}, 0,
+            SELECT p.updated_at, {k}, p.visitor_id, p.ip_key, x.prompt_json, x.text, {ended}, 0,
                    p.reasons, p.comment
             FROM preferences p JOIN responses x ON x.id = p.{answer}
             WHERE p.outcome = 'both_bad'"""
         rows = self._query(
             f"""
-            SELECT r.updated_at AS t, r.rowid AS k, r.session_id, r.ip_key, x.prompt_json,
+            SELECT r.updated_at AS t, r.rowid AS k, r.visitor_id, r.ip_key, x.prompt_json,
                    x.text, {ended("x")} AS ended, r.value = 1 AS label, r.reasons, r.comment
             FROM ratings r JOIN responses x ON x.id = r.response_id
             UNION ALL {both_bad.format(k="2 * p.rowid", ended=ended("x"), answer="response_a_id")}
@@ -99,7 +99,7 @@ class TrainingData(StoreBase):
                 "completion": row["text"],
                 "finished": bool(row["ended"]),
                 "label": bool(row["label"]),
-                "session_id": row["session_id"],
+                "visitor_id": row["visitor_id"],
                 "ip_key": row["ip_key"],
                 **_reasons(row),
             }

@@ -16,7 +16,7 @@ from .errors import InvalidInputError
 
 MAX_TEXT_BYTES = 64 * 1024  # one message or one response
 MAX_PROMPT_BYTES = 256 * 1024  # a whole chat history, JSON-encoded
-MAX_ID_BYTES = 200  # session ids, kinds, names
+MAX_ID_BYTES = 200  # visitor ids, kinds, names
 MAX_INTEGER = 2**63 - 1  # SQLite's INTEGER; Python would raise OverflowError past it
 _TYPE_WORDS = {
     type(None): "None",

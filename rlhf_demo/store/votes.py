@@ -40,13 +40,13 @@ class VoteResult:
     id: str | None = None
 
 
-def pair_vote(db: sqlite_utils.Database, session_id: str, a: object, b: object) -> dict[str, Any] | None:
+def pair_vote(db: sqlite_utils.Database, visitor_id: str, a: object, b: object) -> dict[str, Any] | None:
     """This voter's vote on the pair {a, b} (in either order), or None."""
     rows = list(
         db.query(
             "SELECT id, response_a_id, outcome FROM preferences "
-            f"WHERE session_id = ? AND ({PAIR_KEY_SQL}) = (min(?, ?), max(?, ?))",
-            [session_id, a, b, a, b],
+            f"WHERE visitor_id = ? AND ({PAIR_KEY_SQL}) = (min(?, ?), max(?, ?))",
+            [visitor_id, a, b, a, b],
         )
     )
     return rows[0] if rows else None
@@ -67,16 +67,16 @@ def _check_rating(value: object) -> None:
 class Votes(StoreBase):
     """Thumbs, A/B preferences, reasons on them, and dashboard counts."""
 
-    def rate(self, session_id: str, response_id: str, value: int | None, ip_key: str | None = None) -> VoteResult:
+    def rate(self, visitor_id: str, response_id: str, value: int | None, ip_key: str | None = None) -> VoteResult:
         """Thumbs up (1) or down (-1); voting again changes it; None removes it."""
-        check_str("session_id", session_id, MAX_ID_BYTES)
+        check_str("visitor_id", visitor_id, MAX_ID_BYTES)
         if ip_key is not None:
             check_str("ip_key", ip_key, MAX_ID_BYTES)
         _check_rating(value)
         with self._write() as db:
             get_row(db, "responses", response_id, "response")
             ratings = db.table("ratings")
-            existing = list(ratings.rows_where("session_id = ? AND response_id = ?", [session_id, response_id], limit=1))
+            existing = list(ratings.rows_where("visitor_id = ? AND response_id = ?", [visitor_id, response_id], limit=1))
             now = utc_now()
             if value is None:
                 if not existing:
@@ -92,7 +92,7 @@ class Votes(StoreBase):
                     {"value": value, "updated_at": now, "ip_key": ip_key, "reasons": None, "comment": None},
                 )
                 return VoteResult("updated", str(existing[0]["id"]))
-            row = {"session_id": session_id, "response_id": response_id, "value": value, "ip_key": ip_key}
+            row = {"visitor_id": visitor_id, "response_id": response_id, "value": value, "ip_key": ip_key}
             table = ratings.insert({**row, "created_at": now, "updated_at": now})
             return VoteResult("created", str(inserted_id(table)))
 
@@ -105,7 +105,7 @@ class Votes(StoreBase):
     def record_preference(
         self,
         *,
-        session_id: str,
+        visitor_id: str,
         response_a_id: str,
         response_b_id: str,
         outcome: str,
@@ -114,7 +114,7 @@ class Votes(StoreBase):
     ) -> VoteResult:
         """An A/B vote; a voter has one vote per pair (in either order), so voting
         again on the same pair updates it."""
-        check_str("session_id", session_id, MAX_ID_BYTES)
+        check_str("visitor_id", visitor_id, MAX_ID_BYTES)
         check_choice("outcome", outcome, OUTCOMES)
         check_choice("source", source, SOURCES)
         if ip_key is not None:
@@ -133,7 +133,7 @@ class Votes(StoreBase):
             b = get_row(db, "responses", response_b_id, "response B")
             if a["prompt_json"] != b["prompt_json"]:
                 raise InvalidInputError("responses A and B answer different prompts")
-            old = pair_vote(db, session_id, response_a_id, response_b_id)
+            old = pair_vote(db, visitor_id, response_a_id, response_b_id)
             now = utc_now()
             if old is not None:
                 if old["response_a_id"] == response_a_id and old["outcome"] == outcome:
@@ -145,7 +145,7 @@ class Votes(StoreBase):
             db.table("preferences").insert(
                 {
                     "id": preference_id,
-                    "session_id": session_id,
+                    "visitor_id": visitor_id,
                     "prompt_json": a["prompt_json"],
                     **vote,
                     "created_at": now,
@@ -154,27 +154,27 @@ class Votes(StoreBase):
             )
         return VoteResult("created", preference_id)
 
-    def annotate_rating(self, session_id: str, response_id: str, reasons: Any, comment: Any) -> VoteResult:
+    def annotate_rating(self, visitor_id: str, response_id: str, reasons: Any, comment: Any) -> VoteResult:
         """Reason tags and a comment on this voter's 👎 of a response (empty ones clear
         them); only a 👎 takes reasons, and only the voter's own."""
-        check_str("session_id", session_id, MAX_ID_BYTES)
+        check_str("visitor_id", visitor_id, MAX_ID_BYTES)
         tags, text = check_reasons(reasons, comment)
         key = check_key("response", response_id)
         with self._write() as db:
-            rows = list(db.table("ratings").rows_where("session_id = ? AND response_id = ?", [session_id, key], limit=1))
+            rows = list(db.table("ratings").rows_where("visitor_id = ? AND response_id = ?", [visitor_id, key], limit=1))
             if not rows or rows[0]["value"] != -1:
                 raise InvalidInputError("reasons go with a 👎 vote: vote 👎 on this answer first")
             return annotate(db, "ratings", rows[0]["id"], tags, text)
 
     def annotate_preference(
-        self, session_id: str, response_a_id: str, response_b_id: str, reasons: Any, comment: Any
+        self, visitor_id: str, response_a_id: str, response_b_id: str, reasons: Any, comment: Any
     ) -> VoteResult:
         """Reason tags and a comment on this voter's A/B vote on a pair (empty ones clear them)."""
-        check_str("session_id", session_id, MAX_ID_BYTES)
+        check_str("visitor_id", visitor_id, MAX_ID_BYTES)
         tags, text = check_reasons(reasons, comment)
         a, b = check_key("response A", response_a_id), check_key("response B", response_b_id)
         with self._write() as db:
-            vote = pair_vote(db, session_id, a, b)
+            vote = pair_vote(db, visitor_id, a, b)
             if vote is None:
                 raise InvalidInputError("reasons go with a vote: vote on this pair first")
             return annotate(db, "preferences", vote["id"], tags, text)
@@ -191,20 +191,20 @@ class Votes(StoreBase):
                 WHERE outcome IN ('A', 'B')) AS preferences,
               (SELECT COUNT(*) FROM preferences WHERE outcome = 'tie') AS ties,
               (SELECT COUNT(*) FROM preferences WHERE outcome = 'both_bad') AS both_bad,
-              (SELECT COUNT(*) FROM (SELECT session_id FROM ratings
-                                     UNION SELECT session_id FROM preferences)
-              ) AS sessions
+              (SELECT COUNT(*) FROM (SELECT visitor_id FROM ratings
+                                     UNION SELECT visitor_id FROM preferences)
+              ) AS visitors
             """
         )
         return {key: int(value) for key, value in row.items()}
 
-    def votes_per_session(self) -> list[int]:
-        """How many votes each voting session gave, largest first; no identities."""
+    def votes_per_visitor(self) -> list[int]:
+        """How many votes each visitor gave, largest first; no identities."""
         rows = self._query(
             """
-            SELECT COUNT(*) AS n FROM (SELECT session_id FROM ratings
-                                       UNION ALL SELECT session_id FROM preferences)
-            GROUP BY session_id ORDER BY n DESC
+            SELECT COUNT(*) AS n FROM (SELECT visitor_id FROM ratings
+                                       UNION ALL SELECT visitor_id FROM preferences)
+            GROUP BY visitor_id ORDER BY n DESC
             """
         )
         return [int(row["n"]) for row in rows]

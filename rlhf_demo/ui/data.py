@@ -31,7 +31,7 @@ class DataEvents:
 
     @friendly
     def raw_export(self, token: Any) -> str:
-        return self.h.export("preferences", include_session_ids=True, admin_token=token)
+        return self.h.export("preferences", include_visitor_ids=True, admin_token=token)
 
     @friendly
     def on_delete(self, request: gr.Request) -> tuple[Any, ...]:
@@ -127,7 +127,7 @@ def build_admin(events: DataEvents, export_file: gr.File) -> None:
             rollback = gr.Button("Pin / roll back to version")
             reset = gr.Button("Reset to base model")
             train = gr.Button("Train now")
-            raw_export = gr.Button("Raw export (with session ids)")
+            raw_export = gr.Button("Raw export (with visitor ids)")
         pin_row, pin_yes, _ = confirmation("Serve the chosen version to every visitor from now on?")
         reset_row, reset_yes, _ = confirmation("Serve the base model without any adapter to every visitor?")
         admin_status = gr.Markdown()

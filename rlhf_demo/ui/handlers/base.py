@@ -72,14 +72,14 @@ class TabHandlers:
 
     def own_response(self, visitor: Visitor, response_id: str) -> dict[str, Any]:
         row = self.runtime.store.get_response(response_id)
-        if row["session_id"] != visitor.id:
+        if row["visitor_id"] != visitor.id:
             raise UserError(OWNER_REFUSAL)
         return row
 
     def record(self, visitor: Visitor, result: Generation, conversation_id: str | None, parent: str | None = None) -> str:
         """Store one finished answer with its exact prompt; returns its response id."""
         return self.runtime.store.log_response(
-            session_id=visitor.id,
+            visitor_id=visitor.id,
             prompt=result.prompt,
             text=result.text,
             adapter_version=result.version,

@@ -121,7 +121,7 @@ class CompareHandlers(TabHandlers):
         self.own_response(visitor, b)  # both: a pair must not mix in another visitor's answer
         self.check_vote_rate(visitor)
         result = self.runtime.store.record_preference(
-            session_id=visitor.id, response_a_id=a, response_b_id=b, outcome=outcome, source=state.source, ip_key=visitor.ip_key
+            visitor_id=visitor.id, response_a_id=a, response_b_id=b, outcome=outcome, source=state.source, ip_key=visitor.ip_key
         )
         state.voted = True
         label = next(k for k, v in OUTCOMES.items() if v == outcome)

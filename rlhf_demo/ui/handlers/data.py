@@ -20,12 +20,12 @@ class DataHandlers(TabHandlers):
 
     def counts_markdown(self) -> str:
         counts = self.runtime.store.counts()
-        per_voter = self.runtime.store.votes_per_session()
+        per_voter = self.runtime.store.votes_per_visitor()
         top = ", ".join(str(n) for n in per_voter[:10]) or "none yet"
         return (
             f"**Responses** {counts['responses']} · **👍** {counts['thumbs_up']} · **👎** {counts['thumbs_down']} · "
             f"**A/B pairs** {counts['preferences']} · **ties** {counts['ties']} · **both bad** {counts['both_bad']} · "
-            f"**voters** {counts['sessions']}  \nVotes per voter (largest first, no identities): {top}"
+            f"**voters** {counts['visitors']}  \nVotes per voter (largest first, no identities): {top}"
         )
 
     def my_votes_markdown(self, visitor: Visitor | str) -> str:
@@ -34,10 +34,10 @@ class DataHandlers(TabHandlers):
 
         visitor = check_visitor(visitor)
         kept, every = votes_kept(self.runtime.store, self.runtime.settings)
-        mine = sum(row.get("session_id") == visitor.id for row in every)
+        mine = sum(row.get("visitor_id") == visitor.id for row in every)
         if not mine:
             return "**Your votes:** none yet. 👍/👎 in Chat and A/B votes in Compare all teach the model."
-        counted = sum(row.get("session_id") == visitor.id for row in kept)
+        counted = sum(row.get("visitor_id") == visitor.id for row in kept)
         why = "" if counted == mine else f" The newest count: {cap_rule(self.runtime.settings)}."
         return f"**Your votes:** {counted} of your {mine} vote examples count toward the next reward model.{why}"
 
@@ -48,17 +48,17 @@ class DataHandlers(TabHandlers):
         warning = " · ⚠️ **the tiny random test model: its answers are noise**" if source.is_test_model else ""
         return f"**Model:** {name} · **adapter:** {self.runtime.server.active}{warning}"
 
-    def export(self, kind: Any, include_session_ids: bool = False, admin_token: Any = "") -> str:
+    def export(self, kind: Any, include_visitor_ids: bool = False, admin_token: Any = "") -> str:
         """Write a TRL-format JSONL into the exports folder and return its path."""
-        if include_session_ids:
+        if include_visitor_ids:
             self.require_admin(admin_token)
         if not isinstance(kind, str) or kind not in EXPORT_WRITERS:
             raise UserError(f"Unknown export {str(kind)[:40]!r}.")
         folder = self.runtime.settings.exports_dir
         folder.mkdir(parents=True, exist_ok=True)
-        suffix = "-with-sessions" if include_session_ids else ""
+        suffix = "-with-visitor-ids" if include_visitor_ids else ""
         path = folder / f"{kind}{suffix}.jsonl"
-        EXPORT_WRITERS[kind](self.runtime.store, path, include_session_ids=include_session_ids)
+        EXPORT_WRITERS[kind](self.runtime.store, path, include_visitor_ids=include_visitor_ids)
         return str(path)
 
     def require_admin(self, token: Any) -> None:
@@ -98,7 +98,7 @@ class DataHandlers(TabHandlers):
         Exports this app knows how to write are regenerated from what remains; any other
         file in the exports folder cannot be checked, so it is removed."""
         visitor = check_visitor(visitor)
-        counts = self.runtime.store.delete_session_data(visitor.id)
+        counts = self.runtime.store.delete_visitor_data(visitor.id)
         regenerated, removed = self.refresh_exports()
         parts = ", ".join(f"{v} {k}" for k, v in counts.items())
         return f"Deleted: {parts}. Exports rewritten: {regenerated}, removed: {removed}. {push_after_deletion()}".strip()
@@ -112,8 +112,8 @@ class DataHandlers(TabHandlers):
             if not path.is_file():
                 continue
             kind, _, suffix = path.name.removesuffix(".jsonl").partition("-")
-            if path.suffix == ".jsonl" and kind in EXPORT_WRITERS and suffix in ("", "with-sessions"):
-                EXPORT_WRITERS[kind](self.runtime.store, path, include_session_ids=bool(suffix))
+            if path.suffix == ".jsonl" and kind in EXPORT_WRITERS and suffix in ("", "with-visitor-ids"):
+                EXPORT_WRITERS[kind](self.runtime.store, path, include_visitor_ids=bool(suffix))
                 regenerated += 1
             else:
                 path.unlink()
