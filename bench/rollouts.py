@@ -29,7 +29,7 @@ from transformers import GenerationConfig  # noqa: E402
 from bench.learning import load_prompts, messages  # noqa: E402
 from rlhf_demo.config import DEFAULT_MODEL, PPOConfig, load_settings  # noqa: E402
 from rlhf_demo.modeling import load_model  # noqa: E402
-from rlhf_demo.modeling.adapters import activate_adapter, attach_new_adapter  # noqa: E402
+from rlhf_demo.modeling.adapters import attach_new_adapter, use_adapter  # noqa: E402
 from rlhf_demo.modeling.loading import eos_token_ids, pad_token_id  # noqa: E402
 from rlhf_demo.ppo.trainer import sample, truncate_at_eos  # noqa: E402
 
@@ -80,7 +80,6 @@ def main() -> None:
     settings = load_settings(model=args.model, data_dir=args.data_dir, quantization="fp32")
     loaded = load_model(settings)
     model = attach_new_adapter(loaded.model, "policy", settings.lora)
-    activate_adapter(model, "policy")
     config = dataclasses.replace(PPOConfig(), max_new_tokens=args.tokens)
     prompts = [messages(p) for p in load_prompts()[: args.batch // args.per_prompt] for _ in range(args.per_prompt)]
     samplers = {
@@ -88,14 +87,15 @@ def main() -> None:
         "generate": lambda: generate_sample(model, loaded.tokenizer, prompts, config),
     }
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in samplers}
-    for repeat in range(args.repeats):
-        for name, run in samplers.items():
-            torch.manual_seed(repeat)
-            started = time.perf_counter()
-            out = run()
-            seconds = time.perf_counter() - started
-            mask, has_eos = (out.response_mask, out.has_eos) if name == "engine" else out
-            runs[name].append({"seconds": seconds, "tokens": int(mask.sum()), "eos": float(has_eos.float().mean())})
+    with use_adapter(model, "policy"):
+        for repeat in range(args.repeats):
+            for name, run in samplers.items():
+                torch.manual_seed(repeat)
+                started = time.perf_counter()
+                out = run()
+                seconds = time.perf_counter() - started
+                mask, has_eos = (out.response_mask, out.has_eos) if name == "engine" else out
+                runs[name].append({"seconds": seconds, "tokens": int(mask.sum()), "eos": float(has_eos.float().mean())})
     result = {
         "model": args.model,
         "device": f"cpu ({torch.get_num_threads()} threads)" if not torch.cuda.is_available() else "cuda",

@@ -190,7 +190,7 @@ class Runtime:
             if row is not None and wanted not in self.server.loaded_versions:
                 self.server.load_version(wanted, row["path"])
                 load_ms, prepare_ms, mode = self.server.last_load_ms, self.server.last_prepare_ms, self.server.last_load_mode
-            self.server.activate(wanted)
+            self.server.swap_to(wanted)
             self.server.unload_unused(self.settings.adapter_cache)
             self.status.last_error = ""
             total_ms = 1000 * (time.perf_counter() - started)

@@ -47,7 +47,7 @@ def test_serving_and_hot_swap_on_cuda(cuda_settings):
         streamed = list(runtime.server.stream(PROMPT, sampling=Sampling(0.0, 1.0, 12)))
         assert streamed[-1].text == before.text and len(streamed) > 2
         runtime.server.load_version("v1", write_random_adapter(loaded, cuda_settings, "v1", seed=1))
-        runtime.server.activate("v1")
+        runtime.server.swap_to("v1")
         after = runtime.server.generate(PROMPT, sampling=Sampling(0.0, 1.0, 12))
         assert after.version == "v1" and after.text != before.text
     finally:

@@ -199,7 +199,7 @@ def test_hot_swaps_during_a_batched_decode_change_no_running_answer(two_versions
     pinned(server, 2)
     for version, folder in folders.items():  # more versions than slots: idle ones are evicted
         server.load_version(version, folder)
-        server.activate(version)
+        server.swap_to(version)
         assert server.last_load_mode == "hotswap"
     gate.opened.set()
     for runner in runners:

@@ -31,7 +31,7 @@ def test_stream_yields_growing_text_then_result(runtime):
 def test_swap_changes_the_answer(runtime, tiny_loaded, settings):
     before = greedy(runtime.server)
     runtime.server.load_version("v1", write_random_adapter(tiny_loaded, settings, "v1", seed=1))
-    runtime.server.activate("v1")
+    runtime.server.swap_to("v1")
     after = greedy(runtime.server)
     assert after.version == "v1"
     assert after.text != before.text
@@ -99,7 +99,7 @@ def test_swaps_during_concurrent_generations_never_mix_adapters(runtime, tiny_lo
         t.start()
     flips = 0
     while any(t.is_alive() for t in threads):
-        server.activate("v1" if server.active == "v0" else "v0")
+        server.swap_to("v1" if server.active == "v0" else "v0")
         flips += 1
         threading.Event().wait(0.005)
     for t in threads:
@@ -119,7 +119,7 @@ def test_corrupt_adapter_is_refused_and_serving_goes_on(runtime, tmp_path):
     with pytest.raises(AdapterError, match="corrupt"):
         runtime.server.load_version("v9", bad)
     with pytest.raises(AdapterError):
-        runtime.server.activate("v9")
+        runtime.server.swap_to("v9")
     assert runtime.server.active == "v0"
     assert greedy(runtime.server).version == "v0"
 
@@ -149,7 +149,7 @@ def test_sampling_is_clamped_to_bounds(settings):
 def test_unload_keeps_active_and_in_use(runtime, tiny_loaded, settings):
     for i in (1, 2, 3):
         runtime.server.load_version(f"v{i}", write_random_adapter(tiny_loaded, settings, f"v{i}", seed=i))
-    runtime.server.activate("v1")
+    runtime.server.swap_to("v1")
     dropped = runtime.server.unload_unused(keep=1)
     assert "v1" not in dropped and "v1" in runtime.server.loaded_versions
     assert greedy(runtime.server).version == "v1"
@@ -166,7 +166,7 @@ def test_swap_copies_into_a_reserved_slot_without_waiting_for_generation(runtime
         assert done.wait(30), "load_version waited for the generation lock"
     loader.join()
     assert server.last_load_mode == "hotswap" and server.last_load_ms == 0.0
-    server.activate("v1")
+    server.swap_to("v1")
     assert greedy(server).version == "v1"
 
 
@@ -178,7 +178,7 @@ def test_reused_slot_answers_exactly_like_a_fresh_load(runtime, tiny_loaded, set
     first = greedy(server, "v1", n=16).text
     for version in ("v2", "v3", "v4", "v5", "v6"):  # more versions than slots: v1 is evicted
         server.load_version(version, folders[version])
-        server.activate(version)
+        server.swap_to(version)
     assert "v1" not in server.loaded_versions
     assert len(server.model.peft_config) == server.pool.max_slots, "no new modules were built"
     server.load_version("v1", folders["v1"])
@@ -196,10 +196,10 @@ def test_adapter_of_another_lora_shape_gets_its_own_slot(runtime, tiny_loaded, s
     server.load_version("v7", folder)
     assert server.last_load_mode == "load"
     assert len(server.model.peft_config) == server.pool.max_slots + 1
-    server.activate("v7")
+    server.swap_to("v7")
     answer = greedy(server).text
     assert answer != greedy(server, "v0").text
-    server.activate("v0")
+    server.swap_to("v0")
     odd_slot = server.pool._slot_of["v7"]
     assert server.unload_unused(keep=1) == ["v7"]
     assert len(server.model.peft_config) == server.pool.max_slots, "the extra slot is deleted once unused"
@@ -233,7 +233,7 @@ def test_swap_on_an_nf4_base_never_writes_the_base_weights(tiny_model_dir, tmp_p
         assert server.last_load_mode == "hotswap"
         for m, (data, ptr) in zip(quantized, before, strict=True):
             assert m.weight.data.data_ptr() == ptr and torch.equal(m.weight.data, data)
-        server.activate("v1")
+        server.swap_to("v1")
         assert greedy(server, n=8).text != base
         assert greedy(server, BASE_VERSION, n=8).text == base
     finally:

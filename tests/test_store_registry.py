@@ -11,26 +11,26 @@ db_path = store_fixtures.db_path  # the fixture, usable in this module
 store = store_fixtures.store  # the fixture, usable in this module
 
 
-def test_adapter_registry_activate_and_rollback(store: FeedbackStore) -> None:
+def test_adapter_registry_set_active_version_and_rollback(store: FeedbackStore) -> None:
     assert store.active_version() is None
     assert store.next_version_name() == "v0"
     store.register_version("v0", "/adapters/v0", status="active")
     store.register_version("v1", "/adapters/v1", parent="v0", metrics={"reward": 0.4})
     assert store.active_version() == "v0"
-    store.activate("v1")
+    store.set_active_version("v1")
     assert store.active_version() == "v1"
     statuses = {v["version"]: v["status"] for v in store.list_versions()}
     assert statuses == {"v0": "retired", "v1": "active"}
-    store.activate("v0")  # rollback
+    store.set_active_version("v0")  # rollback
     assert store.active_version() == "v0"
     assert store.list_versions()[1]["metrics"] == {"reward": 0.4}
 
     store.register_version(store.next_version_name(), "/adapters/v2", "v1", "retired", {})
     store.set_version_status("v2", "rejected")
     with pytest.raises(InvalidInputError, match="rejected"):
-        store.activate("v2")
+        store.set_active_version("v2")
     with pytest.raises(UnknownIdError):
-        store.activate("v9")
+        store.set_active_version("v9")
     with pytest.raises(InvalidInputError):
         store.register_version("v1", "/elsewhere")
     with pytest.raises(InvalidInputError):
@@ -54,7 +54,7 @@ def test_broken_version_is_recorded_and_newest_good_one_served(store: FeedbackSt
     assert rows["v2"]["status"] == "rejected"  # never served, not a fallback
     assert store.mark_broken("v1", "gone") == "v0"
     assert store.mark_broken("v0", "gone") is None and store.active_version() is None
-    store.activate("v1")  # an admin may retry a broken version
+    store.set_active_version("v1")  # an admin may retry a broken version
     assert store.active_version() == "v1"
 
 

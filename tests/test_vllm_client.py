@@ -73,13 +73,13 @@ def test_a_stream_sends_our_prompt_tokens_and_settings_and_returns_our_generatio
 
 
 def test_the_active_version_and_a_named_one_are_sent_by_name(engine, fake):
-    engine.activate("v1")
+    engine.swap_to("v1")
     assert engine.generate(HELLO).version == "v1" and fake.requests[-1]["model"] == "v1"
     assert engine.generate(HELLO, "v2").text == "two two two"
     cut = engine.generate(HELLO, "v2", Sampling(0.7, 0.9, 2))
     assert cut.finish_reason == "length" and cut.completion_tokens == 2
     with pytest.raises(AdapterError, match="not loaded"):
-        engine.activate("v9")
+        engine.swap_to("v9")
 
 
 def test_n_samples_of_one_prompt_are_one_request_with_n(engine, fake):
@@ -114,14 +114,14 @@ def test_stop_ends_the_answer_and_vllm_sees_the_stream_closed(engine, fake, toke
 
 
 def test_a_restarted_server_gets_the_version_again(engine, fake, tmp_path):
-    engine.activate("v1")
+    engine.swap_to("v1")
     fake.restart()
     assert engine.generate(HELLO).text == "one one"
     assert fake.adapters == {"v1": str((tmp_path / "v1").resolve())}
 
 
 def test_unload_keeps_the_active_and_in_use_versions(engine, fake, tmp_path):
-    engine.activate("v2")
+    engine.swap_to("v2")
     stream = engine.stream(HELLO, "v1")
     next(stream)  # v1 is in use
     assert engine.unload_unused(0) == []

@@ -261,7 +261,7 @@ def test_a_hot_swap_under_load_fails_no_request_and_an_app_restart_finds_the_reg
 
 def test_a_restarted_vllm_gets_the_served_version_back(client, vllm, embedded):
     server, _ = embedded
-    client.activate("v2")
+    client.swap_to("v2")
     vllm.stop()
     with pytest.raises(EngineError) as down:
         client.generate(ASK)

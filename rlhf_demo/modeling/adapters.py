@@ -61,23 +61,6 @@ def restore_adapter_state(model: Any, name: str, state: dict[str, Any]) -> None:
             p.copy_(state[n])
 
 
-def activate_adapter(model: Any, name: str, trainable: bool = False) -> list[Any]:
-    """Make ``name`` the active adapter; with ``trainable`` its LoRA weights are the only
-    parameters with ``requires_grad`` (the base and every other adapter frozen), else none
-    are. Returns the adapter's parameters. Dropout stays off (eval mode) for every role:
-    RLHF log-probs must be the same at rollout and at update (Huang et al. 2023)."""
-    model.set_adapter(name)  # PEFT also flips requires_grad; set them all explicitly below
-    params = adapter_parameters(model, name)
-    if not params:
-        raise AdapterError(f"model has no LoRA parameters for adapter {name!r}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(trainable)
-    model.eval()
-    return list(params.values())
-
-
 @contextmanager
 def kept_adapter_state(model: Any) -> Iterator[None]:
     """Run the block, then give the PEFT ``model`` back as found: the active adapter(s), every
@@ -101,14 +84,26 @@ def kept_adapter_state(model: Any) -> Iterator[None]:
 
 @contextmanager
 def use_adapter(model: Any, name: str, trainable: bool = False) -> Iterator[list[Any]]:
-    """Run the block with adapter ``name`` active (see :func:`activate_adapter`), then give the
-    model back as found (see :func:`kept_adapter_state`). Yields the adapter's parameters.
+    """Run the block with adapter ``name`` active, then give the model back as found (see
+    :func:`kept_adapter_state`). Yields the adapter's parameters.
 
+    With ``trainable`` its LoRA weights are the only parameters with ``requires_grad`` (the
+    base and every other adapter frozen), else none are. Dropout stays off (eval mode) for
+    every role: RLHF log-probs must be the same at rollout and at update (Huang et al. 2023).
     ``model`` must already be the PeftModel holding ``name`` (create or load the adapter
     first; that may wrap a bare base). With ``trainable``, backward must run inside the
     block: the flags restored on exit no longer let gradients reach the adapter."""
     with kept_adapter_state(model):
-        yield activate_adapter(model, name, trainable)
+        model.set_adapter(name)  # PEFT also flips requires_grad; set them all explicitly below
+        params = adapter_parameters(model, name)
+        if not params:
+            raise AdapterError(f"model has no LoRA parameters for adapter {name!r}")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(trainable)
+        model.eval()
+        yield list(params.values())
 
 
 @contextmanager

@@ -147,7 +147,7 @@ class PPOTrainer:
         trainable model parameters; the model's previous adapter state comes back after.
         Inside it, the reward function is called within :func:`kept_adapter_state` and the
         reference within :func:`use_base`, so neither can leave another adapter active."""
-        # detail: dropout off for rollouts AND updates (Huang et al.; activate_adapter sets
+        # detail: dropout off for rollouts AND updates (Huang et al.; use_adapter sets
         # eval mode): log-probs of the rollout and the first update agree, ratio starts at 1.
         with use_adapter(self.model, self.policy_adapter, trainable=True):
             # NF4 on CPU: stop bitsandbytes' inference repacking, whose kernel has no backward.

@@ -46,7 +46,7 @@ class ServingEngine(Protocol):
     def load_version(self, version: str, path: str | Path) -> None:
         """Make ``version`` (a PEFT folder) servable; AdapterError when the engine refuses it."""
 
-    def activate(self, version: str) -> None:
+    def swap_to(self, version: str) -> None:
         """Serve ``version`` (already loaded) to new requests; running answers keep theirs."""
 
     def unload_unused(self, keep: int) -> list[str]:

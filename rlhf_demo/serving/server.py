@@ -77,8 +77,8 @@ class PolicyServer:
     def load_version(self, version: str, path: str | Path) -> None:
         self.pool.load_version(version, path)
 
-    def activate(self, version: str) -> None:
-        self.pool.activate(version)
+    def swap_to(self, version: str) -> None:
+        self.pool.swap_to(version)
 
     def unload_unused(self, keep: int) -> list[str]:
         return self.pool.unload_unused(keep)

@@ -211,7 +211,7 @@ class AdapterPool:
         except Exception:  # noqa: BLE001 - best effort cleanup of a half-loaded adapter
             log.exception("could not remove half-loaded adapter %s", slot)
 
-    def activate(self, version: str) -> None:
+    def swap_to(self, version: str) -> None:
         """Serve ``version`` to requests that start from now on (in-flight ones keep theirs)."""
         with self._count_lock:
             if version != BASE_VERSION and version not in self._paths:

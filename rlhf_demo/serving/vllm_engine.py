@@ -107,7 +107,7 @@ class VllmEngine:
         self.last_prepare_ms = 1000 * (time.perf_counter() - started)
         log.info("vLLM loaded %s from %s in %.0f ms", version, folder, self.last_prepare_ms)
 
-    def activate(self, version: str) -> None:
+    def swap_to(self, version: str) -> None:
         with self._lock:
             if version != BASE_VERSION and version not in self._paths:
                 raise AdapterError(f"adapter {version!r} is not loaded")

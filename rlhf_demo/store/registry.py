@@ -81,19 +81,19 @@ class Registry(StoreBase):
             versions.insert(row)
 
     def set_version_status(self, version: str, status: str) -> None:
-        """Change a version's status; 'active' goes through activate(): one active."""
+        """Change a version's status; 'active' goes through set_active_version(): one active."""
         check_choice("status", status, VERSION_STATUSES)
         if status == "active":
-            self.activate(version)
+            self.set_active_version(version)
             return
         with self._write() as db:
             get_row(db, "adapter_versions", version, "adapter version")
             db.table("adapter_versions").update(version, {"status": status})
 
-    def activate(self, version: str) -> None:
+    def set_active_version(self, version: str) -> None:
         """Serve ``version`` from now on; the old active one becomes 'retired'.
 
-        Rolling back is activating an older version again.
+        Rolling back is setting an older version active again.
         """
         with self._write() as db:
             row = get_row(db, "adapter_versions", version, "adapter version")

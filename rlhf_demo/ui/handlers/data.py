@@ -73,7 +73,7 @@ class DataHandlers(TabHandlers):
         self.require_admin(admin_token)
         if not isinstance(version, str) or not version:
             raise UserError("Choose a version.")
-        self.runtime.store.activate(version)
+        self.runtime.store.set_active_version(version)
         served = self.runtime.sync_registry()
         return f"Now serving {served}."
 
