@@ -38,7 +38,7 @@ from rlhf_demo.ui.chat import ChatEvents
 from rlhf_demo.ui.compare import CompareEvents
 from rlhf_demo.ui.data import DataEvents
 from rlhf_demo.ui.events import GENERIC_ERROR, translate
-from rlhf_demo.ui.handlers import OUTCOMES, ChatState, Handlers, PairState, UserError
+from rlhf_demo.ui.handlers import VOTE_LABELS, ChatState, Handlers, PairState, UserError
 from rlhf_demo.visitors import Visitor
 
 TOKEN = "correct-horse-battery-staple-42"
@@ -208,7 +208,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         "rate": chat.on_api_rate,
         "compare": compare.on_compare,
         "on_pair_reasons": compare.on_pair_reasons,
-        **{f"vote_{outcome}": compare.on_vote(label) for label, outcome in OUTCOMES.items()},
+        **{f"vote_{outcome}": compare.on_vote(label) for label, outcome in VOTE_LABELS.items()},
         "rollback": data.rollback,
         "reset_to_base": data.reset_to_base,
         "train_now": data.train_now,

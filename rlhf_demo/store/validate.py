@@ -30,7 +30,8 @@ _TYPE_WORDS = {
     dict: "a mapping",
 }
 ROLES = ("system", "user", "assistant")
-OUTCOMES = ("A", "B", "tie", "both_bad")
+SIDES = ("A", "B")  # a decisive A/B vote names the better answer
+OUTCOMES = (*SIDES, "tie", "both_bad")  # every stored A/B vote
 SOURCES = ("two_samples", "two_versions")
 FINISHED_RUN_STATUSES = ("succeeded", "failed", "rejected")
 PHASES = ("reward", "ppo", "gate")

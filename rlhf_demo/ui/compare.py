@@ -10,7 +10,7 @@ import gradio as gr
 from rlhf_demo.ui import reasons
 from rlhf_demo.ui.chat import sampling_sliders
 from rlhf_demo.ui.events import PRIVATE, friendly, visitor_of
-from rlhf_demo.ui.handlers import OUTCOMES, SOURCES, CompareHandlers, PairState
+from rlhf_demo.ui.handlers import SOURCES, VOTE_LABELS, CompareHandlers, PairState
 
 # Keyboard shortcuts on the Compare tab (A, B, T = tie, X = both bad, N = new round), ignored while
 # typing; each presses the visible, enabled button with that id, so the server's checks apply.
@@ -25,7 +25,7 @@ KEYBOARD_JS = """
   });
 }
 """
-VOTE_BUTTONS = len(OUTCOMES)
+VOTE_BUTTONS = len(VOTE_LABELS)
 
 
 class CompareEvents:
@@ -113,7 +113,9 @@ def build_compare_tab(events: CompareEvents, guidelines: str) -> gr.Tab:
             answer_a = gr.Markdown(container=True, elem_id="compare-answer-a")
             answer_b = gr.Markdown(container=True, elem_id="compare-answer-b")
         with gr.Row():
-            vote_buttons = [gr.Button(label, interactive=False, elem_id=f"vote-{outcome}") for label, outcome in OUTCOMES.items()]
+            vote_buttons = [
+                gr.Button(label, interactive=False, elem_id=f"vote-{outcome}") for label, outcome in VOTE_LABELS.items()
+            ]
         reveal = gr.Markdown(elem_id="compare-reveal")
         why = reasons.reasons_panel("compare-reasons", "What was wrong with the worse answer (or both)? (optional)")
         new_round = gr.Button("New round", visible=False, elem_id="compare-new-round")
@@ -137,9 +139,9 @@ def build_compare_tab(events: CompareEvents, guidelines: str) -> gr.Tab:
             answered.then(vote_controls, [state], controls, queue=False, **PRIVATE)
         stop.click(events.on_stop, [state], None, queue=False, **PRIVATE)
         for button in vote_buttons:
-            button.click(events.on_vote(button.value), [state], [reveal, state], api_name=f"vote_{OUTCOMES[button.value]}").then(
-                vote_controls, [state], controls, queue=False, **PRIVATE
-            )
+            button.click(
+                events.on_vote(button.value), [state], [reveal, state], api_name=f"vote_{VOTE_LABELS[button.value]}"
+            ).then(vote_controls, [state], controls, queue=False, **PRIVATE)
         why.send.click(events.on_pair_reasons, [state, why.tags, why.comment], [why.status], **PRIVATE)
         new_round.click(events.on_new_round, None, [prompt, answer_a, answer_b, reveal, state, *controls], queue=False, **PRIVATE)
     return tab

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from rlhf_demo.ui.handlers.chat import ChatHandlers, ChatState, tag_version
 from rlhf_demo.ui.handlers.checks import UserError, check_event, message_text
-from rlhf_demo.ui.handlers.compare import OUTCOMES, SOURCES, CompareHandlers, PairState
+from rlhf_demo.ui.handlers.compare import SOURCES, VOTE_LABELS, CompareHandlers, PairState
 from rlhf_demo.ui.handlers.data import DataHandlers
 
 
@@ -21,7 +21,7 @@ class Handlers(ChatHandlers, CompareHandlers, DataHandlers):
 
 
 __all__ = [
-    "OUTCOMES",
+    "VOTE_LABELS",
     "SOURCES",
     "ChatHandlers",
     "ChatState",

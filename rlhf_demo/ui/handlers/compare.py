@@ -9,12 +9,19 @@ from typing import Any
 
 from rlhf_demo.selection import Round, compare_round
 from rlhf_demo.serving import Generation
+from rlhf_demo.store.validate import OUTCOMES, SIDES
 from rlhf_demo.ui.handlers.base import TabHandlers
 from rlhf_demo.ui.handlers.chat import REASONS_SAID
 from rlhf_demo.ui.handlers.checks import UserError, check_message, check_sampling, check_visitor, two_strings
 from rlhf_demo.visitors import Visitor
 
-OUTCOMES = {"A is better": "A", "B is better": "B", "Tie": "tie", "Both bad": "both_bad"}
+
+def vote_label(outcome: str) -> str:
+    """A stored outcome as its Compare button reads: "A is better", "Tie", "Both bad"."""
+    return f"{outcome} is better" if outcome in SIDES else outcome.replace("_", " ").capitalize()
+
+
+VOTE_LABELS = {vote_label(outcome): outcome for outcome in OUTCOMES}  # button label -> stored outcome
 SOURCES = {"Two samples of the active policy": "two_samples", "Active vs previous version": "two_versions"}
 PAIR_SAID = {"created": "Vote recorded", "updated": "Vote changed", "unchanged": "That vote was already recorded"}
 
@@ -109,8 +116,8 @@ class CompareHandlers(TabHandlers):
         """Record an A/B vote (voting again on the same pair changes it), then reveal which
         version wrote which answer."""
         visitor = check_visitor(visitor)
-        outcome = OUTCOMES.get(outcome_label, outcome_label) if isinstance(outcome_label, str) else None
-        if outcome is None or outcome not in OUTCOMES.values():
+        outcome = VOTE_LABELS.get(outcome_label, outcome_label) if isinstance(outcome_label, str) else None
+        if outcome is None or outcome not in OUTCOMES:
             raise UserError(f"Unknown outcome {str(outcome_label)[:40]!r}.")
         if isinstance(state, PairState) and state.generating:
             raise UserError("Wait until both answers are finished.")
@@ -124,7 +131,7 @@ class CompareHandlers(TabHandlers):
             visitor_id=visitor.id, response_a_id=a, response_b_id=b, outcome=outcome, source=state.source, ip_key=visitor.ip_key
         )
         state.voted = True
-        label = next(k for k, v in OUTCOMES.items() if v == outcome)
+        label = vote_label(outcome)
         return (
             f"{PAIR_SAID[result.change]}: you chose **{label}**. A was written by **{state.versions[0]}**, B by **{state.versions[1]}**.",
             state,
