@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.learning import load_prompts, messages, split_heldout  # noqa: E402
+from bench.learning_votes import load_prompts, messages, split_heldout  # noqa: E402
 from bench.raters import Rater, load_rater  # noqa: E402
 from rlhf_demo.config import DEFAULT_MODEL, TINY_MODEL, PPOConfig, RewardConfig, SamplingBounds, load_settings  # noqa: E402
 from rlhf_demo.modeling import load_model  # noqa: E402

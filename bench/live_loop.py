@@ -34,7 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from test_browser import CHROMIUM, CHROMIUM_ARGS, Tab, send_chat  # noqa: E402
 
-from bench.learning import load_prompts  # noqa: E402
+from bench.learning_votes import load_prompts  # noqa: E402
 from bench.raters import load_rater  # noqa: E402
 from rlhf_demo.store import SERVABLE_STATUSES, FeedbackStore  # noqa: E402
 from rlhf_demo.ui.app import free_port  # noqa: E402

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
 
-from bench.learning import load_prompts, messages  # noqa: E402
+from bench.learning_votes import load_prompts, messages  # noqa: E402
 from rlhf_demo.config import DEFAULT_MODEL, PPOConfig, load_settings  # noqa: E402
 from rlhf_demo.modeling import load_model  # noqa: E402
 from rlhf_demo.modeling.adapters import attach_new_adapter, use_adapter  # noqa: E402

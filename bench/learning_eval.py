@@ -1,0 +1,263 @@
+"""The learning benchmark's evaluation: what a visitor is served against the base, on
+held-out prompts, judged by the rater (win-rate ± SE), and the policy's own samples (KL)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.learning_votes import messages
+from bench.raters import Rater
+from rlhf_demo.config import PPOConfig
+from rlhf_demo.modeling import LoadedModel
+from rlhf_demo.modeling.adapters import put_adapter
+from rlhf_demo.ppo.trainer import sample_and_score
+from rlhf_demo.reward.model import RewardModel
+from rlhf_demo.runtime import Runtime
+from rlhf_demo.selection import Pick, best_answer
+from rlhf_demo.serving import BASE_VERSION
+
+EVAL_ADAPTER = "bench_eval"
+
+
+def sample_answers(
+    loaded: LoadedModel,
+    folder: str | Path | None,
+    rater: Rater,
+    prompts: list[list[dict[str, str]]],
+    config: PPOConfig,
+    batch: int,
+) -> dict[str, list]:
+    """Answers of the adapter in ``folder`` (None: the base) to ``prompts``, sampled as PPO
+    and the gate sample (``sample_and_score``: the training temperature, no top-k/top-p),
+    judged by the rater, with their KL to the reference (sum over the answer of
+    log pi - log ref, the gate's and PPO's estimator)."""
+
+    def rater_scores(
+        batch_prompts: list, completions: list[str], finished: list[bool]
+    ) -> torch.Tensor:  # the rater reads the text
+        return torch.tensor([float(rater(p[-1]["content"], c)) for p, c in zip(batch_prompts, completions, strict=True)])
+
+    adapter = None
+    if folder is not None:
+        loaded.model = put_adapter(loaded.model, EVAL_ADAPTER, folder)
+        adapter = EVAL_ADAPTER
+    answers = sample_and_score(loaded.model, loaded.tokenizer, adapter, prompts, rater_scores, config, batch)
+    if adapter is not None and len(loaded.model.peft_config) > 1:
+        loaded.model.delete_adapter(EVAL_ADAPTER)
+    return {
+        "texts": answers.texts,
+        "scores": answers.scores,
+        "kl": answers.kl,
+        "tokens": answers.tokens,
+        "eos": [float(e) for e in answers.eos],
+    }
+
+
+def served_answers(
+    runtime: Runtime, rater: Rater, prompts: list[str], per_prompt: int, max_new_tokens: int, base: bool = False
+) -> dict[str, list]:
+    """What a visitor is served: ``per_prompt`` chat answers per prompt through the app's own
+    path (``selection.best_answer``: the served version, best-of-n as configured), many at a
+    time so the engine decodes them in shared steps; ``base``: plain samples of the base."""
+    server, sampling = runtime.server, runtime.server.sampling(max_new_tokens=max_new_tokens)
+    asked = [messages(p) for p in prompts for _ in range(per_prompt)]
+    if base:
+        picks = [Pick(g, 1) for g in server.generate_many(asked, BASE_VERSION, sampling)]
+    else:
+
+        def serve(conversation: list[dict[str, str]]) -> Pick:
+            *_, pick = best_answer(server, runtime.judge, conversation, sampling, runtime.settings.selection.best_of)
+            return pick
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            picks = list(pool.map(serve, asked))
+    texts = [p.generation.text for p in picks]
+    return {
+        "texts": texts,
+        "scores": [float(rater(m[-1]["content"], t)) for m, t in zip(asked, texts, strict=True)],
+        "kl": [0.0] * len(picks),  # the policy's KL is measured on its own samples (sample_answers)
+        "tokens": [p.generation.completion_tokens for p in picks],
+        "eos": [float(p.generation.finish_reason == "stop") for p in picks],
+        "picked_from": [p.picked_from for p in picks],
+        "generations": [p.generation for p in picks],
+    }
+
+
+def feature_gap(runtime: Runtime, worker: LoadedModel, folder: Path, generations: list) -> float | None:
+    """Largest |difference| between the answer features the serving process reads (its own
+    base, ``Judge``) and the worker's (the base the ensemble was fitted on), relative to the
+    features' scale: the ensemble must mean the same on both sides."""
+    if not folder.is_dir() or not generations:
+        return None
+    served = runtime.judge.read(generations).features
+    rm = RewardModel.load(worker.model, worker.tokenizer, folder)
+    fitted = rm.features(
+        [g.prompt for g in generations], [g.text for g in generations], [g.finish_reason == "stop" for g in generations]
+    )
+    return float((served - fitted).abs().max() / fitted.abs().max().clamp(min=1e-6))
+
+
+def win_rate(wins: list[float], group_size: int) -> tuple[float, float]:
+    """Mean and standard error of the win-rate; answers to the same prompt are not
+    independent, so the SE is over per-prompt means (``group_size`` answers each)."""
+    groups = [statistics.fmean(wins[i : i + group_size]) for i in range(0, len(wins), group_size)]
+    se = statistics.stdev(groups) / len(groups) ** 0.5 if len(groups) > 1 else float("nan")
+    return statistics.fmean(wins), se
+
+
+def evaluate(
+    active: dict[str, list],
+    base: dict[str, list],
+    prompts: list[list[dict[str, str]]],
+    version: str,
+    seconds: float,
+    group_size: int,
+    base_group: int,
+) -> dict[str, Any]:
+    """Rater verdicts, served version vs base, on the same held-out prompts: each of the
+    ``group_size`` served answers to a prompt is judged against each of the prompt's
+    ``base_group`` base answers (ties 1/2), so the base's own sampling noise averages out."""
+    verdicts = [
+        [
+            1.0 if a > b else 0.0 if a < b else 0.5
+            for b in base["scores"][(i // group_size) * base_group : (i // group_size + 1) * base_group]
+        ]
+        for i, a in enumerate(active["scores"])
+    ]
+    rate, se = win_rate([statistics.fmean(v) for v in verdicts], group_size)
+    step = max(1, len(prompts) // 6)
+    examples = [
+        {"prompt": prompts[i][-1]["content"], "active": active["texts"][i], "base": base["texts"][(i // group_size) * base_group]}
+        for i in range(0, len(prompts), step)
+    ][:6]
+    flat = [w for v in verdicts for w in v]
+    return {
+        "active_version": version,
+        "win_rate": rate,
+        "win_rate_se": se,
+        "comparisons": len(flat),
+        "answers": len(verdicts),
+        "base_answers_per_prompt": base_group,
+        "wins": sum(w == 1.0 for w in flat),
+        "ties": sum(w == 0.5 for w in flat),
+        "mean_score": statistics.fmean(active["scores"]),
+        "base_mean_score": statistics.fmean(base["scores"]),
+        "kl": statistics.fmean(active["kl"]),
+        "kl_max": max(active["kl"]),
+        "mean_tokens": statistics.fmean(active["tokens"]),
+        "base_mean_tokens": statistics.fmean(base["tokens"]),
+        "eos_rate": statistics.fmean(active["eos"]),
+        "base_eos_rate": statistics.fmean(base["eos"]),
+        "examples": examples,
+        "seconds": seconds,
+    }
+
+
+def rm_agreement(
+    loaded: LoadedModel,
+    folder: Path,
+    prompts: list[list[dict[str, str]]],
+    active: dict[str, list],
+    base: dict[str, list],
+    group_size: int,
+    base_group: int,
+) -> dict[str, Any]:
+    """How often the cycle's reward model orders the held-out (served, base) answer pairs as
+    the rater does (pairs the rater calls a tie are skipped). A second, larger accuracy
+    figure next to the library's own held-out split (15 % of the voted prompts)."""
+    pairs = [
+        (i, j)
+        for i in range(len(active["scores"]))
+        for j in range((i // group_size) * base_group, (i // group_size + 1) * base_group)
+        if active["scores"][i] != base["scores"][j]
+    ]
+    if not pairs or not folder.is_dir():
+        return {"rm_eval_accuracy": None, "rm_eval_pairs": 0}
+    rm = RewardModel.load(loaded.model, loaded.tokenizer, folder)
+    base_prompts = [prompts[(j // base_group) * group_size] for j in range(len(base["texts"]))]
+    r_active = rm.score(prompts, active["texts"], normalized=False, batch_size=16, finished=[bool(e) for e in active["eos"]])
+    r_base = rm.score(base_prompts, base["texts"], normalized=False, batch_size=16, finished=[bool(e) for e in base["eos"]])
+    agree = [
+        ((float(r_active[i]) > float(r_base[j])) == (active["scores"][i] > base["scores"][j]))
+        if float(r_active[i]) != float(r_base[j])
+        else 0.5
+        for i, j in pairs
+    ]
+    return {"rm_eval_accuracy": statistics.fmean(float(a) for a in agree), "rm_eval_pairs": len(pairs)}
+
+
+@dataclass
+class Evaluator:
+    """Judges the served version after each cycle against the base's answers, which are
+    sampled once (:meth:`sample_base`): the base never changes, so every cycle is judged
+    against the same answers."""
+
+    runtime: Runtime
+    worker: LoadedModel
+    rater: Rater
+    heldout: list[str]
+    sampler: PPOConfig
+    eval_samples: int
+    served_samples: int
+    base_samples: int
+    eval_batch: int
+    base_answers: dict[str, list] = field(default_factory=dict)
+    served_base: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def eval_prompts(self) -> list[list[dict[str, str]]]:
+        return [messages(p) for p in self.heldout for _ in range(self.eval_samples)]
+
+    def sample_base(self) -> float:
+        """The base's held-out answers, from the worker (policy figures) and through the
+        server (the headline); returns the seconds it took."""
+        started = time.perf_counter()
+        base_prompts = [messages(p) for p in self.heldout for _ in range(self.base_samples)]
+        self.base_answers = sample_answers(self.worker, None, self.rater, base_prompts, self.sampler, self.eval_batch)
+        self.served_base = served_answers(
+            self.runtime, self.rater, self.heldout, self.base_samples, self.sampler.max_new_tokens, base=True
+        )
+        return time.perf_counter() - started
+
+    def __call__(self, reward_folder: Path | None = None) -> dict[str, Any]:
+        """The headline: what a visitor is served (best-of-n included) against the base, both
+        through the server; beside it the policy's own samples (its KL, and the win-rate of
+        earlier stops, judged against the worker's base samples)."""
+        started = time.perf_counter()
+        runtime, eval_prompts = self.runtime, self.eval_prompts
+        version = runtime.store.active_version() or "v0"
+        path = runtime.store.get_version(version)["path"]
+        answers = sample_answers(self.worker, path, self.rater, eval_prompts, self.sampler, self.eval_batch)
+        policy = evaluate(
+            answers, self.base_answers, eval_prompts, version, time.perf_counter() - started, self.eval_samples, self.base_samples
+        )
+        served = served_answers(runtime, self.rater, self.heldout, self.served_samples, self.sampler.max_new_tokens)
+        served_prompts = [messages(p) for p in self.heldout for _ in range(self.served_samples)]
+        result = evaluate(
+            served,
+            self.served_base,
+            served_prompts,
+            version,
+            time.perf_counter() - started,
+            self.served_samples,
+            self.base_samples,
+        )
+        result.update(kl=policy["kl"], kl_max=policy["kl_max"], picked_from=statistics.fmean(served["picked_from"]))
+        result["policy"] = {
+            k: policy[k] for k in ("win_rate", "win_rate_se", "comparisons", "mean_score", "mean_tokens", "eos_rate")
+        }
+        if reward_folder is not None:
+            result.update(
+                rm_agreement(
+                    self.worker, reward_folder, eval_prompts, answers, self.base_answers, self.eval_samples, self.base_samples
+                )
+            )
+            result["feature_gap"] = feature_gap(runtime, self.worker, reward_folder, served["generations"][:8])
+        return result
