@@ -48,7 +48,6 @@ class Limits:
     votes_per_minute_per_ip: int = 120  # per client address: bounds cookie-dropping clients
     max_training_share: float = 0.10  # of the reward model's rows, per visitor and per address
     max_training_votes: int = 60  # per visitor and kind (pairs, thumbs): one visitor cannot dominate the RM
-    max_upload_size: str = "1mb"  # Gradio's upload route; the app itself takes no files
     max_request_bytes: int = 1 << 20  # any request body; 20 turns of 4000-character messages fit
 
 

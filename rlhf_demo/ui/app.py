@@ -38,7 +38,8 @@ HEADER_CSS = """
 
 def launch_options(runtime: Runtime) -> dict[str, Any]:
     """Keyword arguments for ``Blocks.launch``: the visitor-cookie middleware on the app
-    Gradio builds, an upload size limit, and no raw exception text for clients."""
+    Gradio builds, one body-size cap (also Gradio's file size limit), and no raw exception
+    text for clients."""
     from starlette.middleware import Middleware
 
     trust_forwarded_headers(runtime.settings.trust_proxy)
@@ -49,7 +50,7 @@ def launch_options(runtime: Runtime) -> dict[str, Any]:
                 Middleware(VisitorMiddleware, signer=runtime.signer, secure=runtime.settings.trust_proxy),
             ]
         },
-        "max_file_size": runtime.settings.limits.max_upload_size,
+        "max_file_size": runtime.settings.limits.max_request_bytes,  # Gradio's own multipart check, the same cap
         "show_error": False,
         "js": KEYBOARD_JS,
         "css": HEADER_CSS,
