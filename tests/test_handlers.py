@@ -178,7 +178,7 @@ def test_pair_vote_without_pair_or_with_bad_outcome_is_refused(handlers, runtime
     assert table_count(runtime, "preferences") == 0
 
 
-def test_vote_rate_limit_per_session(handlers, runtime):
+def test_vote_rate_limit_per_visitor(handlers, runtime):
     handlers.votes.limit = 3
     state = ChatState()
     chat_once(handlers, state)
