@@ -17,6 +17,7 @@ import platform
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ import httpx
 import pytest
 import torch
 from conftest import wait_until, write_random_adapter
+from test_browser import GENERATION_TIMEOUT_S, Tab, browser, require_browser, send_chat, tab  # noqa: F401 - fixtures
 
 from rlhf_demo.config import load_settings
 from rlhf_demo.modeling import load_model
@@ -32,6 +34,9 @@ from rlhf_demo.modeling.loading import bundled_gguf, convert_gguf, eos_token_ids
 from rlhf_demo.serving import BASE_VERSION, PolicyServer, Sampling
 from rlhf_demo.serving.interface import EngineError
 from rlhf_demo.serving.vllm_engine import UNREACHABLE, VllmEngine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import live_loop  # noqa: E402
 
 REQUIRED = os.environ.get("RLHF_DEMO_REQUIRE_VLLM") == "1"
 DEFAULT_VENV_PYTHON = Path.home() / ".cache/rlhf-demo/vllm-venv/bin/python"  # .ci/vllm-env.sh's default
@@ -270,3 +275,75 @@ def test_a_restarted_vllm_gets_the_served_version_back(client, vllm, embedded):
     assert client.served_by_vllm() == []
     assert client.generate(ASK, None, GREEDY).token_ids == server.generate(ASK, "v2", GREEDY).token_ids
     assert client.served_by_vllm() == ["v2"]
+
+
+def test_the_app_on_vllm_serves_chat_compare_and_votes_in_a_browser_and_then_a_published_version(
+    vllm,
+    smollm,
+    tmp_path,
+    tab: Tab,  # noqa: F811 - the fixture imported above
+    monkeypatch,
+) -> None:
+    """``python app.py --engine vllm --engine-url URL`` as a user runs it, driven in Chromium:
+    a chat answer, 👍, a Compare vote, all in SQLite; then the worker's publish step makes v1
+    active and the app loads it into vLLM and answers with it, with no restart."""
+    require_browser()
+    from playwright.sync_api import expect
+
+    from rlhf_demo.modeling.adapters import attach_new_adapter
+    from rlhf_demo.store import FeedbackStore
+    from rlhf_demo.ui.app import free_port
+    from rlhf_demo.worker.publish import publish
+
+    data, port = tmp_path / "data", free_port()
+    monkeypatch.setenv("RLHF_DEMO_REGISTRY_POLL_SECONDS", "1")
+    monkeypatch.setenv("RLHF_DEMO_SAMPLING__MAX_NEW_TOKENS", "24")  # short answers: the CPU may be shared
+    flags = ["--model", str(smollm), "--quantization", "fp32", "--engine", "vllm", "--engine-url", vllm.url, "--no-worker"]
+    with (tmp_path / "app.log").open("wb") as log:
+        app = live_loop.start_app(data, port, log, *flags)
+    try:
+        live_loop.wait_for_http(f"http://127.0.0.1:{port}/", app, 600)
+        settings = load_settings(env={}, model=str(smollm), data_dir=data, quantization="fp32")
+        store = FeedbackStore(settings.db_path)
+        page = tab.page
+        page.goto(f"http://127.0.0.1:{port}/")
+        chat = send_chat(page, "What is the capital of France?")
+        chat.get_by_role("button", name="Like", exact=True).last.click()
+        expect(page.get_by_text("👍 recorded.")).to_be_visible()
+        wait_until(lambda: store.counts()["thumbs_up"] == 1, 30, "the 👍 in SQLite")
+        tab.shot("vllm-01-chat-liked")
+
+        page.get_by_role("tab", name="Compare").click()
+        page.get_by_label("Prompt").fill("Name a fruit")
+        page.get_by_role("button", name="Generate two answers").click()
+        expect(page.get_by_text("Which answer is better?")).to_be_visible(timeout=GENERATION_TIMEOUT_S * 1000)
+        page.get_by_role("button", name="A is better", exact=True).click()
+        expect(page.get_by_text(re.compile(r"Vote recorded: you chose A is better\. A was written by v0"))).to_be_visible()
+        wait_until(lambda: store.counts()["preferences"] == 1, 30, "the A/B vote in SQLite")
+        tab.shot("vllm-02-compare-voted")
+
+        loaded = load_model(settings)  # the worker's side: its own base, a trained (here: random) policy
+        policy = attach_new_adapter(loaded.model, "policy", settings.lora)
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for name, param in policy.named_parameters():
+                if "lora_B.policy." in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        assert publish(store, policy, "policy", settings.adapters_dir, "v0", {"gate": {"passed": True}}) == "v1"
+        served = lambda: {m["id"] for m in httpx.get(f"{vllm.url}/v1/models", timeout=5).json()["data"]}  # noqa: E731
+        wait_until(lambda: "v1" in served(), 120, "the app to load v1 into vLLM")
+
+        page.get_by_role("tab", name="Chat").click()
+        send_chat(page, "Thanks! And of Italy?", done="written by adapter v1")
+        tab.shot("vllm-03-chat-after-swap")
+        assert store.counts()["responses"] == 4  # two chat answers, two Compare answers
+        assert app.poll() is None
+        assert tab.error_toasts() == [] and tab.page_errors == []
+    finally:
+        tab.page.goto("about:blank")  # the page must not see the app go away (a toast fails the test)
+        app.terminate()
+        try:
+            app.wait(60)
+        except subprocess.TimeoutExpired:
+            app.kill()
+        print((tmp_path / "app.log").read_text(errors="replace")[-3000:])
