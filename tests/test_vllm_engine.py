@@ -335,6 +335,7 @@ def test_the_app_on_vllm_serves_chat_compare_and_votes_in_a_browser_and_then_a_p
 
         page.get_by_role("tab", name="Chat").click()
         send_chat(page, "Thanks! And of Italy?", done="written by adapter v1")
+        expect(page.locator("#model-info")).to_contain_text(re.compile(r"adapter:\s*v1"), timeout=30_000)  # the header follows
         tab.shot("vllm-03-chat-after-swap")
         assert store.counts()["responses"] == 4  # two chat answers, two Compare answers
         assert app.poll() is None
