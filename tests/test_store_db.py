@@ -21,6 +21,13 @@ db_path = store_fixtures.db_path  # the fixture, usable in this module
 store = store_fixtures.store  # the fixture, usable in this module
 
 
+def old_response(rid: str, prompt: list, **extra: str) -> dict:
+    """A ``responses`` row as files before schema 7 held it (the voter under ``session_id``)."""
+    row = {"id": rid, "session_id": "old", "prompt_json": json.dumps(prompt), "text": rid, "adapter_version": "v0"}
+    row |= {"sampling_json": "{}", "prompt_tokens": 1, "completion_tokens": 1, "latency_s": 0.1, "finish_reason": "stop"}
+    return row | {"created_at": "2024-01-01T00:00:00.000000+00:00"} | extra
+
+
 def test_migration_from_v1_keeps_data(db_path: Path) -> None:
     db_path.parent.mkdir(parents=True)
     db = sqlite_utils.Database(db_path)
@@ -57,21 +64,7 @@ def test_migration_to_v3_keeps_the_newest_of_duplicate_pair_votes(db_path: Path)
     db = sqlite_utils.Database(db_path)
     migrate(db, target=2)
     for rid in ("ra", "rb"):
-        db.table("responses").insert(
-            {
-                "id": rid,
-                "session_id": "old",
-                "prompt_json": json.dumps(OTHER_PROMPT),
-                "text": rid,
-                "adapter_version": "v0",
-                "sampling_json": "{}",
-                "prompt_tokens": 1,
-                "completion_tokens": 1,
-                "latency_s": 0.1,
-                "finish_reason": "stop",
-                "created_at": "2024-01-01T00:00:00.000000+00:00",
-            }
-        )
+        db.table("responses").insert(old_response(rid, OTHER_PROMPT))
     for i, (a, b, outcome) in enumerate([("ra", "rb", "A"), ("rb", "ra", "A"), ("ra", "rb", "B")]):
         db.table("preferences").insert(
             {
@@ -206,22 +199,7 @@ def test_migration_7_renames_session_id_to_visitor_id_and_keeps_rows(db_path: Pa
     migrate(db, target=6)
     db.table("conversations").insert({"id": "c1", "session_id": "old", "created_at": "2024"})
     for rid in ("ra", "rb"):
-        db.table("responses").insert(
-            {
-                "id": rid,
-                "session_id": "old",
-                "conversation_id": "c1",
-                "prompt_json": json.dumps(PROMPT),
-                "text": rid,
-                "adapter_version": "v0",
-                "sampling_json": "{}",
-                "prompt_tokens": 1,
-                "completion_tokens": 1,
-                "latency_s": 0.1,
-                "finish_reason": "stop",
-                "created_at": "2024-01-01T00:00:00.000000+00:00",
-            }
-        )
+        db.table("responses").insert(old_response(rid, PROMPT, conversation_id="c1"))
     db.table("ratings").insert({"session_id": "old", "response_id": "ra", "value": 1, "created_at": "2024", "updated_at": "2024"})
     db.table("preferences").insert(
         {
