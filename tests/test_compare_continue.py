@@ -1,0 +1,150 @@
+"""Compare's "continue both" without a browser: each side answers a follow-up from its own
+conversation, each turn's pair is its own vote, and hostile continuations write nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from rlhf_demo.store import UnknownIdError
+from rlhf_demo.ui.handlers import Handlers, PairState, UserError
+from rlhf_demo.ui.handlers.base import OWNER_REFUSAL
+from rlhf_demo.ui.handlers.continuation import NOT_A_PAIR
+
+ME, OTHER = "visitor-me", "visitor-other"
+SAMPLES = "Two samples of the active policy"
+
+
+@pytest.fixture
+def handlers(runtime) -> Handlers:
+    return Handlers(runtime)
+
+
+def rows(runtime: Any) -> tuple[int, int]:
+    db = runtime.store.db
+    return db.execute("select count(*) from responses").fetchone()[0], db.execute("select count(*) from preferences").fetchone()[
+        0
+    ]
+
+
+def continued(handlers: Handlers, state: Any, text: str = "And why?", visitor: str = ME) -> tuple[str, str, PairState]:
+    *_, last = handlers.continue_stream(visitor, text, state, max_new_tokens=6)
+    return last
+
+
+def test_each_side_continues_its_own_conversation_and_each_turn_is_its_own_vote(handlers, runtime):
+    a1, b1, state = handlers.compare(ME, "Name a colour", SAMPLES, max_new_tokens=6)
+    first = state.response_ids
+    handlers.vote_pair(ME, state, "A is better")
+
+    a2, b2, state = continued(handlers, state)
+    assert state.response_ids is not None and set(state.response_ids).isdisjoint(first)
+    assert not state.voted and not state.generating and state.question == "And why?"
+    for side, (answer, earlier) in enumerate(((a1, first[0]), (b1, first[1]))):
+        row = runtime.store.get_response(state.response_ids[side])
+        assert row["prompt"] == [
+            {"role": "user", "content": "Name a colour"},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "And why?"},
+        ]
+        assert row["parent_id"] == earlier
+        assert state.earlier[side] == row["prompt"][:2]
+    assert (
+        runtime.store.get_response(state.response_ids[0])["text"],
+        runtime.store.get_response(state.response_ids[1])["text"],
+    ) == (
+        a2,
+        b2,
+    )
+
+    said, state = handlers.vote_pair(ME, state, "B is better")
+    assert said.startswith("Vote recorded: you chose **B is better**.")
+    votes = runtime.store.db.execute("select response_a_id, response_b_id, outcome from preferences order by rowid").fetchall()
+    assert votes == [(*first, "A"), (*state.response_ids, "B")]
+    # the continued pair has no one prompt: its vote is kept, but it is not a training pair
+    assert [p["chosen"] for p in runtime.store.preference_pairs()] == [a1]
+
+
+def test_a_pair_can_be_continued_before_its_vote_and_again(handlers, runtime):
+    _, _, state = handlers.compare(ME, "Hi", SAMPLES, max_new_tokens=4)
+    continued(handlers, state, "Tell me more")
+    _, _, state = continued(handlers, state, "Thanks")
+    row = runtime.store.get_response(state.response_ids[1])
+    assert [m["content"] for m in row["prompt"] if m["role"] == "user"] == ["Hi", "Tell me more", "Thanks"]
+    assert rows(runtime) == (6, 0)  # three turns of two answers, no vote until the visitor gives one
+    handlers.vote_pair(ME, state, "Both bad")
+    assert rows(runtime) == (6, 1)
+
+
+def test_stop_ends_both_continued_answers_and_they_can_be_voted_on(handlers, runtime):
+    _, _, state = handlers.compare(ME, "Hi", SAMPLES, max_new_tokens=4)
+    stream = handlers.continue_stream(ME, "A long story, please", state, max_new_tokens=200)
+    _, _, state = next(stream)
+    assert state.generating
+    with pytest.raises(UserError, match="Wait until both answers are finished"):
+        handlers.vote_pair(ME, state, "A is better")
+    handlers.stop_pair(state)
+    *_, (a, b, state) = stream
+    ended = [runtime.store.get_response(i)["finish_reason"] for i in state.response_ids]
+    assert ended == ["cancelled", "cancelled"]
+    assert handlers.vote_pair(ME, state, "Tie")[0].startswith("Vote recorded")
+
+
+def test_the_turn_limit_holds_for_a_continued_pair(handlers, runtime):
+    handlers.limits = dataclasses.replace(handlers.limits, max_turns=2)
+    _, _, state = handlers.compare(ME, "Hi", SAMPLES, max_new_tokens=2)
+    continued(handlers, state)
+    before = rows(runtime)
+    with pytest.raises(UserError, match="reached 2 turns"):
+        continued(handlers, state)
+    assert rows(runtime) == before
+
+
+def forged(ids: tuple[str, str]) -> PairState:
+    return PairState(response_ids=ids, versions=("v0", "v0"))
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "message"),
+    [
+        ("other-visitors-pair", UserError, OWNER_REFUSAL[:30]),
+        ("forged-id", UnknownIdError, "unknown response"),
+        ("stale-pair-after-delete", UnknownIdError, "unknown response"),
+        ("answers-of-two-rounds", UserError, NOT_A_PAIR),
+        ("empty-prompt", UserError, "The message is empty"),
+        ("prompt-not-text", UserError, "A message must be text"),
+        ("no-pair-yet", UserError, "Generate a pair first"),
+        ("state-none", UserError, "Generate a pair first"),
+        ("while-generating", UserError, "Wait until both answers are finished"),
+        ("nan-temperature", UserError, "finite number"),
+    ],
+)
+def test_a_hostile_continuation_is_refused_and_writes_nothing(handlers, runtime, case, error, message):
+    _, _, mine = handlers.compare(ME, "Hi", SAMPLES, max_new_tokens=2)
+    _, _, again = handlers.compare(ME, "Bye", SAMPLES, max_new_tokens=2)
+    _, _, theirs = handlers.compare(OTHER, "Hi", SAMPLES, max_new_tokens=2)
+    assert mine.response_ids and again.response_ids and theirs.response_ids
+    visitor, text, state, sampling = ME, "Go on", mine, {"max_new_tokens": 2}
+    if case == "other-visitors-pair":
+        state = theirs
+    elif case == "forged-id":
+        state = forged(("f" * 32, mine.response_ids[1]))
+    elif case == "stale-pair-after-delete":
+        handlers.delete_my_data(OTHER)
+        state = theirs
+    elif case == "answers-of-two-rounds":
+        state = forged((mine.response_ids[0], again.response_ids[1]))
+    elif case in ("empty-prompt", "prompt-not-text"):
+        text = "  \n\t " if case == "empty-prompt" else ["Go on"]  # type: ignore[assignment]
+    elif case in ("no-pair-yet", "state-none"):
+        state = PairState() if case == "no-pair-yet" else None  # type: ignore[assignment]
+    elif case == "while-generating":
+        state = dataclasses.replace(mine, generating=True)
+    elif case == "nan-temperature":
+        sampling = {"temperature": float("nan")}
+    before = rows(runtime)
+    with pytest.raises(error, match=message):
+        list(handlers.continue_stream(visitor, text, state, **sampling))
+    assert rows(runtime) == before
