@@ -102,6 +102,10 @@ def vote_controls(state: PairState) -> list[Any]:
     ]
 
 
+def unchanged(*values: Any) -> tuple[Any, ...]:
+    return values
+
+
 def locked() -> list[Any]:
     return [
         *(gr.Button(interactive=False) for _ in range(VOTE_BUTTONS)),
@@ -127,6 +131,7 @@ def wire_answers(
     shows the controls that fit the state afterwards. The first trigger (a button) is the API
     endpoint ``api_name``."""
     state = outputs[2]
+    shown = [o for o in outputs if o is not state]
     for trigger, name in zip(triggers, (api_name, None), strict=True):
         trigger(locked, None, controls, queue=False, **PRIVATE)
         trigger(writing, None, buttons, queue=False, **PRIVATE)
@@ -136,6 +141,9 @@ def wire_answers(
         for after in (answered.then, answered.failure):
             after(idle, None, buttons, queue=False, **PRIVATE)
             after(vote_controls, [state], controls, queue=False, **PRIVATE)
+        # Gradio keeps an "Error" overlay on a failed event's outputs until their next update; it
+        # hid the pair and its votes. Showing the same values again is that update.
+        answered.failure(unchanged, shown, shown, queue=False, **PRIVATE)
 
 
 def build_compare_tab(events: CompareEvents, guidelines: str) -> gr.Tab:
