@@ -148,3 +148,41 @@ def test_a_hostile_continuation_is_refused_and_writes_nothing(handlers, runtime,
     with pytest.raises(error, match=message):
         list(handlers.continue_stream(visitor, text, state, **sampling))
     assert rows(runtime) == before
+
+
+def turn(role: str, text: str) -> dict[str, str]:
+    return {"role": role, "content": text}
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "pair"),
+    [
+        ([turn("user", "Hi")], [turn("user", "Hi")], True),
+        ([turn("user", "Hi")], [turn("user", "Bye")], False),
+        (
+            [turn("user", "Hi"), turn("assistant", "A1"), turn("user", "Why?")],
+            [turn("user", "Hi"), turn("assistant", "B1"), turn("user", "Why?")],
+            True,
+        ),  # each side's own earlier answer
+        (
+            [turn("user", "Hi"), turn("assistant", "A1"), turn("user", "Why?")],
+            [turn("user", "Yo"), turn("assistant", "B1"), turn("user", "Why?")],
+            False,
+        ),  # an earlier question differs
+        (
+            [turn("user", "Why?"), turn("assistant", "A2"), turn("user", "Go on")],
+            [turn("user", "Hi"), turn("assistant", "B1"), turn("user", "Why?"), turn("assistant", "B2"), turn("user", "Go on")],
+            True,
+        ),  # A's longer answers had its oldest exchange dropped to fit the prompt budget
+        (
+            [turn("assistant", "Why?"), turn("user", "Go on")],
+            [turn("user", "Why?"), turn("user", "Go on")],
+            False,
+        ),
+        ([], [turn("user", "Hi")], False),
+    ],
+)
+def test_a_pair_answers_the_same_questions_whatever_each_side_said_before(a, b, pair):
+    from rlhf_demo.store.votes import same_questions
+
+    assert same_questions(a, b) is pair and same_questions(b, a) is pair

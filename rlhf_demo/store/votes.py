@@ -53,11 +53,13 @@ def pair_vote(db: sqlite_utils.Database, session_id: str, a: object, b: object) 
 
 
 def same_questions(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
-    """Whether two answers' prompts ask the same questions: the same turns in order, where
-    only the assistant's may differ (each side of a continued Compare pair goes on from its
-    own answers)."""
-    return [m["role"] for m in a] == [m["role"] for m in b] and all(
-        x["content"] == y["content"] for x, y in zip(a, b, strict=True) if x["role"] != "assistant"
+    """Whether two answers' prompts ask the same questions: read from the last turn back, the
+    turns both still hold match, except the assistant's (each side of a continued Compare pair
+    goes on from its own answers). One may hold fewer: the oldest turns are dropped to fit the
+    model's prompt budget, and longer answers on one side drop more."""
+    return bool(a and b) and all(
+        x["role"] == y["role"] and (x["role"] == "assistant" or x["content"] == y["content"])
+        for x, y in zip(reversed(a), reversed(b), strict=False)  # the turns both hold
     )
 
 
