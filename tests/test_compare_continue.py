@@ -186,3 +186,38 @@ def test_a_pair_answers_the_same_questions_whatever_each_side_said_before(a, b, 
     from rlhf_demo.store.votes import same_questions
 
     assert same_questions(a, b) is pair and same_questions(b, a) is pair
+
+
+def test_a_continuation_that_fails_midway_leaves_nothing_to_vote_on_and_one_refused_first_keeps_the_pair(
+    handlers, runtime, monkeypatch
+):
+    """Failed after answers were shown (here: the store refuses the record), the pair on screen
+    was never recorded: a vote must not land on the pair before it. Refused before a token,
+    the page still shows the pair before, and it stays votable."""
+    from rlhf_demo.modeling.adapters import AdapterError
+    from rlhf_demo.store import StoreBusyError
+    from rlhf_demo.ui.handlers.continuation import VERSION_GONE
+
+    def evicted(*args: Any, **kwargs: Any) -> Any:
+        raise AdapterError("adapter 'v0' is not loaded")
+        yield  # a generator, as the server's stream is
+
+    _, _, state = handlers.compare(ME, "Hi", SAMPLES, max_new_tokens=2)
+    pair = state.response_ids
+    with monkeypatch.context() as m:
+        m.setattr(runtime.server, "stream", evicted)
+        with pytest.raises(UserError, match=VERSION_GONE):
+            continued(handlers, state)
+    assert state.response_ids == pair and state.earlier == ([], []) and state.question == "Hi"
+    assert handlers.vote_pair(ME, state, "A is better")[0].startswith("Vote recorded")
+
+    def busy(*args: Any, **kwargs: Any) -> str:
+        raise StoreBusyError("the database is busy; please try again")
+
+    monkeypatch.setattr(handlers, "record", busy)
+    with pytest.raises(StoreBusyError):
+        continued(handlers, state)
+    assert state.response_ids is None and not state.generating
+    with pytest.raises(UserError, match="Generate a pair first"):
+        handlers.vote_pair(ME, state, "B is better")
+    assert rows(runtime) == (2, 1)

@@ -92,7 +92,7 @@ class CompareHandlers(TabHandlers):
         state.earlier, state.question = histories, text  # shown while both answers stream
         state.generating, state.stop_requested = True, False
         results: list[Generation] = []
-        server = self.runtime.server
+        server, streamed = self.runtime.server, False
         try:
             for item in stream_both(
                 server,
@@ -104,10 +104,14 @@ class CompareHandlers(TabHandlers):
                 if isinstance(item, list):
                     results = item
                 else:
+                    streamed = True
                     yield item[0], item[1], state
             ids = (self.record(visitor, results[0], None, parents[0]), self.record(visitor, results[1], None, parents[1]))
         except BaseException:
-            state.earlier, state.question = shown  # failed: the pair before stays the one to vote on
+            if streamed:  # the page shows answers that were never recorded: nothing there to vote on
+                state.response_ids = state.versions = None
+            else:  # refused before a token: the pair shown stays the one to vote on
+                state.earlier, state.question = shown
             raise
         finally:
             state.generating = False
