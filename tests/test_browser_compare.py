@@ -51,6 +51,7 @@ def test_compare_enter_stop_and_continue_both_in_a_real_browser(tab: Tab, app_ur
     hold_until_stopped(runtime, monkeypatch, "stream_pair")
     page.get_by_label("Prompt").fill("Tell me a long story")
     page.get_by_label("Prompt").press("Enter")  # Enter generates, as the button does
+    expect(page.get_by_text("Writing both answers…")).to_be_visible()  # the pair's Stop is live
     expect(stop).to_be_visible()
     expect(page.get_by_role("button", name="Generate two answers")).to_be_hidden()
     tab.shot("30-compare-streaming")
@@ -97,7 +98,7 @@ def test_compare_enter_stop_and_continue_both_in_a_real_browser(tab: Tab, app_ur
     hold_until_stopped(runtime, monkeypatch, "stream")
     followup.fill("Go on")
     followup.press("Enter")
-    expect(stop).to_be_visible()
+    expect(stop).to_be_visible()  # the continuation goes on in the pair's own state: Stop finds it at once
     stop.click()
     expect(better).to_be_visible(timeout=GENERATION_TIMEOUT_S * 1000)
     page.get_by_role("button", name="Tie", exact=True).click()

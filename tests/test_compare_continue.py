@@ -221,3 +221,18 @@ def test_a_continuation_that_fails_midway_leaves_nothing_to_vote_on_and_one_refu
     with pytest.raises(UserError, match="Generate a pair first"):
         handlers.vote_pair(ME, state, "B is better")
     assert rows(runtime) == (2, 1)
+
+
+def test_an_indented_answer_keeps_its_indentation_on_screen():
+    """Gradio's Markdown dedents what it shows (``inspect.cleandoc``): an answer that is all
+    indented code lost its indentation, and with it the code block."""
+    import gradio as gr
+
+    from rlhf_demo.ui.compare import side_markdown
+
+    answer = "    def f():\n        return 1"
+    first = PairState(response_ids=("a", "b"), question="Fix it")
+    shown = gr.Markdown().postprocess(side_markdown("A", answer, first))
+    assert "\n    def f():\n        return 1" in shown
+    later = dataclasses.replace(first, earlier=([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "\tx"}], []))
+    assert "\n    def f():\n        return 1" in gr.Markdown().postprocess(side_markdown("A", answer, later))

@@ -38,7 +38,9 @@ def side_markdown(side: str, answer: str, state: PairState, cursor: str = "") ->
             said = m["content"]
             parts.append("\n".join(f"> {line}" for line in f"**You:** {said}".splitlines()) if m["role"] == "user" else said)
     parts.append(f"{answer}{cursor}")
-    return "\n\n".join(parts)
+    # Gradio's Markdown dedents its value (inspect.cleandoc) by the least indentation of the
+    # lines after the first: with the header second, that is zero, and indented code stays code.
+    return "\n" + "\n\n".join(parts)
 
 
 def shown_pair(a: str, b: str, state: PairState) -> tuple[str, str, PairState, str]:

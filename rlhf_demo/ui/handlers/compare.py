@@ -57,6 +57,7 @@ class CompareHandlers(TabHandlers):
         if source is None or source not in SOURCES.values():
             raise UserError(f"Unknown comparison source {str(source_label)[:40]!r}.")
         state = PairState(source=source, generating=True, question=text)
+        yield "", "", state  # the page holds this pair's state before the first token: Stop finds it
         results: list[Generation] = []
         for item in self.compare_candidates(
             [{"role": "user", "content": text}], self._versions(source), checked, lambda: state.stop_requested
