@@ -8,6 +8,7 @@ PUBLIC = {
     "/chat",
     "/rate",
     "/compare",
+    "/continue_both",
     "/vote_A",
     "/vote_B",
     "/vote_tie",

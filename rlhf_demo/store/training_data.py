@@ -44,7 +44,11 @@ class TrainingData(StoreBase):
 
     def preference_pairs(self) -> list[dict[str, Any]]:
         """Decisive A/B votes as prompt/chosen/rejected, oldest first (no ties); with
-        ``chosen_finished``/``rejected_finished``: False for an answer cut at the length limit."""
+        ``chosen_finished``/``rejected_finished``: False for an answer cut at the length limit.
+
+        Only pairs whose answers share one prompt: a pair that continues two conversations
+        (each side with its own earlier answers) has no single prompt to train on, so its
+        vote stays in the store without becoming a training pair."""
         rows = self._query(
             f"""
             SELECT p.prompt_json, p.outcome, p.visitor_id, p.ip_key, p.reasons, p.comment,
@@ -52,7 +56,7 @@ class TrainingData(StoreBase):
             FROM preferences p
             JOIN responses a ON a.id = p.response_a_id
             JOIN responses b ON b.id = p.response_b_id
-            WHERE p.outcome IN ('A', 'B')
+            WHERE p.outcome IN ('A', 'B') AND a.prompt_json = b.prompt_json
             ORDER BY p.updated_at, p.rowid
             """
         )

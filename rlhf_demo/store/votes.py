@@ -52,6 +52,17 @@ def pair_vote(db: sqlite_utils.Database, visitor_id: str, a: object, b: object) 
     return rows[0] if rows else None
 
 
+def same_questions(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    """Whether two answers' prompts ask the same questions: read from the last turn back, the
+    turns both still hold match, except the assistant's (each side of a continued Compare pair
+    goes on from its own answers). One may hold fewer: the oldest turns are dropped to fit the
+    model's prompt budget, and longer answers on one side drop more."""
+    return bool(a and b) and all(
+        x["role"] == y["role"] and (x["role"] == "assistant" or x["content"] == y["content"])
+        for x, y in zip(reversed(a), reversed(b), strict=False)  # the turns both hold
+    )
+
+
 def annotate(db: sqlite_utils.Database, table: str, vote_id: Any, tags: list[str], text: str) -> VoteResult:
     """Store checked reasons on one vote row; NULLs when both are empty."""
     values = {"reasons": json.dumps(tags) if tags else None, "comment": text or None}
@@ -113,7 +124,8 @@ class Votes(StoreBase):
         ip_key: str | None = None,
     ) -> VoteResult:
         """An A/B vote; a voter has one vote per pair (in either order), so voting
-        again on the same pair updates it."""
+        again on the same pair updates it. Both answers must answer the same questions
+        (:func:`same_questions`); the vote keeps A's prompt."""
         check_str("visitor_id", visitor_id, MAX_ID_BYTES)
         check_choice("outcome", outcome, OUTCOMES)
         check_choice("source", source, SOURCES)
@@ -131,7 +143,7 @@ class Votes(StoreBase):
         with self._write() as db:
             a = get_row(db, "responses", response_a_id, "response A")
             b = get_row(db, "responses", response_b_id, "response B")
-            if a["prompt_json"] != b["prompt_json"]:
+            if not same_questions(json.loads(a["prompt_json"]), json.loads(b["prompt_json"])):
                 raise InvalidInputError("responses A and B answer different prompts")
             old = pair_vote(db, visitor_id, response_a_id, response_b_id)
             now = utc_now()

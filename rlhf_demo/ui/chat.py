@@ -105,6 +105,13 @@ class ChatEvents:
         return self.h.rate_api(self._visitor(request), state, index, liked)  # no bool(): "Dislike" is truthy
 
 
+def shown_again(state: ChatState, message: str) -> tuple[Any, str]:
+    """After a failed event: the chat as the server has it, the box as it was. Gradio keeps an
+    "Error" overlay on a failed event's outputs until their next update; it hid the chat and
+    swallowed clicks on its thumbs. This is that update."""
+    return display(state.messages if isinstance(state, ChatState) else []), message
+
+
 def writing() -> tuple[Any, Any]:
     """Stop replaces Send while an answer streams."""
     return gr.Button(visible=False), gr.Button(visible=True)
@@ -163,6 +170,7 @@ def build_chat_tab(events: ChatEvents, guidelines: str, demo: gr.Blocks) -> Chat
             # Gradio's `.then` does not follow a failed event: Send must come back either way.
             for after in (answered.then, answered.failure):
                 after(idle, None, [send, stop], queue=False, **PRIVATE)
+            answered.failure(shown_again, [state, message], [chatbot, message], queue=False, **PRIVATE)
         # Stop: the answer ends at its next token and is kept (recorded, rateable); not Gradio's
         # `cancels`, which would leave a half answer the server has no record of.
         stop.click(events.on_stop, [state], [vote_status], queue=False, **PRIVATE)

@@ -1,10 +1,11 @@
-"""The Compare tab's verbs: two blind answers to one prompt, an A/B vote, reasons, a new round."""
+"""The Compare tab's verbs: two blind answers to one prompt, an A/B vote, reasons, a follow-up
+both sides answer ("continue both"), a new round."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_demo.selection import Round, compare_round
@@ -13,6 +14,7 @@ from rlhf_demo.store.validate import OUTCOMES, SIDES
 from rlhf_demo.ui.handlers.base import TabHandlers
 from rlhf_demo.ui.handlers.chat import REASONS_SAID
 from rlhf_demo.ui.handlers.checks import UserError, check_message, check_sampling, check_visitor, two_strings
+from rlhf_demo.ui.handlers.continuation import side_histories, stream_both
 from rlhf_demo.visitors import Visitor
 
 
@@ -28,7 +30,9 @@ PAIR_SAID = {"created": "Vote recorded", "updated": "Vote changed", "unchanged":
 
 @dataclass
 class PairState:
-    """The Compare tab's current pair; versions are revealed only after the vote."""
+    """The Compare tab's current pair; versions are revealed only after the vote. After a
+    "continue both", ``earlier`` holds each side's conversation before the current answers
+    (for display: the server's record is what the model sees)."""
 
     response_ids: tuple[str, str] | None = None
     versions: tuple[str, str] | None = None
@@ -36,6 +40,8 @@ class PairState:
     voted: bool = False
     generating: bool = False  # answers are still streaming: no vote yet
     stop_requested: bool = False  # the Stop button: both answers end at their next token
+    earlier: tuple[list[dict[str, str]], list[dict[str, str]]] = field(default_factory=lambda: ([], []))
+    question: str = ""  # the prompt the current answers answer
 
 
 class CompareHandlers(TabHandlers):
@@ -57,7 +63,8 @@ class CompareHandlers(TabHandlers):
         source = SOURCES.get(source_label, source_label) if isinstance(source_label, str) else None
         if source is None or source not in SOURCES.values():
             raise UserError(f"Unknown comparison source {str(source_label)[:40]!r}.")
-        state = PairState(source=source, generating=True)
+        state = PairState(source=source, generating=True, question=text)
+        yield "", "", state  # the page holds this pair's state before the first token: Stop finds it
         results: list[Generation] = []
         for item in self.compare_candidates(
             [{"role": "user", "content": text}], self._versions(source), checked, lambda: state.stop_requested
@@ -68,6 +75,55 @@ class CompareHandlers(TabHandlers):
                 yield item[0], item[1], state
         ids = tuple(self.record(visitor, r, None) for r in results)
         state.response_ids, state.versions, state.generating = (ids[0], ids[1]), (results[0].version, results[1].version), False
+        yield results[0].text, results[1].text, state
+
+    def continue_stream(
+        self, visitor: Visitor | str, message: Any, state: Any, **sampling: Any
+    ) -> Iterator[tuple[str, str, PairState]]:
+        """A follow-up both sides answer, each in its own conversation (A's history holds A's
+        answers, B's holds B's), streamed like :meth:`compare_stream`; the new answers are the
+        pair to vote on next, each recorded with the answer it continues as its parent."""
+        visitor = check_visitor(visitor)
+        text = check_message(message, self.limits)
+        checked = {k: v for k, v in check_sampling(**sampling).items() if v is not None}
+        if isinstance(state, PairState) and state.generating:
+            raise UserError("Wait until both answers are finished.")
+        if not isinstance(state, PairState) or not two_strings(state.response_ids):
+            raise UserError("Generate a pair first.")
+        parents = state.response_ids
+        rows = (self.own_response(visitor, parents[0]), self.own_response(visitor, parents[1]))
+        histories = side_histories(rows)
+        if sum(m["role"] == "user" for m in histories[0]) >= self.limits.max_turns:
+            raise UserError(f"This pair reached {self.limits.max_turns} turns; start a new round.")
+        asked = {"role": "user", "content": text}
+        shown = state.earlier, state.question
+        state.earlier, state.question = histories, text  # shown while both answers stream
+        state.generating, state.stop_requested = True, False
+        results: list[Generation] = []
+        server, streamed = self.runtime.server, False
+        try:
+            for item in stream_both(
+                server,
+                ([*histories[0], asked], [*histories[1], asked]),
+                (rows[0]["adapter_version"], rows[1]["adapter_version"]),
+                server.sampling(**checked),
+                lambda: state.stop_requested,
+            ):
+                if isinstance(item, list):
+                    results = item
+                else:
+                    streamed = True
+                    yield item[0], item[1], state
+            ids = (self.record(visitor, results[0], None, parents[0]), self.record(visitor, results[1], None, parents[1]))
+        except BaseException:
+            if streamed:  # the page shows answers that were never recorded: nothing there to vote on
+                state.response_ids = state.versions = None
+            else:  # refused before a token: the pair shown stays the one to vote on
+                state.earlier, state.question = shown
+            raise
+        finally:
+            state.generating = False
+        state.response_ids, state.versions, state.voted = ids, (results[0].version, results[1].version), False
         yield results[0].text, results[1].text, state
 
     def _versions(self, source: str) -> tuple[str, str]:
