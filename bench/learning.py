@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else []
-    if len(seeds) > 1:
+    if len(seeds) > 1 or (seeds and args.reuse_finished):  # a finished seed is only summarised
         run_seeds(args, seeds, argv if argv is not None else sys.argv[1:])
     else:
         args.seed = seeds[0] if seeds else args.seed

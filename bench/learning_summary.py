@@ -98,6 +98,7 @@ def summarize(runs: dict[int, dict[str, Any]], rater: str, command: str, device:
         "cpu": f"{os.cpu_count()} cores",
         "torch_threads": threads,
         "command": command,
+        "seed_commands": {str(seed): runs[seed].get("command") for seed in seeds},  # what each seed's run was
         "selection": runs[seeds[0]]["selection"],
         "best_of": runs[seeds[0]]["selection"]["best_of"],
         "decisive_fraction": statistics.fmean(decisive) if decisive else None,

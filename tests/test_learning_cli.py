@@ -57,3 +57,13 @@ def test_without_reuse_finished_every_seed_runs_again(tmp_path: Path, started: l
     argv = ["--cycles", "3", "--seeds", "0,1", "--out", str(tmp_path), "--threads", "1"]
     learning_cli.run_seeds(learning_cli.parse_args(argv), [0, 1], argv)
     assert seeds_run(started) == [0, 1]
+
+
+def test_one_finished_seed_with_reuse_finished_is_summarised_not_run_again(tmp_path: Path, started: list[list[str]]) -> None:
+    from bench import learning
+
+    write_run(tmp_path / "seed-0", 4)
+    learning.main(["--cycles", "3", "--seeds", "0", "--out", str(tmp_path), "--reuse-finished", "--threads", "1"])
+    assert started == []
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seeds"] == [0] and summary["seed_commands"] == {"0": None} and len(summary["cycles"]) == 4
