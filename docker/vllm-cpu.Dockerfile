@@ -1,6 +1,7 @@
 # vLLM's CPU build (x86-64 with AVX2 or AVX-512) as an OpenAI-compatible server: the same
 # install that .ci/vllm-env.sh makes and tests/test_vllm_engine.py runs against.
-FROM python:3.11-slim
+ARG BASE=python:3.11-slim
+FROM ${BASE}
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_CPU_KVCACHE_SPACE=1 VLLM_NO_USAGE_STATS=1
 # torchvision / torchaudio / torchcodec come with it but fail to load on its torch; text needs none.
