@@ -8,6 +8,7 @@
 #   DATA=<empty folder> docker/run-local.sh
 # RLHF_DEMO_ADMIN_TOKEN comes from the environment (one is generated when unset).
 set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
 : "${BASE:?a Python 3.11 base image}" "${MODEL_DIR:?the converted SmolLM2 folder}" "${DATA:?a folder for /data}"
 export RLHF_DEMO_DOCKER_DATA=$DATA GRADIO_SERVER_PORT=${GRADIO_SERVER_PORT:-7860}
 export RLHF_DEMO_ADMIN_TOKEN=${RLHF_DEMO_ADMIN_TOKEN:-$(python3 -c 'import secrets; print(secrets.token_hex(16))')}
