@@ -129,11 +129,15 @@ class Tab:
 
 
 @pytest.fixture
-def tab(browser) -> Iterator[Tab | None]:
+def tab(browser, request: pytest.FixtureRequest) -> Iterator[Tab | None]:
     """None without a browser: each test then calls require_browser() first, so CI reports a FAIL, not an ERROR."""
     if browser is None:
         yield None
         return
+    if "app_url" in request.fixturenames:
+        # The app starts before the page and closes after its toasts are read: a page that
+        # outlives its app sees a stopped queue ("This application is currently busy").
+        request.getfixturevalue("app_url")
     t = Tab(browser)
     try:
         yield t

@@ -123,3 +123,27 @@ def test_example_edit_vote_counter_and_delete_in_a_real_browser(tab: Tab, app_ur
     send_chat(page, "A fresh start")  # no "unknown response": the page forgot the deleted chat
     assert runtime.store.counts()["responses"] == 1
     assert tab.dialogs == [] and tab.page_errors == [] and tab.blocked == []
+
+
+def test_the_header_names_the_version_that_answers_while_the_chat_tab_is_open(
+    tab: Tab,  # noqa: F811
+    app_url: str,
+    runtime,
+    tiny_loaded,
+) -> None:
+    """A hot-swap while a visitor sits on the Chat tab: the header's adapter follows (its refresh
+    must not depend on the Dashboard tab being open)."""
+    require_browser()
+    from conftest import write_random_adapter
+    from playwright.sync_api import expect
+
+    page = tab.page
+    page.goto(app_url)
+    header = page.locator("#model-info")
+    expect(header).to_contain_text(re.compile(r"adapter:\s*v0"))
+    folder = write_random_adapter(tiny_loaded, runtime.settings, "v1", seed=1)
+    runtime.store.register_version("v1", str(folder), "v0", "active", {})
+    assert runtime.sync_registry() == "v1"
+    expect(header).to_contain_text(re.compile(r"adapter:\s*v1"), timeout=30_000)
+    send_chat(page, "Which version answers?", done="written by adapter v1")
+    tab.shot("26-header-follows-swap")

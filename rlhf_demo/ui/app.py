@@ -25,6 +25,7 @@ from rlhf_demo.worker.supervisor import WorkerSupervisor
 
 # Toasts are page-wide in Gradio: switching tabs dismisses the open ones, so an error on one tab
 # does not follow the visitor to the next.
+HEADER_REFRESH_S = 5.0  # how soon the header names a newly served version
 DISMISS_TOASTS_JS = "() => document.querySelectorAll('[data-testid=\"toast-close\"]').forEach((b) => b.click())"
 # On a phone the header takes one short line, so the chat starts on the first screen.
 HEADER_CSS = """
@@ -71,11 +72,14 @@ def build_app(runtime: Runtime, supervisor: WorkerSupervisor | None = None) -> g
         model_info = gr.Markdown(elem_id="model-info")
         # fresh on every page load (a callable value would be listed as an API endpoint)
         demo.load(h.model_markdown, None, model_info, **PRIVATE)
+        # and after a hot-swap: a Timer ticks only while its tab is rendered, so this one sits
+        # outside the tabs, where every page has it
+        header_timer = gr.Timer(HEADER_REFRESH_S)
+        header_timer.tick(h.model_markdown, None, model_info, show_progress="hidden", queue=False, **PRIVATE)
         chat = build_chat_tab(ChatEvents(h), guidelines, demo)
         compare_tab = build_compare_tab(CompareEvents(h), guidelines)
         data_tab = build_data_tab(DataEvents(h), model_info, [chat.chatbot, chat.state], demo)
-        dashboard_tab, timer = dashboard.build_dashboard_tab(dashboard.DashboardEvents(runtime, supervisor), demo)
-        timer.tick(h.model_markdown, None, model_info, show_progress="hidden", **PRIVATE)  # its active adapter changes
+        dashboard_tab = dashboard.build_dashboard_tab(dashboard.DashboardEvents(runtime, supervisor), demo)
         for each_tab in (chat.tab, compare_tab, data_tab, dashboard_tab):
             each_tab.select(None, None, None, js=DISMISS_TOASTS_JS, queue=False, **PRIVATE)
     return demo

@@ -327,4 +327,4 @@ def build_dashboard_tab(events: DashboardEvents, demo: Any) -> Any:
         timer.tick(events.refresh_if_runs_changed, [seen], [seen, *tables], show_progress="hidden", **private)
         demo.load(events.worker_markdown, None, [worker_md, sync_md], **private)
         demo.load(events.refresh_if_runs_changed, [seen], [seen, *tables], **private)
-    return tab, timer
+    return tab
