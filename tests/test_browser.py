@@ -304,12 +304,12 @@ def test_the_browser_reaches_only_127_0_0_1(tab: Tab, app_url: str) -> None:
     assert tab.blocked == ["http://example.com/probe"]
 
 
-def hold_generation_until_stopped(runtime, monkeypatch) -> None:
-    """Make every chat answer wait after its first token until the visitor presses Stop (or 30 s
-    pass), so the test can press Stop while the answer is still being written."""
-    original = runtime.server.stream
+def hold_until_stopped(runtime: Any, monkeypatch: Any, method: str = "stream") -> None:
+    """Make the server's ``method`` wait after each token until the visitor presses Stop (or
+    30 s pass), so that the test can press Stop while the answers are still being written."""
+    original = getattr(runtime.server, method)
 
-    def stream(*args: Any, should_stop: Any = None, **kwargs: Any) -> Any:
+    def held_call(*args: Any, should_stop: Any = None, **kwargs: Any) -> Any:
         def held() -> bool:
             deadline = time.monotonic() + 30
             while not should_stop() and time.monotonic() < deadline:
@@ -318,7 +318,7 @@ def hold_generation_until_stopped(runtime, monkeypatch) -> None:
 
         return original(*args, should_stop=held if should_stop else None, **kwargs)
 
-    monkeypatch.setattr(runtime.server, "stream", stream)
+    monkeypatch.setattr(runtime.server, method, held_call)
 
 
 def test_every_chat_control_in_a_real_browser(tab: Tab, app_url: str, runtime, monkeypatch) -> None:
@@ -361,7 +361,7 @@ def test_every_chat_control_in_a_real_browser(tab: Tab, app_url: str, runtime, m
     tab.shot("11-chat-undone")
 
     # Stop: shown instead of Send while an answer streams; the answer so far is kept and recorded.
-    hold_generation_until_stopped(runtime, monkeypatch)
+    hold_until_stopped(runtime, monkeypatch)
     page.get_by_placeholder("Ask anything…").fill("A long story, please")
     page.get_by_role("button", name="Send", exact=True).click()
     stop = page.get_by_role("button", name="Stop", exact=True)

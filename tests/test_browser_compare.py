@@ -9,28 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from typing import Any
 
 from conftest import wait_until
-from test_browser import GENERATION_TIMEOUT_S, Tab, browser, require_browser, settings, tab  # noqa: F401 - fixtures
-
-
-def hold_until_stopped(runtime: Any, monkeypatch: Any, method: str) -> None:
-    """Make the server's ``method`` wait after each token until the visitor presses Stop (or
-    30 s pass), so that the test can press Stop while the answers are still being written."""
-    original = getattr(runtime.server, method)
-
-    def held_call(*args: Any, should_stop: Any = None, **kwargs: Any) -> Any:
-        def held() -> bool:
-            deadline = time.monotonic() + 30
-            while not should_stop() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            return should_stop()
-
-        return original(*args, should_stop=held if should_stop else None, **kwargs)
-
-    monkeypatch.setattr(runtime.server, method, held_call)
+from test_browser import GENERATION_TIMEOUT_S, Tab, browser, hold_until_stopped, require_browser, settings, tab  # noqa: F401 - fixtures
 
 
 def pair_ids(runtime: Any) -> list[tuple[str, str, str]]:
