@@ -8,15 +8,17 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from bench.learning_output import command_line, device_name, record
-from bench.learning_summary import summarize
+from bench.learning_summary import record_path, seed_figures, seeds_in_record, summarize
 from bench.learning_votes import PROMPTS_DIR
 from rlhf_demo.config import (
     DEFAULT_MODEL,
@@ -204,17 +206,58 @@ def finished_run(out: Path, cycles: int) -> bool:
     return len(rows) == cycles + 1
 
 
+# Arguments that say where a seed ran or what the parent did, not what the seed measured.
+NOT_THE_RUN = {"out", "seed", "seeds", "parallel", "record", "reuse_finished", "models_from"}
+
+
+def same_run(command: str | None, args: argparse.Namespace) -> bool:
+    """Whether a seed's recorded command measured what ``args`` asks for: every argument
+    equal, except where it wrote and where the model was read from."""
+    if not command:
+        return False
+    words = shlex.split(command)
+    entry = next((i for i, w in enumerate(words) if w.endswith("learning.py")), None)
+    if entry is None:
+        return False
+    try:
+        theirs = vars(parse_args(words[entry + 1 :]))
+    except SystemExit:  # a command this version's parser no longer reads
+        return False
+    ours = vars(args)
+    return all(theirs.get(k) == v for k, v in ours.items() if k not in NOT_THE_RUN)
+
+
+def recorded_seeds(args: argparse.Namespace, seeds: list[int]) -> dict[int, dict[str, Any]]:
+    """The requested seeds that the committed record already holds with all their cycles,
+    from the same arguments (what ``--reuse-finished`` may take from there)."""
+    path = record_path(args.rater, device_name())
+    try:
+        held = seeds_in_record(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {
+        seed: fig
+        for seed, fig in held.items()
+        if seed in seeds and len(fig["rows"]) == args.cycles + 1 and same_run(fig["command"], args)
+    }
+
+
 def run_seeds(args: argparse.Namespace, seeds: list[int], argv: list[str]) -> None:
     """Each seed in its own process (``--seed N --out <out>/seed-N``), ``--parallel`` at a
     time; then the summary over the seeds whose runs wrote figures (a run cut short counts
     with the cycles it finished). With ``--reuse-finished`` a seed whose run already holds
-    all its cycles is only summarised, so an interrupted multi-seed run resumes."""
+    all its cycles, in ``<out>`` or in the committed record, is only summarised, so an
+    interrupted multi-seed run resumes and new seeds join those recorded earlier."""
     rest = seed_arguments(argv)
     parallel = args.parallel or max(1, (os.cpu_count() or 1) // max(1, args.threads))
     outs = {seed: Path(args.out) / f"seed-{seed}" for seed in seeds}
-    pending = [seed for seed in seeds if not (args.reuse_finished and finished_run(outs[seed], args.cycles))]
-    for seed in sorted(set(seeds) - set(pending)):
+    finished = {seed for seed in seeds if args.reuse_finished and finished_run(outs[seed], args.cycles)}
+    recorded = {s: f for s, f in recorded_seeds(args, seeds).items() if s not in finished} if args.reuse_finished else {}
+    pending = [seed for seed in seeds if seed not in finished and seed not in recorded]
+    for seed in sorted(finished):
         log.info("seed %d: finished in %s, reused", seed, outs[seed])
+    for seed in sorted(recorded):
+        log.info("seed %d: held by the committed record (%s), reused", seed, recorded[seed]["commit"] or "commit unknown")
     running: list[subprocess.Popen] = []
     while pending or running:
         while pending and len(running) < parallel:
@@ -224,21 +267,22 @@ def run_seeds(args: argparse.Namespace, seeds: list[int], argv: list[str]) -> No
             running.append(subprocess.Popen(command))
         time.sleep(2)
         running = [proc for proc in running if proc.poll() is None]
-    summarise_seeds(args, outs)
+    summarise_seeds(args, {seed: out for seed, out in outs.items() if seed not in recorded}, recorded)
 
 
-def summarise_seeds(args: argparse.Namespace, outs: dict[int, Path]) -> None:
+def summarise_seeds(args: argparse.Namespace, outs: dict[int, Path], recorded: dict[int, dict[str, Any]]) -> None:
     """``<out>/summary.json`` (and with ``--record`` the committed figures) over the seeds
-    whose runs wrote figures."""
-    runs = {
-        seed: json.loads((out / "learning.json").read_text()) for seed, out in outs.items() if (out / "learning.json").is_file()
-    }
-    if not runs:
+    whose runs wrote figures and those reused from the committed record."""
+    figures = dict(recorded)
+    for seed, out in outs.items():
+        if (out / "learning.json").is_file():
+            figures[seed] = seed_figures(json.loads((out / "learning.json").read_text()))
+    if not figures:
         raise SystemExit("no seed wrote any figures")
-    summary = summarize(runs, args.rater, command_line(), device_name(), args.threads or torch.get_num_threads())
+    summary = summarize(figures, args.rater, command_line(), device_name(), args.threads or torch.get_num_threads())
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if args.record:
-        record(runs, args, command_line())
+        record(figures, args, command_line())
     for c in summary["cycles"]:
         print(
             f"cycle {c['cycle']}: win-rate {c['win_rate']:.3f} ± {c['win_rate_se'] or 0:.3f} (seeds {summary['seeds']}), KL {c['kl']:.2f}, decisive {c['decisive_fraction']}"

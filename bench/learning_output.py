@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bench.learning_summary import record_path, summarize
+from bench.learning_summary import record_path, seed_figures, summarize
 from rlhf_demo.config import Settings
 
 
@@ -31,9 +33,29 @@ def command_line() -> str:
     return "python bench/learning.py " + " ".join(sys.argv[1:])
 
 
-def record(runs: dict[int, dict[str, Any]], args: argparse.Namespace, command: str) -> Path:
-    """The small committed summary (mean ± SE over the seeds): ``bench/results/learning-<rater>[-cuda].json``."""
-    summary = summarize(runs, args.rater, command, device_name(), torch.get_num_threads())
+@functools.cache  # read once, at the first row: a commit made during the run is not the run's
+def code_version() -> str | None:
+    """The commit the benchmark runs (``-dirty`` with uncommitted changes): committed figures
+    must come from committed code. None outside a git checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
+def record(figures: dict[int, dict[str, Any]], args: argparse.Namespace, command: str) -> Path:
+    """The small committed summary (mean ± SE over the seeds, ``figures`` as
+    ``seed_figures`` gives them): ``bench/results/learning-<rater>[-cuda].json``."""
+    summary = summarize(figures, args.rater, command, device_name(), torch.get_num_threads())
     path = record_path(args.rater, device_name())
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -60,6 +82,7 @@ def write(
     }
     result = {
         "command": command_line(),
+        "commit": code_version(),
         "seed": args.seed,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "device": f"{device_name()}, torch threads {torch.get_num_threads()}, {os.cpu_count()} cores",
@@ -70,7 +93,7 @@ def write(
     }
     (out / "learning.json").write_text(json.dumps(result, indent=2, default=str))
     if args.record:  # after every cycle: a run cut short still leaves its figures so far
-        record({args.seed: result}, args, result["command"])
+        record({args.seed: seed_figures(result)}, args, result["command"])
     plot(out / "learning.png", rows, args)
     print_table(rows)
     return result

@@ -2,7 +2,9 @@
 
 Why a module of its own: arms are told apart by the same seeds, so the summary is across
 seeds (the standard error of the seeds' win-rates), and a run that was cut short still
-leaves its figures so far. ``bench/results/learning-<rater>[-cuda].json`` holds it.
+leaves its figures so far. ``bench/results/learning-<rater>[-cuda].json`` holds it, with
+each seed's own rows, times, command and commit, so a seed run later (on another machine,
+in another session) can join the seeds already recorded (:func:`seeds_in_record`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def cycle_row(r: dict[str, Any]) -> dict[str, Any]:
         ],
         "win_rate": ev["win_rate"],
         "win_rate_se": ev["win_rate_se"],
+        "comparisons": ev.get("comparisons"),
         "policy_win_rate": (ev.get("policy") or {}).get("win_rate"),
         "picked_from": ev.get("picked_from"),
         "kl": ev["kl"],
@@ -56,12 +59,47 @@ def cycle_row(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def summarize(runs: dict[int, dict[str, Any]], rater: str, command: str, device: str, threads: int) -> dict[str, Any]:
-    """Mean ± SE over the seeds' ``learning.json`` (``runs[seed]``), per cycle and final; a
-    seed's cycles beyond the shortest run are left out of the means, so every row compares
-    the same seeds."""
-    seeds = sorted(runs)
-    per_seed = {seed: [cycle_row(r) for r in runs[seed]["cycles"]] for seed in seeds}
+def seed_figures(run: dict[str, Any]) -> dict[str, Any]:
+    """What the summary keeps of one seed's ``learning.json``: its cycle rows, its times, the
+    command and commit that produced it, its selection settings."""
+    return {
+        "rows": [cycle_row(r) for r in run["cycles"]],
+        "wall_s": run["final"]["wall_s"],
+        "eval_s": run["final"]["eval_s"],
+        "command": run.get("command"),
+        "commit": run.get("commit"),
+        "selection": run["selection"],
+    }
+
+
+def seeds_in_record(record: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The seeds a committed record holds, as :func:`seed_figures` gives them. Records
+    written before per-seed times were kept hold one seed, whose times are the record's."""
+    times = record.get("seed_times") or {}
+    commits = record.get("seed_commits") or {}
+    out: dict[int, dict[str, Any]] = {}
+    for seed in record["seeds"]:
+        key = str(seed)
+        if key not in times and len(record["seeds"]) > 1:
+            continue  # no times of its own: it cannot be told apart from the mean
+        rows = [{"comparisons": record["comparisons"], **c["seeds"][key]} for c in record["cycles"] if key in c["seeds"]]
+        out[int(seed)] = {
+            "rows": rows,
+            "wall_s": times.get(key, {}).get("wall_s", record["wall_s"]),
+            "eval_s": times.get(key, {}).get("eval_s", record["eval_s"]),
+            "command": (record.get("seed_commands") or {}).get(key),
+            "commit": commits.get(key),
+            "selection": record["selection"],
+        }
+    return out
+
+
+def summarize(figures: dict[int, dict[str, Any]], rater: str, command: str, device: str, threads: int) -> dict[str, Any]:
+    """Mean ± SE over the seeds (``figures[seed]`` as :func:`seed_figures` gives it), per
+    cycle and final; a seed's cycles beyond the shortest run are left out of the means, so
+    every row compares the same seeds."""
+    seeds = sorted(figures)
+    per_seed = {seed: figures[seed]["rows"] for seed in seeds}
     depth = min(len(rows) for rows in per_seed.values())
     cycles = []
     for i in range(depth):
@@ -81,7 +119,6 @@ def summarize(runs: dict[int, dict[str, Any]], rater: str, command: str, device:
             }
         )
     last = cycles[-1]
-    finals = [runs[seed]["final"] for seed in seeds]
     decisive = [c["decisive_fraction"] for c in cycles if c["decisive_fraction"] is not None]
     return {
         "rater": rater,
@@ -90,17 +127,19 @@ def summarize(runs: dict[int, dict[str, Any]], rater: str, command: str, device:
         "win_rate": last["win_rate"],
         "win_rate_se": last["win_rate_se"],
         "win_rate_se_over": "seeds" if len(seeds) > 1 else "prompts (one seed)",
-        "comparisons": runs[seeds[0]]["cycles"][depth - 1]["eval"]["comparisons"],  # per seed
+        "comparisons": per_seed[seeds[0]][depth - 1]["comparisons"],  # per seed
         "kl": last["kl"],
-        "wall_s": statistics.fmean(f["wall_s"] for f in finals),
-        "eval_s": statistics.fmean(f["eval_s"] for f in finals),
+        "wall_s": statistics.fmean(figures[seed]["wall_s"] for seed in seeds),
+        "eval_s": statistics.fmean(figures[seed]["eval_s"] for seed in seeds),
         "device": device,
         "cpu": f"{os.cpu_count()} cores",
         "torch_threads": threads,
         "command": command,
-        "seed_commands": {str(seed): runs[seed].get("command") for seed in seeds},  # what each seed's run was
-        "selection": runs[seeds[0]]["selection"],
-        "best_of": runs[seeds[0]]["selection"]["best_of"],
+        "seed_commands": {str(seed): figures[seed]["command"] for seed in seeds},  # what each seed's run was
+        "seed_commits": {str(seed): figures[seed]["commit"] for seed in seeds},  # the code each seed ran
+        "seed_times": {str(seed): {k: figures[seed][k] for k in ("wall_s", "eval_s")} for seed in seeds},
+        "selection": figures[seeds[0]]["selection"],
+        "best_of": figures[seeds[0]]["selection"]["best_of"],
         "decisive_fraction": statistics.fmean(decisive) if decisive else None,
         "cycles": cycles,
     }
@@ -111,4 +150,4 @@ def record_path(rater: str, device: str) -> Path:
     return RESULTS_DIR / f"learning-{name}{'-cuda' if device == 'cuda' else ''}.json"
 
 
-__all__ = ["RESULTS_DIR", "cycle_row", "mean_se", "record_path", "summarize"]
+__all__ = ["RESULTS_DIR", "cycle_row", "mean_se", "record_path", "seed_figures", "seeds_in_record", "summarize"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench import learning_cli
+from bench.learning_summary import seed_figures, summarize
 from tests.test_learning_summary import run as finished_cycles
 
 
@@ -66,4 +67,46 @@ def test_one_finished_seed_with_reuse_finished_is_summarised_not_run_again(tmp_p
     learning.main(["--cycles", "3", "--seeds", "0", "--out", str(tmp_path), "--reuse-finished", "--threads", "1"])
     assert started == []
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["seeds"] == [0] and summary["seed_commands"] == {"0": None} and len(summary["cycles"]) == 4
+    assert summary["seeds"] == [0] and len(summary["cycles"]) == 4
+    assert summary["seed_commands"] == {"0": "python bench/learning.py --cycles 3 --seed 0"}
+
+
+def recorded_seed_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    """A committed record (redirected into tmp_path) that holds seed 0, run by ``command``."""
+    figures = {0: seed_figures(finished_cycles([0.5, 0.6, 0.7, 0.9], [None, 0.5, 0.5, 0.5]))}
+    figures[0]["command"] = command
+    path = tmp_path / "learning-keyword.json"
+    path.write_text(json.dumps(summarize(figures, "bench.raters:keyword", "cmd", "cpu", 1)))
+    monkeypatch.setattr(learning_cli, "record_path", lambda _rater, _device: path)
+
+
+SEED_ZERO = "python bench/learning.py --rater bench.raters:keyword --cycles 3 --threads 1 --models-from /elsewhere --seed 0 --out /old/seed-0"
+
+
+def test_reuse_finished_takes_a_seed_from_the_committed_record_run_with_the_same_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started: list[list[str]]
+) -> None:
+    recorded_seed_zero(tmp_path, monkeypatch, SEED_ZERO)
+    out = tmp_path / "runs"
+    argv = ["--rater", "bench.raters:keyword", "--cycles", "3", "--seeds", "0,1,2", "--out", str(out), "--reuse-finished"]
+    argv += ["--threads", "1"]
+    learning_cli.run_seeds(learning_cli.parse_args(argv), [0, 1, 2], argv)
+    assert seeds_run(started) == [1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1, 2] and summary["seed_commands"]["0"] == SEED_ZERO
+    assert summary["cycles"][-1]["seeds"]["0"]["win_rate"] == 0.9
+
+
+@pytest.mark.parametrize("differs", ["--votes 100", "--selection passive", "--threads 2"])
+def test_a_recorded_seed_from_other_arguments_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started: list[list[str]], differs: str
+) -> None:
+    recorded_seed_zero(
+        tmp_path,
+        monkeypatch,
+        SEED_ZERO.replace("--threads 1", f"--threads 1 {differs}").replace("--threads 1 --threads 2", "--threads 2"),
+    )
+    argv = ["--rater", "bench.raters:keyword", "--cycles", "3", "--seeds", "0,1", "--out", str(tmp_path / "runs")]
+    argv += ["--reuse-finished", "--threads", "1"]
+    learning_cli.run_seeds(learning_cli.parse_args(argv), [0, 1], argv)
+    assert seeds_run(started) == [0, 1]

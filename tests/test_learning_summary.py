@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.learning_summary import summarize
+from bench.learning_summary import seed_figures, seeds_in_record, summarize
 
 FIELDS = {
     "rater",
@@ -47,6 +47,8 @@ def run(wins: list[float], decisive: list[float | None]) -> dict:
         for i, (w, d) in enumerate(zip(wins, decisive, strict=True))
     ]
     return {
+        "command": "python bench/learning.py --cycles 3 --seed 0",
+        "commit": "a4a2ee2",
         "cycles": cycles,
         "final": {"wall_s": 900.0, "eval_s": 120.0},
         "selection": {"rule": "dts", "candidates": 4, "candidate_temperature": None, "best_of": 1},
@@ -55,7 +57,13 @@ def run(wins: list[float], decisive: list[float | None]) -> dict:
 
 def test_summary_is_mean_and_se_over_seeds_on_the_cycles_all_seeds_finished():
     runs = {0: run([0.5, 0.6, 0.7], [None, 0.3, 0.5]), 1: run([0.5, 0.7], [None, 0.5]), 2: run([0.5, 0.8, 0.9], [None, 0.4, 0.6])}
-    summary = summarize(runs, "bench.raters:keyword", "python bench/learning.py --seeds 0,1,2", "cpu", 1)
+    summary = summarize(
+        {seed: seed_figures(r) for seed, r in runs.items()},
+        "bench.raters:keyword",
+        "python bench/learning.py --seeds 0,1,2",
+        "cpu",
+        1,
+    )
     assert FIELDS <= set(summary)
     assert summary["seeds"] == [0, 1, 2] and len(summary["cycles"]) == 2  # seed 1 stopped after cycle 1
     assert summary["win_rate"] == pytest.approx(0.7)
@@ -65,5 +73,27 @@ def test_summary_is_mean_and_se_over_seeds_on_the_cycles_all_seeds_finished():
 
 
 def test_one_seed_keeps_its_within_run_standard_error():
-    summary = summarize({0: run([0.5, 0.6], [None, 0.3])}, "bench.raters:brevity", "cmd", "cpu", 1)
+    summary = summarize({0: seed_figures(run([0.5, 0.6], [None, 0.3]))}, "bench.raters:brevity", "cmd", "cpu", 1)
     assert summary["win_rate_se"] == 0.01 and summary["win_rate_se_over"] == "prompts (one seed)"
+
+
+def test_a_record_gives_back_each_seed_so_later_seeds_can_join_it():
+    runs = {0: run([0.5, 0.6, 0.7], [None, 0.3, 0.5]), 2: run([0.5, 0.8, 0.9], [None, 0.4, 0.6])}
+    runs[2]["final"] = {"wall_s": 700.0, "eval_s": 100.0}
+    figures = {seed: seed_figures(r) for seed, r in runs.items()}
+    recorded = summarize(figures, "bench.raters:keyword", "cmd", "cpu", 1)
+    assert seeds_in_record(recorded) == figures
+    joined = summarize({**seeds_in_record(recorded), 1: seed_figures(run([0.5, 0.7, 0.8], [None, 0.5, 0.5]))}, "r", "c", "cpu", 1)
+    assert joined["seeds"] == [0, 1, 2] and joined["win_rate"] == pytest.approx(0.8)
+    assert joined["seed_times"]["2"] == {"wall_s": 700.0, "eval_s": 100.0} and joined["seed_commits"]["1"] == "a4a2ee2"
+
+
+def test_a_one_seed_record_from_before_per_seed_times_still_gives_its_seed():
+    old = summarize({0: seed_figures(run([0.5, 0.6, 0.7], [None, 0.3, 0.5]))}, "bench.raters:keyword", "cmd", "cpu", 1)
+    for key in ("seed_times", "seed_commits"):
+        del old[key]
+    for c in old["cycles"]:
+        del c["seeds"]["0"]["comparisons"]
+    (seed,) = seeds_in_record(old).values()
+    assert seed["wall_s"] == 900.0 and seed["eval_s"] == 120.0 and seed["commit"] is None
+    assert [r["comparisons"] for r in seed["rows"]] == [1728] * 3 and [r["win_rate"] for r in seed["rows"]] == [0.5, 0.6, 0.7]
