@@ -24,11 +24,14 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.app_process import start_app, wait_for_http  # noqa: E402
+
 REPO = "user/space-data"
 FINAL_PUSH = re.compile(r"^(\S+ \S+) INFO \S+: final push to \S+ (done|NOT done) after ([0-9.]+) s", re.M)
 SHUTTING_DOWN = re.compile(r"^(\S+ \S+) INFO \S+: shutting down", re.M)
@@ -55,15 +58,6 @@ def hub_env(endpoint: str, token: str, home: Path) -> dict[str, str]:
         GRADIO_ANALYTICS_ENABLED="False",
         HF_HUB_DISABLE_TELEMETRY="1",
     )
-
-
-def serving(url: str) -> bool:
-    """Gradio answers 200; the loading page that precedes it answers 503."""
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def voted_markers(db_path: Path) -> set[str]:
@@ -110,23 +104,8 @@ def one_cycle(
 ) -> dict[str, Any]:
     """Start, (maybe) vote, SIGTERM at a random moment, wait; what was acknowledged and what was restored at start."""
     data_dir = work / f"data-{cycle}"
-    command = [
-        sys.executable,
-        str(ROOT / "app.py"),
-        "--data-dir",
-        str(data_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--model",
-        model,
-        "--quantization",
-        "fp32",
-        "--no-worker",
-    ]
     log = (work / f"app-{cycle}.log").open("wb")
-    app = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    app = start_app(data_dir, port, log, "--model", model, "--quantization", "fp32", "--no-worker", env=env)
     url, acknowledged, restored = f"http://127.0.0.1:{port}/", [], set()
     during_startup = rng.random() < 0.25
     started = time.monotonic()
@@ -135,10 +114,7 @@ def one_cycle(
             time.sleep(rng.uniform(0.5, 40.0))  # imports, restore, model load, Gradio start
             app.send_signal(signal.SIGTERM)
         else:
-            while not serving(url):
-                if app.poll() is not None or time.monotonic() - started > 600:
-                    raise RuntimeError(f"cycle {cycle}: app.py did not serve (see {log.name})")
-                time.sleep(0.3)
+            wait_for_http(url, app, 600 - (time.monotonic() - started))
             restored = voted_markers(data_dir / "feedback.db")
             killer = threading.Timer(rng.uniform(0.0, window_s), app.send_signal, [signal.SIGTERM])
             vote_until_stopped(url, cycle, app, acknowledged, killer)
@@ -206,7 +182,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     from rlhf_demo.modeling.tiny import build_tiny_model
     from tests.fake_hub import FakeHub
 

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from test_browser import CHROMIUM, CHROMIUM_ARGS, Tab, send_chat  # noqa: E402
 
+from bench.app_process import start_app, wait_for_http  # noqa: E402
 from bench.learning_votes import load_prompts  # noqa: E402
 from bench.raters import load_rater  # noqa: E402
 from rlhf_demo.store import SERVABLE_STATUSES, FeedbackStore  # noqa: E402
@@ -41,38 +40,6 @@ from rlhf_demo.ui.app import free_port  # noqa: E402
 
 TAG = re.compile(r"\s*written by adapter ([\w.-]+)\S*\s*$")  # under every finished answer
 DONE = re.compile(r"written by adapter \S+")
-
-
-def start_app(data_dir: Path, port: int, output: Any, *flags: str) -> subprocess.Popen:
-    """``python app.py`` exactly as a user runs it, loopback only, offline; ``flags`` are its own
-    (``--model``, ``--quantization`` …); stdout and stderr go to ``output``."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    command = [
-        sys.executable,
-        str(ROOT / "app.py"),
-        "--data-dir",
-        str(data_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *flags,
-    ]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-
-
-def wait_for_http(url: str, app: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if app.poll() is not None:
-            raise RuntimeError(f"app.py exited with {app.returncode} before serving")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
 def last_answer(log: Any) -> tuple[str, str]:

@@ -18,12 +18,11 @@ import gradio as gr
 import pytest
 from conftest import wait_until
 
+from bench import app_process
 from rlhf_demo import cli
 from rlhf_demo.ui.app import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import live_loop  # noqa: E402
 
 
 def alive(pid: int) -> bool:
@@ -50,13 +49,13 @@ def test_stopping_the_app_stops_its_worker(stop: str, when: str, tiny_model_dir:
     """``starting``: the signal comes as soon as the worker runs, while Gradio is still starting
     (a SIGTERM there once ended the app with a traceback and status 1)."""
     port = free_port()
-    app = live_loop.start_app(
+    app = app_process.start_app(
         tmp_path / "data", port, subprocess.DEVNULL, "--model", str(tiny_model_dir), "--quantization", "fp32"
     )
     try:
         wait_until(lambda: worker_pid(tmp_path / "data") is not None or app.poll() is not None, 120, "the worker's status file")
         if when == "serving":
-            live_loop.wait_for_http(f"http://127.0.0.1:{port}/", app, 120)
+            app_process.wait_for_http(f"http://127.0.0.1:{port}/", app, 120)
         assert app.poll() is None, f"app.py exited early with {app.returncode}"
         pid = worker_pid(tmp_path / "data")
         assert pid is not None and alive(pid)

@@ -17,7 +17,6 @@ import platform
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,15 +27,13 @@ import torch
 from conftest import wait_until, write_random_adapter
 from test_browser import GENERATION_TIMEOUT_S, Tab, browser, require_browser, send_chat, tab  # noqa: F401 - fixtures
 
+from bench import app_process
 from rlhf_demo.config import load_settings
 from rlhf_demo.modeling import load_model
 from rlhf_demo.modeling.loading import bundled_gguf, convert_gguf, eos_token_ids
 from rlhf_demo.serving import BASE_VERSION, PolicyServer, Sampling
 from rlhf_demo.serving.interface import EngineError
 from rlhf_demo.serving.vllm_engine import UNREACHABLE, VllmEngine
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import live_loop  # noqa: E402
 
 REQUIRED = os.environ.get("RLHF_DEMO_REQUIRE_VLLM") == "1"
 DEFAULT_VENV_PYTHON = Path.home() / ".cache/rlhf-demo/vllm-venv/bin/python"  # .ci/vllm-env.sh's default
@@ -300,9 +297,9 @@ def test_the_app_on_vllm_serves_chat_compare_and_votes_in_a_browser_and_then_a_p
     monkeypatch.setenv("RLHF_DEMO_SAMPLING__MAX_NEW_TOKENS", "24")  # short answers: the CPU may be shared
     flags = ["--model", str(smollm), "--quantization", "fp32", "--engine", "vllm", "--engine-url", vllm.url, "--no-worker"]
     with (tmp_path / "app.log").open("wb") as log:
-        app = live_loop.start_app(data, port, log, *flags)
+        app = app_process.start_app(data, port, log, *flags)
     try:
-        live_loop.wait_for_http(f"http://127.0.0.1:{port}/", app, 600)
+        app_process.wait_for_http(f"http://127.0.0.1:{port}/", app, 600)
         settings = load_settings(env={}, model=str(smollm), data_dir=data, quantization="fp32")
         store = FeedbackStore(settings.db_path)
         page = tab.page
