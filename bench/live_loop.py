@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ from test_browser import CHROMIUM, CHROMIUM_ARGS, Tab, send_chat  # noqa: E402
 from bench.app_process import start_app, wait_for_http  # noqa: E402
 from bench.learning_votes import load_prompts  # noqa: E402
 from bench.raters import load_rater  # noqa: E402
+from rlhf_demo.config import load_settings  # noqa: E402
 from rlhf_demo.store import SERVABLE_STATUSES, FeedbackStore  # noqa: E402
+from rlhf_demo.store.validate import utc_now  # noqa: E402
 from rlhf_demo.ui.app import free_port  # noqa: E402
 
 TAG = re.compile(r"\s*written by adapter ([\w.-]+)\S*\s*$")  # under every finished answer
@@ -61,8 +64,20 @@ def finished_runs(store: FeedbackStore) -> list[dict[str, Any]]:
     return [r for r in reversed(store.list_runs()) if r["status"] != "running"]
 
 
+def first_change_s(report: dict[str, Any]) -> float | None:
+    """Seconds from the vote that started the worker's first cycle to the first publish: the
+    wait a visitor sees between voting and a changed model."""
+    published = [r["finished_at"] for r in report["runs"] if r["status"] == "succeeded" and r["finished_at"]]
+    if "trigger_vote_at" not in report or not published:
+        return None
+    seconds = datetime.fromisoformat(min(published)) - datetime.fromisoformat(report["trigger_vote_at"])
+    return round(seconds.total_seconds(), 1)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from playwright.sync_api import expect, sync_playwright
+
+    trigger = load_settings().training.every_votes  # the vote after which the worker's first cycle starts
 
     out = args.data_dir / "live-loop"
     out.mkdir(parents=True, exist_ok=True)
@@ -95,6 +110,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 liked = score >= statistics.median(scores)
                 log.get_by_role("button", name="Like" if liked else "Dislike", exact=True).last.click()
                 page.get_by_text("👍 recorded." if liked else "👎 recorded.").last.wait_for()
+                if i + 1 == trigger:
+                    report["trigger_vote_at"] = utc_now()
                 report["votes"].append(
                     {
                         "prompt": prompt,
@@ -129,6 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 for r in finished_runs(store)
             ]
+            report["first_change_s"] = first_change_s(report)
             published = [v["version"] for v in store.list_versions() if v["version"] != "v0" and v["status"] in SERVABLE_STATUSES]
             report["published"] = published
             if published:
@@ -183,6 +201,7 @@ def main() -> None:
     for r in report["runs"]:
         print(f"run {r['id']}: {r['status']} candidate={r['candidate']} gate={json.dumps(r['gate'])} error={r['error']}")
     print(f"published: {report.get('published')}; served: {report.get('served_new_version')}")
+    print(f"first change {report.get('first_change_s')} s after vote {load_settings().training.every_votes}")
     print(
         f"page errors {report.get('page_errors')}; app alive at the end: {report.get('app_alive')}; total {report.get('total_s')} s"
     )
