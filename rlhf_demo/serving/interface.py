@@ -3,7 +3,7 @@
 :class:`~rlhf_demo.serving.server.PolicyServer` (embedded: the policy in this process) and
 :class:`~rlhf_demo.serving.vllm_engine.VllmEngine` (a vLLM server over its OpenAI-compatible
 API) both satisfy :class:`ServingEngine`; the UI, handlers, store and benches call only this,
-so none of them knows which engine runs.
+so none of them knows which engine runs. :class:`EngineBase` holds what both do the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from rlhf_demo.config import SamplingBounds
+from rlhf_demo.serving import prompts
+from rlhf_demo.serving.prompts import PromptBudget
 from rlhf_demo.serving.sampling import Generation, Sampling
 
 
@@ -106,3 +109,57 @@ class ServingEngine(Protocol):
     ) -> list[Generation]:
         """One answer per conversation, decoded together; the same conversation n times is n
         samples of one prompt (best-of-n, k candidates), which an engine may send as one request."""
+
+
+class EngineBase:
+    """What every engine does the same way, whatever decodes: sampling within the configured
+    bounds, the conversation within the prompt budget, and the non-streaming forms of its
+    streams. A subclass sets ``tokenizer``, ``bounds`` and ``budget`` and writes the streams."""
+
+    tokenizer: Any
+    bounds: SamplingBounds
+    budget: PromptBudget
+
+    def sampling(
+        self, temperature: float | None = None, top_p: float | None = None, max_new_tokens: int | None = None
+    ) -> Sampling:
+        """Loose values (None: the default) as a :class:`Sampling` within the configured bounds."""
+        return Sampling.clamp(self.bounds, temperature, top_p, max_new_tokens)
+
+    def encode(self, messages: Any) -> tuple[list[dict[str, str]], Any]:
+        """The conversation within the prompt budget and its token ids (PromptRefused beyond)."""
+        return prompts.encode(self.tokenizer, messages, self.budget)
+
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        version: str | None = None,
+        sampling: Sampling | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[str | Generation]:
+        raise NotImplementedError
+
+    def stream_pair(
+        self,
+        messages: list[dict[str, str]],
+        versions: tuple[str, str],
+        sampling: Sampling | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[tuple[str, ...] | list[Generation]]:
+        raise NotImplementedError
+
+    def generate(
+        self, messages: list[dict[str, str]], version: str | None = None, sampling: Sampling | None = None
+    ) -> Generation:
+        """The non-streaming form of :meth:`stream`."""
+        *_, result = self.stream(messages, version, sampling)
+        assert isinstance(result, Generation)
+        return result
+
+    def generate_pair(
+        self, messages: list[dict[str, str]], versions: tuple[str, str], sampling: Sampling | None = None
+    ) -> list[Generation]:
+        """The non-streaming form of :meth:`stream_pair`."""
+        *_, result = self.stream_pair(messages, versions, sampling)
+        assert isinstance(result, list)
+        return result

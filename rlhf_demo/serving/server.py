@@ -15,14 +15,14 @@ from typing import Any
 
 from rlhf_demo.config import LoraSettings, SamplingBounds
 from rlhf_demo.modeling.loading import LoadedModel, eos_token_ids, pad_token_id
-from rlhf_demo.serving import prompts
 from rlhf_demo.serving.engine import Engine, Request
+from rlhf_demo.serving.interface import EngineBase
 from rlhf_demo.serving.prompts import PromptBudget
 from rlhf_demo.serving.sampling import Generation, Sampling, strip_control
 from rlhf_demo.serving.slots import AdapterPool
 
 
-class PolicyServer:
+class PolicyServer(EngineBase):
     """Serves the policy adapters of one base model to many concurrent visitors; thread-safe.
     The embedded :class:`~rlhf_demo.serving.interface.ServingEngine` (the default engine)."""
 
@@ -86,17 +86,7 @@ class PolicyServer:
     def close(self) -> None:
         self.engine.close()
 
-    # ----- requests -------------------------------------------------------------------
-    def sampling(
-        self, temperature: float | None = None, top_p: float | None = None, max_new_tokens: int | None = None
-    ) -> Sampling:
-        """Loose values (None: the default) as a :class:`Sampling` within the configured bounds."""
-        return Sampling.clamp(self.bounds, temperature, top_p, max_new_tokens)
-
-    def encode(self, messages: Any) -> tuple[list[dict[str, str]], Any]:
-        """The conversation within the prompt budget and its token ids (PromptRefused beyond)."""
-        return prompts.encode(self.tokenizer, messages, self.budget)
-
+    # ----- requests ---------------------------------------------------------------------
     def stream(
         self,
         messages: list[dict[str, str]],
@@ -112,14 +102,6 @@ class PolicyServer:
         for item in self._stream_rows(messages, [version], sampling, should_stop):
             yield item[0] if isinstance(item, tuple) else item  # type: ignore[misc]
 
-    def generate(
-        self, messages: list[dict[str, str]], version: str | None = None, sampling: Sampling | None = None
-    ) -> Generation:
-        """Non-streaming convenience over :meth:`stream`."""
-        *_, result = self.stream(messages, version, sampling)
-        assert isinstance(result, Generation)
-        return result
-
     def stream_pair(
         self,
         messages: list[dict[str, str]],
@@ -131,14 +113,6 @@ class PolicyServer:
         the two finished :class:`Generation` objects. Both rows share the engine's batch;
         ``should_stop`` ends both at their next token (the Stop button)."""
         yield from self._stream_rows(messages, list(versions), sampling, should_stop)  # type: ignore[misc]
-
-    def generate_pair(
-        self, messages: list[dict[str, str]], versions: tuple[str, str], sampling: Sampling | None = None
-    ) -> list[Generation]:
-        """The non-streaming form of :meth:`stream_pair`."""
-        *_, result = self.stream_pair(messages, versions, sampling)
-        assert isinstance(result, list)
-        return result
 
     def stream_samples(
         self,

@@ -26,8 +26,7 @@ import httpx
 
 from rlhf_demo.config import SamplingBounds
 from rlhf_demo.modeling.adapters import AdapterError
-from rlhf_demo.serving import prompts
-from rlhf_demo.serving.interface import EngineError
+from rlhf_demo.serving.interface import EngineBase, EngineError
 from rlhf_demo.serving.prompts import PromptBudget
 from rlhf_demo.serving.sampling import Generation, Sampling, strip_control
 from rlhf_demo.serving.slots import BASE_VERSION
@@ -56,7 +55,7 @@ class _Row:
     finish_reason: str = ""
 
 
-class VllmEngine:
+class VllmEngine(EngineBase):
     """Serves the registry's versions through a vLLM server; thread-safe, one HTTP client."""
 
     def __init__(
@@ -130,15 +129,7 @@ class VllmEngine:
     def close(self) -> None:
         self.client.close()
 
-    # ----- requests -------------------------------------------------------------------
-    def sampling(
-        self, temperature: float | None = None, top_p: float | None = None, max_new_tokens: int | None = None
-    ) -> Sampling:
-        return Sampling.clamp(self.bounds, temperature, top_p, max_new_tokens)
-
-    def encode(self, messages: Any) -> tuple[list[dict[str, str]], Any]:
-        return prompts.encode(self.tokenizer, messages, self.budget)
-
+    # ----- requests ---------------------------------------------------------------------
     def stream(
         self,
         messages: list[dict[str, str]],
@@ -148,13 +139,6 @@ class VllmEngine:
     ) -> Iterator[str | Generation]:
         for item in self._stream_rows(self._groups([messages], [version]), sampling, should_stop):
             yield item[0]
-
-    def generate(
-        self, messages: list[dict[str, str]], version: str | None = None, sampling: Sampling | None = None
-    ) -> Generation:
-        *_, result = self.stream(messages, version, sampling)
-        assert isinstance(result, Generation)
-        return result
 
     def stream_pair(
         self,
@@ -166,13 +150,6 @@ class VllmEngine:
         """Answers to one prompt, one per version (any number); a version named k times is one
         request with ``n = k``."""
         yield from self._stream_rows(self._groups([messages], list(versions)), sampling, should_stop)
-
-    def generate_pair(
-        self, messages: list[dict[str, str]], versions: tuple[str, ...], sampling: Sampling | None = None
-    ) -> list[Generation]:
-        *_, result = self.stream_pair(messages, versions, sampling)
-        assert isinstance(result, list)
-        return result
 
     def stream_samples(
         self,
