@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     app = start_app(args.data_dir, port, (out / "app.log").open("w"), *(["--model", args.model] if args.model else []))
     rater = load_rater(args.rater)
     prompts = load_prompts()  # the benchmark's prompts, without its comment lines
-    report: dict[str, Any] = {"votes": [], "runs": []}
+    report: dict[str, Any] = {"votes": [], "runs": [], "trigger_vote": trigger}
     started = time.monotonic()
     try:
         wait_for_http(url, app, args.start_timeout)
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 liked = score >= statistics.median(scores)
                 log.get_by_role("button", name="Like" if liked else "Dislike", exact=True).last.click()
                 page.get_by_text("👍 recorded." if liked else "👎 recorded.").last.wait_for()
-                if i + 1 == trigger:
+                if i + 1 == report["trigger_vote"]:
                     report["trigger_vote_at"] = utc_now()
                 report["votes"].append(
                     {
@@ -201,7 +201,7 @@ def main() -> None:
     for r in report["runs"]:
         print(f"run {r['id']}: {r['status']} candidate={r['candidate']} gate={json.dumps(r['gate'])} error={r['error']}")
     print(f"published: {report.get('published')}; served: {report.get('served_new_version')}")
-    print(f"first change {report.get('first_change_s')} s after vote {load_settings().training.every_votes}")
+    print(f"first change {report.get('first_change_s')} s after vote {report['trigger_vote']}")
     print(
         f"page errors {report.get('page_errors')}; app alive at the end: {report.get('app_alive')}; total {report.get('total_s')} s"
     )
