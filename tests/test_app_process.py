@@ -113,3 +113,29 @@ def test_sigterm_while_gradio_starts_is_a_clean_stop(
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert launched
+
+
+def test_a_worker_stopped_before_its_first_cycle_leaves_at_once(tmp_path: Path) -> None:
+    """SIGTERM while the worker's first check is still under way (importing torch takes
+    minutes for a niced worker on a busy 2-core machine) ends the process then, not after
+    the check: seen as a worker outliving a ``kill -9``-ed app by more than 30 s."""
+    script = (
+        "import sys, time\n"
+        "from rlhf_demo.config import load_settings\n"
+        "from rlhf_demo.worker import loop\n"
+        "def first_check_under_way(self, manual=False):\n"
+        "    print('checking', flush=True)\n"
+        "    while True:\n"
+        "        time.sleep(0.05)\n"
+        "loop.Worker.run_once = first_check_under_way\n"
+        "loop.main(load_settings(data_dir=sys.argv[1]))\n"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "data")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == "checking"
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0, "a stop request is a clean exit"
+        assert json.loads((tmp_path / "data" / "worker" / "status.json").read_text())["state"] == "stopped"
+    finally:
+        if worker.poll() is None:
+            worker.kill()

@@ -19,6 +19,13 @@ def write_run(folder: Path, rows: int) -> None:
     (folder / "learning.json").write_text(json.dumps(finished_cycles(wins, [None] + [0.5] * (rows - 1))))
 
 
+@pytest.fixture(autouse=True)
+def no_committed_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The committed ``bench/results`` must not decide what these tests run: a record that
+    holds seeds 0-2 of the default rater would otherwise be reused in place of running them."""
+    monkeypatch.setattr(learning_cli, "record_path", lambda _rater, _device: tmp_path / "no-record.json")
+
+
 @pytest.fixture
 def started(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Seed processes are recorded, not run: each 'finishes' at once with 3 cycles."""

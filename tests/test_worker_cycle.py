@@ -272,7 +272,7 @@ def test_stop_request_ends_a_cycle_at_the_next_step_unpublished(runtime, setting
         if worker.status.phase == "ppo" and "step" in changes:
             steps.append(changes["step"])
             if changes["step"] >= 1:
-                worker.stop()  # what the SIGTERM handler does
+                worker.stop()  # what SIGTERM does inside a cycle
 
     worker.report = report
     with pytest.raises(CycleInterrupted):

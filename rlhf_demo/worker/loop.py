@@ -69,6 +69,7 @@ class Worker:
         self.store = FeedbackStore(settings.db_path)
         self.status = WorkerStatus()
         self._stop = threading.Event()
+        self._in_cycle = False  # a stop request then waits for the cycle's next progress report
         self._loaded: Any = None
 
     def repair(self) -> None:
@@ -107,6 +108,7 @@ class Worker:
         log.info("training cycle: %s", reason)
         loaded = self.loaded()
         self.report(state="training", phase="start", step=0, total=0, started_at=time.time(), message=reason)
+        self._in_cycle = True
         try:
             summary = run_cycle(self.settings, self.store, loaded, report=self._progress)
         except CycleInterrupted as exc:
@@ -115,6 +117,8 @@ class Worker:
         except Exception as exc:
             self.report(state="error", message=f"cycle failed: {exc}")
             raise
+        finally:
+            self._in_cycle = False
         self.report(state="idle", phase="", step=0, total=0, message=summary.get("decision", ""))
         return summary
 
@@ -139,6 +143,16 @@ class Worker:
     def stop(self, *_: Any) -> None:
         self._stop.set()
 
+    def on_signal(self, *_: Any) -> None:
+        """SIGTERM/SIGINT. Inside a cycle: stop at its next progress report (the run is then
+        recorded as stopped). Anywhere else (waiting, importing torch, loading the model)
+        there is nothing to finish, and that work can take minutes for a niced worker on a
+        busy machine: leave now, so a worker never outlives its app for long."""
+        self.stop()
+        if not self._in_cycle:
+            self.report(state="stopped", message="stopped")
+            raise SystemExit(0)
+
 
 def follow_parent(parent_pid: int) -> None:
     """Ask Linux for SIGTERM when the app that started us dies, even by ``kill -9``, so no
@@ -159,8 +173,8 @@ def main(settings: Settings) -> None:
     except OSError:
         pass
     worker = Worker(settings)
-    signal.signal(signal.SIGTERM, worker.stop)
-    signal.signal(signal.SIGINT, worker.stop)
+    signal.signal(signal.SIGTERM, worker.on_signal)
+    signal.signal(signal.SIGINT, worker.on_signal)
     if os.environ.get(PARENT_ENV):
         follow_parent(int(os.environ[PARENT_ENV]))
     worker.serve_forever()
