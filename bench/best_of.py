@@ -1,0 +1,189 @@
+"""Best-of-n chat answers, measured on what a learning run taught: win-rate per n.
+
+``SelectionSettings.best_of`` serves the trusted reward model's favourite of n samples
+(``selection.best_answer``). Whether that pays depends on the policy and reward model a
+crowd's votes produced, not on the base, so this bench reads a finished
+``bench/learning.py`` run (``--run``: its ``--out`` folder): on a copy of its data dir, the
+version it serves and its newest reward model, with the run's own rater and held-out prompts.
+
+Per held-out prompt it samples ``--samples`` (m) chat answers of the served version and
+``--base-samples`` of the base, through the serving process as a visitor gets them (the
+server's sampling); the rater judges each served answer against each base answer (ties 1/2),
+and the reward model reads the served answers as ``best_answer`` does (``Judge.read``, the
+main probe). For each n the figure is the *exact* expectation over all n-subsets of the m
+answers of the reward model's pick (no resampling noise): with the answers sorted by the
+model's score, the i-th lowest is the pick of C(i-1, n-1) / C(m, n) of them. Beside it the
+rater's own pick (an oracle: what a perfect reward model would reach with n samples).
+n = 1 is today's plain answer; the gain per n is paired by prompt (its SE over prompts).
+
+    python bench/best_of.py --run /work/runs/keyword/seed-1 --json bench/out/best-of-keyword-1.json
+    python bench/best_of.py --quick          # tiny model: plumbing only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.learning_cli import make_settings, parse_args  # noqa: E402
+from bench.learning_votes import load_prompts, messages, split_heldout  # noqa: E402
+from bench.raters import load_rater  # noqa: E402
+from rlhf_demo.config import load_settings  # noqa: E402
+from rlhf_demo.modeling import load_model  # noqa: E402
+from rlhf_demo.runtime import Runtime  # noqa: E402
+from rlhf_demo.serving import BASE_VERSION  # noqa: E402
+
+log = logging.getLogger("bench.best_of")
+
+
+def pick_chances(order_scores: list[float], n: int) -> list[float]:
+    """For each answer, the share of its n-subsets (of all m answers) whose highest
+    ``order_scores`` it is: C(rank, n-1) / C(m, n), rank = answers scored below it. Equal
+    scores share their chances evenly (a tie among them is broken at random)."""
+    m = len(order_scores)
+    if not 1 <= n <= m:
+        raise ValueError(f"n must be in 1..{m}, got {n}")
+    ranked = sorted(range(m), key=lambda i: order_scores[i])
+    by_rank = [math.comb(r, n - 1) / math.comb(m, n) for r in range(m)]
+    chances = [0.0] * m
+    start = 0
+    while start < m:  # runs of equal scores share the chances of the ranks they span
+        end = start
+        while end + 1 < m and order_scores[ranked[end + 1]] == order_scores[ranked[start]]:
+            end += 1
+        share = sum(by_rank[start : end + 1]) / (end - start + 1)
+        for r in range(start, end + 1):
+            chances[ranked[r]] = share
+        start = end + 1
+    return chances
+
+
+def expected_win(wins: list[float], order_scores: list[float], n: int) -> float:
+    """Expected win of the answer that ``order_scores`` picks among n random answers of m."""
+    return sum(w * c for w, c in zip(wins, pick_chances(order_scores, n), strict=True))
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return statistics.fmean(values), se
+
+
+def curve(per_prompt: list[dict[str, list[float]]], ns: list[int]) -> dict[str, Any]:
+    """Win-rate per n (mean over prompts ± SE) for the reward model's pick and the rater's,
+    and the gain over n = 1 paired by prompt."""
+    out: dict[str, Any] = {}
+    for key, order in (("reward_model", "rm"), ("oracle", "rater")):
+        rows = {}
+        plain = [expected_win(p["wins"], p[order], 1) for p in per_prompt]
+        for n in ns:
+            got = [expected_win(p["wins"], p[order], n) for p in per_prompt]
+            rate, se = mean_se(got)
+            gain, gain_se = mean_se([g - b for g, b in zip(got, plain, strict=True)])
+            rows[str(n)] = {"win_rate": rate, "win_rate_se": se, "gain": gain, "gain_se": gain_se}
+        out[key] = rows
+    return out
+
+
+def measure(run_dir: Path, models_from: str | None, samples: int, base_samples: int, ns: list[int]) -> dict[str, Any]:
+    """Sample, read and judge on a copy of the run's data dir (the run itself is not touched)."""
+    recorded = json.loads((run_dir / "learning.json").read_text())
+    argv = shlex.split(recorded["command"])[2:]
+    if models_from:
+        argv += ["--models-from", models_from]
+    args = parse_args(argv)
+    rater = load_rater(args.rater)
+    _, heldout = split_heldout(load_prompts(Path(args.prompts)), args.heldout)
+    with tempfile.TemporaryDirectory(prefix="best-of-") as tmp:
+        data_dir = Path(tmp) / "data"
+        shutil.copytree(run_dir / "data", data_dir)
+        model_settings = load_settings(model=args.model, data_dir=args.models_from, quantization=args.quantization)
+        runtime = Runtime(make_settings(args, data_dir), load_model(model_settings))
+        try:
+            server, judge = runtime.server, runtime.judge
+            sampling = server.sampling(max_new_tokens=runtime.settings.training.ppo.max_new_tokens)
+            started = time.perf_counter()
+            base = server.generate_many([messages(p) for p in heldout for _ in range(base_samples)], BASE_VERSION, sampling)
+            served = server.generate_many([messages(p) for p in heldout for _ in range(samples)], None, sampling)
+            sampling_s = time.perf_counter() - started
+            per_prompt = []
+            for k, prompt in enumerate(heldout):
+                answers = served[k * samples : (k + 1) * samples]
+                base_scores = [float(rater(prompt, g.text)) for g in base[k * base_samples : (k + 1) * base_samples]]
+                scores = [float(rater(prompt, g.text)) for g in answers]
+                wins = [statistics.fmean(1.0 if s > b else 0.0 if s < b else 0.5 for b in base_scores) for s in scores]
+                per_prompt.append({"wins": wins, "rater": scores, "rm": judge.read(answers).scores.tolist()})
+            reading_s = time.perf_counter() - started - sampling_s
+            trusted, version = judge.trusted, server.active
+            source = judge.newest()
+        finally:
+            runtime.close()
+    result = {
+        "run": str(run_dir),
+        "rater": args.rater,
+        "seed": args.seed,
+        "version": version,
+        "reward_run": source.name if source else None,
+        "trusted": trusted,
+        "prompts": len(heldout),
+        "samples": samples,
+        "base_samples": base_samples,
+        "sampling_s": sampling_s,
+        "reading_s": reading_s,
+        **curve(per_prompt, ns),
+    }
+    # What a visitor is served: best_answer uses the reward model only while it is trusted.
+    result["served"] = result["reward_model"] if trusted else {str(n): result["reward_model"]["1"] for n in ns}
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--run", help="a finished bench/learning.py run: its --out folder (learning.json, data/)")
+    p.add_argument("--models-from", help="data dir holding the converted model (default: the run's own setting)")
+    p.add_argument("--samples", type=int, default=12, help="served answers per held-out prompt (m)")
+    p.add_argument("--base-samples", type=int, default=6, help="base answers per held-out prompt")
+    p.add_argument("--n", default="1,2,4,8", help="comma-separated n to report (each at most --samples)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--quick", action="store_true", help="tiny model: a learning --quick run, then this on it")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    ns = [int(x) for x in args.n.split(",")]
+    if args.quick:
+        quick_dir = Path(tempfile.mkdtemp(prefix="best-of-quick-"))
+        learning = [sys.executable, str(Path(__file__).with_name("learning.py")), "--quick", "--out", str(quick_dir)]
+        subprocess.run([*learning, "--threads", str(args.threads), "--models-from", str(quick_dir)], check=True)
+        args.run, args.samples, args.base_samples, ns = str(quick_dir), 4, 2, [1, 2, 4]
+    if not args.run:
+        p.error("--run (or --quick) is required")
+    result = measure(Path(args.run), args.models_from, args.samples, args.base_samples, ns)
+    for n in ns:
+        rm, oracle = result["reward_model"][str(n)], result["oracle"][str(n)]
+        print(
+            f"n={n}: reward model's pick {rm['win_rate']:.3f} ± {rm['win_rate_se']:.3f} "
+            f"(gain {rm['gain']:+.3f} ± {rm['gain_se']:.3f}); rater's pick {oracle['win_rate']:.3f}"
+        )
+    print(f"{result['version']}, {result['reward_run']} (trusted: {result['trusted']}), sampling {result['sampling_s']:.0f} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
