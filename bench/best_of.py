@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.learning_cli import make_settings, parse_args  # noqa: E402
+from bench.learning_eval import verdict, win_rate  # noqa: E402
 from bench.learning_votes import load_prompts, messages, split_heldout  # noqa: E402
 from bench.raters import load_rater  # noqa: E402
 from rlhf_demo.config import load_settings  # noqa: E402
@@ -78,11 +79,6 @@ def expected_win(wins: list[float], order_scores: list[float], n: int) -> float:
     return sum(w * c for w, c in zip(wins, pick_chances(order_scores, n), strict=True))
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
-    return statistics.fmean(values), se
-
-
 def curve(per_prompt: list[dict[str, list[float]]], ns: list[int]) -> dict[str, Any]:
     """Win-rate per n (mean over prompts ± SE) for the reward model's pick and the rater's,
     and the gain over n = 1 paired by prompt."""
@@ -92,8 +88,8 @@ def curve(per_prompt: list[dict[str, list[float]]], ns: list[int]) -> dict[str, 
         plain = [expected_win(p["wins"], p[order], 1) for p in per_prompt]
         for n in ns:
             got = [expected_win(p["wins"], p[order], n) for p in per_prompt]
-            rate, se = mean_se(got)
-            gain, gain_se = mean_se([g - b for g, b in zip(got, plain, strict=True)])
+            rate, se = win_rate(got, 1)
+            gain, gain_se = win_rate([g - b for g, b in zip(got, plain, strict=True)], 1)
             rows[str(n)] = {"win_rate": rate, "win_rate_se": se, "gain": gain, "gain_se": gain_se}
         out[key] = rows
     return out
@@ -125,7 +121,7 @@ def measure(run_dir: Path, models_from: str | None, samples: int, base_samples: 
                 answers = served[k * samples : (k + 1) * samples]
                 base_scores = [float(rater(prompt, g.text)) for g in base[k * base_samples : (k + 1) * base_samples]]
                 scores = [float(rater(prompt, g.text)) for g in answers]
-                wins = [statistics.fmean(1.0 if s > b else 0.0 if s < b else 0.5 for b in base_scores) for s in scores]
+                wins = [statistics.fmean(verdict(s, b) for b in base_scores) for s in scores]
                 per_prompt.append({"wins": wins, "rater": scores, "rm": judge.read(answers).scores.tolist()})
             reading_s = time.perf_counter() - started - sampling_s
             trusted, version = judge.trusted, server.active

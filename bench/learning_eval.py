@@ -104,6 +104,11 @@ def feature_gap(runtime: Runtime, worker: LoadedModel, folder: Path, generations
     return float((served - fitted).abs().max() / fitted.abs().max().clamp(min=1e-6))
 
 
+def verdict(score: float, against: float) -> float:
+    """The rater's verdict on one comparison: a win, a loss, or a tie (1/2)."""
+    return 1.0 if score > against else 0.0 if score < against else 0.5
+
+
 def win_rate(wins: list[float], group_size: int) -> tuple[float, float]:
     """Mean and standard error of the win-rate; answers to the same prompt are not
     independent, so the SE is over per-prompt means (``group_size`` answers each)."""
@@ -125,10 +130,7 @@ def evaluate(
     ``group_size`` served answers to a prompt is judged against each of the prompt's
     ``base_group`` base answers (ties 1/2), so the base's own sampling noise averages out."""
     verdicts = [
-        [
-            1.0 if a > b else 0.0 if a < b else 0.5
-            for b in base["scores"][(i // group_size) * base_group : (i // group_size + 1) * base_group]
-        ]
+        [verdict(a, b) for b in base["scores"][(i // group_size) * base_group : (i // group_size + 1) * base_group]]
         for i, a in enumerate(active["scores"])
     ]
     rate, se = win_rate([statistics.fmean(v) for v in verdicts], group_size)

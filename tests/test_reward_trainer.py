@@ -11,12 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf_demo.config import LoraSettings, load_settings
+from rlhf_demo.config import GateConfig, LoraSettings, load_settings
 from rlhf_demo.modeling import load_model
 from rlhf_demo.modeling.adapters import AdapterError, attach_new_adapter, is_adapter_parameter
 from rlhf_demo.reward import RewardConfig, RewardMetrics, RewardModel, build_examples, train_reward_model
 from rlhf_demo.reward.losses import example_key
 from rlhf_demo.reward.model import NORMALIZER_FILE, PROBE_FILE, chat_text
+from rlhf_demo.reward.trainer import ProbeData, cross_validate
 
 # ── synthetic feedback ───────────────────────────────────────────────────────────────
 
@@ -123,6 +124,7 @@ def test_examples_keep_whether_each_answer_was_cut_off():
 # ── training on the tiny model ───────────────────────────────────────────────────────
 
 FAST = RewardConfig(batch_size=16, max_length=64)
+FAST_GATE = GateConfig()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -221,6 +223,29 @@ def test_thumbs_that_only_teach_the_base_rate_are_not_trusted(trained):
     thumbs = [{"prompt": user(f"q {i}"), "completion": answer(rng, "tea", i < 2), "label": i < 2} for i in range(40)]
     _, m = train_reward_model(trained.peft, trained.loaded.tokenizer, [], thumbs, FAST)
     assert m.judged <= 2 and m.agreement_lower_bound < 0.5, m
+
+
+def thumbs_only(labels: list[bool], seed: int = 0, signal: float = 3.0) -> ProbeData:
+    """Feature rows of one thumb per prompt (as a visitor rates chat answers): dimension 0
+    carries the label, the other 7 are noise."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.tensor([1.0 if up else -1.0 for up in labels])
+    x = torch.randn(len(labels), 8, generator=gen)
+    x[:, 0] += signal * y
+    return ProbeData(torch.zeros(0, 8), torch.zeros(0, 8), [], x, y, [f"prompt {i}" for i in range(len(labels))], x)
+
+
+def test_ten_thumbs_on_ten_prompts_are_judged_pooled_over_the_folds():
+    """Ten chat answers rated once each (a live room's first cycle): within one fold there is
+    rarely both a 👍 and a 👎, so per-fold rankings gave 1-3 judgements and no cycle trusted
+    them. Each thumb's out-of-fold score, pooled, is ranked once: 5 disjoint (👍, 👎)
+    comparisons."""
+    labels = [True, False] * 5
+    m = cross_validate(thumbs_only(labels), FAST)
+    assert m["judged"] == 5 and m["thumb_accuracy"] >= 0.9, m
+    assert m["agreement_lower_bound"] > FAST_GATE.min_reward_agreement, m
+    noise = cross_validate(thumbs_only(labels, signal=0.0), FAST)  # nothing to learn: not trusted
+    assert noise["judged"] == 5 and noise["agreement_lower_bound"] < FAST_GATE.min_reward_agreement, noise
 
 
 def test_votes_without_a_rule_are_not_trusted(trained):

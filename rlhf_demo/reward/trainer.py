@@ -265,14 +265,18 @@ def cross_validate(data: ProbeData, config: RewardConfig) -> dict[str, Any]:
     is both fitted and judged). Returns accuracies, margin, pooled agreement and its
     one-sided Wilson lower bound, and how many judgements it rests on.
 
-    Thumbs are judged by ranking, not by sign: within a fold, the share of (👍, 👎) answer
-    combinations scored in the right order (AUC). A sign accuracy would trust a probe that
-    only learned the base rate (with 2 👍 among 44 thumbs, "always 👎" is 95 % right), while
-    PPO only uses the ranking. The fold's AUC counts as ``min(#👍, #👎)`` judgements: the
-    number of disjoint (👍, 👎) comparisons, so two 👍 cannot look like forty votes."""
+    Thumbs are judged by ranking, not by sign: the share of (👍, 👎) answer combinations
+    scored in the right order (AUC). A sign accuracy would trust a probe that only learned
+    the base rate (with 2 👍 among 44 thumbs, "always 👎" is 95 % right), while PPO only uses
+    the ranking. The ranking is of every thumb's out-of-fold score, pooled over the folds,
+    each fold's scores in units of its probe's spread over all answers (as the reward
+    model's normalizer does): a visitor rates one answer per prompt, so a single fold
+    rarely holds both a 👍 and a 👎, and per-fold rankings left ten thumbs 1-3 judgements.
+    The AUC counts as ``min(#👍, #👎)`` judgements: the number of disjoint (👍, 👎)
+    comparisons, so two 👍 cannot look like forty votes."""
     folds = min(config.folds, len(set(data.pair_groups) | set(data.thumb_groups)))
     margins: list[torch.Tensor] = []
-    thumb_right = thumb_judged = 0.0
+    thumb_scores = torch.full((len(data.labels),), float("nan"))
     if folds >= 2:
         pair_fold = [_fold(g, folds) for g in data.pair_groups]
         thumb_fold = [_fold(g, folds) for g in data.thumb_groups]
@@ -285,11 +289,13 @@ def cross_validate(data: ProbeData, config: RewardConfig) -> dict[str, Any]:
                 continue
             probe = fit_probe(data.subset(train_p, train_t), config)
             margins.append(_scores(probe, data.chosen[test_p]) - _scores(probe, data.rejected[test_p]))
-            scores, labels = _scores(probe, data.thumbs[test_t]), data.labels[test_t]
-            comparisons = min(int((labels > 0).sum()), int((labels < 0).sum()))
-            if comparisons:
-                thumb_right += thumb_auc(scores, labels) * comparisons
-                thumb_judged += comparisons
+            if test_t:
+                spread = _scores(probe, data.answers).std(correction=0).clamp(min=1e-6) if len(data.answers) > 1 else 1.0
+                thumb_scores[test_t] = _scores(probe, data.thumbs[test_t]) / spread
+    judged_thumbs = ~thumb_scores.isnan()
+    labels = data.labels[judged_thumbs]
+    thumb_judged = min(int((labels > 0).sum()), int((labels < 0).sum()))
+    thumb_right = thumb_auc(thumb_scores[judged_thumbs], labels) * thumb_judged if thumb_judged else 0.0
     margin = torch.cat(margins) if margins else torch.zeros(0)
     right = float(((margin > 0).float() + 0.5 * (margin == 0).float()).sum()) + thumb_right
     judged = len(margin) + thumb_judged
