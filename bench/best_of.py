@@ -147,6 +147,26 @@ def measure(run_dir: Path, models_from: str | None, samples: int, base_samples: 
     return result
 
 
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per rater and n: the mean over runs (seeds) of the win-rate and of the gain over n = 1,
+    with the SE across runs, for the reward model's pick, what is served, and the oracle."""
+    raters: dict[str, Any] = {}
+    for rater in sorted({r["rater"] for r in results}):
+        runs = sorted((r for r in results if r["rater"] == rater), key=lambda r: r["seed"])
+        figures: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "trusted": [r["trusted"] for r in runs]}
+        for key in ("reward_model", "served", "oracle"):
+            figures[key] = {}
+            for n in runs[0][key]:
+                rate, rate_se = win_rate([r[key][n]["win_rate"] for r in runs], 1)
+                gain, gain_se = win_rate([r[key][n]["gain"] for r in runs], 1)
+                figures[key][n] = {"win_rate": rate, "win_rate_se": rate_se, "gain": gain, "gain_se": gain_se}
+        raters[rater] = figures
+    return {
+        "runs": [{k: r[k] for k in ("run", "rater", "seed", "version", "reward_run", "trusted")} for r in results],
+        "raters": raters,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--run", help="a finished bench/learning.py run: its --out folder (learning.json, data/)")
@@ -157,7 +177,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--quick", action="store_true", help="tiny model: a learning --quick run, then this on it")
+    p.add_argument("--summarize", nargs="+", help="instead: mean ± SE across these result JSONs, per rater and n, to --json")
     args = p.parse_args(argv)
+    if args.summarize:
+        summary = summarize([json.loads(Path(f).read_text()) for f in args.summarize])
+        for rater, fig in summary["raters"].items():
+            print(rater, {n: f"{v['win_rate']:.3f} ± {v['win_rate_se']:.3f}" for n, v in fig["served"].items()})
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=1))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     ns = [int(x) for x in args.n.split(",")]

@@ -229,16 +229,21 @@ def same_run(command: str | None, args: argparse.Namespace) -> bool:
 
 def recorded_seeds(args: argparse.Namespace, seeds: list[int]) -> dict[int, dict[str, Any]]:
     """The requested seeds that the committed record already holds with all their cycles,
-    from the same arguments (what ``--reuse-finished`` may take from there)."""
+    from the same arguments and the same selection settings (what ``--reuse-finished`` may
+    take from there)."""
     path = record_path(args.rater, device_name())
     try:
         held = seeds_in_record(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return {}
+    selection = dataclasses.asdict(make_settings(args, Path(args.out)).selection)  # the defaults may have moved since
     return {
         seed: fig
         for seed, fig in held.items()
-        if seed in seeds and len(fig["rows"]) == args.cycles + 1 and same_run(fig["command"], args)
+        if seed in seeds
+        and len(fig["rows"]) == args.cycles + 1
+        and same_run(fig["command"], args)
+        and fig["selection"] == selection
     }
 
 

@@ -37,3 +37,18 @@ def test_n_of_one_is_the_plain_mean_and_n_of_all_is_the_top() -> None:
     assert expected_win(wins, order, 3) == 0.0  # the highest-scored answer, whatever it wins
     with pytest.raises(ValueError):
         pick_chances(order, 4)
+
+
+def test_summary_is_the_mean_over_seeds_per_rater_and_n() -> None:
+    from bench.best_of import summarize
+
+    def result(seed: int, rate: float) -> dict:
+        rows = {"1": {"win_rate": 0.5, "gain": 0.0}, "4": {"win_rate": rate, "gain": rate - 0.5}}
+        meta = {"run": f"r{seed}", "rater": "bench.raters:brevity", "seed": seed, "version": "v1", "reward_run": "run-3"}
+        return {**meta, "trusted": True, "reward_model": rows, "served": rows, "oracle": rows}
+
+    summary = summarize([result(2, 0.8), result(1, 0.6)])
+    brevity = summary["raters"]["bench.raters:brevity"]
+    assert brevity["seeds"] == [1, 2] and len(summary["runs"]) == 2
+    assert brevity["served"]["4"]["win_rate"] == pytest.approx(0.7) and brevity["served"]["4"]["gain"] == pytest.approx(0.2)
+    assert brevity["served"]["4"]["win_rate_se"] == pytest.approx(0.1)

@@ -117,3 +117,19 @@ def test_a_recorded_seed_from_other_arguments_runs_again(
     argv += ["--reuse-finished", "--threads", "1"]
     learning_cli.run_seeds(learning_cli.parse_args(argv), [0, 1], argv)
     assert seeds_run(started) == [0, 1]
+
+
+def test_a_recorded_seed_from_other_library_defaults_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started: list[list[str]]
+) -> None:
+    """The same command measures something else once a library default changes (best-of-n
+    serving, say): a seed recorded under the old default must not join the new record."""
+    recorded_seed_zero(tmp_path, monkeypatch, SEED_ZERO)
+    record = tmp_path / "learning-keyword.json"
+    old = json.loads(record.read_text())
+    old["selection"] = {**old["selection"], "best_of": old["selection"]["best_of"] + 1}
+    record.write_text(json.dumps(old))
+    argv = ["--rater", "bench.raters:keyword", "--cycles", "3", "--seeds", "0,1", "--out", str(tmp_path / "runs")]
+    argv += ["--reuse-finished", "--threads", "1"]
+    learning_cli.run_seeds(learning_cli.parse_args(argv), [0, 1], argv)
+    assert seeds_run(started) == [0, 1]
