@@ -371,3 +371,20 @@ def test_cycle_trains_on_from_a_promising_candidate(runtime, settings):
     off = dataclasses.replace(settings, training=dataclasses.replace(settings.training, resume_rejected=False))
     assert run_cycle(off, runtime.store, loaded, gate_config=NEVER)["trained_from"] == "v0"
     assert runtime.store.active_version() == "v0"
+
+
+def test_the_stop_signal_handler_takes_no_lock(settings):
+    """A signal handler runs on top of whatever the main thread was doing, even its own
+    previous run: one that takes a lock (``Event.set``) deadlocks when a second SIGTERM lands
+    while the first holds it. Here the lock is held elsewhere; the handler must not wait."""
+    import threading
+
+    from rlhf_demo.worker.loop import Worker
+
+    worker = Worker(settings)
+    worker._in_cycle = True  # inside a cycle the handler only marks the stop
+    returned = threading.Event()
+    with worker._stop._cond:  # what the interrupted Event.set held
+        threading.Thread(target=lambda: (worker.on_signal(15, None), returned.set()), daemon=True).start()
+        assert returned.wait(5), "the handler waited for a lock"
+    assert worker.stopping

@@ -68,9 +68,14 @@ class Worker:
         self.settings = settings
         self.store = FeedbackStore(settings.db_path)
         self.status = WorkerStatus()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # stop() from another thread; it also ends the idle wait
+        self._signalled = False  # set by the signal handler, which must take no lock (on_signal)
         self._in_cycle = False  # a stop request then waits for the cycle's next progress report
         self._loaded: Any = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._signalled or self._stop.is_set()
 
     def repair(self) -> None:
         """Undo what a killed worker may have left: stale runs and partial folders."""
@@ -86,7 +91,7 @@ class Worker:
 
     def _progress(self, **changes: Any) -> None:
         """The cycle's progress callback; also where a stop request ends a cycle early."""
-        if self._stop.is_set():
+        if self.stopping:
             raise CycleInterrupted("the worker was asked to stop during a cycle; the run is left unpublished")
         self.report(**changes)
 
@@ -126,31 +131,42 @@ class Worker:
         self.repair()
         self.report(state="idle", message="waiting for votes")
         poll = self.settings.training.vote_poll_seconds
-        while not self._stop.is_set():
-            manual = take_training_request(self.settings.worker_dir)
-            try:
-                self.run_once(manual=manual)
-            except StoreError as exc:  # busy DB, etc.: try again on the next poll
-                log.warning("store error, retrying later: %s", exc)
-            except CycleInterrupted as exc:
-                log.info("%s", exc)
-            except Exception:  # noqa: BLE001 - a failed cycle is recorded; keep waiting
-                log.exception("training cycle failed")
-            self.report()
-            self._stop.wait(poll)
-        self.report(state="stopped", message="stopped")
+        try:
+            while not self.stopping:
+                manual = take_training_request(self.settings.worker_dir)
+                try:
+                    self.run_once(manual=manual)
+                except StoreError as exc:  # busy DB, etc.: try again on the next poll
+                    log.warning("store error, retrying later: %s", exc)
+                except CycleInterrupted as exc:
+                    log.info("%s", exc)
+                except Exception:  # noqa: BLE001 - a failed cycle is recorded; keep waiting
+                    log.exception("training cycle failed")
+                self.report()
+                if not self.stopping:
+                    self._stop.wait(poll)
+        finally:  # also when a signal ended the wait (on_signal)
+            if self.status.state != "stopped":
+                self.report(state="stopped", message="stopped")
 
     def stop(self, *_: Any) -> None:
+        """Ask the loop to end (from another thread): at a cycle's next progress report."""
         self._stop.set()
 
     def on_signal(self, *_: Any) -> None:
         """SIGTERM/SIGINT. Inside a cycle: stop at its next progress report (the run is then
         recorded as stopped). Anywhere else (waiting, importing torch, loading the model)
         there is nothing to finish, and that work can take minutes for a niced worker on a
-        busy machine: leave now, so a worker never outlives its app for long."""
-        self.stop()
+        busy machine: leave now, so a worker never outlives its app for long.
+
+        It takes no lock: a handler runs on top of whatever the main thread was doing, its
+        own previous run included, and the app's death signals the worker once per exiting
+        thread. A handler that called ``Event.set`` was found deadlocked in its second run,
+        waiting for the lock its first run held."""
+        if self._signalled:
+            return  # the first signal's stop is under way
+        self._signalled = True
         if not self._in_cycle:
-            self.report(state="stopped", message="stopped")
             raise SystemExit(0)
 
 
