@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -217,35 +218,48 @@ def test_learns_a_synthetic_preference(trained):
 
 def test_thumbs_that_only_teach_the_base_rate_are_not_trusted(trained):
     """Two 👍 among 40 thumbs: "always 👎" is 95 % right by sign, but says nothing about which
-    answer is better. Judged by ranking, such a probe rests on 2 comparisons and is not
-    trusted."""
+    answer is better. Judged by ranking, such a probe rests on 2 comparisons, which cannot
+    carry the trust that forty would."""
     rng = random.Random(5)
     thumbs = [{"prompt": user(f"q {i}"), "completion": answer(rng, "tea", i < 2), "label": i < 2} for i in range(40)]
     _, m = train_reward_model(trained.peft, trained.loaded.tokenizer, [], thumbs, FAST)
-    assert m.judged <= 2 and m.agreement_lower_bound < 0.5, m
+    assert m.judged == 2 and m.agreement_lower_bound < 0.6, m  # at most what 2 of 2 right earns
 
 
-def thumbs_only(labels: list[bool], seed: int = 0, signal: float = 3.0) -> ProbeData:
+def thumbs_only(labels: list[bool], seed: int = 0, signal: float = 3.0, dims: int = 8) -> ProbeData:
     """Feature rows of one thumb per prompt (as a visitor rates chat answers): dimension 0
-    carries the label, the other 7 are noise."""
+    carries the label, the others are noise; the prompts, and so the folds, differ per seed."""
     gen = torch.Generator().manual_seed(seed)
     y = torch.tensor([1.0 if up else -1.0 for up in labels])
-    x = torch.randn(len(labels), 8, generator=gen)
+    x = torch.randn(len(labels), dims, generator=gen)
     x[:, 0] += signal * y
-    return ProbeData(torch.zeros(0, 8), torch.zeros(0, 8), [], x, y, [f"prompt {i}" for i in range(len(labels))], x)
+    groups = [f"prompt {seed}-{i}" for i in range(len(labels))]
+    return ProbeData(torch.zeros(0, dims), torch.zeros(0, dims), [], x, y, groups, x)
 
 
-def test_ten_thumbs_on_ten_prompts_are_judged_pooled_over_the_folds():
+def test_ten_thumbs_on_ten_prompts_give_five_judgements():
     """Ten chat answers rated once each (a live room's first cycle): within one fold there is
-    rarely both a 👍 and a 👎, so per-fold rankings gave 1-3 judgements and no cycle trusted
-    them. Each thumb's out-of-fold score, pooled, is ranked once: 5 disjoint (👍, 👎)
-    comparisons."""
+    rarely both a 👍 and a 👎, so per-fold rankings gave 1-3 judgements and the first cycle's
+    trust was a coin toss. Each 👍 ranked against one 👎, both prompts left out of the fit:
+    5 disjoint judgements."""
     labels = [True, False] * 5
     m = cross_validate(thumbs_only(labels), FAST)
-    assert m["judged"] == 5 and m["thumb_accuracy"] >= 0.9, m
+    assert m["judged"] == 5 and m["thumb_accuracy"] >= 0.8, m
     assert m["agreement_lower_bound"] > FAST_GATE.min_reward_agreement, m
     noise = cross_validate(thumbs_only(labels, signal=0.0), FAST)  # nothing to learn: not trusted
     assert noise["judged"] == 5 and noise["agreement_lower_bound"] < FAST_GATE.min_reward_agreement, noise
+
+
+def test_the_thumbs_check_is_not_biased_against_few_votes():
+    """On labels with no rule the check must read chance, not less: ranking out-of-fold
+    scores pooled over folds read 0.35 here (each fold's probe is fitted on the opposite
+    balance of the labels it scores), which holds back a room whose votes do teach.
+    Leave-pair-out reads 0.51; 100 draws of 5 judgements put the mean within ±0.022 (SE)."""
+    labels = [True, False] * 5 + [True]
+    accuracies = [
+        cross_validate(thumbs_only(labels, seed=seed, signal=0.0, dims=64), FAST)["thumb_accuracy"] for seed in range(100)
+    ]
+    assert 0.45 < statistics.fmean(accuracies) < 0.6, statistics.fmean(accuracies)
 
 
 def test_votes_without_a_rule_are_not_trusted(trained):
