@@ -29,6 +29,7 @@ from rlhf_demo.config import DEFAULT_MODEL, load_settings  # noqa: E402
 from rlhf_demo.runtime import Runtime  # noqa: E402
 from rlhf_demo.ui.app import launch_local  # noqa: E402
 from rlhf_demo.ui.handlers import message_text  # noqa: E402
+from rlhf_demo.ui.handlers.chat import read_version_tag  # noqa: E402
 
 
 def publish_random_version(runtime: Runtime, worker_model, seed: int) -> tuple[str, object]:
@@ -86,7 +87,7 @@ def run(
             try:
                 requests[0] += 1
                 chat, _ = client.predict(f"Client {i}: tell me something.", [], 0.7, 0.9, max_new_tokens, api_name="/chat")
-                tag = message_text(chat[-1]["content"]).rsplit("written by adapter ", 1)[-1].split("<")[0]
+                tag = read_version_tag(message_text(chat[-1]["content"]))[1] or "?"
                 answers.append((time.time(), tag))
             except Exception as exc:  # noqa: BLE001 - counted as a failed request
                 failures.append(repr(exc))

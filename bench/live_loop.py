@@ -40,16 +40,16 @@ from rlhf_demo.config import load_settings  # noqa: E402
 from rlhf_demo.store import SERVABLE_STATUSES, FeedbackStore  # noqa: E402
 from rlhf_demo.store.validate import utc_now  # noqa: E402
 from rlhf_demo.ui.app import free_port  # noqa: E402
+from rlhf_demo.ui.handlers.chat import read_version_tag  # noqa: E402
 
-TAG = re.compile(r"\s*written by adapter ([\w.-]+)\S*\s*$")  # under every finished answer
-DONE = re.compile(r"written by adapter \S+")
+DONE = re.compile(r"written by adapter \S+")  # under every finished answer
 
 
 def last_answer(log: Any) -> tuple[str, str]:
     """The last bot message's text and the version tag under it."""
     text = log.get_by_test_id("bot").last.inner_text().strip()
-    match = TAG.search(text)
-    return TAG.sub("", text).strip(), (match.group(1) if match else "?")
+    answer, version, _ = read_version_tag(text)
+    return answer.strip(), version or "?"
 
 
 def clear_chat(page: Any) -> None:

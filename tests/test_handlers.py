@@ -302,6 +302,20 @@ def test_version_tag_closes_a_code_block_cut_off_by_the_length_limit():
         assert shown.startswith(answer)
 
 
+@pytest.mark.parametrize("picked_from", [1, 4])
+def test_a_version_tag_reads_back_as_written(picked_from):
+    """Benches read which version wrote an answer from its tag; a best-of-n answer's tag
+    ("…, picked from 4") read as "?" and the live loop could never see the new version."""
+    from rlhf_demo.ui.handlers.chat import read_version_tag, tag_version
+
+    answer = "Sure!\n\n- one\n- two 🎉"
+    shown = tag_version(answer, "v12", picked_from)
+    assert read_version_tag(shown) == (answer, "v12", picked_from)
+    page_text = shown.replace("<sub>", "").replace("</sub>", "")  # what the browser shows
+    assert read_version_tag(page_text) == (answer, "v12", picked_from)
+    assert read_version_tag("no tag here") == ("no tag here", None, 1)
+
+
 def test_the_reveal_repeats_the_choice(handlers):
     _, _, state = handlers.compare(SESSION, "Hi", "Two samples of the active policy", max_new_tokens=2)
     said, _ = handlers.vote_pair(SESSION, state, "B is better")

@@ -59,6 +59,18 @@ class ChatState:
             setattr(self, f.name, getattr(fresh, f.name))
 
 
+VERSION_TAG = re.compile(r"\s*(?:<sub>)?written by adapter ([\w.-]+)(?:, picked from (\d+))?(?:</sub>)?\s*$")
+"""What :func:`tag_version` appends, as markdown or as the page's text (benches read it)."""
+
+
+def read_version_tag(shown: str) -> tuple[str, str | None, int]:
+    """``(answer, version, picked_from)`` of a tagged answer; version None without a tag."""
+    match = VERSION_TAG.search(shown)
+    if match is None:
+        return shown, None, 1
+    return shown[: match.start()], match.group(1), int(match.group(2) or 1)
+
+
 def tag_version(text: str, version: str, picked_from: int = 1) -> str:
     """The answer plus which version wrote it (and, for best-of-n, from how many samples the
     reward model picked it); an answer cut off inside a code block gets the block closed
