@@ -198,7 +198,8 @@ class GateConfig:
     prompts: int = 16
     """Held-out store prompts the gate samples on (never used by PPO)."""
     samples_per_prompt: int = 4
-    """Answers per prompt and side (candidate, active): the comparison is paired by prompt."""
+    """Answers per prompt and side (candidate, active): the comparison is paired by prompt.
+    More while the store holds fewer prompts (:meth:`answers_per_prompt`)."""
     confidence: float = 0.8
     """One-sided level of the bootstrap lower bound on the candidate's mean reward gain."""
     min_improvement: float = 0.0
@@ -212,6 +213,15 @@ class GateConfig:
     reward model that cannot yet predict the voters only moves the policy at random."""
     min_distinct_ratio: float = 0.3
     """Distinct word 3-grams / all 3-grams under which one answer counts as looping."""
+
+    def answers_per_prompt(self, held_out: int) -> int:
+        """Answers per held-out prompt and side when the store holds ``held_out`` of them:
+        fewer than ``prompts`` get more each, up to the answers a full set would get (at most
+        4x ``samples_per_prompt``). At 10-20 votes there are 3-4, and 4 answers each (12-16
+        paired units) left candidates the reward model found better (+0.075) just under the
+        bound (docs/benchmarks.md, live loop)."""
+        wanted = -(-self.prompts * self.samples_per_prompt // max(1, held_out))  # ceil
+        return min(4 * self.samples_per_prompt, max(self.samples_per_prompt, wanted))
 
 
 @dataclass(frozen=True)

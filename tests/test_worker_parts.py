@@ -243,3 +243,15 @@ def test_dashboard_says_when_a_candidate_was_trained_on_from_an_unproven_one(run
     store.register_version("v2", folder, "v0", "rejected", {"gate": {"improvement": 0.03}, "trained_from": "v1"})
     rows = {row[0]: row for row in dashboard.versions_rows(store)}
     assert rows["v2"][4].startswith("trained on from v1") and "trained on" not in rows["v1"][4]
+
+
+def test_the_gate_gives_few_held_out_prompts_more_answers():
+    """At 10-20 votes the store holds 3-4 held-out prompts: 4 answers each gave the gate 12-16
+    paired units, and it rejected candidates that the reward model found better (gain +0.075,
+    bound -0.002). Fewer prompts get more answers each, up to the answers that a full set of
+    prompts would get (at most 4x the setting); a full set is unchanged."""
+    config = GateConfig(prompts=16, samples_per_prompt=4)
+    assert config.answers_per_prompt(16) == 4 and config.answers_per_prompt(20) == 4
+    assert config.answers_per_prompt(8) == 8 and config.answers_per_prompt(5) == 13
+    assert config.answers_per_prompt(4) == 16 and config.answers_per_prompt(1) == 16
+    assert GateConfig(prompts=2, samples_per_prompt=2).answers_per_prompt(2) == 2

@@ -179,8 +179,9 @@ def _gate(
     summary: dict[str, Any],
 ) -> Any:
     """k answers per held-out prompt from the candidate and from the active version (the base
-    when none is published), paired by prompt, scored by the same reward model."""
-    ppo, k = settings.training.ppo, gate_config.samples_per_prompt
+    when none is published), paired by prompt, scored by the same reward model; k grows while
+    the store holds few prompts (``GateConfig.answers_per_prompt``)."""
+    ppo, k = settings.training.ppo, gate_config.answers_per_prompt(len(gate_prompts))
     asked = [p for p in gate_prompts for _ in range(k)]
     candidate = sample_and_score(model, loaded.tokenizer, POLICY, asked, reward_fn, ppo)
     baseline = sample_and_score(model, loaded.tokenizer, ACTIVE if has_active else None, asked, reward_fn, ppo)
