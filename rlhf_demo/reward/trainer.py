@@ -61,7 +61,8 @@ class RewardMetrics:
 
     pairwise_accuracy: float | None
     thumb_accuracy: float | None
-    """Share of (👍, 👎) answer pairs ranked right (AUC, within folds)."""
+    """Share of (👍, 👎) answer pairs ranked right, each by a probe fitted without both
+    (leave-pair-out, :func:`cross_validate`)."""
     mean_margin: float | None
     agreement: float | None
     """Share of held-out judgements (pairs and thumbs together) the probe got right."""
@@ -69,7 +70,8 @@ class RewardMetrics:
     """One-sided lower confidence bound (Wilson, ``RewardConfig.confidence``) on ``agreement``,
     with one right and one wrong judgement added (a uniform prior)."""
     judged: int
-    """Held-out judgements behind ``agreement``: pairs, plus ``min(#👍, #👎)`` per fold."""
+    """Held-out judgements behind ``agreement``: A/B pairs, plus one per (👍, 👎) pair ranked
+    (``min(#👍, #👎)``, at most ``LEFT_OUT_THUMB_PAIRS``)."""
     pairs: int
     thumbs: int
     pairs_from_thumbs: int
