@@ -13,7 +13,6 @@ from rlhf_demo.reward.losses import (
     mean_margin,
     normalize_scores,
     pairwise_accuracy,
-    thumb_auc,
     thumb_loss,
 )
 
@@ -65,12 +64,6 @@ def test_metrics():
     # a tie counts 1/2
     assert pairwise_accuracy(rc, rr) == pytest.approx((1 + 0 + 0.5) / 3)
     assert mean_margin(rc, rr) == pytest.approx((2 - 1 + 0) / 3)
-    r = torch.tensor([0.5, -0.5, 0.5, 0.0])
-    # (👍, 👎) combinations: (0.5, -0.5) right, (0.5, 0.5) tie, (0.0, -0.5) right, (0.0, 0.5) wrong
-    assert thumb_auc(r, torch.tensor([1, -1, -1, 1])) == pytest.approx((1 + 0.5 + 1 + 0) / 4)
-    # a constant offset (the base rate) earns nothing: all 👎 but one, every score the same
-    assert thumb_auc(torch.full((10,), -3.0), torch.tensor([1] + [-1] * 9)) == pytest.approx(0.5)
-    assert math.isnan(thumb_auc(torch.tensor([1.0, 2.0]), torch.tensor([-1, -1])))
     assert math.isnan(pairwise_accuracy(torch.tensor([]), torch.tensor([])))
 
 

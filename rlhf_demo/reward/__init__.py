@@ -15,7 +15,6 @@ from rlhf_demo.reward.losses import (
     mean_margin,
     normalize_scores,
     pairwise_accuracy,
-    thumb_auc,
     thumb_loss,
 )
 from rlhf_demo.reward.model import RewardModel, chat_text
@@ -35,6 +34,5 @@ __all__ = [
     "mean_margin",
     "normalize_scores",
     "pairwise_accuracy",
-    "thumb_auc",
     "thumb_loss",
 ]

@@ -77,15 +77,6 @@ def mean_margin(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
     return (r_chosen - r_rejected).double().mean().item()
 
 
-@torch.no_grad()
-def thumb_auc(rewards: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of (👍, 👎) answer combinations the reward ranks right (AUC; ties count 1/2).
-    A ranking, not a sign: a reward model that only learned "almost everything gets 👎"
-    scores 0.5, not 0.95. NaN without both kinds."""
-    up, down = rewards[labels > 0], rewards[~(labels > 0)]
-    return _agreement((up[:, None] - down[None, :]).reshape(-1))
-
-
 # ── score normalisation for PPO ──────────────────────────────────────────────────────
 
 
