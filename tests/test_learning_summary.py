@@ -3,9 +3,12 @@ seed finished, with the fields the issue's readers look for."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from bench.learning_summary import seed_figures, seeds_in_record, summarize
+from rlhf_demo.config import SelectionSettings
 
 FIELDS = {
     "rater",
@@ -51,7 +54,7 @@ def run(wins: list[float], decisive: list[float | None]) -> dict:
         "commit": "a4a2ee2",
         "cycles": cycles,
         "final": {"wall_s": 900.0, "eval_s": 120.0},
-        "selection": {"rule": "dts", "candidates": 4, "candidate_temperature": None, "best_of": 1},
+        "selection": dataclasses.asdict(SelectionSettings()),  # what the library runs now
     }
 
 
@@ -69,7 +72,7 @@ def test_summary_is_mean_and_se_over_seeds_on_the_cycles_all_seeds_finished():
     assert summary["win_rate"] == pytest.approx(0.7)
     assert summary["win_rate_se"] == pytest.approx(0.1 / 3**0.5)
     assert summary["cycles"][1]["decisive_fraction"] == pytest.approx(0.4)
-    assert summary["best_of"] == 1 and summary["votes"] == 67
+    assert summary["best_of"] == SelectionSettings().best_of and summary["votes"] == 67
 
 
 def test_one_seed_keeps_its_within_run_standard_error():
