@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import math
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.learning_cli import make_settings, parse_args  # noqa: E402
+from bench.learning_cli import command_arguments, make_settings, parse_args  # noqa: E402
 from bench.learning_eval import verdict, win_rate  # noqa: E402
 from bench.learning_votes import load_prompts, messages, split_heldout  # noqa: E402
 from bench.raters import load_rater  # noqa: E402
@@ -98,7 +97,9 @@ def curve(per_prompt: list[dict[str, list[float]]], ns: list[int]) -> dict[str, 
 def measure(run_dir: Path, models_from: str | None, samples: int, base_samples: int, ns: list[int]) -> dict[str, Any]:
     """Sample, read and judge on a copy of the run's data dir (the run itself is not touched)."""
     recorded = json.loads((run_dir / "learning.json").read_text())
-    argv = shlex.split(recorded["command"])[2:]
+    argv = command_arguments(recorded["command"])
+    if argv is None:
+        raise SystemExit(f"{run_dir}/learning.json: not a bench/learning.py run ({recorded['command']!r})")
     if models_from:
         argv += ["--models-from", models_from]
     args = parse_args(argv)

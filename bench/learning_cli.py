@@ -210,17 +210,21 @@ def finished_run(out: Path, cycles: int) -> bool:
 NOT_THE_RUN = {"out", "seed", "seeds", "parallel", "record", "reuse_finished", "models_from"}
 
 
+def command_arguments(command: str | None) -> list[str] | None:
+    """The arguments a recorded ``python bench/learning.py …`` command gave, None if it is not one."""
+    words = shlex.split(command or "")
+    entry = next((i for i, w in enumerate(words) if w.endswith("learning.py")), None)
+    return None if entry is None else words[entry + 1 :]
+
+
 def same_run(command: str | None, args: argparse.Namespace) -> bool:
     """Whether a seed's recorded command measured what ``args`` asks for: every argument
     equal, except where it wrote and where the model was read from."""
-    if not command:
-        return False
-    words = shlex.split(command)
-    entry = next((i for i, w in enumerate(words) if w.endswith("learning.py")), None)
-    if entry is None:
+    words = command_arguments(command)
+    if words is None:
         return False
     try:
-        theirs = vars(parse_args(words[entry + 1 :]))
+        theirs = vars(parse_args(words))
     except SystemExit:  # a command this version's parser no longer reads
         return False
     ours = vars(args)

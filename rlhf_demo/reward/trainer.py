@@ -274,8 +274,8 @@ def cross_validate(data: ProbeData, config: RewardConfig) -> dict[str, Any]:
     votes (leave-pair-out). A visitor rates one answer per prompt, so a fold rarely holds
     both kinds: ranking within folds left ten thumbs 1-3 judgements, and ranking
     out-of-fold scores pooled over folds is biased low on few votes (each fold's probe is
-    fitted on the opposite balance of the labels it then scores: 0.41 on pure noise, 0.50
-    on a learnable signal, docs/learning.md); leave-pair-out is not."""
+    fitted on the opposite balance of the labels it then scores: 0.35 on labels with no
+    rule, where leave-pair-out reads 0.51, docs/learning.md); leave-pair-out is not."""
     folds = min(config.folds, len(set(data.pair_groups) | set(data.thumb_groups)))
     margins: list[torch.Tensor] = []
     if folds >= 2:
