@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # The CUDA check, one short run on one GPU: the CUDA tests (NF4 + bfloat16 compute: serving,
-# hot-swap, PPO, reward model, a whole worker cycle), then the learning benchmark for several
-# raters in parallel, recorded as bench/results/learning-<rater>-cuda.json. Each run's log,
-# with its learning.json appended, lands in OUT_DIR as soon as it ends (one file a run: a
-# device returns few), so a run cut short still leaves the ones that finished. Measured on
-# an H200 (2026-11-26): tests 31 s; 6 learning runs in parallel 390-500 s (docs/learning.md).
+# hot-swap, PPO, reward model, a whole worker cycle), then the learning benchmark, three seeds
+# of each rater at once (`--seeds 0,1,2`), recorded as bench/results/learning-<rater>-cuda.json.
+# The runs start in a session of their own, so a device call that must end before them leaves
+# them running and a second call (`collect`) gathers them; what any run wrote so far comes back
+# packed in OUT_DIR/gpu-runs.tgz (a device returns few files). Measured on an H200: tests 31 s;
+# 6 learning runs in parallel 390-500 s (2026-11-26, one seed each; docs/learning.md).
 #
-#   bash bench/gpu.sh [tests|learn|all] [OUT_DIR]
+#   bash bench/gpu.sh [tests|learn|collect|all] [OUT_DIR]
 #
 #   RATERS="bench.raters:brevity ..."   raters (default: brevity, enthusiasm, keyword)
+#   SEEDS=0,1,2                         seeds of each rater, run at once
 #   SWEEP_ARGS="--ppo-iterations 24"    also run each rater with these settings (not recorded)
-#   BENCH_TIMEOUT=420                   seconds per learning run
+#   BENCH_TIMEOUT=1500                  seconds per rater's runs
+#   WAIT=540                            seconds `learn`/`collect` wait for the runs before packing
+#   BENCH_CODE_VERSION=<commit>         the commit, where the copy has no .git (the record says it)
 #
 # An offline GPU box without this project's packages (docs/learning.md, "GPU: how to run"):
 #   WHEELS=dir      pip-install these wheels into SITE (default /tmp/site) and use it
@@ -46,27 +50,49 @@ fi
 if [[ $phase == learn || $phase == all ]]; then
   # Convert the bundled GGUF once, before the parallel runs read the converted folder.
   timeout 180 "$py" -c "from rlhf_demo.config import load_settings; from rlhf_demo.modeling import load_model; print(load_model(load_settings(data_dir='data', device='cuda')).describe())" 2>&1 | tail -n 1
-  learn() {  # name rater args...: one run; its figures go to $out as soon as it ends
-    local name=$1 spec=$2; shift 2
-    timeout "${BENCH_TIMEOUT:-420}" "$py" bench/learning.py --rater "$spec" --votes 200 --cycles 3 --threads 2 "$@" \
-      --out "bench/out/gpu/$name" > "$out/$name.log" 2>&1
-    local rc=$?
-    { echo "== learning.json"; cat "bench/out/gpu/$name/learning.json"; } >> "$out/$name.log" 2>/dev/null
-    echo "== $name rc=$rc $(( $(date +%s) - start )) s"
-    grep -A 4 "^cycle votes" "$out/$name.log" | tail -n 5
-    grep -E "Error|Traceback" "$out/$name.log" | tail -n 3
-  }
-  pids=()
+  mkdir -p bench/out/gpu
+  : > bench/out/gpu/pids
   for spec in ${RATERS:-bench.raters:brevity bench.raters:enthusiasm bench.raters:keyword}; do
     name=${spec##*:}
     record=()
     [[ $spec == bench.raters:* ]] && record=(--record)  # only the public raters' figures are committed
+    # A session of its own (setsid): the runs outlive this call, and `collect` gathers them.
     # shellcheck disable=SC2086
-    learn "$name" "$spec" "${record[@]}" ${BENCH_ARGS:-} & pids+=($!)
+    setsid nohup timeout "${BENCH_TIMEOUT:-1500}" "$py" bench/learning.py --rater "$spec" --votes 200 --cycles 3 \
+      --threads 1 --seeds "${SEEDS:-0,1,2}" --parallel 3 "${record[@]}" ${BENCH_ARGS:-} --out "bench/out/gpu/$name" \
+      > "bench/out/gpu/$name.log" 2>&1 < /dev/null & echo $! >> bench/out/gpu/pids
     # shellcheck disable=SC2086
-    [[ -n ${SWEEP_ARGS:-} ]] && { learn "$name-sweep" "$spec" $SWEEP_ARGS & pids+=($!); }
+    [[ -n ${SWEEP_ARGS:-} ]] && {
+      setsid nohup timeout "${BENCH_TIMEOUT:-1500}" "$py" bench/learning.py --rater "$spec" --votes 200 --cycles 3 \
+        --threads 1 --seeds "${SEEDS:-0,1,2}" --parallel 3 $SWEEP_ARGS --out "bench/out/gpu/$name-sweep" \
+        > "bench/out/gpu/$name-sweep.log" 2>&1 < /dev/null & echo $! >> bench/out/gpu/pids
+    }
   done
-  wait "${pids[@]}"  # the runs only: a bare `wait` also waits for process substitutions
-  tar czf "$out/results-cuda.tgz" bench/results/learning-*-cuda.json 2>/dev/null
+  phase=collect
+fi
+
+if [[ $phase == collect ]]; then
+  # Wait for the runs (at most WAIT seconds), then pack what they wrote so far: every seed's
+  # learning.json is rewritten after each cycle, so runs cut short still leave their figures.
+  deadline=$(( $(date +%s) + ${WAIT:-540} ))
+  while [[ $(date +%s) -lt $deadline ]]; do
+    alive=0
+    while read -r pid; do kill -0 "$pid" 2>/dev/null && alive=$(( alive + 1 )); done < bench/out/gpu/pids
+    [[ $alive -eq 0 ]] && break
+    sleep 5
+  done
+  for log in bench/out/gpu/*.log; do
+    echo "== $log ($(( $(date +%s) - start )) s)"
+    grep -E "^cycle [0-9]+: win-rate|Error|Traceback" "$log" | tail -n 6
+  done
+  for run in bench/out/gpu/*/seed-*; do
+    [[ -f $run/learning.json ]] && "$py" -c "
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(sys.argv[1], [(c['cycle'], c['decision'], round(c['eval']['win_rate'], 3), round(c['eval']['kl'], 2), round(c['elapsed_s'])) for c in r['cycles']])" "$run/learning.json" 2>&1 | tail -n 1
+  done
+  tar czf "$out/gpu-runs.tgz" bench/out/gpu/*.log bench/out/gpu/*/summary.json bench/out/gpu/*/seed-*/learning.json \
+    bench/results/learning-*-cuda.json 2>/dev/null
+  ls -la "$out"
 fi
 echo "total: $(( $(date +%s) - start )) s"
