@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 import statistics
 import subprocess
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.learning_cli import command_arguments, make_settings, parse_args  # noqa: E402
-from bench.learning_eval import verdict, win_rate  # noqa: E402
+from bench.learning_eval import expected_win, verdict, win_rate  # noqa: E402
 from bench.learning_votes import load_prompts, messages, split_heldout  # noqa: E402
 from bench.raters import load_rater  # noqa: E402
 from rlhf_demo.config import load_settings  # noqa: E402
@@ -49,33 +48,6 @@ from rlhf_demo.runtime import Runtime  # noqa: E402
 from rlhf_demo.serving import BASE_VERSION  # noqa: E402
 
 log = logging.getLogger("bench.best_of")
-
-
-def pick_chances(order_scores: list[float], n: int) -> list[float]:
-    """For each answer, the share of its n-subsets (of all m answers) whose highest
-    ``order_scores`` it is: C(rank, n-1) / C(m, n), rank = answers scored below it. Equal
-    scores share their chances evenly (a tie among them is broken at random)."""
-    m = len(order_scores)
-    if not 1 <= n <= m:
-        raise ValueError(f"n must be in 1..{m}, got {n}")
-    ranked = sorted(range(m), key=lambda i: order_scores[i])
-    by_rank = [math.comb(r, n - 1) / math.comb(m, n) for r in range(m)]
-    chances = [0.0] * m
-    start = 0
-    while start < m:  # runs of equal scores share the chances of the ranks they span
-        end = start
-        while end + 1 < m and order_scores[ranked[end + 1]] == order_scores[ranked[start]]:
-            end += 1
-        share = sum(by_rank[start : end + 1]) / (end - start + 1)
-        for r in range(start, end + 1):
-            chances[ranked[r]] = share
-        start = end + 1
-    return chances
-
-
-def expected_win(wins: list[float], order_scores: list[float], n: int) -> float:
-    """Expected win of the answer that ``order_scores`` picks among n random answers of m."""
-    return sum(w * c for w, c in zip(wins, pick_chances(order_scores, n), strict=True))
 
 
 def curve(per_prompt: list[dict[str, list[float]]], ns: list[int]) -> dict[str, Any]:

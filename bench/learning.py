@@ -11,10 +11,11 @@ rater's scores become an A/B vote (``prefer``: the higher score wins, equal is a
 base model, as the worker process would, and the server switches to what the registry serves.
 
 After each cycle (and once before the first), what a visitor is served is compared with the
-base on held-out prompts that are never voted on nor used for PPO: ``--served-samples`` chat
-answers per prompt through ``selection.best_answer`` (best-of-n as configured) against
-``--base-samples`` plain samples of the base, both from the serving process, judged by the
-rater (ties ½). Beside it, the policy's own samples (the PPO sampler) give its KL to the
+base on held-out prompts that are never voted on nor used for PPO: the expected verdict of
+``--served-samples`` chat answers per prompt, picked as ``selection.best_answer`` picks
+(best-of-n as configured: the exact mean over all n-subsets of a pool of served-samples × n
+samples, read by the serving process's reward model), against ``--base-samples`` plain
+samples of the base, both from the serving process, judged by the rater (ties ½). Beside it, the policy's own samples (the PPO sampler) give its KL to the
 reference and the win-rate earlier stops reported. Per cycle: votes, the decisive share of
 A/B votes, reward-model accuracy, the gate decision, win-rates, KL, wall time and peak RSS;
 writes ``<out>/learning.json`` and ``<out>/learning.png``. ``--seeds 0,1,2`` runs one process

@@ -96,7 +96,10 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
         help="the policy's own samples per held-out prompt (its KL; the win-rate of earlier stops)",
     )
     p.add_argument(
-        "--served-samples", type=int, default=8, help="answers served to a visitor per held-out prompt (the headline win-rate)"
+        "--served-samples",
+        type=int,
+        default=8,
+        help="answers served per held-out prompt (the headline win-rate; best-of-n draws n times as many and weighs them exactly)",
     )
     p.add_argument(
         "--base-samples",

@@ -3,9 +3,9 @@ held-out prompts, judged by the rater (win-rate ± SE), and the policy's own sam
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ from rlhf_demo.modeling.adapters import put_adapter
 from rlhf_demo.ppo.trainer import sample_and_score
 from rlhf_demo.reward.model import RewardModel
 from rlhf_demo.runtime import Runtime
-from rlhf_demo.selection import Pick, best_answer
 from rlhf_demo.serving import BASE_VERSION
 
 EVAL_ADAPTER = "bench_eval"
@@ -63,31 +62,63 @@ def sample_answers(
 def served_answers(
     runtime: Runtime, rater: Rater, prompts: list[str], per_prompt: int, max_new_tokens: int, base: bool = False
 ) -> dict[str, list]:
-    """What a visitor is served: ``per_prompt`` chat answers per prompt through the app's own
-    path (``selection.best_answer``: the served version, best-of-n as configured), many at a
-    time so the engine decodes them in shared steps; ``base``: plain samples of the base."""
+    """What a visitor is served, as an exact expectation: chat answers of the served version
+    with the server's sampling, read by the serving process's reward model (``Judge.read``)
+    and picked as :func:`selection.best_answer` picks (its highest score of n samples, while
+    the model is trusted; else one plain sample). Per prompt a pool of ``per_prompt`` × n
+    samples is drawn in shared engine steps, and each answer is weighted by its chance of being
+    the pick of n drawn from the pool (:func:`pick_chances`): the mean over all n-subsets, so
+    no resampling noise, at the cost of the ``per_prompt`` × n samples that serving
+    ``per_prompt`` answers would take. ``base``: plain samples of the base."""
     server, sampling = runtime.server, runtime.server.sampling(max_new_tokens=max_new_tokens)
-    asked = [messages(p) for p in prompts for _ in range(per_prompt)]
-    if base:
-        picks = [Pick(g, 1) for g in server.generate_many(asked, BASE_VERSION, sampling)]
-    else:
-
-        def serve(conversation: list[dict[str, str]]) -> Pick:
-            *_, pick = best_answer(server, runtime.judge, conversation, sampling, runtime.settings.selection.best_of)
-            return pick
-
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            picks = list(pool.map(serve, asked))
-    texts = [p.generation.text for p in picks]
+    best_of = runtime.settings.selection.best_of
+    n = 1 if base or best_of <= 1 or not runtime.judge.trusted else best_of
+    pool = per_prompt * n
+    asked = [messages(p) for p in prompts for _ in range(pool)]
+    generations = server.generate_many(asked, BASE_VERSION if base else None, sampling)
+    weights: list[float] = []
+    for k in range(len(prompts)):
+        answers = generations[k * pool : (k + 1) * pool]
+        order = runtime.judge.read(answers).scores.tolist() if n > 1 else [0.0] * pool
+        weights += pick_chances(order, n)
+    texts = [g.text for g in generations]
     return {
         "texts": texts,
         "scores": [float(rater(m[-1]["content"], t)) for m, t in zip(asked, texts, strict=True)],
-        "kl": [0.0] * len(picks),  # the policy's KL is measured on its own samples (sample_answers)
-        "tokens": [p.generation.completion_tokens for p in picks],
-        "eos": [float(p.generation.finish_reason == "stop") for p in picks],
-        "picked_from": [p.picked_from for p in picks],
-        "generations": [p.generation for p in picks],
+        "weights": weights,  # each answer's chance of being served; they sum to 1 per prompt
+        "kl": [0.0] * len(generations),  # the policy's KL is measured on its own samples (sample_answers)
+        "tokens": [g.completion_tokens for g in generations],
+        "eos": [float(g.finish_reason == "stop") for g in generations],
+        "picked_from": [n] * len(generations),
+        "generations": generations,
     }
+
+
+def pick_chances(order_scores: list[float], n: int) -> list[float]:
+    """For each answer, the share of its n-subsets (of all m answers) whose highest
+    ``order_scores`` it is: C(rank, n-1) / C(m, n), rank = answers scored below it. Equal
+    scores share their chances evenly (a tie among them is broken at random)."""
+    m = len(order_scores)
+    if not 1 <= n <= m:
+        raise ValueError(f"n must be in 1..{m}, got {n}")
+    ranked = sorted(range(m), key=lambda i: order_scores[i])
+    by_rank = [math.comb(r, n - 1) / math.comb(m, n) for r in range(m)]
+    chances = [0.0] * m
+    start = 0
+    while start < m:  # runs of equal scores share the chances of the ranks they span
+        end = start
+        while end + 1 < m and order_scores[ranked[end + 1]] == order_scores[ranked[start]]:
+            end += 1
+        share = sum(by_rank[start : end + 1]) / (end - start + 1)
+        for r in range(start, end + 1):
+            chances[ranked[r]] = share
+        start = end + 1
+    return chances
+
+
+def expected_win(wins: list[float], order_scores: list[float], n: int) -> float:
+    """Expected win of the answer that ``order_scores`` picks among n random answers of m."""
+    return sum(w * c for w, c in zip(wins, pick_chances(order_scores, n), strict=True))
 
 
 def feature_gap(runtime: Runtime, worker: LoadedModel, folder: Path, generations: list) -> float | None:
@@ -128,12 +159,28 @@ def evaluate(
 ) -> dict[str, Any]:
     """Rater verdicts, served version vs base, on the same held-out prompts: each of the
     ``group_size`` served answers to a prompt is judged against each of the prompt's
-    ``base_group`` base answers (ties 1/2), so the base's own sampling noise averages out."""
+    ``base_group`` base answers (ties 1/2), so the base's own sampling noise averages out.
+    ``active["weights"]`` (optional): each answer's chance of being the one served, summing
+    to 1 per prompt (best-of-n, :func:`served_answers`); without them every answer counts
+    alike. Means are over prompts of the weighted per-prompt figures."""
     verdicts = [
         [verdict(a, b) for b in base["scores"][(i // group_size) * base_group : (i // group_size + 1) * base_group]]
         for i, a in enumerate(active["scores"])
     ]
-    rate, se = win_rate([statistics.fmean(v) for v in verdicts], group_size)
+    weights = active.get("weights") or [1.0 / group_size] * len(verdicts)
+
+    def served_mean(values: list[float]) -> float:  # the weighted per-prompt means, averaged over prompts
+        per_prompt = [
+            sum(w * v for w, v in zip(weights[i : i + group_size], values[i : i + group_size], strict=True))
+            for i in range(0, len(values), group_size)
+        ]
+        return statistics.fmean(per_prompt)
+
+    per_prompt = [
+        sum(w * statistics.fmean(v) for w, v in zip(weights[i : i + group_size], verdicts[i : i + group_size], strict=True))
+        for i in range(0, len(verdicts), group_size)
+    ]
+    rate, se = win_rate(per_prompt, 1)
     step = max(1, len(prompts) // 6)
     examples = [
         {"prompt": prompts[i][-1]["content"], "active": active["texts"][i], "base": base["texts"][(i // group_size) * base_group]}
@@ -149,13 +196,13 @@ def evaluate(
         "base_answers_per_prompt": base_group,
         "wins": sum(w == 1.0 for w in flat),
         "ties": sum(w == 0.5 for w in flat),
-        "mean_score": statistics.fmean(active["scores"]),
+        "mean_score": served_mean(active["scores"]),
         "base_mean_score": statistics.fmean(base["scores"]),
         "kl": statistics.fmean(active["kl"]),
         "kl_max": max(active["kl"]),
-        "mean_tokens": statistics.fmean(active["tokens"]),
+        "mean_tokens": served_mean(active["tokens"]),
         "base_mean_tokens": statistics.fmean(base["tokens"]),
-        "eos_rate": statistics.fmean(active["eos"]),
+        "eos_rate": served_mean(active["eos"]),
         "base_eos_rate": statistics.fmean(base["eos"]),
         "examples": examples,
         "seconds": seconds,
@@ -241,17 +288,12 @@ class Evaluator:
             answers, self.base_answers, eval_prompts, version, time.perf_counter() - started, self.eval_samples, self.base_samples
         )
         served = served_answers(runtime, self.rater, self.heldout, self.served_samples, self.sampler.max_new_tokens)
-        served_prompts = [messages(p) for p in self.heldout for _ in range(self.served_samples)]
+        pool = len(served["texts"]) // len(self.heldout)  # served_samples × n
+        served_prompts = [messages(p) for p in self.heldout for _ in range(pool)]
         result = evaluate(
-            served,
-            self.served_base,
-            served_prompts,
-            version,
-            time.perf_counter() - started,
-            self.served_samples,
-            self.base_samples,
+            served, self.served_base, served_prompts, version, time.perf_counter() - started, pool, self.base_samples
         )
-        result.update(kl=policy["kl"], kl_max=policy["kl_max"], picked_from=statistics.fmean(served["picked_from"]))
+        result.update(kl=policy["kl"], kl_max=policy["kl_max"], picked_from=served["picked_from"][0])
         result["policy"] = {
             k: policy[k] for k in ("win_rate", "win_rate_se", "comparisons", "mean_score", "mean_tokens", "eos_rate")
         }
