@@ -77,15 +77,18 @@ def served_answers(
     asked = [messages(p) for p in prompts for _ in range(pool)]
     generations = server.generate_many(asked, BASE_VERSION if base else None, sampling)
     weights: list[float] = []
+    orders: list[float] = []  # what the pick is by: the reward model's scores (all 0 when n = 1)
     for k in range(len(prompts)):
         answers = generations[k * pool : (k + 1) * pool]
         order = runtime.judge.read(answers).scores.tolist() if n > 1 else [0.0] * pool
         weights += pick_chances(order, n)
+        orders += order
     texts = [g.text for g in generations]
     return {
         "texts": texts,
         "scores": [float(rater(m[-1]["content"], t)) for m, t in zip(asked, texts, strict=True)],
         "weights": weights,  # each answer's chance of being served; they sum to 1 per prompt
+        "order": orders,
         "kl": [0.0] * len(generations),  # the policy's KL is measured on its own samples (sample_answers)
         "tokens": [g.completion_tokens for g in generations],
         "eos": [float(g.finish_reason == "stop") for g in generations],
@@ -119,6 +122,24 @@ def pick_chances(order_scores: list[float], n: int) -> list[float]:
 def expected_win(wins: list[float], order_scores: list[float], n: int) -> float:
     """Expected win of the answer that ``order_scores`` picks among n random answers of m."""
     return sum(w * c for w, c in zip(wins, pick_chances(order_scores, n), strict=True))
+
+
+def resample_se(wins: list[list[float]], orders: list[list[float]], n: int) -> float | None:
+    """The standard error of the win-rate from the served answers' sampling alone, the held-out
+    prompts and the base's answers fixed: two reads of one version differ by about √2 × this
+    (the figure's own SE, over prompts, is mostly which prompts were drawn, and that is the
+    same in every read). Per prompt, the jackknife over its pooled answers of the best-of-n
+    expectation (a U-statistic: leave one answer out, recompute over the rest); summed over
+    prompts. None when a prompt has too few answers to leave one out."""
+    if any(len(w) <= n for w in wins):
+        return None
+    variance = 0.0
+    for w, o in zip(wins, orders, strict=True):
+        m = len(w)
+        left_out = [expected_win(w[:i] + w[i + 1 :], o[:i] + o[i + 1 :], n) for i in range(m)]
+        centre = statistics.fmean(left_out)
+        variance += (m - 1) / m * sum((x - centre) ** 2 for x in left_out)
+    return math.sqrt(variance) / len(wins)
 
 
 def feature_gap(runtime: Runtime, worker: LoadedModel, folder: Path, generations: list) -> float | None:
@@ -181,6 +202,13 @@ def evaluate(
         for i in range(0, len(verdicts), group_size)
     ]
     rate, se = win_rate(per_prompt, 1)
+    n = int(active["picked_from"][0]) if active.get("order") else 1
+    orders = active.get("order") or [0.0] * len(verdicts)
+    read_se = resample_se(
+        [[statistics.fmean(v) for v in verdicts[i : i + group_size]] for i in range(0, len(verdicts), group_size)],
+        [orders[i : i + group_size] for i in range(0, len(verdicts), group_size)],
+        n,
+    )
     step = max(1, len(prompts) // 6)
     examples = [
         {"prompt": prompts[i][-1]["content"], "active": active["texts"][i], "base": base["texts"][(i // group_size) * base_group]}
@@ -191,6 +219,7 @@ def evaluate(
         "active_version": version,
         "win_rate": rate,
         "win_rate_se": se,
+        "read_se": read_se,
         "comparisons": len(flat),
         "answers": len(verdicts),
         "base_answers_per_prompt": base_group,

@@ -106,14 +106,14 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
     print(
         f"{'cycle':>5} {'votes':>5} {'used':>5} {'RM acc':>7} {'RM eval':>7} {'gate':>9} {'score':>7} {'base':>7} "
-        f"{'KL':>6} {'win':>5} {'tokens':>6} {'EOS':>5} {'time s':>7} {'RSS MB':>7}  win SE"
+        f"{'KL':>6} {'win':>5} {'tokens':>6} {'EOS':>5} {'time s':>7} {'RSS MB':>7}  win SE  read SE"
     )
     for r in rows:
         ev = r["eval"]
         print(
             f"{r['cycle']:>5} {r['votes']:>5} {f(r.get('votes_used'), 'd'):>5} {f(r.get('rm_accuracy')):>7} {f(ev.get('rm_eval_accuracy')):>7} "
             f"{r['decision']:>9} {ev['mean_score']:>7.2f} {ev['base_mean_score']:>7.2f} {ev['kl']:>6.2f} {ev['win_rate']:>5.2f} "
-            f"{ev['mean_tokens']:>6.1f} {ev['eos_rate']:>5.2f} {r['elapsed_s']:>7.0f} {r['peak_rss_mb']:>7.0f}  ±{ev['win_rate_se']:.2f}"
+            f"{ev['mean_tokens']:>6.1f} {ev['eos_rate']:>5.2f} {r['elapsed_s']:>7.0f} {r['peak_rss_mb']:>7.0f}  ±{ev['win_rate_se']:.2f}   ±{ev.get('read_se') or float('nan'):.3f}"
         )
     sys.stdout.flush()
 

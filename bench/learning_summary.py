@@ -48,6 +48,7 @@ def cycle_row(r: dict[str, Any]) -> dict[str, Any]:
         ],
         "win_rate": ev["win_rate"],
         "win_rate_se": ev["win_rate_se"],
+        "read_se": ev.get("read_se"),  # from the served answers' sampling alone: a second read moves about √2 × this
         "comparisons": ev.get("comparisons"),
         "policy_win_rate": (ev.get("policy") or {}).get("win_rate"),
         "picked_from": ev.get("picked_from"),

@@ -157,3 +157,33 @@ def test_evaluate_weighs_each_answer_by_its_chance_of_being_served() -> None:
     weighted = evaluate({**active, "weights": [0.9, 0.1, 0.5, 0.5]}, base, prompts, "v1", 0.0, 2, 1)
     assert weighted["win_rate"] == pytest.approx((0.9 + 1.0) / 2)
     assert weighted["mean_tokens"] == pytest.approx((0.9 * 2 + 0.1 * 4 + 2) / 2)
+
+
+def test_the_read_again_se_of_plain_answers_is_the_se_of_their_mean() -> None:
+    from bench.learning_eval import resample_se
+
+    wins = [[1.0, 0.0, 0.5, 1.0], [0.0, 0.0, 1.0, 0.5]]
+    expected = sum(statistics.variance(w) / len(w) for w in wins) ** 0.5 / len(wins)
+    assert resample_se(wins, [[0.0] * 4] * 2, 1) == pytest.approx(expected)
+    assert resample_se(wins, [[0.0] * 4] * 2, 4) is None  # nothing left to leave one out of
+
+
+def test_the_read_again_se_predicts_how_much_a_second_read_moves() -> None:
+    """Many reads of the same served version (fixed prompts, fresh pools of answers): the
+    spread of the best-of-4 win-rate across reads is what resample_se says from one read."""
+    from bench.learning_eval import resample_se
+
+    rng = random.Random(7)
+    prevalence = [rng.uniform(0.1, 0.7) for _ in range(12)]
+
+    def pool(p: float) -> tuple[list[float], list[float]]:
+        wins = [1.0 if rng.random() < p else rng.choice((0.0, 0.5)) for _ in range(12)]
+        return wins, [w + rng.gauss(0.0, 1.0) for w in wins]  # a noisy reward model
+
+    reads, predicted = [], []
+    for _ in range(150):
+        pools = [pool(p) for p in prevalence]
+        reads.append(statistics.fmean(expected_win(w, o, 4) for w, o in pools))
+        predicted.append(resample_se([w for w, _ in pools], [o for _, o in pools], 4))
+    ratio = statistics.fmean(predicted) / statistics.stdev(reads)
+    assert 0.8 < ratio < 1.35, ratio  # the jackknife is slightly conservative for U-statistics
