@@ -33,24 +33,31 @@ def command_line() -> str:
     return "python bench/learning.py " + " ".join(sys.argv[1:])
 
 
+def git(root: Path, *words: str) -> str | None:
+    """A git command's output in ``root``, None where git or the checkout is missing."""
+    try:
+        done = subprocess.run(["git", *words], cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def describe(root: Path) -> str | None:
+    """The commit checked out in ``root``, ``-dirty`` when a tracked file differs from it;
+    the results folder does not count: runs recording side by side rewrite it while they run."""
+    commit = git(root, "describe", "--always", "--abbrev=12")
+    if commit is None:
+        return None
+    changed = git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+    return commit + ("-dirty" if changed else "")
+
+
 @functools.cache  # read once, at the first row: a commit made during the run is not the run's
 def code_version() -> str | None:
     """The commit the benchmark runs (``-dirty`` with uncommitted changes): committed figures
     must come from committed code. Outside a git checkout (a device's copy of the tree), the
     commit its caller names in ``BENCH_CODE_VERSION``, else None."""
-    try:
-        done = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return os.environ.get("BENCH_CODE_VERSION") or None
-    if done.returncode != 0:
-        return os.environ.get("BENCH_CODE_VERSION") or None
-    return done.stdout.strip() or None
+    return describe(Path(__file__).resolve().parents[1]) or os.environ.get("BENCH_CODE_VERSION") or None
 
 
 def record(figures: dict[int, dict[str, Any]], args: argparse.Namespace, command: str) -> Path:

@@ -4,6 +4,7 @@ seed finished, with the fields the issue's readers look for."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,32 @@ def test_a_one_seed_record_from_before_per_seed_times_still_gives_its_seed():
     (seed,) = seeds_in_record(old).values()
     assert seed["wall_s"] == 900.0 and seed["eval_s"] == 120.0 and seed["commit"] is None
     assert [r["comparisons"] for r in seed["rows"]] == [1728] * 3 and [r["win_rate"] for r in seed["rows"]] == [0.5, 0.6, 0.7]
+
+
+def test_a_run_is_dirty_for_code_changes_not_for_records_written_beside_it(tmp_path: Path) -> None:
+    """Seeds recording side by side rewrite bench/results while the others run: that must not
+    mark their code as uncommitted, while a changed source file must."""
+    import subprocess
+
+    from bench.learning_output import describe
+
+    def git(*words: str) -> None:
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *words], cwd=tmp_path, check=True, capture_output=True
+        )
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "learning-brevity.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "first")
+    clean = describe(tmp_path)
+    assert clean is not None and not clean.endswith("-dirty")
+    (tmp_path / "bench" / "results" / "learning-brevity.json").write_text('{"seeds": [0]}')
+    assert describe(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert describe(tmp_path) == clean + "-dirty"
+    outside = tmp_path.parent / f"{tmp_path.name}-not-a-checkout"
+    outside.mkdir()
+    assert describe(outside) is None
