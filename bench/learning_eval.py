@@ -190,22 +190,21 @@ def evaluate(
     ]
     weights = active.get("weights") or [1.0 / group_size] * len(verdicts)
 
-    def served_mean(values: list[float]) -> float:  # the weighted per-prompt means, averaged over prompts
-        per_prompt = [
+    def per_prompt(values: list[float]) -> list[float]:  # each prompt's weighted mean
+        return [
             sum(w * v for w, v in zip(weights[i : i + group_size], values[i : i + group_size], strict=True))
             for i in range(0, len(values), group_size)
         ]
-        return statistics.fmean(per_prompt)
 
-    per_prompt = [
-        sum(w * statistics.fmean(v) for w, v in zip(weights[i : i + group_size], verdicts[i : i + group_size], strict=True))
-        for i in range(0, len(verdicts), group_size)
-    ]
-    rate, se = win_rate(per_prompt, 1)
+    def served_mean(values: list[float]) -> float:  # the weighted per-prompt means, averaged over prompts
+        return statistics.fmean(per_prompt(values))
+
+    answer_wins = [statistics.fmean(v) for v in verdicts]  # each answer against the prompt's base answers
+    rate, se = win_rate(per_prompt(answer_wins), 1)
     n = int(active["picked_from"][0]) if active.get("order") else 1
     orders = active.get("order") or [0.0] * len(verdicts)
     read_se = resample_se(
-        [[statistics.fmean(v) for v in verdicts[i : i + group_size]] for i in range(0, len(verdicts), group_size)],
+        [answer_wins[i : i + group_size] for i in range(0, len(verdicts), group_size)],
         [orders[i : i + group_size] for i in range(0, len(verdicts), group_size)],
         n,
     )
