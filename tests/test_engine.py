@@ -103,13 +103,21 @@ def test_one_adapter_batches_skip_the_per_row_path_with_the_same_tokens(two_vers
     server = two_versions
     model = server.model
     forward, routes = model.forward, []
-    monkeypatch.setattr(model, "forward", lambda *a, **k: routes.append("adapter_names" in k) or forward(*a, **k))
+
+    def seen(*a, **k):  # each forward: did it take the per-row path, over how many rows
+        routes.append(("adapter_names" in k, k["input_ids"].shape[0]))
+        return forward(*a, **k)
+
+    monkeypatch.setattr(model, "forward", seen)
     fast = alone(server, LONG, "v1")
     pair = server.generate_pair(LONG, ("v1", "v1"), greedy(20))
-    assert routes and not any(routes), "a one-adapter batch took the per-row path"
+    assert routes and not any(per_row for per_row, _ in routes), "a one-adapter batch took the per-row path"
     routes.clear()
     mixed, other = server.generate_pair(LONG, ("v1", "v2"), greedy(20))
-    assert routes and all(routes)
+    # Every step the two versions share takes the per-row path; a row decoding alone (admitted
+    # before the other, or after the other ended, as on a busy machine) may take the plain one.
+    shared = [per_row for per_row, rows in routes if rows > 1]
+    assert shared and all(shared), "a step shared by two adapters took the one-adapter path"
     _, ids = server.encode(LONG)
     _, slot = server.pool.hold("v1")
     try:
