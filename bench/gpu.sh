@@ -14,7 +14,7 @@
 #   SWEEP_ARGS="--ppo-iterations 24"    also run each rater with these settings (not recorded)
 #   BENCH_TIMEOUT=1500                  seconds per rater's runs
 #   WAIT=540                            seconds `learn`/`collect` wait for the runs before packing
-#   BENCH_CODE_VERSION=<commit>         the commit, where the copy has no .git (the record says it)
+#   BENCH_CODE_VERSION=<commit>         the commit the tree sent is (a device's .git may be missing or older)
 #
 # An offline GPU box without this project's packages (docs/learning.md, "GPU: how to run"):
 #   WHEELS=dir      pip-install these wheels into SITE (default /tmp/site) and use it
@@ -52,21 +52,21 @@ if [[ $phase == learn || $phase == all ]]; then
   timeout 180 "$py" -c "from rlhf_demo.config import load_settings; from rlhf_demo.modeling import load_model; print(load_model(load_settings(data_dir='data', device='cuda')).describe())" 2>&1 | tail -n 1
   mkdir -p bench/out/gpu
   : > bench/out/gpu/pids
+  start_runs() {  # name rater args...: one rater's seeds, in a session of their own (setsid),
+    # so they outlive this call and `collect` gathers them
+    local name=$1 spec=$2; shift 2
+    setsid nohup timeout "${BENCH_TIMEOUT:-1500}" "$py" bench/learning.py --rater "$spec" --votes 200 --cycles 3 \
+      --threads 1 --seeds "${SEEDS:-0,1,2}" --parallel 3 "$@" --out "bench/out/gpu/$name" \
+      > "bench/out/gpu/$name.log" 2>&1 < /dev/null & echo $! >> bench/out/gpu/pids
+  }
   for spec in ${RATERS:-bench.raters:brevity bench.raters:enthusiasm bench.raters:keyword}; do
     name=${spec##*:}
     record=()
     [[ $spec == bench.raters:* ]] && record=(--record)  # only the public raters' figures are committed
-    # A session of its own (setsid): the runs outlive this call, and `collect` gathers them.
     # shellcheck disable=SC2086
-    setsid nohup timeout "${BENCH_TIMEOUT:-1500}" "$py" bench/learning.py --rater "$spec" --votes 200 --cycles 3 \
-      --threads 1 --seeds "${SEEDS:-0,1,2}" --parallel 3 "${record[@]}" ${BENCH_ARGS:-} --out "bench/out/gpu/$name" \
-      > "bench/out/gpu/$name.log" 2>&1 < /dev/null & echo $! >> bench/out/gpu/pids
+    start_runs "$name" "$spec" "${record[@]}" ${BENCH_ARGS:-}
     # shellcheck disable=SC2086
-    [[ -n ${SWEEP_ARGS:-} ]] && {
-      setsid nohup timeout "${BENCH_TIMEOUT:-1500}" "$py" bench/learning.py --rater "$spec" --votes 200 --cycles 3 \
-        --threads 1 --seeds "${SEEDS:-0,1,2}" --parallel 3 $SWEEP_ARGS --out "bench/out/gpu/$name-sweep" \
-        > "bench/out/gpu/$name-sweep.log" 2>&1 < /dev/null & echo $! >> bench/out/gpu/pids
-    }
+    [[ -n ${SWEEP_ARGS:-} ]] && start_runs "$name-sweep" "$spec" $SWEEP_ARGS
   done
   phase=collect
 fi

@@ -55,9 +55,9 @@ def describe(root: Path) -> str | None:
 @functools.cache  # read once, at the first row: a commit made during the run is not the run's
 def code_version() -> str | None:
     """The commit the benchmark runs (``-dirty`` with uncommitted changes): committed figures
-    must come from committed code. Outside a git checkout (a device's copy of the tree), the
-    commit its caller names in ``BENCH_CODE_VERSION``, else None."""
-    return describe(Path(__file__).resolve().parents[1]) or os.environ.get("BENCH_CODE_VERSION") or None
+    must come from committed code. ``BENCH_CODE_VERSION``, when set, names it instead: a
+    device's copy of the tree may carry no ``.git``, or an older one than the tree it got."""
+    return os.environ.get("BENCH_CODE_VERSION") or describe(Path(__file__).resolve().parents[1])
 
 
 def record(figures: dict[int, dict[str, Any]], args: argparse.Namespace, command: str) -> Path:
