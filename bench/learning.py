@@ -136,10 +136,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     evaluation = Evaluator(
         runtime, worker, rater, heldout, sampler, args.eval_samples, args.served_samples, args.base_samples, args.eval_batch
     )
-    base_s = evaluation.sample_base()
     rows: list[dict[str, Any]] = []
-    base_eval = evaluation()
-    base_eval["base_sampling_seconds"] = base_s
+    base_eval = None
+    if evaluated(0, args):
+        base_s = evaluation.sample_base()
+        base_eval = evaluation()
+        base_eval["base_sampling_seconds"] = base_s
     rows.append(
         {
             "cycle": 0,
@@ -151,12 +153,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     )
     result = write(out, args, rows, setup_s, t0, settings)
-    log.info(
-        "cycle 0 (before training): win-rate %.2f, score %.2f, %.1f s",
-        base_eval["win_rate"],
-        base_eval["mean_score"],
-        base_eval["seconds"],
-    )
+    if base_eval is not None:
+        log.info(
+            "cycle 0 (before training): win-rate %.2f, score %.2f, %.1f s",
+            base_eval["win_rate"],
+            base_eval["mean_score"],
+            base_eval["seconds"],
+        )
 
     prompts = prompt_stream(train_prompts, rng)
     seen_scores: list[float] = []
@@ -174,12 +177,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         served = runtime.sync_registry()
         cycle_s = time.perf_counter() - started
         run_id = runtime.store.list_runs(limit=1)[0]["id"]
-        ev = evaluation(settings.data_dir / "reward" / f"run-{run_id}")
+        ev = evaluation(settings.data_dir / "reward" / f"run-{run_id}") if evaluated(cycle, args) else None
         row = cycle_row(runtime, cycle, total_votes, cast, summary, served, phases, cycle_s, ev, t0)
         rows.append(row)
         result = write(out, args, rows, setup_s, t0, settings)
     runtime.close()
     return result
+
+
+def evaluated(cycle: int, args: argparse.Namespace) -> bool:
+    """Whether ``cycle`` (0: the base) is read by the evaluation, as ``--eval-cycles`` says:
+    a best-of-n reading costs more CPU than a cycle, so runs that are judged on their final
+    version (or only on their loop's figures) may skip the others."""
+    if args.eval_cycles == "none":
+        return False
+    return args.eval_cycles == "every" or cycle in (0, args.cycles)
 
 
 def cycle_row(
@@ -191,7 +203,7 @@ def cycle_row(
     served: str,
     phases: dict[str, float],
     cycle_s: float,
-    ev: dict[str, Any],
+    ev: dict[str, Any] | None,
     t0: float,
 ) -> dict[str, Any]:
     """One cycle's figures in ``learning.json`` (and its line in the log)."""
@@ -221,17 +233,17 @@ def cycle_row(
         "elapsed_s": time.perf_counter() - t0,
         "peak_rss_mb": peak_rss_mb(),
     }
+    read = f"win-rate {ev['win_rate']:.2f}, score {ev['mean_score']:.2f}, KL {ev['kl']:.2f}" if ev else "not evaluated"
     log.info(
-        "cycle %d: %d votes, RM acc %s, %s %s (%s), win-rate %.2f, score %.2f, KL %.2f, %.0f s, peak RSS %.0f MB",
+        "cycle %d: %d votes, RM acc %s, %s %s (%s), %s, decisive A/B %s, %.0f s, peak RSS %.0f MB",
         cycle,
         total_votes,
         row["rm_accuracy"],
         row["decision"],
         row["version"],
         "; ".join(summary["gate"]["reasons"]) or "gate passed",
-        ev["win_rate"],
-        ev["mean_score"],
-        ev["kl"],
+        read,
+        row["decisive_fraction"],
         row["elapsed_s"],
         row["peak_rss_mb"],
     )

@@ -109,6 +109,12 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
     )
     p.add_argument("--eval-batch", type=int, default=36)
     p.add_argument(
+        "--eval-cycles",
+        choices=("every", "last", "none"),
+        default="every",
+        help="which cycles the evaluation reads: every one (and the base), the base and the last, or none (the loop's figures only)",
+    )
+    p.add_argument(
         "--thumbs-per-pair", type=int, default=2, choices=(0, 1, 2), help="thumbs cast on the answers of each A/B pair"
     )
     p.add_argument("--record", action="store_true", help="also write bench/results/learning-<rater>.json (committed figures)")
@@ -296,6 +302,9 @@ def summarise_seeds(args: argparse.Namespace, outs: dict[int, Path], recorded: d
     if args.record:
         record(figures, args, command_line())
     for c in summary["cycles"]:
-        print(
-            f"cycle {c['cycle']}: win-rate {c['win_rate']:.3f} ± {c['win_rate_se'] or 0:.3f} (seeds {summary['seeds']}), KL {c['kl']:.2f}, decisive {c['decisive_fraction']}"
+        read = (
+            f"win-rate {c['win_rate']:.3f} ± {c['win_rate_se'] or 0:.3f}, KL {c['kl']:.2f}"
+            if c["win_rate"] is not None
+            else "not evaluated"
         )
+        print(f"cycle {c['cycle']} (seeds {summary['seeds']}): {read}, decisive A/B {c['decisive_fraction']}")

@@ -74,14 +74,15 @@ def write(
     out: Path, args: argparse.Namespace, rows: list[dict[str, Any]], setup_s: float, t0: float, settings: Settings
 ) -> dict[str, Any]:
     last = rows[-1]
+    last_eval = last["eval"] or {}  # None where --eval-cycles skipped the cycle
     elapsed = time.perf_counter() - t0
-    eval_s = rows[0]["eval"].get("base_sampling_seconds", 0.0) + sum(r["eval"]["seconds"] for r in rows)
+    eval_s = sum(r["eval"].get("base_sampling_seconds", 0.0) + r["eval"]["seconds"] for r in rows if r["eval"])
     final = {
-        "win_rate": last["eval"]["win_rate"],
-        "win_rate_se": last["eval"]["win_rate_se"],
-        "comparisons": last["eval"]["comparisons"],
+        "win_rate": last_eval.get("win_rate"),
+        "win_rate_se": last_eval.get("win_rate_se"),
+        "comparisons": last_eval.get("comparisons"),
         "rm_accuracy": last.get("rm_accuracy"),
-        "kl": last["eval"]["kl"],
+        "kl": last_eval.get("kl"),
         "votes": last["votes"],
         "elapsed_s": elapsed,
         "wall_s": elapsed - setup_s - eval_s,  # the loop itself: votes and cycles
@@ -117,6 +118,12 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     )
     for r in rows:
         ev = r["eval"]
+        if not ev:
+            print(
+                f"{r['cycle']:>5} {r['votes']:>5} {f(r.get('votes_used'), 'd'):>5} {f(r.get('rm_accuracy')):>7} {'-':>7} "
+                f"{r['decision']:>9}  (not evaluated)  decisive A/B {f(r.get('decisive_fraction'))}  {r['elapsed_s']:.0f} s"
+            )
+            continue
         print(
             f"{r['cycle']:>5} {r['votes']:>5} {f(r.get('votes_used'), 'd'):>5} {f(r.get('rm_accuracy')):>7} {f(ev.get('rm_eval_accuracy')):>7} "
             f"{r['decision']:>9} {ev['mean_score']:>7.2f} {ev['base_mean_score']:>7.2f} {ev['kl']:>6.2f} {ev['win_rate']:>5.2f} "
@@ -132,24 +139,31 @@ def plot(path: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> No
     import matplotlib.pyplot as plt
 
     x = [r["cycle"] for r in rows]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    panels = [
-        ("win-rate vs base (held-out)", [r["eval"]["win_rate"] for r in rows], 0.8),
-        ("reward model accuracy", [r.get("rm_accuracy") for r in rows], 0.85),
-        ("KL to reference (nats / answer)", [r["eval"]["kl"] for r in rows], 6.0),
-        ("mean rater score", [r["eval"]["mean_score"] for r in rows], None),
-        ("mean answer length (tokens)", [r["eval"]["mean_tokens"] for r in rows], None),
-    ]
-    for ax, (title, ys, target) in zip(axes.flat, panels, strict=False):
+
+    def read(key: str) -> list[Any]:  # one evaluation figure per cycle, None where it was not read
+        return [(r["eval"] or {}).get(key) for r in rows]
+
+    def line(ax: Any, ys: list[Any], **style: Any) -> None:
         pts = [(a, b) for a, b in zip(x, ys, strict=True) if b is not None]
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o")
+            ax.plot(*zip(*pts, strict=True), **style)
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    panels = [
+        ("win-rate vs base (held-out)", read("win_rate"), 0.8),
+        ("reward model accuracy", [r.get("rm_accuracy") for r in rows], 0.85),
+        ("KL to reference (nats / answer)", read("kl"), 6.0),
+        ("mean rater score", read("mean_score"), None),
+        ("mean answer length (tokens)", read("mean_tokens"), None),
+    ]
+    for ax, (title, ys, target) in zip(axes.flat, panels, strict=False):
+        line(ax, ys, marker="o")
         if title == "reward model accuracy":
-            ax.plot(x, [r["eval"].get("rm_eval_accuracy") for r in rows], marker="s", linestyle="--", label="on eval pairs")
+            line(ax, read("rm_eval_accuracy"), marker="s", linestyle="--", label="on eval pairs")
             ax.set_ylim(0, 1.05)
             ax.legend(["library held-out split", "held-out rater pairs"], fontsize=7)
         if title == "mean rater score":
-            ax.plot(x, [r["eval"]["base_mean_score"] for r in rows], marker="x", linestyle="--", label="base")
+            line(ax, read("base_mean_score"), marker="x", linestyle="--", label="base")
             ax.legend()
         if target is not None:
             ax.axhline(target, color="grey", linestyle=":", label="target")

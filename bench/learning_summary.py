@@ -27,8 +27,9 @@ def mean_se(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def cycle_row(r: dict[str, Any]) -> dict[str, Any]:
-    """One cycle of one seed, the figures worth committing."""
-    ev = r["eval"]
+    """One cycle of one seed, the figures worth committing (the evaluation's as None where
+    ``--eval-cycles`` did not read the cycle)."""
+    ev = r["eval"] or {}
     return {
         "cycle": r["cycle"],
         "votes": r["votes"],
@@ -46,16 +47,16 @@ def cycle_row(r: dict[str, Any]) -> dict[str, Any]:
         "ppo": [
             {k: round(v, 4) for k, v in step.items() if k in ("score", "kl", "response_length")} for step in r.get("ppo", [])
         ],
-        "win_rate": ev["win_rate"],
-        "win_rate_se": ev["win_rate_se"],
+        "win_rate": ev.get("win_rate"),
+        "win_rate_se": ev.get("win_rate_se"),
         "read_se": ev.get("read_se"),  # from the served answers' sampling alone: a second read moves about √2 × this
         "comparisons": ev.get("comparisons"),
         "policy_win_rate": (ev.get("policy") or {}).get("win_rate"),
         "picked_from": ev.get("picked_from"),
-        "kl": ev["kl"],
-        "mean_score": ev["mean_score"],
-        "mean_tokens": ev["mean_tokens"],
-        "eval_s": ev["seconds"],
+        "kl": ev.get("kl"),
+        "mean_score": ev.get("mean_score"),
+        "mean_tokens": ev.get("mean_tokens"),
+        "eval_s": ev.get("seconds", 0.0),
         "elapsed_s": r["elapsed_s"],
     }
 
@@ -105,7 +106,8 @@ def summarize(figures: dict[int, dict[str, Any]], rater: str, command: str, devi
     cycles = []
     for i in range(depth):
         rows = [per_seed[seed][i] for seed in seeds]
-        win, se = mean_se([r["win_rate"] for r in rows])
+        win, se = mean_se([r["win_rate"] for r in rows if r["win_rate"] is not None])
+        kls = [r["kl"] for r in rows if r["kl"] is not None]
         decisive = [r["decisive_fraction"] for r in rows if r["decisive_fraction"] is not None]
         cycles.append(
             {
@@ -113,7 +115,7 @@ def summarize(figures: dict[int, dict[str, Any]], rater: str, command: str, devi
                 "votes": rows[0]["votes"],
                 "win_rate": win,
                 "win_rate_se": se if se is not None else rows[0]["win_rate_se"],
-                "kl": statistics.fmean(r["kl"] for r in rows),
+                "kl": statistics.fmean(kls) if kls else None,
                 "decisive_fraction": statistics.fmean(decisive) if decisive else None,
                 "decisions": [r["decision"] for r in rows],
                 "seeds": {str(seed): row for seed, row in zip(seeds, rows, strict=True)},

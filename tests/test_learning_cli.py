@@ -133,3 +133,14 @@ def test_a_recorded_seed_from_other_library_defaults_runs_again(
     argv += ["--reuse-finished", "--threads", "1"]
     learning_cli.run_seeds(learning_cli.parse_args(argv), [0, 1], argv)
     assert seeds_run(started) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("choice", "read"),
+    [("every", [0, 1, 2, 3]), ("last", [0, 3]), ("none", [])],
+)
+def test_eval_cycles_chooses_which_cycles_are_read(choice: str, read: list[int]) -> None:
+    from bench.learning import evaluated
+
+    args = learning_cli.parse_args(["--cycles", "3", "--eval-cycles", choice], "")
+    assert [c for c in range(4) if evaluated(c, args)] == read

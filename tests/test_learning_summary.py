@@ -130,3 +130,16 @@ def test_a_run_is_dirty_for_code_changes_not_for_records_written_beside_it(tmp_p
     outside = tmp_path.parent / f"{tmp_path.name}-not-a-checkout"
     outside.mkdir()
     assert describe(outside) is None
+
+
+def test_cycles_the_evaluation_skipped_keep_their_loop_figures_and_the_final_reads_the_last():
+    """``--eval-cycles last``: cycles 1 and 2 of three were not read; their decisive fraction
+    still averages over the seeds, and the final win-rate is the last cycle's."""
+    runs = {seed: run([0.5, 0.0, 0.0, 0.6 + 0.1 * seed], [None, 0.2, 0.4, 0.6]) for seed in (0, 1)}
+    for r in runs.values():
+        for c in r["cycles"][1:3]:
+            c["eval"] = None
+    summary = summarize({s: seed_figures(r) for s, r in runs.items()}, "bench.raters:keyword", "cmd", "cpu", 1)
+    assert [c["win_rate"] for c in summary["cycles"]][:3] == [0.5, None, None]
+    assert summary["cycles"][2]["decisive_fraction"] == pytest.approx(0.4) and summary["cycles"][1]["kl"] is None
+    assert summary["win_rate"] == pytest.approx(0.65) and summary["kl"] == pytest.approx(1.5)
