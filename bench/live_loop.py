@@ -45,11 +45,12 @@ from rlhf_demo.ui.handlers.chat import read_version_tag  # noqa: E402
 DONE = re.compile(r"written by adapter \S+")  # under every finished answer
 
 
-def last_answer(log: Any) -> tuple[str, str]:
-    """The last bot message's text and the version tag under it."""
+def last_answer(log: Any) -> tuple[str, str, int]:
+    """The last bot message's text, the version tag under it and how many samples it was
+    picked from (1: a plain sample)."""
     text = log.get_by_test_id("bot").last.inner_text().strip()
-    answer, version, _ = read_version_tag(text)
-    return answer.strip(), version or "?"
+    answer, version, picked_from = read_version_tag(text)
+    return answer.strip(), version or "?", picked_from
 
 
 def clear_chat(page: Any) -> None:
@@ -72,6 +73,18 @@ def first_change_s(report: dict[str, Any]) -> float | None:
         return None
     seconds = datetime.fromisoformat(min(published)) - datetime.fromisoformat(report["trigger_vote_at"])
     return round(seconds.total_seconds(), 1)
+
+
+def first_pick_s(report: dict[str, Any]) -> float | None:
+    """Seconds from that same vote to the first chat answer the votes' reward model picked
+    (best-of-n, "picked from n" under it): the first change a visitor sees, before any new
+    adapter. Reported beside :func:`first_change_s`, never in its place."""
+    if "trigger_vote_at" not in report:
+        return None
+    start = datetime.fromisoformat(report["trigger_vote_at"])
+    picked = [datetime.fromisoformat(v["answered_at"]) for v in report["votes"] if v.get("picked_from", 1) > 1]
+    later = [t for t in picked if t >= start]
+    return round((min(later) - start).total_seconds(), 1) if later else None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,7 +117,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 prompt = prompts[i % len(prompts)]
                 asked = time.monotonic()
                 log = send_chat(page, prompt, done=DONE)
-                answer, version = last_answer(log)
+                answered_at = utc_now()
+                answer, version, picked_from = last_answer(log)
                 score = rater(prompt, answer)
                 scores.append(score)
                 liked = score >= statistics.median(scores)
@@ -116,13 +130,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     {
                         "prompt": prompt,
                         "version": version,
+                        "picked_from": picked_from,
+                        "answered_at": answered_at,
                         "words": len(answer.split()),
                         "liked": liked,
                         "answer_s": round(time.monotonic() - asked, 1),
                     }
                 )
                 print(
-                    f"vote {i + 1}/{args.votes}: {'👍' if liked else '👎'} {len(answer.split())} words by {version}", flush=True
+                    f"vote {i + 1}/{args.votes}: {'👍' if liked else '👎'} {len(answer.split())} words by {version}"
+                    f"{f', picked from {picked_from}' if picked_from > 1 else ''}",
+                    flush=True,
                 )
                 clear_chat(page)  # each prompt its own conversation
                 if i == 0:
@@ -147,6 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for r in finished_runs(store)
             ]
             report["first_change_s"] = first_change_s(report)
+            report["first_pick_s"] = first_pick_s(report)
             published = [v["version"] for v in store.list_versions() if v["version"] != "v0" and v["status"] in SERVABLE_STATUSES]
             report["published"] = published
             if published:
@@ -154,7 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 waited = time.monotonic()
                 for attempt in range(args.serve_attempts):
                     log = send_chat(page, prompts[(args.votes + attempt) % len(prompts)], done=DONE)
-                    answer, version = last_answer(log)
+                    answer, version, _ = last_answer(log)
                     clear_chat(page)
                     if version == target:
                         report["served_new_version"] = {
@@ -201,7 +220,10 @@ def main() -> None:
     for r in report["runs"]:
         print(f"run {r['id']}: {r['status']} candidate={r['candidate']} gate={json.dumps(r['gate'])} error={r['error']}")
     print(f"published: {report.get('published')}; served: {report.get('served_new_version')}")
-    print(f"first change {report.get('first_change_s')} s after vote {report['trigger_vote']}")
+    print(
+        f"first change (a published version) {report.get('first_change_s')} s after vote {report['trigger_vote']}; "
+        f"first answer picked by the votes' reward model {report.get('first_pick_s')} s after it"
+    )
     print(
         f"page errors {report.get('page_errors')}; app alive at the end: {report.get('app_alive')}; total {report.get('total_s')} s"
     )
