@@ -216,7 +216,10 @@ def finished_run(out: Path, cycles: int) -> bool:
 
 
 # Arguments that say where a seed ran or what the parent did, not what the seed measured.
-NOT_THE_RUN = {"out", "seed", "seeds", "parallel", "record", "reuse_finished", "models_from"}
+# ``eval_cycles`` only says which earlier cycles were read too: the loop and the final
+# reading are the same, so a seed read every cycle joins seeds read at the last only
+# (:func:`summarize` leaves a cycle's mean out unless every seed read it).
+NOT_THE_RUN = {"out", "seed", "seeds", "parallel", "record", "reuse_finished", "models_from", "eval_cycles"}
 
 
 def command_arguments(command: str | None) -> list[str] | None:

@@ -106,15 +106,16 @@ def summarize(figures: dict[int, dict[str, Any]], rater: str, command: str, devi
     cycles = []
     for i in range(depth):
         rows = [per_seed[seed][i] for seed in seeds]
-        win, se = mean_se([r["win_rate"] for r in rows if r["win_rate"] is not None])
-        kls = [r["kl"] for r in rows if r["kl"] is not None]
+        read_by_all = all(r["win_rate"] is not None for r in rows)  # else the mean would mix other seeds
+        win, se = mean_se([r["win_rate"] for r in rows]) if read_by_all else (None, None)
+        kls = [r["kl"] for r in rows] if read_by_all else []
         decisive = [r["decisive_fraction"] for r in rows if r["decisive_fraction"] is not None]
         cycles.append(
             {
                 "cycle": rows[0]["cycle"],
                 "votes": rows[0]["votes"],
                 "win_rate": win,
-                "win_rate_se": se if se is not None else rows[0]["win_rate_se"],
+                "win_rate_se": se if se is not None or not read_by_all else rows[0]["win_rate_se"],
                 "kl": statistics.fmean(kls) if kls else None,
                 "decisive_fraction": statistics.fmean(decisive) if decisive else None,
                 "decisions": [r["decision"] for r in rows],

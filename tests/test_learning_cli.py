@@ -104,6 +104,19 @@ def test_reuse_finished_takes_a_seed_from_the_committed_record_run_with_the_same
     assert summary["cycles"][-1]["seeds"]["0"]["win_rate"] == 0.9
 
 
+def test_a_seed_read_every_cycle_joins_seeds_read_at_the_last_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started: list[list[str]]
+) -> None:
+    """``--eval-cycles`` chooses which earlier cycles are read, not what the loop or its final
+    reading measure: a recorded seed read every cycle is reused by a run that reads the last."""
+    recorded_seed_zero(tmp_path, monkeypatch, SEED_ZERO)
+    argv = ["--rater", "bench.raters:keyword", "--cycles", "3", "--seeds", "0,1", "--out", str(tmp_path / "runs")]
+    argv += ["--reuse-finished", "--threads", "1", "--eval-cycles", "last"]
+    learning_cli.run_seeds(learning_cli.parse_args(argv), [0, 1], argv)
+    assert seeds_run(started) == [1]
+    assert "--eval-cycles" in started[0] and started[0][started[0].index("--eval-cycles") + 1] == "last"
+
+
 @pytest.mark.parametrize("differs", ["--votes 100", "--selection passive", "--threads 2"])
 def test_a_recorded_seed_from_other_arguments_runs_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started: list[list[str]], differs: str

@@ -143,3 +143,16 @@ def test_cycles_the_evaluation_skipped_keep_their_loop_figures_and_the_final_rea
     assert [c["win_rate"] for c in summary["cycles"]][:3] == [0.5, None, None]
     assert summary["cycles"][2]["decisive_fraction"] == pytest.approx(0.4) and summary["cycles"][1]["kl"] is None
     assert summary["win_rate"] == pytest.approx(0.65) and summary["kl"] == pytest.approx(1.5)
+
+
+def test_a_cycle_read_by_some_seeds_only_has_no_mean_but_keeps_each_seeds_reading():
+    """A seed read every cycle beside seeds read at the last only: cycle 1's mean would be
+    one seed's figure under the label of three, so it is left out; the final is over all."""
+    runs = {seed: run([0.5, 0.6, 0.7 + 0.1 * seed], [None, 0.3, 0.5]) for seed in (0, 1, 2)}
+    for seed in (1, 2):
+        runs[seed]["cycles"][1]["eval"] = None
+    summary = summarize({s: seed_figures(r) for s, r in runs.items()}, "bench.raters:keyword", "cmd", "cpu", 1)
+    cycle = summary["cycles"][1]
+    assert cycle["win_rate"] is None and cycle["win_rate_se"] is None and cycle["kl"] is None
+    assert cycle["seeds"]["0"]["win_rate"] == 0.6 and cycle["decisive_fraction"] == pytest.approx(0.3)
+    assert summary["win_rate"] == pytest.approx(0.8) and summary["win_rate_se"] == pytest.approx(0.1 / 3**0.5)
