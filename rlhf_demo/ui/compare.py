@@ -44,9 +44,10 @@ def side_markdown(side: str, answer: str, state: PairState, cursor: str = "") ->
 
 
 def shown_pair(a: str, b: str, state: PairState) -> tuple[str, str, PairState, str]:
-    """Both sides, the state and the line under them, while the answers stream and once they are recorded."""
+    """Both sides, the state and the line under them while the answers stream; once they are
+    recorded the line invites no vote yet: :func:`answers_done` does, as the votes open."""
     cursor = " ▌" if state.generating else ""
-    said = "Writing both answers…" if state.generating else "Which answer is better?"
+    said = "Writing both answers…" if state.generating else ""
     return side_markdown("A", a, state, cursor), side_markdown("B", b, state, cursor), state, said
 
 
@@ -90,11 +91,16 @@ class CompareEvents:
         return "", "", "", "", "", self.h.new_round(), *locked()
 
 
+def recorded(state: PairState) -> bool:
+    """Both answers are in the store: the pair can be voted on (once) and continued."""
+    return isinstance(state, PairState) and state.response_ids is not None and not state.generating
+
+
 def vote_controls(state: PairState) -> list[Any]:
     """Votes open once both answers are recorded and lock after the vote (as in Chatbot
     Arena); "New round" and the "why" panel appear after the vote, the follow-up for both
     sides as soon as the pair is recorded. Display only: the handler checks again."""
-    ready = isinstance(state, PairState) and state.response_ids is not None and not state.generating
+    ready = recorded(state)
     voted = bool(ready and state.voted)
     return [
         *(gr.Button(interactive=ready and not voted) for _ in range(VOTE_BUTTONS)),
@@ -102,6 +108,13 @@ def vote_controls(state: PairState) -> list[Any]:
         gr.Row(visible=ready),
         *reasons.shown(voted),
     ]
+
+
+def answers_done(state: PairState) -> list[Any]:
+    """The controls after the answers, and the line that asks for a vote in the same update:
+    a visitor who presses a key on reading it finds the votes open."""
+    ask = recorded(state) and not state.voted
+    return [*vote_controls(state), "Which answer is better?" if ask else gr.update()]
 
 
 def unchanged(*values: Any) -> tuple[Any, ...]:
@@ -132,7 +145,7 @@ def wire_answers(
     """Each trigger locks the votes, swaps ``buttons`` (start, Stop) while ``fn`` streams, and
     shows the controls that fit the state afterwards. The first trigger (a button) is the API
     endpoint ``api_name``."""
-    state = outputs[2]
+    state, line = outputs[2], outputs[3]
     shown = [o for o in outputs if o is not state]
     for trigger, name in zip(triggers, (api_name, None), strict=True):
         trigger(locked, None, controls, queue=False, **PRIVATE)
@@ -142,7 +155,7 @@ def wire_answers(
         # pair still shown must come back either way.
         for after in (answered.then, answered.failure):
             after(idle, None, buttons, queue=False, **PRIVATE)
-            after(vote_controls, [state], controls, queue=False, **PRIVATE)
+            after(answers_done, [state], [*controls, line], queue=False, **PRIVATE)
         # Gradio keeps an "Error" overlay on a failed event's outputs until their next update; it
         # hid the pair and its votes. Showing the same values again is that update.
         answered.failure(unchanged, shown, shown, queue=False, **PRIVATE)
