@@ -85,12 +85,13 @@ if [[ $phase == collect ]]; then
     echo "== $log ($(( $(date +%s) - start )) s)"
     grep -E "^cycle [0-9]+: win-rate|Error|Traceback" "$log" | tail -n 6
   done
-  for run in bench/out/gpu/*/seed-*; do
-    [[ -f $run/learning.json ]] && "$py" -c "
+  # each seed's cycles so far, read or not (bench/learning_summary.progress_line)
+  "$py" -c "
 import json, sys
-r = json.load(open(sys.argv[1]))
-print(sys.argv[1], [(c['cycle'], c['decision'], round(c['eval']['win_rate'], 3), round(c['eval']['kl'], 2), round(c['elapsed_s'])) for c in r['cycles']])" "$run/learning.json" 2>&1 | tail -n 1
-  done
+from bench.learning_summary import progress_line
+for path in sys.argv[1:]:
+    print(progress_line(path.removeprefix('bench/out/gpu/').removesuffix('/learning.json'), json.load(open(path))))" \
+    bench/out/gpu/*/seed-*/learning.json 2>&1 | tail -n 30
   tar czf "$out/gpu-runs.tgz" bench/out/gpu/*.log bench/out/gpu/*/summary.json bench/out/gpu/*/seed-*/learning.json \
     bench/results/learning-*-cuda.json 2>/dev/null
   ls -la "$out"

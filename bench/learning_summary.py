@@ -38,6 +38,7 @@ def cycle_row(r: dict[str, Any]) -> dict[str, Any]:
         "trained_from": r.get("trained_from"),
         "decisive_fraction": r.get("decisive_fraction"),
         "rules": (r.get("cast") or {}).get("rules"),
+        "shown_mean_score": (r.get("cast") or {}).get("mean_score"),  # the rater's mean score of the Compare answers
         "rm_accuracy": r.get("rm_accuracy"),
         "rm_eval_accuracy": ev.get("rm_eval_accuracy"),
         "feature_gap": ev.get("feature_gap"),
@@ -59,6 +60,27 @@ def cycle_row(r: dict[str, Any]) -> dict[str, Any]:
         "eval_s": ev.get("seconds", 0.0),
         "elapsed_s": r["elapsed_s"],
     }
+
+
+def progress_line(name: str, run: dict[str, Any]) -> str:
+    """One seed's cycles so far, on one line: what a run cut short (by a device's time, say)
+    has to show, where ``--eval-cycles`` left most cycles unread."""
+
+    def figure(value: float | None, digits: int = 2) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    words = [name]
+    for row in map(cycle_row, run["cycles"]):
+        if row["cycle"] == 0:
+            words.append(f"base {figure(row['win_rate'], 3)}")
+            continue
+        gate_kl = (row["gate"] or {}).get("kl")
+        words.append(
+            f"| c{row['cycle']} {row['decision']} decisive {figure(row['decisive_fraction'])} ppo {len(row['ppo'])}"
+            f" kl {figure(gate_kl)} shown {figure(row['shown_mean_score'])} win {figure(row['win_rate'], 3)}"
+            f" {row['elapsed_s']:.0f} s"
+        )
+    return " ".join(words)
 
 
 def seed_figures(run: dict[str, Any]) -> dict[str, Any]:

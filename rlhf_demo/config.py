@@ -305,6 +305,7 @@ class Settings:
     worker: bool = True
     registry_poll_seconds: float = 3.0  # how often the server looks for a newly published version
     adapter_cache: int = 3
+    max_batch: int = 16  # answers the embedded engine decodes in one step; more wait for a free row
     engine: str = "embedded"
     engine_url: str = ""  # the vLLM server's base URL, e.g. http://127.0.0.1:8123
     sampling: SamplingBounds = field(default_factory=SamplingBounds)
@@ -344,6 +345,8 @@ class Settings:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.engine == "vllm" and not self.engine_url.startswith(("http://", "https://")):
             raise ValueError(f"engine vllm needs engine_url, the vLLM server's http(s) URL; got {self.engine_url!r}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1..65535, got {self.port}")
         return self

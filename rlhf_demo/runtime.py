@@ -110,7 +110,7 @@ def build_engine(settings: Settings, loaded: LoadedModel) -> ServingEngine:
             return VllmEngine(settings.engine_url, loaded.tokenizer, eos, settings.sampling)
         except EngineError as exc:
             raise StartupError(str(exc)) from None
-    server = PolicyServer(loaded, settings.sampling, max_slots=settings.adapter_cache + 1)
+    server = PolicyServer(loaded, settings.sampling, max_slots=settings.adapter_cache + 1, max_batch=settings.max_batch)
     server.reserve_slots(settings.lora)
     loaded.model = server.model  # one PeftModel for everything in this process
     return server

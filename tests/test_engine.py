@@ -253,3 +253,36 @@ def test_a_single_message_over_the_token_budget_is_refused(runtime):
     runtime.server.budget = PromptBudget(max_tokens=50)
     with pytest.raises(PromptRefused, match="tokens"):
         runtime.server.generate([{"role": "user", "content": "word " * 200}], sampling=greedy(4))
+
+
+@pytest.mark.parametrize("max_batch", [2, 16])
+def test_the_engine_decodes_at_most_max_batch_answers_a_step(max_batch, tmp_path, tiny_model_dir):
+    """``max_batch`` (RLHF_DEMO_MAX_BATCH) is how many answers share a decode step; the rest
+    wait for a free row and still get exactly their own answer."""
+    from rlhf_demo.config import load_settings
+    from rlhf_demo.runtime import Runtime
+
+    settings = load_settings(
+        env={"RLHF_DEMO_MAX_BATCH": str(max_batch)}, model=str(tiny_model_dir), data_dir=tmp_path, quantization="fp32"
+    )
+    runtime = Runtime(settings)
+    try:
+        server = runtime.server
+        prompts = [SHORT, LONG, SHORT, LONG]
+        expected = [alone(server, p, BASE_VERSION) for p in prompts]
+        steps_before = server.engine.steps
+        together = server.generate_many(prompts, BASE_VERSION, greedy(20))
+        rows_per_step = sum(g.completion_tokens - 1 for g in together) / (server.engine.steps - steps_before)
+        assert [g.text for g in together] == [g.text for g in expected]
+        assert rows_per_step <= max_batch
+        if max_batch > len(prompts):
+            assert rows_per_step > 2, "four answers that fit in one batch were not decoded together"
+    finally:
+        runtime.close()
+
+
+def test_a_max_batch_below_one_is_refused_by_name():
+    from rlhf_demo.config import load_settings
+
+    with pytest.raises(ValueError, match="max_batch"):
+        load_settings(env={"RLHF_DEMO_MAX_BATCH": "0"})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.learning_summary import seed_figures, seeds_in_record, summarize
+from bench.learning_summary import progress_line, seed_figures, seeds_in_record, summarize
 from rlhf_demo.config import SelectionSettings
 
 FIELDS = {
@@ -156,3 +156,18 @@ def test_a_cycle_read_by_some_seeds_only_has_no_mean_but_keeps_each_seeds_readin
     assert cycle["win_rate"] is None and cycle["win_rate_se"] is None and cycle["kl"] is None
     assert cycle["seeds"]["0"]["win_rate"] == 0.6 and cycle["decisive_fraction"] == pytest.approx(0.3)
     assert summary["win_rate"] == pytest.approx(0.8) and summary["win_rate_se"] == pytest.approx(0.1 / 3**0.5)
+
+
+def test_progress_of_a_run_cut_short_reads_cycles_the_evaluation_skipped():
+    """What ``bench/gpu.sh collect`` prints of each seed while runs go on: with
+    ``--eval-cycles last`` the cycles read nothing, and their loop figures (decision, PPO
+    steps, the gate's KL, the rater's mean score of the Compare answers) are all there is."""
+    r = run([0.5, 0.0, 0.0], [None, 0.13, 0.39])
+    for c in r["cycles"][1:]:
+        c["eval"] = None
+    r["cycles"][1].update(ppo=[{"score": 0.1, "kl": 0.5}] * 13, gate={"kl": 1.96, "reasons": []}, cast={"mean_score": 0.39})
+    r["cycles"][2].update(decision="rejected", ppo=[], gate=None, cast={"mean_score": 1.13})
+    line = progress_line("enthusiasm/seed-0", r)
+    assert line.startswith("enthusiasm/seed-0 base 0.500")
+    assert "c1 published decisive 0.13 ppo 13 kl 1.96 shown 0.39 win -" in line
+    assert "c2 rejected decisive 0.39 ppo 0 kl - shown 1.13 win -" in line
