@@ -4,16 +4,20 @@
 # of each rater at once (`--seeds 0,1,2`), recorded as bench/results/learning-<rater>-cuda.json.
 # The runs start in a session of their own, so a device call that must end before them leaves
 # them running and a second call (`collect`) gathers them; what any run wrote so far comes back
-# packed in OUT_DIR/gpu-runs.tgz (a device returns few files). Measured on an H200: tests 31 s;
-# 6 learning runs in parallel 390-500 s (2026-11-26, one seed each; docs/learning.md).
+# packed in OUT_DIR/gpu-runs.tgz (a device returns few files). `speed` measures what a visitor
+# waits for on this device: best-of-n latency per n and the engine's batch (32 against 64 rows),
+# in the served precision; `learn` after it in the same call runs at the faster batch.
+# Measured on an H200: tests 31-38 s; a whole learning run longer than a session's device time
+# at 6 runs at once (docs/learning.md, "GPU: how to run").
 #
-#   bash bench/gpu.sh [tests|learn|collect|all] [OUT_DIR]
+#   bash bench/gpu.sh [tests|speed|learn|collect|all, or several: speed,learn] [OUT_DIR]
 #
 #   RATERS="bench.raters:brevity ..."   raters (default: brevity, enthusiasm, keyword)
 #   SEEDS=0,1,2                         seeds of each rater, run at once
 #   SWEEP_ARGS="--ppo-iterations 24"    also run each rater with these settings (not recorded)
 #   BENCH_TIMEOUT=1500                  seconds per rater's runs
 #   WAIT=540                            seconds `learn`/`collect` wait for the runs before packing
+#   WAIT_UNTIL=550                      or: until this many seconds after the script started
 #   BENCH_CODE_VERSION=<commit>         the commit the tree sent is (a device's .git may be missing or older)
 #
 # An offline GPU box without this project's packages (docs/learning.md, "GPU: how to run"):
@@ -38,7 +42,12 @@ fi
 [[ -d $site ]] && export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 start=$(date +%s)
 
-if [[ $phase == tests || $phase == all ]]; then
+want() { [[ ,$phase, == *,$1,* || $phase == all ]]; }
+convert_model() {  # the bundled GGUF, once, before anything parallel reads the converted folder
+  timeout 180 "$py" -c "from rlhf_demo.config import load_settings; from rlhf_demo.modeling import load_model; print(load_model(load_settings(data_dir='data', device='cuda')).describe())" 2>&1 | tail -n 1
+}
+
+if want tests; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$py" -c "
 import bitsandbytes, peft, torch, transformers
@@ -47,9 +56,25 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_dev
   echo "cuda tests: $(( $(date +%s) - start )) s"
 fi
 
-if [[ $phase == learn || $phase == all ]]; then
-  # Convert the bundled GGUF once, before the parallel runs read the converted folder.
-  timeout 180 "$py" -c "from rlhf_demo.config import load_settings; from rlhf_demo.modeling import load_model; print(load_model(load_settings(data_dir='data', device='cuda')).describe())" 2>&1 | tail -n 1
+if want speed; then
+  convert_model
+  # best-of-n: n chat answers (160 tokens) to one prompt in one batched call, and their reading
+  timeout 300 "$py" bench/headroom.py --latency 1,2,4,8,16 --latency-prompts 6 --precision auto --data-dir data \
+    --json "$out/latency.json" 2>&1 | grep -E "^n="
+  # the engine's batch: 64 streams of 40 tokens at 32 and at 64 rows a step
+  for cap in 32 64; do
+    RLHF_DEMO_MAX_BATCH=$cap timeout 200 "$py" bench/serve.py --precisions nf4 --concurrency 64 --tokens 40 --repeats 2 \
+      --data-dir data --json "$out/serve-batch$cap.json" 2>&1 | grep -E "^ *embedded"
+  done
+  faster=$("$py" -c "
+import json, sys
+rates = {cap: json.load(open(f'$out/serve-batch{cap}.json'))['levels'][0]['tok_s'] for cap in (32, 64)}
+print(max(rates, key=rates.get))" 2>/dev/null) && export RLHF_DEMO_MAX_BATCH=$faster
+  echo "speed: $(( $(date +%s) - start )) s; the runs below decode ${RLHF_DEMO_MAX_BATCH:-32} rows a step"
+fi
+
+if want learn; then
+  convert_model
   mkdir -p bench/out/gpu
   : > bench/out/gpu/pids
   start_runs() {  # name rater args...: one rater's seeds, in a session of their own (setsid),
@@ -71,10 +96,10 @@ if [[ $phase == learn || $phase == all ]]; then
   phase=collect
 fi
 
-if [[ $phase == collect ]]; then
+if want collect; then
   # Wait for the runs (at most WAIT seconds), then pack what they wrote so far: every seed's
   # learning.json is rewritten after each cycle, so runs cut short still leave their figures.
-  deadline=$(( $(date +%s) + ${WAIT:-540} ))
+  if [[ -n ${WAIT_UNTIL:-} ]]; then deadline=$(( start + WAIT_UNTIL )); else deadline=$(( $(date +%s) + ${WAIT:-540} )); fi
   while [[ $(date +%s) -lt $deadline ]]; do
     alive=0
     while read -r pid; do kill -0 "$pid" 2>/dev/null && alive=$(( alive + 1 )); done < bench/out/gpu/pids
