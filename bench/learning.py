@@ -125,8 +125,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Two bases, as in the app: the serving process's and the worker's. The converted model
     # lives in --models-from (converted there once), the run's own data dir stays fresh.
     model_settings = load_settings(model=args.model, data_dir=args.models_from, quantization=args.quantization)
-    settings = make_settings(args, data_dir)
-    runtime = Runtime(settings, load_model(model_settings))
+    runtime = Runtime(make_settings(args, data_dir), load_model(model_settings))
+    settings = runtime.settings  # with the device's defaults filled in: what runs is what is recorded
     worker = load_model(model_settings)
     log.info("model: %s", worker.describe())
     setup_s = time.perf_counter() - t0

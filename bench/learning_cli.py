@@ -28,6 +28,7 @@ from rlhf_demo.config import (
     SelectionSettings,
     Settings,
     TrainingSettings,
+    for_device,
     load_settings,
 )
 
@@ -252,7 +253,8 @@ def recorded_seeds(args: argparse.Namespace, seeds: list[int]) -> dict[int, dict
         held = seeds_in_record(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return {}
-    selection = dataclasses.asdict(make_settings(args, Path(args.out)).selection)  # the defaults may have moved since
+    # the defaults may have moved since; a run records them as its device resolved them
+    selection = dataclasses.asdict(for_device(make_settings(args, Path(args.out)), device_name()).selection)
     return {
         seed: fig
         for seed, fig in held.items()

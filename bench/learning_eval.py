@@ -71,7 +71,7 @@ def served_answers(
     no resampling noise, at the cost of the ``per_prompt`` × n samples that serving
     ``per_prompt`` answers would take. ``base``: plain samples of the base."""
     server, sampling = runtime.server, runtime.server.sampling(max_new_tokens=max_new_tokens)
-    best_of = runtime.settings.selection.best_of
+    best_of = runtime.settings.selection.best_of or 1  # the Runtime filled in the device's
     n = 1 if base or best_of <= 1 or not runtime.judge.trusted else best_of
     pool = per_prompt * n
     asked = [messages(p) for p in prompts for _ in range(pool)]

@@ -264,20 +264,16 @@ class SelectionSettings:
     CPU (docs/learning.md, pair selection)."""
     candidate_temperature: float | None = None
     """Temperature of those samples; None: the visitor's (the served policy's)."""
-    best_of: int = 4
+    best_of: int | None = None
     """A chat answer is the trusted reward model's pick of this many samples (1: one
-    streamed sample; until a trusted reward model exists every answer is one). 4: on the
-    versions and reward models that 200 votes taught (2 seeds x 3 raters), best of 4 served
-    won +0.20 (brevity), +0.05 (enthusiasm), +0.05 (keyword) more against the base than one
-    sample; best of 8 added 2-6 points more. On 2 CPU threads 4 answers of 160 tokens and
-    their reading took 1.40x one full answer (8: 1.73x), shown as a progress line instead
-    of streamed words (docs/learning.md, best-of-n served). A GPU decodes the 4 in the
-    time of 1 or so (no figure yet). ``RLHF_DEMO_SELECTION__BEST_OF=1`` streams again."""
+    streamed sample; until a trusted reward model exists every answer is one). None: the
+    device's (:data:`DEVICE_DEFAULTS`: 4 on a CPU, 8 on CUDA). ``RLHF_DEMO_SELECTION__BEST_OF=1``
+    streams again."""
 
     def __post_init__(self) -> None:
         if self.rule not in SELECTION_RULES:
             raise ValueError(f"selection rule must be one of {SELECTION_RULES}, got {self.rule!r}")
-        if not 2 <= self.candidates <= 16 or not 1 <= self.best_of <= 16:
+        if not 2 <= self.candidates <= 16 or (self.best_of is not None and not 1 <= self.best_of <= 16):
             raise ValueError("need 2 <= candidates <= 16 and 1 <= best_of <= 16")
 
 
@@ -305,11 +301,9 @@ class Settings:
     worker: bool = True
     registry_poll_seconds: float = 3.0  # how often the server looks for a newly published version
     adapter_cache: int = 3
-    max_batch: int = 32
-    """Answers the embedded engine decodes in one step; more wait for a free row. 32 holds 8
-    visitors' best-of-4 answers at once: at 32 streams on 2 CPU threads it decodes 1.26x (NF4)
-    and 1.44x (fp32) the tokens of 16, and nobody waits for a whole answer to start
-    (bench/results/serve-batch.json)."""
+    max_batch: int | None = None
+    """Answers the embedded engine decodes in one step; more wait for a free row. None: the
+    device's (:data:`DEVICE_DEFAULTS`: 32 on a CPU, 64 on CUDA)."""
     engine: str = "embedded"
     engine_url: str = ""  # the vLLM server's base URL, e.g. http://127.0.0.1:8123
     sampling: SamplingBounds = field(default_factory=SamplingBounds)
@@ -349,7 +343,7 @@ class Settings:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.engine == "vllm" and not self.engine_url.startswith(("http://", "https://")):
             raise ValueError(f"engine vllm needs engine_url, the vLLM server's http(s) URL; got {self.engine_url!r}")
-        if self.max_batch < 1:
+        if self.max_batch is not None and self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1..65535, got {self.port}")
@@ -395,6 +389,49 @@ def resolve_device(requested: str = "auto") -> str:
             f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
         )
     return requested
+
+
+@dataclass(frozen=True)
+class DeviceDefaults:
+    """Settings whose best value differs between a CPU and a GPU, each measured on both; a
+    setting left None takes its device's (:func:`for_device`)."""
+
+    max_batch: int
+    """Engine rows per decode step. CPU 32: 8 visitors' best-of-4 answers at once; at 32
+    streams on 2 threads it decodes 1.26x (NF4) and 1.44x (fp32) the tokens of 16, first
+    tokens 2.8 s instead of 7.2 s. CUDA 64: 8 visitors' best-of-8; at 64 streams an H200
+    decoded 821 tokens/s against 469 at 32, first tokens 0.16 s instead of 2.6 s
+    (bench/results/serve-batch.json)."""
+    best_of: int
+    """Samples a chat answer is picked from. On the versions and reward models that 200 votes
+    taught (2 seeds x 3 raters), best of 4 served won +0.20 (brevity), +0.05 (enthusiasm),
+    +0.05 (keyword) more against the base than one sample, best of 8 another +0.06 / +0.02 /
+    +0.03. CPU 4: 4 answers of 160 tokens and their reading took 1.40x one answer on 2
+    threads, 8 took 1.73x, and each answer holds n rows of a 2-core engine that 8 visitors
+    share. CUDA 8: on an H200 (NF4, bfloat16) 4 took 1.24x one answer and 8 took 1.21x: a
+    step of 8 rows costs what a step of one does (docs/benchmarks.md, "On a GPU";
+    bench/results/best-of.json)."""
+
+
+DEVICE_DEFAULTS = {"cpu": DeviceDefaults(max_batch=32, best_of=4), "cuda": DeviceDefaults(max_batch=64, best_of=8)}
+
+
+def device_defaults(device: str) -> DeviceDefaults:
+    """The defaults of ``device`` (``cpu``, ``cuda`` or ``cuda:N``)."""
+    return DEVICE_DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
+
+
+def for_device(settings: Settings, device: str) -> Settings:
+    """``settings`` with every field left None to its device's default filled in: what the
+    serving process runs and what a benchmark records."""
+    chosen = device_defaults(device)
+    return dataclasses.replace(
+        settings,
+        max_batch=chosen.max_batch if settings.max_batch is None else settings.max_batch,
+        selection=dataclasses.replace(
+            settings.selection, best_of=chosen.best_of if settings.selection.best_of is None else settings.selection.best_of
+        ),
+    )
 
 
 def resolve_precision(quantization: str, compute_dtype: str, device: str, role: str = "serve") -> tuple[str, str]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf_demo.config import Settings
+from rlhf_demo.config import Settings, for_device
 from rlhf_demo.modeling import LoadedModel, load_model
 from rlhf_demo.modeling.adapters import AdapterError, attach_new_adapter, save_adapter
 from rlhf_demo.modeling.loading import eos_token_ids
@@ -120,11 +120,11 @@ class Runtime:
     """Owns the long-lived objects of the serving process."""
 
     def __init__(self, settings: Settings, loaded: LoadedModel | None = None) -> None:
-        self.settings = settings
         check_writable(settings.data_dir, settings.db_path)
         self.store = FeedbackStore(settings.db_path)
         self.signer = Signer(load_secret(settings.data_dir))
         self.loaded = loaded or load_model(settings)
+        self.settings = settings = for_device(settings, self.loaded.device)
         self.server = build_engine(settings, self.loaded)
         self.status = SyncStatus()
         self._stop = threading.Event()

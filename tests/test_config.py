@@ -6,7 +6,16 @@ import dataclasses
 
 import pytest
 
-from rlhf_demo.config import GateConfig, PPOConfig, RewardConfig, SettingError, TrainingSettings, load_settings
+from rlhf_demo.config import (
+    GateConfig,
+    PPOConfig,
+    RewardConfig,
+    SelectionSettings,
+    SettingError,
+    TrainingSettings,
+    for_device,
+    load_settings,
+)
 
 
 def test_the_training_tree_holds_each_default_once():
@@ -97,3 +106,18 @@ def test_each_poll_interval_and_vote_cap_has_one_field_of_its_own():
         and not hasattr(s.training, "poll_seconds")
         and not hasattr(s.training, "max_votes_per_session")
     )
+
+
+def test_settings_left_to_the_device_take_its_measured_defaults():
+    """Best-of-n and the engine's batch cost a CPU 4 rows a visitor and a GPU nearly nothing
+    (docs/learning.md): each device gets its own, and a value the owner sets wins on both."""
+    cpu, cuda = for_device(load_settings(env={}), "cpu"), for_device(load_settings(env={}), "cuda:0")
+    assert (cpu.selection.best_of, cpu.max_batch) == (4, 32)
+    assert (cuda.selection.best_of, cuda.max_batch) == (8, 64)
+    assert cuda.selection.candidates == cpu.selection.candidates == SelectionSettings().candidates  # nothing else moves
+    owner = load_settings(env={"RLHF_DEMO_SELECTION__BEST_OF": "1", "RLHF_DEMO_MAX_BATCH": "16"})
+    for device in ("cpu", "cuda"):
+        chosen = for_device(owner, device)
+        assert (chosen.selection.best_of, chosen.max_batch) == (1, 16)
+    with pytest.raises(SettingError, match="SELECTION.*best_of"):
+        load_settings(env={"RLHF_DEMO_SELECTION__BEST_OF": "0"})

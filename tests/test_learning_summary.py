@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.learning_summary import progress_line, seed_figures, seeds_in_record, summarize
-from rlhf_demo.config import SelectionSettings
+from rlhf_demo.config import Settings, device_defaults, for_device
 
 FIELDS = {
     "rater",
@@ -55,7 +55,7 @@ def run(wins: list[float], decisive: list[float | None]) -> dict:
         "commit": "a4a2ee2",
         "cycles": cycles,
         "final": {"wall_s": 900.0, "eval_s": 120.0},
-        "selection": dataclasses.asdict(SelectionSettings()),  # what the library runs now
+        "selection": dataclasses.asdict(for_device(Settings(), "cpu").selection),  # what the library runs on a CPU now
     }
 
 
@@ -73,7 +73,7 @@ def test_summary_is_mean_and_se_over_seeds_on_the_cycles_all_seeds_finished():
     assert summary["win_rate"] == pytest.approx(0.7)
     assert summary["win_rate_se"] == pytest.approx(0.1 / 3**0.5)
     assert summary["cycles"][1]["decisive_fraction"] == pytest.approx(0.4)
-    assert summary["best_of"] == SelectionSettings().best_of and summary["votes"] == 67
+    assert summary["best_of"] == device_defaults("cpu").best_of and summary["votes"] == 67
 
 
 def test_one_seed_keeps_its_within_run_standard_error():

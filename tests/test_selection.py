@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from rlhf_demo.config import SelectionSettings
+from rlhf_demo.config import SelectionSettings, device_defaults
 from rlhf_demo.reward import train_reward_model
 from rlhf_demo.reward.model import RewardModel
 from rlhf_demo.selection import Pick, Reading, Round, best_answer, choose_pair, compare_round, thompson_pair
@@ -130,6 +130,15 @@ def test_chat_says_how_many_samples_an_answer_was_picked_from(runtime, best_of):
     save_trusted_model(runtime, torch.ones(runtime.judge.model().weight.shape[0]))
     *_, final = Handlers(runtime).chat("session-1", "Hello", [], ChatState(), 0.7, 0.9, 8)
     assert ("picked from 3" in final[-1]["content"]) == (best_of == 3)
+
+
+def test_chat_on_the_devices_defaults_picks_from_its_best_of(runtime):
+    """Left unset, best-of-n and the engine's batch are the device's measured defaults (a
+    CPU here: 4 and 32), and a chat answer is picked from that many samples."""
+    assert runtime.server.engine.max_batch == device_defaults(runtime.loaded.device).max_batch == 32
+    save_trusted_model(runtime, torch.ones(runtime.judge.model().weight.shape[0]))
+    *_, final = Handlers(runtime).chat("session-1", "Hello", [], ChatState(), 0.7, 0.9, 8)
+    assert "picked from 4" in final[-1]["content"]
 
 
 def test_serving_process_reads_the_ensemble_the_worker_saved_with_its_verdict(runtime, settings):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from rlhf_demo.config import Settings
+from rlhf_demo.config import device_defaults
 from rlhf_demo.modeling.adapters import BASE_ADAPTER
 from rlhf_demo.modeling.precision import matmul_kernels
 from rlhf_demo.serving.sampling import Sampling
@@ -88,11 +88,11 @@ class Engine:
     """Runs every request of one model in a single decode thread (started on first use), or one
     batch in the calling thread (:meth:`run`)."""
 
-    def __init__(self, pool: Any, pad_id: int, device: str, max_batch: int = Settings.max_batch) -> None:
+    def __init__(self, pool: Any, pad_id: int, device: str, max_batch: int | None = None) -> None:
         # AdapterPool or AsIs: .model (read each step: the slow load path replaces it) and .lock
         self.pool = pool
         self.pad_id, self.device = pad_id, device
-        self.max_batch = max_batch
+        self.max_batch = device_defaults(device).max_batch if max_batch is None else max_batch
         self._waiting: list[Request] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rlhf_demo.config import LoraSettings, SamplingBounds, Settings
+from rlhf_demo.config import LoraSettings, SamplingBounds
 from rlhf_demo.modeling.loading import LoadedModel, eos_token_ids, pad_token_id
 from rlhf_demo.serving.engine import Engine, Request
 from rlhf_demo.serving.interface import EngineBase
@@ -32,7 +32,7 @@ class PolicyServer(EngineBase):
         bounds: SamplingBounds,
         budget: PromptBudget | None = None,
         max_slots: int = 4,
-        max_batch: int = Settings.max_batch,
+        max_batch: int | None = None,
     ) -> None:
         self.loaded, self.bounds = loaded, bounds
         self.budget = budget or PromptBudget()

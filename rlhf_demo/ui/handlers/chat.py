@@ -231,7 +231,7 @@ class ChatHandlers(TabHandlers):
         state.stop_requested = False
         yield chat
         pick: Pick | None = None
-        server, best_of = self.runtime.server, self.runtime.settings.selection.best_of
+        server, best_of = self.runtime.server, self.runtime.settings.selection.best_of or 1  # the Runtime filled in the device's
         prompt = [*record, chat[-1]]
         stream = best_answer(
             server, self.runtime.judge, prompt, server.sampling(**sampling), best_of, should_stop=lambda: state.stop_requested
