@@ -43,6 +43,8 @@ def test_serving_and_hot_swap_on_cuda(cuda_settings):
     loaded = load_model(cuda_settings)
     runtime = Runtime(cuda_settings, loaded)
     try:
+        # the GPU's measured defaults: best-of-8 answers, 64 rows a decode step (docs/benchmarks.md)
+        assert (runtime.settings.selection.best_of, runtime.server.engine.max_batch) == (8, 64)
         before = runtime.server.generate(PROMPT, sampling=Sampling(0.0, 1.0, 12))
         streamed = list(runtime.server.stream(PROMPT, sampling=Sampling(0.0, 1.0, 12)))
         assert streamed[-1].text == before.text and len(streamed) > 2
