@@ -8,6 +8,7 @@ known step while the test submits a neighbour.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -95,6 +96,34 @@ def test_generate_many_decodes_together_and_equals_each_alone(two_versions):
     together = server.generate_many(prompts, "v1", greedy(20))
     assert [(g.text, g.token_ids) for g in together] == [(g.text, g.token_ids) for g in expected]
     assert all(g.token_ids and g.prompt_tokens for g in together)
+
+
+@pytest.mark.parametrize("call", ["generate_many", "stream_samples"])
+def test_the_rows_of_one_call_enter_the_engine_together_on_a_busy_machine(two_versions, monkeypatch, call):
+    """A call's rows are admitted in one prefill even when the decode thread wakes between
+    them (a loaded CI machine): otherwise the batch, and so the sampled tokens and even greedy
+    ones, depend on timing. Here every hold after the first is slowed to make that certain."""
+    server, prefills = two_versions, []
+    hold, prefill = server.pool.hold, server.engine._prefill
+    calls = iter(range(100))
+
+    def slow_hold(version):
+        if next(calls):
+            time.sleep(0.3)
+        return hold(version)
+
+    def counting_prefill(rows):
+        prefills.append(len(rows))
+        return prefill(rows)
+
+    monkeypatch.setattr(server.pool, "hold", slow_hold)
+    monkeypatch.setattr(server.engine, "_prefill", counting_prefill)
+    if call == "generate_many":
+        server.generate_many([SHORT, LONG, SHORT], "v1", greedy(6))
+    else:
+        *_, done = server.stream_samples(SHORT, 3, "v1", greedy(6))
+        assert len(done) == 3
+    assert prefills == [3]
 
 
 def test_one_adapter_batches_skip_the_per_row_path_with_the_same_tokens(two_versions, monkeypatch):

@@ -100,15 +100,22 @@ class Engine:
         self.steps = 0  # decode steps run (for benches: rows per step = tokens / steps)
 
     def submit(self, request: Request) -> Request:
+        self.submit_all([request])
+        return request
+
+    def submit_all(self, requests: list[Request]) -> list[Request]:
+        """Queue the rows of one call at once, so the decode thread admits them in the same
+        prefill (room allowing) however busy the machine: a batch's make-up decides its
+        padding and its random draws, and so the answers."""
         with self._cond:
             if self._closed:
                 raise RuntimeError("the generation engine is closed")
-            self._waiting.append(request)
+            self._waiting.extend(requests)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
                 self._thread.start()
             self._cond.notify()
-        return request
+        return requests
 
     def run(self, requests: list[Request]) -> None:
         """Decode ``requests`` to their ends in the calling thread, all in one batch: a batch

@@ -140,7 +140,8 @@ class PolicyServer(EngineBase):
             for _, ids in encoded:
                 held, adapter = self.pool.hold(version)
                 holds.append(held)
-                requests.append(self.engine.submit(Request(ids["input_ids"][0].tolist(), adapter, sampling, self._eos(), events)))
+                requests.append(Request(ids["input_ids"][0].tolist(), adapter, sampling, self._eos(), events))
+            self.engine.submit_all(requests)
             done = 0
             while done < len(requests):
                 _, item = events.get()
@@ -175,7 +176,8 @@ class PolicyServer(EngineBase):
             for version in versions:
                 name, adapter = self.pool.hold(version)
                 held.append(name)
-                requests.append(self.engine.submit(Request(prompt_ids, adapter, sampling, self._eos(), events, should_stop)))
+                requests.append(Request(prompt_ids, adapter, sampling, self._eos(), events, should_stop))
+            self.engine.submit_all(requests)
             texts, open_rows = [""] * len(requests), len(requests)
             while open_rows:
                 request, item = events.get()
