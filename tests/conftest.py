@@ -44,12 +44,16 @@ def tiny_loaded(settings: Settings) -> LoadedModel:
 
 
 def write_random_adapter(loaded: LoadedModel, settings: Settings, name: str, seed: int, scale: float = 0.5) -> Path:
-    """Save a non-identity LoRA ``name`` (random B) under the data dir, leaving the model as it was."""
+    """Save a non-identity LoRA ``name`` (random B) under the data dir, leaving the model as it was.
+    The same ``seed`` gives the same adapter in any test order: PEFT draws LoRA A from torch's
+    global generator, which the tests before this one have moved (seeded here, then restored)."""
     import torch
 
     from rlhf_demo.modeling.adapters import attach_new_adapter, save_adapter
 
-    model = attach_new_adapter(loaded.model, name, settings.lora)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = attach_new_adapter(loaded.model, name, settings.lora)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param_name, param in model.named_parameters():
