@@ -7,7 +7,7 @@
 # packed in OUT_DIR/gpu-runs.tgz (a device returns few files). `speed` measures what a visitor
 # waits for on this device: best-of-n latency per n and the engine's batch (32 against 64 rows),
 # in the served precision; `learn` after it in the same call runs at the faster batch.
-# Measured on an H200: tests 31-38 s; a whole learning run longer than a session's device time
+# Measured on an H200: tests 29-38 s; a whole learning run longer than a session's device time
 # at 6 runs at once (docs/learning.md, "GPU: how to run").
 #
 #   bash bench/gpu.sh [tests|speed|learn|collect|all, or several: speed,learn] [OUT_DIR]
@@ -44,6 +44,8 @@ start=$(date +%s)
 
 want() { [[ ,$phase, == *,$1,* || $phase == all ]]; }
 convert_model() {  # the bundled GGUF, once, before anything parallel reads the converted folder
+  [[ -n ${converted:-} ]] && return
+  converted=1
   timeout 180 "$py" -c "from rlhf_demo.config import load_settings; from rlhf_demo.modeling import load_model; print(load_model(load_settings(data_dir='data', device='cuda')).describe())" 2>&1 | tail -n 1
 }
 
