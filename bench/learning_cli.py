@@ -49,6 +49,9 @@ def add_library_args(p: argparse.ArgumentParser) -> None:
     library.add_argument("--ppo-lr", type=float, help="PPOConfig.learning_rate")
     library.add_argument("--kl-coef", type=float, help="PPOConfig.init_kl_coef (the KL penalty in the reward)")
     library.add_argument("--kl-loss-coef", type=float, help="PPOConfig.kl_loss_coef (the exact KL in the loss)")
+    library.add_argument(
+        "--chosen-loss-coef", type=float, help="PPOConfig.chosen_loss_coef (likelihood of the voters' preferred answers)"
+    )
     library.add_argument("--rm-l2", type=float, help="RewardConfig.l2")
     library.add_argument("--rm-layer", type=int, help="RewardConfig.layer")
     library.add_argument("--gate-prompts", type=int, help="GateConfig.prompts")
@@ -156,6 +159,7 @@ def make_settings(args: argparse.Namespace, data_dir: Path) -> Settings:
             "learning_rate": args.ppo_lr,
             "init_kl_coef": args.kl_coef,
             "kl_loss_coef": args.kl_loss_coef,
+            "chosen_loss_coef": args.chosen_loss_coef,
         },
         "reward": {"l2": args.rm_l2, "layer": args.rm_layer},
         "gate": {"prompts": args.gate_prompts, "samples_per_prompt": args.gate_samples, "confidence": args.gate_confidence},

@@ -16,6 +16,7 @@ from rlhf_demo.modeling.adapters import adapter_state, attach_new_adapter, resto
 from rlhf_demo.modeling.heads import HEAD_FILE, ScalarHead, hidden_size
 from rlhf_demo.modeling.loading import eos_token_ids, pad_token_id
 from rlhf_demo.ppo import PPOConfig, PPOTrainer, response_forward, truncate_at_eos
+from rlhf_demo.ppo.rollouts import encode_answers
 
 PROMPTS = [
     "Hello!",
@@ -650,3 +651,45 @@ def test_the_kl_loss_pulls_a_drifted_policy_back_with_either_estimator(policy, t
     trainer.train(prompts, steps=4)
     after = kl_on_probe()
     assert after < 0.9 * before, (before, after)  # measured: 3.06 -> 2.51 (RLOO), 2.47 (GAE); 3.06 when the term was lost
+
+
+# ── the voters' preferred answers in the loss ────────────────────────────────────────
+
+
+def test_written_answers_end_with_the_eos_only_when_they_ended_within_the_limit(tiny_loaded):
+    model, tok = tiny_loaded.model, tiny_loaded.tokenizer
+    eos = set(eos_token_ids(model, tok))
+    prompts = [user("Hello!"), user("one two three four five"), user("Hi")]
+    long_text = " ".join(["word"] * 50)
+    enc = encode_answers(model, tok, prompts, ["Hi there!", long_text, "Cut short"], [True, True, False], max_new_tokens=8)
+    lengths = enc.response_mask.sum(1).tolist()
+    last = [int(enc.response_ids[i, n - 1]) for i, n in enumerate(lengths)]
+    assert last[0] in eos and enc.has_eos.tolist() == [True, False, False]
+    assert lengths[1] == 8 and last[1] not in eos  # cut at the rollout limit: no end claimed
+    assert last[2] not in eos
+    assert (enc.query_mask[:, -1] == 1).all()  # left padded: every prompt ends where its answer starts
+
+
+def test_the_likelihood_term_moves_the_policy_toward_the_voters_answers(policy, tiny_loaded):
+    """With a reward that says nothing, the term is the only pull toward the preferred answers:
+    their log-likelihood must rise well beyond what the same steps without it give."""
+    prompts = [user(p) for p in PROMPTS]
+    tok = tiny_loaded.tokenizer
+    chosen = [(user(p), "Happy to help! What a great question!", True) for p in PROMPTS[:2]]
+    enc = encode_answers(policy, tok, [c[0] for c in chosen], [c[1] for c in chosen], [True, True], 8)
+    batch = (enc.query_ids, enc.query_mask, enc.response_ids, enc.response_mask)
+    base = adapter_state(policy, "policy")
+    gained, stats = {}, {}
+    for coef in (0.0, 1.0):
+        torch.manual_seed(0)
+        restore_adapter_state(policy, "policy", base)
+        cfg = dataclasses.replace(FAST, learning_rate=1e-2, kl_stop=None, chosen_loss_coef=coef)
+        trainer = PPOTrainer(policy, tok, lambda p, c, f: torch.zeros(len(c)), cfg, chosen=chosen)
+        with torch.no_grad(), trainer.as_policy():
+            before = response_forward(policy, *batch, cfg.temperature).logprobs.sum().item()
+        result = trainer.train(prompts, steps=3)
+        with torch.no_grad(), trainer.as_policy():
+            gained[coef] = response_forward(policy, *batch, cfg.temperature).logprobs.sum().item() - before
+        stats[coef] = result.last
+    assert "chosen_nll" in stats[1.0] and "chosen_nll" not in stats[0.0]
+    assert gained[1.0] > gained[0.0] + 20.0, gained  # measured: +125.7 nats with it, -1.8 without

@@ -16,6 +16,7 @@ from rlhf_demo.config import GateConfig, LoraSettings, load_settings
 from rlhf_demo.modeling import load_model
 from rlhf_demo.modeling.adapters import AdapterError, attach_new_adapter, is_adapter_parameter
 from rlhf_demo.reward import RewardConfig, RewardMetrics, RewardModel, build_examples, train_reward_model
+from rlhf_demo.reward.data import preferred_answers
 from rlhf_demo.reward.losses import example_key
 from rlhf_demo.reward.model import NORMALIZER_FILE, PROBE_FILE, chat_text
 from rlhf_demo.reward.trainer import ProbeData, cross_validate
@@ -100,6 +101,26 @@ def test_thumbs_on_one_prompt_form_capped_pairs():
     assert derived == [("up0", "down1"), ("up1", "down0"), ("up0", "down2")]
     assert all(c.startswith("up") and r.startswith("down") for c, r in derived)
     assert sum(e["source"] == "ab" for e in pair_ex) == 1
+
+
+def test_preferred_answers_are_the_winners_and_the_thumbs_up_once_each():
+    p, q = user("p"), user("q")
+    pairs = [
+        {"prompt": p, "chosen": "A", "rejected": "B", "chosen_finished": False},
+        {"prompt": p, "chosen": "B", "rejected": "A"},
+        {"prompt": p, "chosen": "A", "rejected": "B"},  # net A over B
+        {"prompt": q, "chosen": "C", "rejected": "D"},
+        {"prompt": q, "chosen": "D", "rejected": "C"},  # a 1:1 tie: neither won
+    ]
+    thumbs = [
+        {"prompt": p, "completion": "A", "label": True},  # already a winner: once
+        {"prompt": q, "completion": "up", "label": True},
+        {"prompt": q, "completion": "down", "label": False},  # forms an up x down pair: adds nothing
+        {"prompt": q, "completion": "   ", "label": True},  # nothing to learn from
+    ]
+    answers = preferred_answers(*build_examples(pairs, thumbs))
+    assert sorted((a["completion"], a["finished"]) for a in answers) == [("A", False), ("up", True)]
+    assert {a["group"] for a in answers} == {example_key(p), example_key(q)}
 
 
 def test_examples_keep_whether_each_answer_was_cut_off():

@@ -388,3 +388,26 @@ def test_the_stop_signal_handler_takes_no_lock(settings):
         threading.Thread(target=lambda: (worker.on_signal(15, None), returned.set()), daemon=True).start()
         assert returned.wait(5), "the handler waited for a lock"
     assert worker.stopping
+
+
+def test_ppo_learns_from_the_preferred_answers_of_its_own_prompts_only(runtime, settings):
+    """The likelihood term reads the voters' winners on PPO's prompts; the gate's held-out
+    prompts stay unseen, so the gate still measures what carries over."""
+    from rlhf_demo.modeling import load_model
+    from rlhf_demo.worker.cycle import chosen_for_ppo, split_prompts
+
+    settings = small(settings)
+    cast_votes(runtime.store)
+    train, held = split_prompts(runtime.store.recent_prompts(limit=256), settings.training.gate.prompts)
+    assert chosen_for_ppo(settings, runtime.store, train) == []  # off by default
+    on = dataclasses.replace(
+        settings,
+        training=dataclasses.replace(settings.training, ppo=dataclasses.replace(settings.training.ppo, chosen_loss_coef=0.5)),
+    )
+    chosen = chosen_for_ppo(on, runtime.store, train)
+    assert sorted(c[1] for c in chosen) == sorted(f"great answer {p[0]['content'].split()[-1][:-1]}" for p in train)
+    assert not {json.dumps(c[0]) for c in chosen} & {json.dumps(p) for p in held}
+    summary = run_cycle(on, runtime.store, load_model(on), gate_config=ALWAYS)
+    assert summary["chosen_answers"] == len(chosen) and summary["decision"] == "published"
+    run = runtime.store.list_runs(limit=1)[0]
+    assert any(m["phase"] == "ppo" and m["name"] == "chosen_nll" for m in runtime.store.run_metrics(run["id"]))

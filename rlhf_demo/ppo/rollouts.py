@@ -188,7 +188,8 @@ def _chunked_terms(
 
 @dataclass
 class Sampled:
-    """Answers sampled together by the engine (``sample``), cut at their first EOS."""
+    """Answers to chat prompts as tensors: sampled together by the engine (``sample``) and cut
+    at their first EOS, or given as text (``encode_answers``)."""
 
     query_ids: torch.Tensor  # (B, P) chat-templated prompts, left padded
     query_mask: torch.Tensor  # (B, P)
@@ -198,16 +199,44 @@ class Sampled:
     completions: list[str]
 
 
+def encode_prompts(tokenizer: Any, prompts: list[Messages], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-templated prompts ready for their answers: ``(ids, mask)``, each (B, P)."""
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    # detail: left padding, so every prompt ends where its answer starts.
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def encode_answers(
+    model: Any, tokenizer: Any, prompts: list[Messages], answers: list[str], finished: list[bool], max_new_tokens: int
+) -> Sampled:
+    """Written answers in the shape ``sample`` gives, so one forward pass scores both: each
+    answer cut at ``max_new_tokens`` tokens (what a rollout may write), and ended by the EOS
+    when it ended (``finished``) within them."""
+    device = model.get_input_embeddings().weight.device
+    eos_ids, pad_id = eos_token_ids(model, tokenizer), pad_token_id(model, tokenizer)
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id in eos_ids else eos_ids[0]
+    query_ids, query_mask = encode_prompts(tokenizer, prompts, device)
+    rows: list[list[int]] = []
+    for text, ended in zip(answers, finished, strict=True):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_new_tokens]
+        rows.append(ids + [end] if ended and len(ids) < max_new_tokens else ids)
+    width = max(1, *map(len, rows))
+    response_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=device)
+    response_mask = torch.arange(width, device=device).unsqueeze(0) < torch.tensor(
+        [len(r) for r in rows], device=device
+    ).unsqueeze(1)
+    has_eos = torch.tensor([bool(row) and row[-1] == end for row in rows], device=device)
+    return Sampled(query_ids, query_mask, response_ids, response_mask, has_eos, list(answers))
+
+
 @torch.no_grad()
 def sample(model: Any, tokenizer: Any, prompts: list[Messages], config: PPOConfig) -> Sampled:
     """One answer per prompt from whatever adapter state ``model`` is in, decoded together by
     the serving engine: an answer that ends leaves the batch and costs nothing more."""
     device = model.get_input_embeddings().weight.device
     eos_ids, pad_id = eos_token_ids(model, tokenizer), pad_token_id(model, tokenizer)
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    # detail: left padding, so every prompt ends where its answer starts.
-    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
-    query_ids, query_mask = enc["input_ids"], enc["attention_mask"]
+    query_ids, query_mask = encode_prompts(tokenizer, prompts, device)
     # detail: sample from exactly softmax(logits / temperature) within top_p: no top-k, no
     # repetition penalty, the same distribution whose log-probs PPO optimises (TRL).
     sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)

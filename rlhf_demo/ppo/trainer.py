@@ -49,7 +49,17 @@ from rlhf_demo.ppo.core import (
     value_loss,
     whiten,
 )
-from rlhf_demo.ppo.rollouts import Messages, RewardFn, causal_lm, response_forward, sample, sample_and_score, truncate_at_eos
+from rlhf_demo.ppo.rollouts import (
+    Messages,
+    RewardFn,
+    Sampled,
+    causal_lm,
+    encode_answers,
+    response_forward,
+    sample,
+    sample_and_score,
+    truncate_at_eos,
+)
 
 # sample, sample_and_score and truncate_at_eos are re-exported: the worker and benches import them from here.
 __all__ = ["PPOTrainer", "Rollout", "TrainResult", "sample", "sample_and_score", "truncate_at_eos"]
@@ -114,7 +124,10 @@ class PPOTrainer:
         config: PPOConfig,
         policy_adapter: str = "policy",
         value_head: ScalarHead | None = None,
+        chosen: list[tuple[Messages, str, bool]] | None = None,
     ) -> None:
+        """``chosen``: (prompt, answer, finished) the voters preferred, for the likelihood
+        term ``config.chosen_loss_coef`` weighs (unused at 0)."""
         if policy_adapter not in getattr(model, "peft_config", {}):
             raise ValueError(f"model has no adapter named {policy_adapter!r}")
         lm_config = causal_lm(model).config
@@ -140,6 +153,21 @@ class PPOTrainer:
         # weight decay (decay would pull the LoRA delta, i.e. the policy, to the base).
         self.optimizer = torch.optim.AdamW(self.trainable_params, lr=config.learning_rate, eps=ADAM_EPS, weight_decay=0.0)
         self.kl_ctl = kl_controller(config)
+        self.chosen: Sampled | None = None
+        self._chosen_order: list[int] = []
+        if chosen and config.chosen_loss_coef > 0:
+            prompts, answers, finished = (list(column) for column in zip(*chosen, strict=True))
+            self.chosen = encode_answers(model, tokenizer, prompts, answers, finished, config.max_new_tokens)
+
+    def _next_chosen(self) -> torch.Tensor:
+        """The next ``chosen_per_minibatch`` preferred answers: shuffled passes over all of them."""
+        assert self.chosen is not None
+        rows = []
+        while len(rows) < self.config.chosen_per_minibatch:
+            if not self._chosen_order:
+                self._chosen_order = torch.randperm(len(self.chosen.completions)).tolist()
+            rows.append(self._chosen_order.pop())
+        return torch.tensor(rows, device=self.device)
 
     @contextmanager
     def as_policy(self) -> Iterator[None]:
@@ -294,6 +322,21 @@ class PPOTrainer:
             kl_loss = masked_mean(kl_to_ref, m)
             loss = loss + cfg.kl_loss_coef * kl_loss
             step_stats = {**step_stats, "kl_loss": kl_loss.item()}
+        if self.chosen is not None:
+            # detail: likelihood of the voters' preferred answers (InstructGPT's ptx term,
+            # token mean), at the rollouts' temperature: the distribution PPO trains.
+            c, rows = self.chosen, self._next_chosen()
+            prompt_cols, answer_cols = c.query_mask[rows].bool().any(0), c.response_mask[rows].any(0)
+            chosen_mask = c.response_mask[rows][:, answer_cols]  # columns only other rows need go
+            chosen_batch = (
+                c.query_ids[rows][:, prompt_cols],
+                c.query_mask[rows][:, prompt_cols],
+                c.response_ids[rows][:, answer_cols],
+                chosen_mask,
+            )
+            chosen_nll = -masked_mean(response_forward(self.model, *chosen_batch, cfg.temperature).logprobs, chosen_mask)
+            loss = loss + cfg.chosen_loss_coef * chosen_nll
+            step_stats = {**step_stats, "chosen_nll": chosen_nll.item()}
         if values is not None and returns is not None:
             # detail: clipped value loss around the rollout values.
             vf_loss, vf_stats = value_loss(values, r.values[idx], returns[idx], m, cfg.cliprange_value)

@@ -51,6 +51,25 @@ def build_examples(
     return pair_examples, thumb_examples
 
 
+def preferred_answers(pair_examples: Sequence[dict[str, Any]], thumb_examples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The answers voters preferred, once each: every A/B winner (net over its votes) and every
+    net-👍 answer, from :func:`build_examples`' output, as ``{"prompt", "completion",
+    "finished", "group"}``. A 👍 x 👎 pair adds nothing its 👍 does not already."""
+    out: dict[str, dict[str, Any]] = {}
+    for ex in pair_examples:
+        if ex["source"] == "ab":
+            key = example_key(ex["prompt"], ex["chosen"])
+            out.setdefault(key, _answer(ex["prompt"], ex["chosen"], ex.get("chosen_finished", True)))
+    for ex in thumb_examples:
+        if ex["label"]:
+            out.setdefault(ex["key"], _answer(ex["prompt"], ex["completion"], ex["finished"]))
+    return [answer for answer in out.values() if answer["completion"].strip()]
+
+
+def _answer(prompt: Any, text: str, finished: bool) -> dict[str, Any]:
+    return {"prompt": prompt, "completion": text, "finished": finished, "group": example_key(prompt)}
+
+
 def _note(finished: dict[str, bool], prompt: Any, text: str, ended: Any) -> None:
     finished.setdefault(example_key(prompt, text), ended is not False)
 
@@ -140,4 +159,4 @@ def _pair(prompt: Any, chosen: str, rejected: str, key: str, source: str, votes:
     }
 
 
-__all__ = ["build_examples"]
+__all__ = ["build_examples", "preferred_answers"]

@@ -22,7 +22,9 @@ from rlhf_demo.modeling.adapters import attach_new_adapter, put_adapter
 from rlhf_demo.modeling.heads import HEAD_FILE, ScalarHead, hidden_size
 from rlhf_demo.ppo.trainer import PPOTrainer, sample_and_score
 from rlhf_demo.reward import holdout_split
+from rlhf_demo.reward.data import build_examples, preferred_answers
 from rlhf_demo.reward.fairness import training_votes
+from rlhf_demo.reward.losses import example_key
 from rlhf_demo.reward.model import RewardModel
 from rlhf_demo.reward.trainer import RewardMetrics, train_reward_model
 from rlhf_demo.store import FeedbackStore
@@ -76,6 +78,18 @@ def train_reward(
     for old in sorted(reward_dir.glob("run-*"), key=lambda p: int(p.name[4:]))[:-2]:
         shutil.rmtree(old, ignore_errors=True)
     return rm, metrics
+
+
+def chosen_for_ppo(settings: Settings, store: FeedbackStore, train_prompts: list) -> list[tuple[list, str, bool]]:
+    """The answers voters preferred on PPO's own prompts (after the per-voter cap), for its
+    likelihood term; none on the gate's held-out prompts, so the gate still measures what
+    carries over to prompts the policy was not trained on. Empty when the term is off."""
+    if settings.training.ppo.chosen_loss_coef <= 0:
+        return []
+    pairs, thumbs = training_votes(store, settings.limits)
+    examples = build_examples(pairs, thumbs, settings.training.reward.max_thumb_pairs_per_prompt)
+    ours = {example_key(p) for p in train_prompts}
+    return [(a["prompt"], a["completion"], a["finished"]) for a in preferred_answers(*examples) if a["group"] in ours]
 
 
 def untrusted_reward(metrics: RewardMetrics, gate: GateConfig) -> str | None:
@@ -237,7 +251,11 @@ def run_cycle(
             return rm.score(batch_prompts, completions, normalized=True, finished=finished)
 
         value_head = warm_value_head(origin, model, training.ppo.advantage)
-        trainer = PPOTrainer(model, loaded.tokenizer, reward_fn, training.ppo, policy_adapter=POLICY, value_head=value_head)
+        chosen = chosen_for_ppo(settings, store, train_prompts)
+        summary["chosen_answers"] = len(chosen)
+        trainer = PPOTrainer(
+            model, loaded.tokenizer, reward_fn, training.ppo, policy_adapter=POLICY, value_head=value_head, chosen=chosen
+        )
         random.Random(run_id).shuffle(train_prompts)  # each cycle starts on other prompts
 
         def on_step(step: int, total: int, stats: dict[str, Any]) -> None:
