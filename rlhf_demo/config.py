@@ -163,12 +163,12 @@ class PPOConfig:
     answer), and undo the update that led there (CleanRL's ``target_kl`` break, per step).
     Kept below ``GateConfig.max_kl`` so a cycle hands the gate a candidate it can accept."""
     chosen_loss_coef: float = 0.0
-    """Weight of the negative log-likelihood of the answers voters preferred (A/B winners and
-    👍 answers on the training prompts) in the loss, beside PPO's: the crowd's own picks pull
-    the policy toward what they show, where the reward model can only score what the
-    rollouts happen to write (InstructGPT's PPO-ptx term, with the votes as its data). 0: off."""
-    chosen_per_minibatch: int = 4
-    """Preferred answers in each minibatch's likelihood term (cycling through them all)."""
+    """The answers voters preferred on PPO's own prompts (A/B winners, 👍 answers) join every
+    epoch once each, their tokens weighted in the loss like rollout tokens with this advantage
+    (whitened units: 1.0 = one standard deviation better than the rollouts' mean). The crowd's
+    own picks pull the policy toward what they show, where the reward model can only score
+    what the rollouts happen to write (InstructGPT's PPO-ptx term, with the votes as its
+    data). 0: off."""
     max_grad_norm: float = 1.0
     """Global gradient-norm clip."""
     early_stop_kl: float | None = 0.1
@@ -193,8 +193,8 @@ class PPOConfig:
             raise ValueError(f"samples_per_prompt {self.samples_per_prompt} must divide batch_size {self.batch_size}")
         if self.advantage not in ("rloo", "gae"):
             raise ValueError(f"advantage must be 'rloo' or 'gae', got {self.advantage!r}")
-        if self.chosen_loss_coef < 0 or self.chosen_per_minibatch < 1:
-            raise ValueError("need chosen_loss_coef >= 0 and chosen_per_minibatch >= 1")
+        if self.chosen_loss_coef < 0:
+            raise ValueError(f"chosen_loss_coef must be >= 0, got {self.chosen_loss_coef}")
         if self.advantage == "rloo" and self.samples_per_prompt < 2:
             raise ValueError("advantage 'rloo' needs samples_per_prompt >= 2 (a leave-one-out baseline)")
 

@@ -154,20 +154,9 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(self.trainable_params, lr=config.learning_rate, eps=ADAM_EPS, weight_decay=0.0)
         self.kl_ctl = kl_controller(config)
         self.chosen: Sampled | None = None
-        self._chosen_order: list[int] = []
         if chosen and config.chosen_loss_coef > 0:
             prompts, answers, finished = (list(column) for column in zip(*chosen, strict=True))
             self.chosen = encode_answers(model, tokenizer, prompts, answers, finished, config.max_new_tokens)
-
-    def _next_chosen(self) -> torch.Tensor:
-        """The next ``chosen_per_minibatch`` preferred answers: shuffled passes over all of them."""
-        assert self.chosen is not None
-        rows = []
-        while len(rows) < self.config.chosen_per_minibatch:
-            if not self._chosen_order:
-                self._chosen_order = torch.randperm(len(self.chosen.completions)).tolist()
-            rows.append(self._chosen_order.pop())
-        return torch.tensor(rows, device=self.device)
 
     @contextmanager
     def as_policy(self) -> Iterator[None]:
@@ -259,7 +248,9 @@ class PPOTrainer:
 
         # detail: adaptive KL control, fed the mean KL per answer (sum over its tokens).
         self.kl_ctl.update(kl_per_answer, r.response_ids.shape[0])
-        means = {key: sum(h[key] for h in history) / len(history) for key in (history[0] if history else {})}
+        # a term some minibatches leave out (no preferred answer there) is averaged where it ran
+        keys = dict.fromkeys(key for h in history for key in h)
+        means = {key: sum(vals) / len(vals) for key in keys if (vals := [h[key] for h in history if key in h])}
         return {
             **stats,
             **means,
@@ -293,8 +284,11 @@ class PPOTrainer:
         history: list[dict[str, float]] = []
         for _epoch in range(cfg.ppo_epochs):
             # detail: shuffled minibatches, a fresh permutation every epoch.
-            for idx in torch.randperm(r.response_ids.shape[0], device=self.device).split(cfg.mini_batch_size):
-                history.append(self._minibatch(r, idx, advantages, returns))
+            minibatches = torch.randperm(r.response_ids.shape[0], device=self.device).split(cfg.mini_batch_size)
+            # each preferred answer once an epoch, spread over its minibatches (none: off)
+            chosen = self._chosen_rows(len(minibatches))
+            for idx, chosen_idx in zip(minibatches, chosen, strict=True):
+                history.append(self._minibatch(r, idx, advantages, returns, chosen_idx))
                 # detail: approx-KL early stopping of the remaining updates.
                 if cfg.early_stop_kl is not None and history[-1]["approx_kl"] > cfg.early_stop_kl:
                     self.optimizer.zero_grad(set_to_none=True)
@@ -302,8 +296,37 @@ class PPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return history, False
 
+    def _chosen_rows(self, minibatches: int) -> list[torch.Tensor]:
+        """The preferred answers of one epoch, shuffled, split into ``minibatches`` parts."""
+        if self.chosen is None:
+            return [torch.zeros(0, dtype=torch.long)] * minibatches
+        return list(torch.randperm(len(self.chosen.completions), device=self.device).tensor_split(minibatches))
+
+    def _chosen_loss(self, rows: torch.Tensor, rollout_tokens: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Minus the log-likelihood of the preferred answers ``rows``, summed over their tokens
+        and divided by the minibatch's rollout tokens, so each of their tokens weighs as much
+        as a rollout token (whose loss is a token mean); and their mean NLL per token."""
+        assert self.chosen is not None
+        c = self.chosen
+        prompt_cols, answer_cols = c.query_mask[rows].bool().any(0), c.response_mask[rows].any(0)
+        mask = c.response_mask[rows][:, answer_cols]  # columns only other rows need go
+        batch = (
+            c.query_ids[rows][:, prompt_cols],
+            c.query_mask[rows][:, prompt_cols],
+            c.response_ids[rows][:, answer_cols],
+            mask,
+        )
+        logprobs = response_forward(self.model, *batch, self.config.temperature).logprobs
+        nll = -(logprobs * mask).sum()
+        return nll / rollout_tokens.clamp(min=1), nll.item() / max(1, int(mask.sum()))
+
     def _minibatch(
-        self, r: Rollout, idx: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor | None
+        self,
+        r: Rollout,
+        idx: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor | None,
+        chosen: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """One clipped PPO update on the rows ``idx`` of the rollout; its stats."""
         cfg = self.config
@@ -322,21 +345,13 @@ class PPOTrainer:
             kl_loss = masked_mean(kl_to_ref, m)
             loss = loss + cfg.kl_loss_coef * kl_loss
             step_stats = {**step_stats, "kl_loss": kl_loss.item()}
-        if self.chosen is not None:
-            # detail: likelihood of the voters' preferred answers (InstructGPT's ptx term,
-            # token mean), at the rollouts' temperature: the distribution PPO trains.
-            c, rows = self.chosen, self._next_chosen()
-            prompt_cols, answer_cols = c.query_mask[rows].bool().any(0), c.response_mask[rows].any(0)
-            chosen_mask = c.response_mask[rows][:, answer_cols]  # columns only other rows need go
-            chosen_batch = (
-                c.query_ids[rows][:, prompt_cols],
-                c.query_mask[rows][:, prompt_cols],
-                c.response_ids[rows][:, answer_cols],
-                chosen_mask,
-            )
-            chosen_nll = -masked_mean(response_forward(self.model, *chosen_batch, cfg.temperature).logprobs, chosen_mask)
-            loss = loss + cfg.chosen_loss_coef * chosen_nll
-            step_stats = {**step_stats, "chosen_nll": chosen_nll.item()}
+        if chosen is not None and len(chosen):
+            # detail: the voters' preferred answers as extra samples of a fixed advantage
+            # (InstructGPT's ptx term, scaled per token like the rollouts' loss), at the
+            # rollouts' temperature: the distribution PPO trains.
+            chosen_loss, chosen_nll = self._chosen_loss(chosen, m.sum())
+            loss = loss + cfg.chosen_loss_coef * chosen_loss
+            step_stats = {**step_stats, "chosen_nll": chosen_nll}
         if values is not None and returns is not None:
             # detail: clipped value loss around the rollout values.
             vf_loss, vf_stats = value_loss(values, r.values[idx], returns[idx], m, cfg.cliprange_value)
