@@ -698,10 +698,11 @@ def test_the_likelihood_term_moves_the_policy_toward_the_voters_answers(policy, 
 def test_each_preferred_answer_enters_every_epoch_once_however_few_there_are(policy, tiny_loaded):
     """A single 👍 answer must not fill every minibatch: repeated 4x a minibatch, one answer
     was learned by heart within two steps (NLL 0.6 -> 0.07 nats a token) and the rollouts'
-    KL passed the stop (keyword, 200 votes). Each answer weighs like one rollout, once an epoch."""
+    KL passed the stop (keyword, 200 votes). Each answer weighs like one rollout, once an epoch,
+    and never more of them than the rollouts."""
     prompts = [user(p) for p in PROMPTS]
-    for count in (1, 3):
-        chosen = [(user(p), f"answer {i}", True) for i, p in enumerate(PROMPTS[:count])]
+    for count in (1, 3, 9):
+        chosen = [(user(PROMPTS[i % len(PROMPTS)]), f"answer {i}", True) for i in range(count)]
         cfg = dataclasses.replace(FAST, ppo_epochs=2, kl_stop=None, chosen_loss_coef=1.0)
         trainer = PPOTrainer(policy, tiny_loaded.tokenizer, random_reward, cfg, chosen=chosen)
         seen: list[int] = []
@@ -713,4 +714,8 @@ def test_each_preferred_answer_enters_every_epoch_once_however_few_there_are(pol
 
         trainer._chosen_loss = counted
         trainer.train(prompts, steps=1)
-        assert sorted(seen) == sorted(list(range(count)) * cfg.ppo_epochs), (count, seen)
+        if count <= cfg.batch_size:
+            assert sorted(seen) == sorted(list(range(count)) * cfg.ppo_epochs), (count, seen)
+        else:  # more than the rollouts: a random batch_size of them an epoch, none twice
+            epochs = [seen[e * cfg.batch_size : (e + 1) * cfg.batch_size] for e in range(cfg.ppo_epochs)]
+            assert len(seen) == cfg.batch_size * cfg.ppo_epochs and all(len(set(e)) == len(e) for e in epochs), seen

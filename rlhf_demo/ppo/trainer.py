@@ -297,10 +297,13 @@ class PPOTrainer:
         return history, False
 
     def _chosen_rows(self, minibatches: int) -> list[torch.Tensor]:
-        """The preferred answers of one epoch, shuffled, split into ``minibatches`` parts."""
+        """The preferred answers of one epoch, shuffled, split into ``minibatches`` parts: all of
+        them, or a random ``batch_size`` when there are more, so the votes' answers never
+        outweigh the rollouts (their share of the loss stays at most half at a coefficient of 1)."""
         if self.chosen is None:
             return [torch.zeros(0, dtype=torch.long)] * minibatches
-        return list(torch.randperm(len(self.chosen.completions), device=self.device).tensor_split(minibatches))
+        rows = torch.randperm(len(self.chosen.completions), device=self.device)[: self.config.batch_size]
+        return list(rows.tensor_split(minibatches))
 
     def _chosen_loss(self, rows: torch.Tensor, rollout_tokens: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Minus the log-likelihood of the preferred answers ``rows``, summed over their tokens
