@@ -394,17 +394,19 @@ def test_ppo_learns_from_the_preferred_answers_of_its_own_prompts_only(runtime, 
     """The likelihood term reads the voters' winners on PPO's prompts; the gate's held-out
     prompts stay unseen, so the gate still measures what carries over."""
     from rlhf_demo.modeling import load_model
+    from rlhf_demo.reward.fairness import training_votes
     from rlhf_demo.worker.cycle import chosen_for_ppo, split_prompts
 
     settings = small(settings)
     cast_votes(runtime.store)
     train, held = split_prompts(runtime.store.recent_prompts(limit=256), settings.training.gate.prompts)
-    assert chosen_for_ppo(settings, runtime.store, train) == []  # off by default
+    votes = training_votes(runtime.store, settings.limits)
+    assert chosen_for_ppo(settings, votes, train) == []  # off by default
     on = dataclasses.replace(
         settings,
         training=dataclasses.replace(settings.training, ppo=dataclasses.replace(settings.training.ppo, chosen_loss_coef=0.5)),
     )
-    chosen = chosen_for_ppo(on, runtime.store, train)
+    chosen = chosen_for_ppo(on, votes, train)
     assert sorted(c[1] for c in chosen) == sorted(f"great answer {p[0]['content'].split()[-1][:-1]}" for p in train)
     assert not {json.dumps(c[0]) for c in chosen} & {json.dumps(p) for p in held}
     summary = run_cycle(on, runtime.store, load_model(on), gate_config=ALWAYS)

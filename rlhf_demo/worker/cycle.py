@@ -55,8 +55,18 @@ def split_prompts(prompts: list[list[dict[str, str]]], eval_count: int) -> tuple
     return train, held[:eval_count]
 
 
+Votes = tuple[list[dict[str, Any]], list[dict[str, Any]]]  # (pairs, thumbs) after the per-voter cap
+
+
 def train_reward(
-    settings: Settings, store: FeedbackStore, loaded: LoadedModel, run_id: int, report: Report, budget_s: float, gate: GateConfig
+    settings: Settings,
+    store: FeedbackStore,
+    loaded: LoadedModel,
+    run_id: int,
+    report: Report,
+    budget_s: float,
+    gate: GateConfig,
+    votes: Votes,
 ) -> tuple[RewardModel, RewardMetrics]:
     """Refit the reward model (and its ensemble) on every vote, after the per-voter cap, and
     keep it beside the run with its trust verdict: the serving process reads the newest one
@@ -70,7 +80,7 @@ def train_reward(
         report(step=done, total=total)
 
     config = dataclasses.replace(settings.training.reward, max_seconds=budget_s)
-    pairs, thumbs = training_votes(store, settings.limits)
+    pairs, thumbs = votes
     rm, metrics = train_reward_model(loaded.model, loaded.tokenizer, pairs, thumbs, config, progress=progress)
     metrics.votes_used = len(pairs) + len(thumbs)
     rm.trusted = untrusted_reward(metrics, gate) is None
@@ -80,14 +90,14 @@ def train_reward(
     return rm, metrics
 
 
-def chosen_for_ppo(settings: Settings, store: FeedbackStore, train_prompts: list) -> list[tuple[list, str, bool]]:
-    """The answers voters preferred on PPO's own prompts (after the per-voter cap), for its
-    likelihood term; none on the gate's held-out prompts, so the gate still measures what
-    carries over to prompts the policy was not trained on. Empty when the term is off."""
+def chosen_for_ppo(settings: Settings, votes: Votes, train_prompts: list) -> list[tuple[list, str, bool]]:
+    """The answers voters preferred on PPO's own prompts (``votes``: the reward model's, after
+    the per-voter cap), for its likelihood term; none on the gate's held-out prompts, so the
+    gate still measures what carries over to prompts the policy was not trained on. Empty
+    when the term is off."""
     if settings.training.ppo.chosen_loss_coef <= 0:
         return []
-    pairs, thumbs = training_votes(store, settings.limits)
-    examples = build_examples(pairs, thumbs, settings.training.reward.max_thumb_pairs_per_prompt)
+    examples = build_examples(*votes, settings.training.reward.max_thumb_pairs_per_prompt)
     ours = {example_key(p) for p in train_prompts}
     return [(a["prompt"], a["completion"], a["finished"]) for a in preferred_answers(*examples) if a["group"] in ours]
 
@@ -233,7 +243,8 @@ def run_cycle(
             raise ValueError("need at least 2 distinct prompts in the store")
         train_prompts, gate_prompts = split_prompts(prompts, gate_config.prompts)
 
-        rm, rm_metrics = train_reward(settings, store, loaded, run_id, report, 0.3 * training.time_budget_s, gate_config)
+        votes = training_votes(store, settings.limits)  # read once: the reward model and PPO see the same votes
+        rm, rm_metrics = train_reward(settings, store, loaded, run_id, report, 0.3 * training.time_budget_s, gate_config, votes)
         summary["reward"] = rm_metrics.as_dict()
         reason = untrusted_reward(rm_metrics, gate_config)
         if reason is not None:
@@ -251,7 +262,7 @@ def run_cycle(
             return rm.score(batch_prompts, completions, normalized=True, finished=finished)
 
         value_head = warm_value_head(origin, model, training.ppo.advantage)
-        chosen = chosen_for_ppo(settings, store, train_prompts)
+        chosen = chosen_for_ppo(settings, votes, train_prompts)
         summary["chosen_answers"] = len(chosen)
         trainer = PPOTrainer(
             model, loaded.tokenizer, reward_fn, training.ppo, policy_adapter=POLICY, value_head=value_head, chosen=chosen
