@@ -11,7 +11,10 @@ the held-out prompts:
 * ``pair_acc``: how often the probe orders two answers to one prompt as the rater does (all
   pairs the rater does not tie);
 * ``rm_bo<n>``: the win-rate against all base answers of the probe's pick of ``n``;
-* ``agree_cv``: the probe's own cross-validated agreement (what the trust gate reads).
+* ``agree_cv``: the probe's own cross-validated agreement (what the trust gate reads);
+
+and per rater the headroom any probe works within: the rater's own pick of ``n``
+(``oracle_bo<n>``) and the share of answers it scores above 0.
 
     python bench/probe_pooling.py --raters keyword,enthusiasm,brevity --vote-seeds 6 \\
         --models-from /tmp/decode-data --json bench/results/probe-pooling.json
@@ -116,6 +119,7 @@ def main() -> None:
         return model.config.hidden_size * len(POOLINGS[arm["pooling"]])
 
     results: dict[str, dict[str, list[dict[str, float | None]]]] = {}
+    headroom: dict[str, dict[str, float]] = {}
     with mock.patch.object(RewardModel, "features", pooled), mock.patch.object(reward_trainer, "hidden_size", width):
         for name in args.raters.split(","):
             rater = load_rater(f"bench.raters:{name}")
@@ -123,6 +127,15 @@ def main() -> None:
                 for q, xs in part.items():
                     for a in xs:
                         a["score"] = float(rater(q, a["text"]))
+            oracle = random.Random(0)
+            headroom[name] = {
+                "share_scoring_above_0": statistics.fmean(a["score"] > 0 for xs in answers["held"].values() for a in xs),
+                **{
+                    f"oracle_bo{n}": statistics.fmean(best_of(xs, n, "score", oracle, 16) for xs in answers["held"].values())
+                    for n in (2, 4, 8)
+                },
+            }
+            print(f"{name:<11} the rater's own pick: {headroom[name]}", flush=True)
             for seed in range(args.vote_seeds):
                 pairs, thumbs = simulate_votes(answers["train"], args.votes, random.Random(seed))
                 for pooling in POOLINGS:
@@ -159,7 +172,16 @@ def main() -> None:
             for name, arms in results.items()
         }
         args.json.write_text(
-            json.dumps({"command": " ".join(sys.argv), "vote_seeds": args.vote_seeds, "mean": summary, "runs": results}, indent=1)
+            json.dumps(
+                {
+                    "command": " ".join(sys.argv),
+                    "vote_seeds": args.vote_seeds,
+                    "mean": summary,
+                    "headroom": headroom,
+                    "runs": results,
+                },
+                indent=1,
+            )
         )
 
 
