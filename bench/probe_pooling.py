@@ -44,6 +44,7 @@ from bench.raters import load_rater  # noqa: E402
 from rlhf_demo.config import DEFAULT_MODEL, PPOConfig, RewardConfig, load_settings  # noqa: E402
 from rlhf_demo.modeling import load_model  # noqa: E402
 from rlhf_demo.modeling.adapters import use_base  # noqa: E402
+from rlhf_demo.modeling.heads import hidden_size  # noqa: E402
 from rlhf_demo.reward import trainer as reward_trainer  # noqa: E402
 from rlhf_demo.reward.model import RewardModel, default_layer, hidden_state_at  # noqa: E402
 
@@ -60,7 +61,7 @@ def read_poolings(model: Any, tokenizer: Any, items: Sequence[tuple[list[dict[st
     """Per answer: mean, max over its tokens and the last token's state at the probe's layer,
     read one answer at a time (no padding to reason about), every adapter off."""
     layer = default_layer(model)
-    reader = RewardModel(model, tokenizer, layer, torch.zeros(model.config.hidden_size))
+    reader = RewardModel(model, tokenizer, layer, torch.zeros(hidden_size(model)))
     out = {}
     model.eval()
     with use_base(model):
@@ -116,7 +117,7 @@ def main() -> None:
         return torch.stack([torch.cat([row[part] for part in POOLINGS[arm["pooling"]]]) for row in rows])
 
     def width(model: Any) -> int:
-        return model.config.hidden_size * len(POOLINGS[arm["pooling"]])
+        return hidden_size(model) * len(POOLINGS[arm["pooling"]])
 
     results: dict[str, dict[str, list[dict[str, float | None]]]] = {}
     headroom: dict[str, dict[str, float]] = {}
